@@ -340,3 +340,64 @@ def test_generation_stops_at_eos(model):
     (free,) = greedy_generate(model, prefix, [_ids(2, 34)], max_new_tokens=6)
     (stopped,) = greedy_generate(model, prefix, [_ids(2, 34)], max_new_tokens=6, eos_token_id=free[1])
     assert stopped == free[:2]
+
+
+def test_text_chunking_with_one_chunk_is_kv_chunking(model):
+    document = _ids(40, 7)
+    kv = compact_prefix(model, document, budget=0.25, keep_first=1, progress=False)
+    text = compact_prefix(model, document, budget=0.25, keep_first=1, chunk_size=39, chunking="text", progress=False)
+    for a, b in zip(kv.keys + kv.values + kv.beta, text.keys + text.values + text.beta):
+        torch.testing.assert_close(a, b)
+    assert text.config["chunking"] == "text"
+
+
+def test_text_chunks_are_rotated_to_their_place(model):
+    document = _ids(50, 8)
+    full = compact_prefix(model, document, budget=1.0, progress=False)
+    text = compact_prefix(model, document, budget=1.0, keep_first=1, keep_last=3, chunk_size=15,
+                          chunking="text", progress=False)
+    assert text.layer_slots == full.layer_slots
+    # Layer 0 keys see no context, only their token and position: after the RoPE shift every chunk's
+    # keys (and the kept tail's) are the full prefill's. Deeper layers lost the cross-chunk context.
+    torch.testing.assert_close(text.keys[0], full.keys[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(text.keys[1][:, 20:], full.keys[1][:, 20:], atol=1e-3)
+    # Without the shift the keys would sit at the wrong positions.
+    unshifted = compact_prefix(model, document[:1] + document[16:31], budget=1.0, progress=False)
+    assert not torch.allclose(unshifted.keys[0][:, 1:], full.keys[0][:, 16:31], atol=1e-3)
+
+
+def test_chunking_arguments_are_checked(model):
+    with pytest.raises(ValueError, match="chunking"):
+        compact_prefix(model, _ids(20, 0), budget=0.5, chunking="tokens", progress=False)
+    with pytest.raises(ValueError, match="on_policy"):
+        compact_prefix(model, _ids(20, 0), budget=0.5, chunking="text", chunk_size=5, on_policy=True,
+                       query_source="self-study", self_study_ids=[[1, 2]], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_identity_compaction_on_more_architectures(kind):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    other = use_sglang_am_attention(model_class(config_class(**COMMON)).eval())
+    document, question = _ids(30, 1), _ids(5, 2)
+    with torch.no_grad(), recording_queries() as recorded:
+        other(torch.tensor([document]))
+    assert recorded[1][0].shape == (1, 4, 30, 16)
+    prefix = compact_prefix(other, document, budget=30, progress=False)
+    logits, _ = forward_after_prefix(other, prefix, torch.tensor([question]))
+    torch.testing.assert_close(logits, _full_logits(other, document, question), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_errors_are_zero_for_identity_and_grow_with_compaction(model):
+    from sglang_am.hf import attention_errors
+
+    document, prompts = _ids(60, 3), [_ids(4, 4), _ids(6, 5)]
+    identity = attention_errors(model, compact_prefix(model, document, budget=60, progress=False), prompts)
+    assert sorted(identity) == [0, 1]
+    for errors in identity.values():
+        assert errors.relative_l2.shape == (2,) and float(errors.relative_l2.max()) < 1e-4
+        assert float(errors.mass_error.max()) < 1e-4
+    compacted = attention_errors(model, compact_prefix(model, document, budget=0.1, progress=False), prompts)
+    assert all(float(errors.relative_l2.mean()) > 1e-3 for errors in compacted.values())

@@ -119,3 +119,12 @@ def test_kvzip_can_leave_a_head_empty_without_nans():
         assert result.lengths.tolist() == [0, 8]
         assert torch.isneginf(result.beta[0]).all() and (result.indices[0] == -1).all()
         assert torch.isfinite(result.values).all() and torch.isfinite(result.beta[1]).all()
+
+
+@pytest.mark.parametrize("method", ["AM-HighestAttnKeys", "AM-OMP-fast", "H2O+"])
+def test_stage_timings_are_reported(small_block, method):
+    result = compact(small_block.keys, small_block.values, small_block.queries, budget=8, method=method)
+    assert set(result.timings) == {"selection", "beta", "values"}
+    assert all(seconds >= 0 for seconds in result.timings.values()) and result.timings["selection"] > 0
+    unchanged = compact(small_block.keys, small_block.values, small_block.queries, budget=10_000, method=method)
+    assert unchanged.timings == {}  # nothing was solved

@@ -71,3 +71,30 @@ def test_solver_speed_benchmark_smoke(tmp_path):
         if row["method"] != "KVzip":
             assert row["loop_agreement"]["identical_keys"], row
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_quality_benchmark_smoke_on_the_recall_model(tmp_path):
+    output = tmp_path / "quality.json"
+    _run("benchmarks/quality.py", "--tasks", "recall", "--documents", "1", "--questions", "6", "--recall-pairs", "80",
+         "--ratios", "0.1", "0.5", "--methods", "AM-HighestAttnKeys", "H2O+", "--output", str(output))
+    payload = json.loads(output.read_text())
+    summary = {(s["method"], s["ratio"]): s for s in payload["summary"]}
+    assert set(summary) == {("full", 1.0), *((m, r) for m in ("AM-HighestAttnKeys", "H2O+") for r in (0.1, 0.5))}
+    assert summary["full", 1.0]["mc_accuracy"] == 1.0  # the recall model answers with the whole document
+    for (method, _), entry in summary.items():
+        if method != "full":
+            assert set(entry["seconds"]) >= {"prefill", "self_study", "selection", "beta", "values"}
+            assert entry["query_source"] == "repeat-prefill" if method.startswith("AM") else "context-prefill"
+    assert payload["machine"]["logical_cores"] >= 1 and output.with_suffix(".png").stat().st_size > 0
+
+
+def test_head_sensitivity_command_writes_budgets(tmp_path):
+    output = tmp_path / "proportions.json"
+    _run("-m", "sglang_am.hf.head_sensitivity", "--documents", "1", "--sweep", "0,0.05,0.3", "--max-new-tokens", "1",
+         "--out", str(output))
+    proportions = json.loads(output.read_text())
+    assert sorted(proportions) == ["L0H0", "L0H1", "L1H0", "L1H1"]
+    assert abs(sum(proportions.values()) - 1) < 1e-6
+    curves = json.loads(Path(f"{output}.curves.json").read_text())
+    assert len(curves["losses"]) == 4 and len(curves["losses"][0]) == 3
+    assert Path(f"{output}.curves.png").stat().st_size > 0

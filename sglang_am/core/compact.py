@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -51,12 +53,33 @@ def compact(
         query_chunk=opts.query_chunk,
         need_outputs=opts.fit_values,
     )
+    clock = _StageClock(keys.device)
     selection = _sorted(spec.select(block, budgets[solve].to(keys.device), opts))
-    beta, fitted_values = _fit(block, selection, opts)
-    solved = _assemble(part[0], part[1], selection, beta, fitted_values)
+    clock.lap("selection")
+    beta = _fit_beta(block, selection, opts)
+    clock.lap("beta")
+    fitted_values = _fit_values(block, selection, beta, opts)
+    clock.lap("values")
+    solved = _assemble(part[0], part[1], selection, beta, fitted_values, clock.seconds)
     if bool(solve.all()):
         return solved
     return _merge_unchanged(keys, values, solve, solved)
+
+
+class _StageClock:
+    """Wall-clock seconds per stage; waits for the device's queued work so GPU stages are timed too."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
 
 
 def _sorted(selection: Selection) -> Selection:
@@ -68,18 +91,22 @@ def _sorted(selection: Selection) -> Selection:
     return Selection(indices, log_weights)
 
 
-def _fit(block: Block, selection: Selection, opts: CompactionOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """beta ``[H, t]`` (``-inf`` on padding) and values ``[H, t, Dv]`` in float32."""
+def _selected_keys(block: Block, selection: Selection) -> torch.Tensor:
     valid = selection.indices >= 0
     positions = selection.indices.clamp(min=0).unsqueeze(-1)
-    selected_keys = block.keys.gather(1, positions.expand(-1, -1, block.keys.shape[2])) * valid.unsqueeze(-1)
+    return block.keys.gather(1, positions.expand(-1, -1, block.keys.shape[2])) * valid.unsqueeze(-1)
+
+
+def _fit_beta(block: Block, selection: Selection, opts: CompactionOptions) -> torch.Tensor:
+    """beta ``[H, t]`` in float32, ``-inf`` on padding."""
+    valid = selection.indices >= 0
     if not opts.fit_beta:
         beta = torch.zeros_like(valid, dtype=torch.float32)
     elif selection.log_weights is not None:
         beta = selection.log_weights
     else:
         weights = nnls_box(
-            block.shifted_exp(selected_keys),
+            block.shifted_exp(_selected_keys(block, selection)),
             block.stats.mass,
             valid,
             math.exp(opts.beta_min),
@@ -87,16 +114,26 @@ def _fit(block: Block, selection: Selection, opts: CompactionOptions) -> tuple[t
             opts.nnls_iters,
         )
         beta = weights.clamp(min=math.exp(opts.beta_min)).log()
-    beta = beta.masked_fill(~valid, -math.inf)
+    return beta.masked_fill(~valid, -math.inf)
+
+
+def _fit_values(block: Block, selection: Selection, beta: torch.Tensor, opts: CompactionOptions) -> torch.Tensor:
+    """Values ``[H, t, Dv]`` in float32: least squares on the attention outputs, or the originals."""
+    valid = selection.indices >= 0
     if not opts.fit_values:
-        fitted = block.values.gather(1, positions.expand(-1, -1, block.values.shape[2])) * valid.unsqueeze(-1)
-    else:
-        fitted = masked_lstsq(block.compacted_weights(selected_keys, beta), block.stats.outputs, valid)
-    return beta, fitted
+        positions = selection.indices.clamp(min=0).unsqueeze(-1)
+        return block.values.gather(1, positions.expand(-1, -1, block.values.shape[2])) * valid.unsqueeze(-1)
+    weights = block.compacted_weights(_selected_keys(block, selection), beta)
+    return masked_lstsq(weights, block.stats.outputs, valid)
 
 
 def _assemble(
-    keys: torch.Tensor, values: torch.Tensor, selection: Selection, beta: torch.Tensor, fitted: torch.Tensor
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    selection: Selection,
+    beta: torch.Tensor,
+    fitted: torch.Tensor,
+    timings: dict[str, float],
 ) -> CompactedKV:
     valid = selection.indices >= 0
     positions = selection.indices.clamp(min=0).unsqueeze(-1)
@@ -108,6 +145,7 @@ def _assemble(
         beta=beta.to(keys.dtype),
         indices=selection.indices,
         lengths=valid.sum(dim=1),
+        timings=timings,
     )
 
 
@@ -136,4 +174,4 @@ def _merge_unchanged(keys: torch.Tensor, values: torch.Tensor, solve: torch.Tens
         target[rows] = padding
         target[rows, :width] = part
     merged.lengths[rows] = solved.lengths
-    return merged
+    return dataclasses.replace(merged, timings=solved.timings)

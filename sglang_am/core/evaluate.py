@@ -35,7 +35,7 @@ class CompactionError:
 def evaluate(
     keys: torch.Tensor,
     values: torch.Tensor,
-    compacted: CompactedKV,
+    compacted: CompactedKV | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     heldout_queries: torch.Tensor,
     scale: float | None = None,
     suffix_keys: torch.Tensor | None = None,
@@ -43,14 +43,18 @@ def evaluate(
 ) -> CompactionError:
     """Compare attention over ``compacted`` with attention over the original ``keys``/``values``.
 
+    ``compacted`` is a ``CompactedKV`` or its ``(keys, values, beta)`` (e.g. one layer of a prefix).
+
     ``suffix_keys``/``suffix_values`` (``[H, s, D]``, optional) are tokens that follow the block, such as
     a question; they are appended unchanged (bias 0) to both sides. The block-only error misses what
     beta is for: keeping the block's mass right against whatever follows it.
     """
     check_block(keys, values, heldout_queries, queries_name="heldout_queries")
-    if not isinstance(compacted, CompactedKV) or compacted.num_heads != keys.shape[0]:
-        raise ValueError(f"compacted must be a CompactedKV with {keys.shape[0]} heads")
-    compacted_keys, compacted_values, beta = compacted.keys.float(), compacted.values.float(), compacted.beta.float()
+    if isinstance(compacted, CompactedKV):
+        compacted = (compacted.keys, compacted.values, compacted.beta)
+    if not (isinstance(compacted, tuple) and len(compacted) == 3 and compacted[0].shape[0] == keys.shape[0]):
+        raise ValueError(f"compacted must be a CompactedKV or (keys, values, beta) with {keys.shape[0]} heads")
+    compacted_keys, compacted_values, beta = (t.float() for t in compacted)
     keys, values = keys.float(), values.float()
     if (suffix_keys is None) != (suffix_values is None):
         raise ValueError("suffix_keys and suffix_values must be given together")

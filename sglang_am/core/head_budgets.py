@@ -149,4 +149,5 @@ def optimize_head_proportions(
             break
         p[giver] -= step
         p[receiver] += step
-    return p
+    p = p.clamp(min=0)  # repeated steps of 0.001 leave rounding residue such as -2e-16 on emptied heads
+    return p / p.sum()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,7 +14,8 @@ class CompactedKV:
     ``keys``/``values`` are ``[H, t_max, D]``, ``beta`` is ``[H, t_max]`` (added to the scaled logit),
     ``indices`` ``[H, t_max]`` are the selected original positions and ``lengths`` ``[H]`` the number of
     real slots per head. Slots past a head's length are padding: zero keys/values, ``beta = -inf``,
-    ``indices = -1``.
+    ``indices = -1``. ``timings`` holds the seconds of each solver stage (``selection``, ``beta``,
+    ``values``; OMP fits beta while it selects, so its beta stage is only the bookkeeping).
     """
 
     keys: torch.Tensor
@@ -22,6 +23,7 @@ class CompactedKV:
     beta: torch.Tensor
     indices: torch.Tensor
     lengths: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_heads(self) -> int:

@@ -11,9 +11,11 @@ from .compaction import (
     prefix_cache,
 )
 from .fingerprint import model_fingerprint
+from .prompts import REPEAT_INSTRUCTION, DocumentPrompt, document_prompt, instruction_ids, repeat_ids
 from .self_study import SELF_STUDY_PROMPTS, self_study_continuations
 from .metrics import (
     ChoiceResult,
+    attention_errors,
     continuation_logprobs,
     full_prefix,
     multiple_choice_accuracy,
@@ -24,6 +26,12 @@ from .metrics import (
 __all__ = [
     "ATTENTION_NAME",
     "ChoiceResult",
+    "attention_errors",
+    "DocumentPrompt",
+    "REPEAT_INSTRUCTION",
+    "document_prompt",
+    "instruction_ids",
+    "repeat_ids",
     "continuation_logprobs",
     "full_prefix",
     "multiple_choice_accuracy",

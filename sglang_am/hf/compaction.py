@@ -176,6 +176,58 @@ class _OnPolicyContinuations:
         self.hidden = self._run(layer, keys, values, beta)
 
 
+@dataclasses.dataclass
+class _ChunkSource:
+    """Where one chunk's keys, values and queries come from: a prefill, the chunk's positions in it, and
+    the RoPE offset its keys need to reach their place in the document (0 for KV-based chunks)."""
+
+    document_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [H_kv, S, D] of the prefilled text
+    recorded: dict[int, list[torch.Tensor]]  # per layer, the prefill's queries [1, H_q, L, D]
+    text_length: int  # tokens of the prefilled text (continuations start there)
+    positions: range  # the chunk's tokens in the prefill
+    source_offsets: dict[str, int]  # where each positional query source's copy of the chunk starts
+    rope_shift: int
+    self_study: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def _prefill(
+    model: PreTrainedModel, ids: list[int], repeat_ids: Sequence[int] | None
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[int, list[torch.Tensor]]]:
+    """Keys/values of ``ids`` per layer and the recorded queries of ``ids`` (+ ``repeat_ids`` + ``ids``)."""
+    device = next(model.parameters()).device
+    sliding = [kind == "sliding_attention" for kind in _layer_types(model)]
+    sequence = ids + list(repeat_ids) + ids if repeat_ids is not None else ids
+    with torch.no_grad(), recording_queries() as recorded:
+        cache = model(torch.tensor([sequence], device=device), use_cache=True).past_key_values
+        if any(sliding) and len(sequence) > len(ids):  # window layers kept the second copy's window: redo
+            windows = model(torch.tensor([ids], device=device), use_cache=True).past_key_values
+        else:
+            windows = cache
+    # The text's keys/values per layer: all its tokens, or a window layer's last tokens.
+    document_kv = [
+        (windows.layers[i].keys[0], windows.layers[i].values[0]) if window
+        else (cache.layers[i].keys[0, :, : len(ids)], cache.layers[i].values[0, :, : len(ids)])
+        for i, window in enumerate(sliding)
+    ]
+    return document_kv, recorded
+
+
+def _shift_rope(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """Post-RoPE keys ``[H, t, D]`` moved ``shift`` positions later (RoPE composes: R(p + s) = R(s) R(p))."""
+    if shift == 0:
+        return keys
+    position = torch.tensor([[shift]], device=keys.device)
+    rotary = model.model.rotary_emb
+    cos, sin = rotary(keys.unsqueeze(0).float(), position)  # [1, 1, D], the model's own frequencies
+    if cos.shape[-1] != keys.shape[-1]:
+        raise ValueError("text-based chunking needs RoPE over the whole head dimension")
+    scaling = getattr(rotary, "attention_scaling", 1.0)  # already applied once to the keys (YaRN-style RoPE)
+    cos, sin = cos[0] / scaling, sin[0] / scaling
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)  # transformers' rotate_half layout
+    return (keys.float() * cos + rotated.float() * sin).to(keys.dtype)
+
+
 def compact_prefix(
     model: PreTrainedModel,
     input_ids: Sequence[int] | torch.Tensor,
@@ -188,6 +240,7 @@ def compact_prefix(
     keep_first: int = 0,
     keep_last: int = 0,
     chunk_size: int | None = None,
+    chunking: str = "kv",
     head_proportions: dict[tuple[int, int], float] | None = None,
     max_ratio_per_head: float = 1.0,
     max_queries_per_head: int = 5000,
@@ -199,18 +252,21 @@ def compact_prefix(
 
     budget: slots per KV head for the compacted span (int) or a ratio of its length (float in (0, 1]).
     query_source: ``context-prefill`` (the document's own queries), ``repeat-prefill`` (queries of a
-        second copy of the document after ``repeat_ids``, e.g. the tokens of " Repeat the previous
-        context."), ``self-study`` (queries of ``self_study_ids``, continuations such as those from
-        ``self_study_continuations``, teacher-forced after the document), ``random`` (Gaussian queries,
-        scaled by the q-norm weight where the model has one), a mixture name (``ss-plus-repeat``) or a
-        mapping ``{source: fraction of the query cap}``.
+        second copy of the document after ``repeat_ids``, e.g. ``repeat_ids(tokenizer)`` from
+        ``sglang_am.hf.prompts``), ``self-study`` (queries of ``self_study_ids``, continuations such as
+        those from ``self_study_continuations``, teacher-forced after the document), ``random``
+        (Gaussian queries, scaled by the q-norm weight where the model has one), a mixture name
+        (``ss-plus-repeat``) or a mapping ``{source: fraction of the query cap}``.
     on_policy: re-extract the self-study queries of each layer with the layers below it already
         compacted (paper §8), from cached continuation states: O(layers) layer forwards.
     keep_first, keep_last: tokens kept verbatim (beta = 0) before and after the compacted span, e.g.
         the chat template around a document; each layer's slots are ``[kept | compacted | kept]``.
-    chunk_size: compact the span in chunks of this many tokens (KV-based: keys, values and positional
-        queries are sliced from the one full prefill, so positions and cross-chunk context are exact);
-        each chunk gets its share of the budget. Self-study and random queries serve every chunk.
+    chunk_size: compact the span in chunks of this many tokens; each chunk gets its share of the budget.
+    chunking: ``"kv"`` (default): keys, values and positional queries are sliced from one full prefill,
+        so positions and cross-chunk context are exact. ``"text"``: each chunk is prefilled alone after
+        the ``keep_first`` tokens (the last one with the ``keep_last`` tokens), compacted, and its keys
+        rotated to their place in the document; cheaper for long documents, cross-chunk context is
+        lost. Not for sliding-window models or on-policy runs.
     head_proportions: nonuniform budgets ``{(layer, kv_head): p}`` (see ``load_head_proportions``),
         applied per chunk with ``max_ratio_per_head``.
     options: fields of the method's options dataclass; PyramidKV gets ``layer``/``num_layers`` here.
@@ -231,114 +287,146 @@ def compact_prefix(
         raise ValueError(f"max_queries_per_head must be >= 1, got {max_queries_per_head}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    sliding = [kind == "sliding_attention" for kind in _layer_types(model)]
+    if chunking not in ("kv", "text"):
+        raise ValueError(f"chunking must be 'kv' or 'text', got {chunking!r}")
+    if chunking == "text" and (any(sliding) or on_policy):
+        raise ValueError("text-based chunking supports neither sliding-window models nor on_policy; use chunking='kv'")
     if head_proportions is not None and not isinstance(budget, float):
         raise ValueError("head_proportions need the budget as a ratio (float)")
     _check_budget(budget)
     spec = get_method(method)
     use_sglang_am_attention(model)
     device = next(model.parameters()).device
-    # One prefill serves keys/values, context queries (first copy) and repeat queries (second copy).
-    sequence = ids + list(repeat_ids) + ids if "repeat-prefill" in fractions else ids
     span = range(keep_first, length - keep_last)
     step = chunk_size or len(span)
     chunks = [span[i : i + step] for i in range(0, len(span), step)]
+    repeat = list(repeat_ids) if "repeat-prefill" in fractions else None
 
-    sliding = [kind == "sliding_attention" for kind in _layer_types(model)]
+    # One prefill serves keys/values, context queries (first copy) and repeat queries (second copy); text
+    # chunking prefills each chunk on its own (after the kept head; the last one with the kept tail).
+    timings = dict.fromkeys(("prefill", "self_study", "selection", "beta", "values"), 0.0)
     start = time.perf_counter()
-    with torch.no_grad(), recording_queries() as recorded:
-        cache = model(torch.tensor([sequence], device=device), use_cache=True).past_key_values
-        if any(sliding) and len(sequence) > length:  # window layers kept the second copy's window: redo
-            windows = model(torch.tensor([ids], device=device), use_cache=True).past_key_values
-        else:
-            windows = cache
-    # The document's keys/values per layer: all T tokens, or a window layer's last tokens.
-    document_kv = [
-        (windows.layers[i].keys[0], windows.layers[i].values[0]) if window
-        else (cache.layers[i].keys[0, :, :length], cache.layers[i].values[0, :, :length])
-        for i, window in enumerate(sliding)
-    ]
-    timings = {"prefill_seconds": time.perf_counter() - start}
+    if chunking == "kv":
+        document_kv, recorded = _prefill(model, ids, repeat)
+        offsets = {"context-prefill": 0, "repeat-prefill": length + len(repeat or ())}
+        sources = [_ChunkSource(document_kv, recorded, length, chunk, offsets, 0) for chunk in chunks]
+        head = [(k[:, :keep_first], v[:, :keep_first]) for k, v in document_kv]
+        tail = [(k[:, span.stop : length], v[:, span.stop : length]) for k, v in document_kv]
+    else:
+        sources = []
+        for index, chunk in enumerate(chunks):
+            piece = ids[:keep_first] + ids[chunk.start : chunk.stop] + (ids[span.stop :] if index == len(chunks) - 1 else [])
+            piece_kv, piece_recorded = _prefill(model, piece, repeat)
+            offsets = {"context-prefill": 0, "repeat-prefill": len(piece) + len(repeat or ())}
+            positions = range(keep_first, keep_first + len(chunk))
+            sources.append(_ChunkSource(piece_kv, piece_recorded, len(piece), positions, offsets, chunk.start - keep_first))
+        head = [(k[:, :keep_first], v[:, :keep_first]) for k, v in sources[0].document_kv]
+        last = sources[-1]
+        tail = [(_shift_rope(model, k[:, last.positions.stop :], last.rope_shift), v[:, last.positions.stop :])
+                for k, v in last.document_kv]
+    timings["prefill"] = time.perf_counter() - start
     start = time.perf_counter()
-    self_study = {}
     if "self-study" in fractions and not on_policy:
-        self_study = _self_study_queries(model, document_kv, length, self_study_ids)
+        studied = {}  # KV chunks share one prefill: teacher-force the continuations once
+        for source in sources:
+            if id(source.document_kv) not in studied:
+                studied[id(source.document_kv)] = _self_study_queries(
+                    model, source.document_kv, source.text_length, self_study_ids
+                )
+            source.self_study = studied[id(source.document_kv)]
     policy = _OnPolicyContinuations(model, self_study_ids, length) if on_policy else None
-    timings["self_study_seconds"] = time.perf_counter() - start
-    timings["solve_seconds"] = 0.0
+    timings["self_study"] = time.perf_counter() - start
 
     generator = torch.Generator().manual_seed(seed)
     num_layers, num_kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     layer_fields = {f.name for f in dataclasses.fields(spec.options_class)}
-    offsets = {"context-prefill": 0, "repeat-prefill": len(sequence) - length}
     keys, values, betas = [], [], []
     for layer in tqdm(range(num_layers), desc=f"compacting ({method})", disable=not progress):
-        layer_keys, layer_values = document_kv[layer]
-        if sliding[layer]:  # sliding-window layers are not compacted: they keep their window
-            keys.append(layer_keys)
-            values.append(layer_values)
-            betas.append(layer_keys.new_zeros(layer_keys.shape[:2]))
+        if sliding[layer]:  # sliding-window layers are not compacted: they keep their window (KV chunking)
+            window_keys, window_values = sources[0].document_kv[layer]
+            keys.append(window_keys)
+            values.append(window_values)
+            betas.append(window_keys.new_zeros(window_keys.shape[:2]))
             if policy is not None:
                 policy.advance(layer, keys[-1], values[-1], betas[-1])
             continue
         layer_options = dict(options)
+        # The model's own softmax scale (Gemma's query_pre_attn_scalar differs from 1/sqrt(head_dim)).
+        layer_options.setdefault("scale", getattr(model.model.layers[layer].self_attn, "scaling", None))
         if {"layer", "num_layers"} <= layer_fields:
             layer_options.update(layer=layer, num_layers=num_layers)
         if policy is not None:
             start = time.perf_counter()
-            self_study[layer] = policy.queries(layer, layer_keys, layer_values)
-            timings["self_study_seconds"] += time.perf_counter() - start
-        kept = lambda part: (layer_keys[:, part], layer_values[:, part], layer_keys.new_zeros(num_kv_heads, len(part)))
-        pieces = [kept(range(0, keep_first))]
-        for chunk in chunks:
+            on_policy_queries = policy.queries(layer, *sources[0].document_kv[layer])
+            timings["self_study"] += time.perf_counter() - start
+        zero_beta = lambda k: k.new_zeros(k.shape[:2])
+        pieces = [(*head[layer], zero_beta(head[layer][0]))]
+        for source in sources:
+            chunk = source.positions
             parts = []
-            for source, fraction in fractions.items():
+            for kind, fraction in fractions.items():
                 cap = max(1, round(fraction * max_queries_per_head))
-                if source == "random":
+                if kind == "random":
                     parts.append(_random_queries(model, layer, min(cap, len(chunk)), generator))
                     continue
-                if source == "self-study":
-                    queries = self_study[layer]
+                if kind == "self-study":
+                    queries = on_policy_queries if policy is not None else source.self_study[layer]
                 else:
-                    positions = torch.tensor(list(chunk), device=device) + offsets[source]
-                    queries = recorded[layer][0][0][:, positions]
+                    positions = torch.tensor(list(chunk), device=device) + source.source_offsets[kind]
+                    queries = source.recorded[layer][0][0][:, positions]
                 parts.append(_subsample(pool_queries(queries, num_kv_heads), cap, generator))
             budgets = _chunk_budgets(budget, len(span), chunk, layer, num_kv_heads, head_proportions, max_ratio_per_head)
-            start = time.perf_counter()
+            layer_keys, layer_values = source.document_kv[layer]
             result = compact(
                 layer_keys[:, chunk.start : chunk.stop], layer_values[:, chunk.start : chunk.stop],
                 torch.cat([part.to(layer_keys) for part in parts], dim=1), budgets, method, **layer_options,
             )
-            timings["solve_seconds"] += time.perf_counter() - start
-            pieces.append((result.keys, result.values, result.beta))
-        pieces.append(kept(range(length - keep_last, length)))
+            for stage, seconds in result.timings.items():
+                timings[stage] += seconds
+            pieces.append((_shift_rope(model, result.keys, source.rope_shift), result.values, result.beta))
+        pieces.append((*tail[layer], zero_beta(tail[layer][0])))
         keys.append(torch.cat([p[0] for p in pieces], dim=1))
         values.append(torch.cat([p[1] for p in pieces], dim=1))
         betas.append(torch.cat([p[2] for p in pieces], dim=1))
         if policy is not None:
             start = time.perf_counter()
             policy.advance(layer, keys[-1], values[-1], betas[-1])
-            timings["self_study_seconds"] += time.perf_counter() - start
+            timings["self_study"] += time.perf_counter() - start
 
-    # Compacted layers may differ (PyramidKV, head budgets): pad them to one width with masked slots.
-    width = max(k.shape[1] for k, window in zip(keys, sliding) if not window)
-    pad = lambda tensor, fill, window: tensor if window else torch.nn.functional.pad(
-        tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]), value=fill
-    )
+    keys, values, betas = padded_to_one_width(model, keys, values, betas)
     return CompactedPrefix(
-        keys=[pad(k, 0.0, w) for k, w in zip(keys, sliding)],
-        values=[pad(v, 0.0, w) for v, w in zip(values, sliding)],
-        beta=[pad(b, float("-inf"), w) for b, w in zip(betas, sliding)],
+        keys=keys,
+        values=values,
+        beta=betas,
         logical_length=length,
         token_ids=ids,
         fingerprint=model_fingerprint(model),
         method=method,
         config={
             "budget": budget, "query_source": fractions, "keep_first": keep_first, "keep_last": keep_last,
-            "chunk_size": chunk_size, "nonuniform_heads": head_proportions is not None,
-            "self_study_sequences": len(self_study_ids or ()), "on_policy": on_policy, "max_queries_per_head": max_queries_per_head,
-            "seed": seed, "options": dict(options),
+            "chunk_size": chunk_size, "chunking": chunking, "nonuniform_heads": head_proportions is not None,
+            "self_study_sequences": len(self_study_ids or ()), "on_policy": on_policy,
+            "max_queries_per_head": max_queries_per_head, "seed": seed, "options": dict(options),
         },
-        timings=timings,
+        timings={f"{stage}_seconds": seconds for stage, seconds in timings.items()},
+    )
+
+
+def padded_to_one_width(
+    model: PreTrainedModel, keys: list[torch.Tensor], values: list[torch.Tensor], betas: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Compacted layers may differ in width (PyramidKV, head budgets), but one attention mask serves every
+    global layer: pad them to the widest with masked slots (zero keys/values, beta = -inf)."""
+    sliding = [kind == "sliding_attention" for kind in _layer_types(model)]
+    width = max(k.shape[1] for k, window in zip(keys, sliding) if not window)
+    pad = lambda tensor, fill, window: tensor if window else torch.nn.functional.pad(
+        tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]), value=fill
+    )
+    return (
+        [pad(k, 0.0, w) for k, w in zip(keys, sliding)],
+        [pad(v, 0.0, w) for v, w in zip(values, sliding)],
+        [pad(b, float("-inf"), w) for b, w in zip(betas, sliding)],
     )
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from ..core.evaluate import CompactionError, evaluate
 from ..prefix import CompactedPrefix
-from .compaction import compact_prefix, forward_after_prefix, right_padded
+from .attention import recording_queries
+from .compaction import _layer_types, compact_prefix, forward_after_prefix, pool_queries, right_padded
 
 
 def full_prefix(model: PreTrainedModel, input_ids: Sequence[int]) -> CompactedPrefix:
@@ -98,3 +100,37 @@ def next_token_kl(
         actual = forward_after_prefix(model, prefix, ids)[0][0, -1].float().log_softmax(-1)
         total += float((expected.exp() * (expected - actual)).sum())
     return total / len(prompts)
+
+
+def attention_errors(
+    model: PreTrainedModel, prefix: CompactedPrefix, prompts: Sequence[Sequence[int]]
+) -> dict[int, CompactionError]:
+    """Per compacted layer, per KV head: how well the prefix reproduces attention for held-out queries.
+
+    The queries are each prompt's last token after the full document (full-context states, so every
+    layer is judged on the same inputs); the prompt's own keys/values are the suffix both sides attend
+    to, which is where beta matters. Errors are averaged over prompts (``CompactionError`` per layer).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be non-empty token lists")
+    device = next(model.parameters()).device
+    document, length = list(prefix.token_ids), prefix.logical_length
+    global_layers = [i for i, kind in enumerate(_layer_types(model)) if kind != "sliding_attention"]
+    totals: dict[int, list[CompactionError]] = {layer: [] for layer in global_layers}
+    for prompt in prompts:
+        with torch.no_grad(), recording_queries() as recorded:
+            cache = model(torch.tensor([document + list(prompt)], device=device), use_cache=True).past_key_values
+        for layer in global_layers:
+            keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]
+            queries = pool_queries(recorded[layer][0][0][:, -1:], keys.shape[0])
+            compacted = tuple(t.to(keys) for t in (prefix.keys[layer], prefix.values[layer], prefix.beta[layer]))
+            totals[layer].append(evaluate(
+                keys[:, :length], values[:, :length], compacted, queries,
+                scale=getattr(model.model.layers[layer].self_attn, "scaling", None),
+                suffix_keys=keys[:, length:], suffix_values=values[:, length:],
+            ))
+    mean = lambda errors, name: torch.stack([getattr(e, name) for e in errors]).mean(dim=0)
+    return {
+        layer: CompactionError(*(mean(errors, name) for name in ("relative_l2", "cosine", "lse_error", "mass_error")))
+        for layer, errors in totals.items()
+    }

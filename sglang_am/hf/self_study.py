@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .prompts import instruction_ids
+
 # Our wording of the paper's four prompt kinds (the reference texts are not published in the paper).
 SELF_STUDY_PROMPTS = {
     "summarize": "Summarize the document above in a few sentences.",
@@ -31,7 +33,9 @@ def self_study_continuations(
 ) -> list[list[int]]:
     """Starter + sampled answer token ids for each prompt kind, to pass as ``self_study_ids``.
 
-    The starter is the prompt as plain text after the document (``"\\n\\n" + prompt``); sampling uses
+    The starter is ``"\\n\\n" + prompt`` after the document, closed into an assistant turn when the
+    tokenizer has a chat template (``instruction_ids``); ``input_ids`` should then come from
+    ``document_prompt`` so the document sits inside the user turn. Sampling uses
     the paper's non-thinking settings by default (T=0.7, top-p 0.8, top-k 20).
     """
     unknown = sorted(set(kinds) - set(SELF_STUDY_PROMPTS))
@@ -43,7 +47,7 @@ def self_study_continuations(
     torch.manual_seed(seed)
     continuations = []
     for kind in kinds:
-        starter = tokenizer.encode("\n\n" + SELF_STUDY_PROMPTS[kind], add_special_tokens=False)
+        starter = instruction_ids(tokenizer, "\n\n" + SELF_STUDY_PROMPTS[kind])
         prompt = torch.tensor([list(input_ids) + starter], device=device)
         with torch.no_grad():
             output = model.generate(

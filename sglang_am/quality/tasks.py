@@ -76,12 +76,16 @@ def key_value_recall(
     num_questions: int = 20,
     num_choices: int = 5,
     seed: int = 0,
+    key_range: range = range(1000, 10000),
 ) -> list[Document]:
     """Documents of ``num_pairs`` lines ``K1234: word``; each question asks for the word of one key.
 
-    Distractor choices are words that appear elsewhere in the same document.
+    Keys are distinct numbers from ``key_range``; distractor choices are words that appear elsewhere in
+    the same document.
     """
     _check_counts(num_documents=num_documents, num_pairs=num_pairs, num_questions=num_questions)
+    if num_pairs > len(key_range):
+        raise ValueError(f"num_pairs ({num_pairs}) cannot exceed len(key_range) ({len(key_range)})")
     if not 2 <= num_choices <= min(num_pairs, len(WORDS)):
         raise ValueError(f"num_choices must be in [2, min(num_pairs, {len(WORDS)})], got {num_choices}")
     if num_questions > num_pairs:
@@ -89,7 +93,7 @@ def key_value_recall(
     rng = random.Random(seed)
     documents = []
     for d in range(num_documents):
-        keys = [f"K{number}" for number in rng.sample(range(1000, 10000), num_pairs)]
+        keys = [f"K{number}" for number in rng.sample(key_range, num_pairs)]
         # At least num_choices distinct words, so every question has enough in-document distractors.
         values = rng.sample(WORDS, num_choices) + [rng.choice(WORDS) for _ in range(num_pairs - num_choices)]
         rng.shuffle(values)
