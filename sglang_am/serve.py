@@ -1,0 +1,39 @@
+"""Launch an SGLang 0.5.23 server in one command: ``python -m sglang_am.serve [--model-path M] [sglang flags]``.
+
+Every flag goes to ``sglang.launch_server`` unchanged. Without ``--model-path`` it serves the embedded
+recall model. On a machine without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel``
+stand-in on the import path, and adds ``--device cpu --attention-backend torch_native`` and a KV pool cap
+(``--max-total-tokens 65536``) unless given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .server.cpu import cpu_environment, cpu_server_flags, has_cuda
+
+
+def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The ``sglang.launch_server`` command line and environment for ``argv``."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        return [sys.executable, "-m", "sglang.launch_server", "--help"], dict(os.environ)
+    args = list(argv)
+    if not any(arg == "--model-path" or arg.startswith("--model-path=") for arg in args):
+        from .recall_model import default_model_path
+
+        args = ["--model-path", str(default_model_path()), *args]
+    env = dict(os.environ)
+    if not has_cuda():
+        args, env = cpu_server_flags(args), cpu_environment(env)
+    return [sys.executable, "-m", "sglang.launch_server", *args], env
+
+
+def main() -> None:
+    command, env = launch_command(sys.argv[1:])
+    print("sglang-am:", " ".join(command[2:]), flush=True)
+    os.execvpe(command[0], command, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""What SGLang 0.5.23 needs to serve on a machine without CUDA (see the project's CPU notes).
+
+``cpu_environment`` turns on SGLang's CPU engine and puts the ``sgl_kernel`` stand-in first on the
+import path; ``cpu_server_flags`` adds the flags a CPU server needs unless the user already gave them.
+Both are no-ops where a CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+SHIM_DIR = Path(__file__).resolve().parent / "cpu_shims"
+# SGLang sizes the KV pool from free memory (15 GB even for a tiny model on a 24 GB machine): cap it.
+DEFAULT_CPU_MAX_TOTAL_TOKENS = 65536
+CPU_DEFAULT_FLAGS = (
+    ("--device", "cpu"),
+    ("--attention-backend", "torch_native"),
+    ("--max-total-tokens", str(DEFAULT_CPU_MAX_TOTAL_TOKENS)),
+)
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` plus ``SGLANG_USE_CPU_ENGINE=1`` and the stand-in on ``PYTHONPATH`` (inherited by
+    SGLang's spawned scheduler and detokenizer processes)."""
+    env = dict(environ)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != SHIM_DIR]
+    env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *paths])
+    return env
+
+
+def cpu_server_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` plus the CPU defaults it does not set (``--flag value`` or ``--flag=value``)."""
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    if "--mem-fraction-static" in given:  # the user sized the pool another way
+        given.add("--max-total-tokens")
+    extra = [part for flag, value in CPU_DEFAULT_FLAGS if flag not in given for part in (flag, value)]
+    return [*argv, *extra]

@@ -1,0 +1,135 @@
+"""SGLang 0.5.23 serving on this CPU: the sgl_kernel stand-in, the launcher, and a real server on loopback
+answering recall questions with the embedded model."""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from sglang_am.recall_model import default_model_path, recall_task
+from sglang_am.serve import launch_command
+from sglang_am.server.cpu import SHIM_DIR, cpu_environment, cpu_server_flags
+
+
+def _standin():
+    spec = importlib.util.spec_from_file_location(
+        "sgl_kernel_standin", SHIM_DIR / "sgl_kernel" / "__init__.py",
+        submodule_search_locations=[str(SHIM_DIR / "sgl_kernel")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_standin_assigns_cache_locations_in_request_order():
+    kernel = _standin()
+    req_to_token = torch.zeros(4, 10, dtype=torch.int32)
+    out_cache_loc = torch.arange(100, 107, dtype=torch.int64)
+    kernel.assign_req_to_token_pool_cpu(
+        torch.tensor([2, 0, 3]), req_to_token, torch.tensor([1, 0, 5]), torch.tensor([4, 0, 9]), out_cache_loc, 10
+    )
+    assert req_to_token[2, 1:4].tolist() == [100, 101, 102] and req_to_token[0].tolist() == [0] * 10
+    assert req_to_token[3, 5:9].tolist() == [103, 104, 105, 106] and req_to_token.dtype == torch.int32
+
+
+def test_standin_copies_rows_of_every_buffer_reading_sources_first():
+    kernel = _standin()
+    buffers = [torch.arange(24, dtype=torch.bfloat16).reshape(6, 4), torch.arange(60, dtype=torch.float32).reshape(6, 10)]
+    expected = [b.clone() for b in buffers]
+    src, tgt = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 5])  # overlapping: row 1 is read and written
+    for e in expected:
+        e[tgt] = e[src].clone()
+    pointers = torch.tensor([b.data_ptr() for b in buffers])
+    strides = torch.tensor([b.stride(0) * b.element_size() for b in buffers])
+    kernel.copy_all_layer_kv_cache_cpu(pointers, strides, tgt, src)
+    for buffer, want in zip(buffers, expected):
+        assert torch.equal(buffer, want)
+
+
+def test_standin_stubs_only_cpu_names():
+    kernel = _standin()
+    with pytest.raises(NotImplementedError, match="verify_tree_greedy_cpu"):
+        kernel.verify_tree_greedy_cpu()
+    with pytest.raises(AttributeError):
+        kernel.flash_attn_varlen_func  # noqa: B018  (non-CPU names stay missing for SGLang's fallbacks)
+
+
+def test_launcher_fills_in_model_and_cpu_settings():
+    command, env = launch_command(["--port", "1234"])
+    assert command[1:3] == ["-m", "sglang.launch_server"]
+    assert command[command.index("--model-path") + 1] == str(default_model_path())
+    if not torch.cuda.is_available():
+        assert command[command.index("--device") + 1] == "cpu"
+        assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(SHIM_DIR)
+    flags = cpu_server_flags(["--attention-backend=triton", "--mem-fraction-static", "0.1"])
+    assert "torch_native" not in flags and "--max-total-tokens" not in flags and "--device" in flags
+    assert cpu_environment({"PYTHONPATH": "/x"})["PYTHONPATH"] == os.pathsep.join([str(SHIM_DIR), "/x"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sglang_am.serve", "--host", "127.0.0.1", "--port", str(port),
+         "--max-total-tokens", "8192", "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{process.stdout.read()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not become healthy in 300 s")
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.slow
+def test_server_answers_recall_questions_with_the_embedded_model(server):
+    (document,) = recall_task(num_pairs=300, num_questions=8, seed=5)
+    prompts = [f"{document.text}\n{q.question}" for q in document.questions]
+    greedy = {"max_new_tokens": 1, "temperature": 0}
+    first = _post(f"{server}/generate", {"text": prompts[0], "sampling_params": greedy})
+    rest = _post(f"{server}/generate", {"text": prompts[1:], "sampling_params": greedy})
+    answers = [out["text"].strip() for out in [first, *rest]]
+    assert answers == [q.answer for q in document.questions]
+    # Later requests reuse the document's KV through SGLang's own radix cache (600 document tokens + <bos>).
+    assert all(out["meta_info"]["cached_tokens"] >= 600 for out in rest)
+    completion = _post(f"{server}/v1/completions", {"model": "default", "prompt": prompts[0], "max_tokens": 1,
+                                                     "temperature": 0})
+    assert completion["choices"][0]["text"].strip() == document.questions[0].answer
