@@ -16,6 +16,7 @@ import torch
 
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.serve import launch_command
+from sglang_am.server.compat import check_sglang
 from sglang_am.server.cpu import SHIM_DIR, cpu_environment, cpu_server_flags
 
 
@@ -62,16 +63,46 @@ def test_standin_stubs_only_cpu_names():
         kernel.flash_attn_varlen_func  # noqa: B018  (non-CPU names stay missing for SGLang's fallbacks)
 
 
-def test_launcher_fills_in_model_and_cpu_settings():
+def test_launcher_fills_in_model_plugin_and_cpu_settings():
     command, env = launch_command(["--port", "1234"])
     assert command[1:3] == ["-m", "sglang.launch_server"]
     assert command[command.index("--model-path") + 1] == str(default_model_path())
+    assert command[command.index("--radix-cache-backend") + 1] == "am" and env["SGLANG_AM"] == "1"
+    assert "--radix-cache-backend" not in launch_command(["--disable-radix-cache"])[0]
     if not torch.cuda.is_available():
         assert command[command.index("--device") + 1] == "cpu"
         assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(SHIM_DIR)
     flags = cpu_server_flags(["--attention-backend=triton", "--mem-fraction-static", "0.1"])
     assert "torch_native" not in flags and "--max-total-tokens" not in flags and "--device" in flags
     assert cpu_environment({"PYTHONPATH": "/x"})["PYTHONPATH"] == os.pathsep.join([str(SHIM_DIR), "/x"])
+
+
+def test_compat_check_names_the_version_and_the_signature():
+    check_sglang()  # the pinned release
+    with pytest.raises(RuntimeError, match=r"needs sglang==9\.9\.9, found sglang 0\.5\.23"):
+        check_sglang(expected_version="9.9.9")
+    target = "sglang.srt.mem_cache.registry.register_radix_cache_backend"
+    with pytest.raises(RuntimeError, match="differs from the expected"):
+        check_sglang(signatures={target: ("name",)})
+    with pytest.raises(RuntimeError, match="has no"):
+        check_sglang(signatures={"sglang.srt.mem_cache.registry.no_such_function": ()})
+
+
+def test_plugin_is_an_entry_point_and_registers_only_when_enabled(monkeypatch):
+    from importlib.metadata import entry_points
+
+    from sglang.srt.mem_cache import registry
+
+    (entry,) = [e for e in entry_points(group="sglang.srt.plugins") if e.name == "am"]
+    register = entry.load()
+    monkeypatch.setattr(registry, "_RADIX_CACHE_REGISTRY", {})
+    monkeypatch.delenv("SGLANG_AM", raising=False)
+    register()
+    assert registry.registered_radix_cache_backends() == []
+    monkeypatch.setenv("SGLANG_AM", "1")
+    register()
+    register()  # idempotent: SGLang loads plugins in several processes and code paths
+    assert registry.registered_radix_cache_backends() == ["am"]
 
 
 def _free_port() -> int:
@@ -133,3 +164,5 @@ def test_server_answers_recall_questions_with_the_embedded_model(server):
     completion = _post(f"{server}/v1/completions", {"model": "default", "prompt": prompts[0], "max_tokens": 1,
                                                      "temperature": 0})
     assert completion["choices"][0]["text"].strip() == document.questions[0].answer
+    with urllib.request.urlopen(f"{server}/get_server_info", timeout=30) as response:
+        assert json.loads(response.read())["radix_cache_backend"] == "am"  # the plugin's cache served these
