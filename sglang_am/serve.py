@@ -12,18 +12,17 @@ from __future__ import annotations
 import os
 import sys
 
-from .server.cpu import cpu_environment, cpu_server_flags, has_cuda
+from .server.cpu import cpu_environment, cpu_server_flags, given_flags, has_cuda
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
 
 
 def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The ``sglang.launch_server`` command line and environment for ``argv``."""
-    args = list(argv)
-    if not any(arg == "--model-path" or arg.startswith("--model-path=") for arg in args):
+    args, given = list(argv), given_flags(argv)
+    if "--model-path" not in given:
         from .recall_model import default_model_path
 
         args = ["--model-path", str(default_model_path()), *args]
-    given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
     if not given & {"--radix-cache-backend", "--disable-radix-cache"}:
         args += ["--radix-cache-backend", RADIX_CACHE_BACKEND]
     env = {**os.environ, ENABLE_VARIABLE: "1"}

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
+from transformers.models.llama.modeling_llama import rotate_half  # the half-split layout Llama/Qwen/Mistral share
 
 from ..core import compact, get_method
 from ..core.head_budgets import head_budgets
@@ -30,6 +31,11 @@ QUERY_MIXTURES = {"ss-plus-repeat": {"self-study": 0.5, "repeat-prefill": 0.5}}
 def _layer_types(model: PreTrainedModel) -> list[str]:
     types = getattr(model.config, "layer_types", None)
     return list(types) if types else ["full_attention"] * model.config.num_hidden_layers
+
+
+def _sliding_layers(model: PreTrainedModel) -> list[bool]:
+    """Per layer: is it a sliding-window layer (kept uncompacted, served by transformers' own mask)?"""
+    return [kind == "sliding_attention" for kind in _layer_types(model)]
 
 
 def _source_fractions(query_source: str | Mapping[str, float]) -> dict[str, float]:
@@ -195,7 +201,7 @@ def _prefill(
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[int, list[torch.Tensor]]]:
     """Keys/values of ``ids`` per layer and the recorded queries of ``ids`` (+ ``repeat_ids`` + ``ids``)."""
     device = next(model.parameters()).device
-    sliding = [kind == "sliding_attention" for kind in _layer_types(model)]
+    sliding = _sliding_layers(model)
     sequence = ids + list(repeat_ids) + ids if repeat_ids is not None else ids
     with torch.no_grad(), recording_queries() as recorded:
         cache = model(torch.tensor([sequence], device=device), use_cache=True).past_key_values
@@ -223,9 +229,7 @@ def _shift_rope(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch
         raise ValueError("text-based chunking needs RoPE over the whole head dimension")
     scaling = getattr(rotary, "attention_scaling", 1.0)  # already applied once to the keys (YaRN-style RoPE)
     cos, sin = cos[0] / scaling, sin[0] / scaling
-    half = keys.shape[-1] // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)  # transformers' rotate_half layout
-    return (keys.float() * cos + rotated.float() * sin).to(keys.dtype)
+    return (keys.float() * cos + rotate_half(keys.float()) * sin).to(keys.dtype)
 
 
 def compact_prefix(
@@ -287,7 +291,7 @@ def compact_prefix(
         raise ValueError(f"max_queries_per_head must be >= 1, got {max_queries_per_head}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    sliding = [kind == "sliding_attention" for kind in _layer_types(model)]
+    sliding = _sliding_layers(model)
     if chunking not in ("kv", "text"):
         raise ValueError(f"chunking must be 'kv' or 'text', got {chunking!r}")
     if chunking == "text" and (any(sliding) or on_policy):
@@ -418,7 +422,7 @@ def padded_to_one_width(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Compacted layers may differ in width (PyramidKV, head budgets), but one attention mask serves every
     global layer: pad them to the widest with masked slots (zero keys/values, beta = -inf)."""
-    sliding = [kind == "sliding_attention" for kind in _layer_types(model)]
+    sliding = _sliding_layers(model)
     width = max(k.shape[1] for k, window in zip(keys, sliding) if not window)
     pad = lambda tensor, fill, window: tensor if window else torch.nn.functional.pad(
         tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]), value=fill
@@ -467,7 +471,7 @@ def forward_after_prefix(
         position_ids = torch.arange(start, start + length, device=input_ids.device).expand(batch, length)
     device = next(model.parameters()).device
     # Window layers hold original tokens (beta = 0): transformers' own sliding mask serves them.
-    betas = [None if kind == "sliding_attention" else b.to(device) for kind, b in zip(_layer_types(model), prefix.beta)]
+    betas = [None if window else b.to(device) for window, b in zip(_sliding_layers(model), prefix.beta)]
     with torch.no_grad(), prefix_bias(betas):
         out = model(
             input_ids, attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids, use_cache=True
@@ -491,7 +495,7 @@ def greedy_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be non-empty token lists")
-    if len({len(p) for p in prompts}) > 1 and "sliding_attention" in _layer_types(model):
+    if len({len(p) for p in prompts}) > 1 and any(_sliding_layers(model)):
         raise ValueError("ragged prompts need a model without sliding-window layers; batch equal lengths")
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)

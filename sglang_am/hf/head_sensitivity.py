@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from ..core.head_budgets import optimize_head_proportions, save_head_proportions
 from ..prefix import CompactedPrefix
-from .compaction import _layer_types, compact_prefix, greedy_generate, padded_to_one_width
+from .compaction import _sliding_layers, compact_prefix, greedy_generate, padded_to_one_width
 from .metrics import full_prefix, reconstruction_log_perplexity
 
 DEFAULT_SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -105,7 +105,7 @@ def head_sensitivity_curves(
         raise ValueError(f"baseline_ratio must be in (0, 1], got {baseline_ratio}")
     if not documents or any(not d.prompts for d in documents):
         raise ValueError("documents must be non-empty, each with at least one prompt")
-    global_layers = [i for i, kind in enumerate(_layer_types(model)) if kind != "sliding_attention"]
+    global_layers = [i for i, window in enumerate(_sliding_layers(model)) if not window]
     heads = [(layer, h) for layer in global_layers for h in range(model.config.num_key_value_heads)]
     losses = torch.zeros(len(heads), len(sweep), dtype=torch.float64)
     bar = tqdm(total=len(documents) * len(sweep) * (1 + len(heads)), desc="head sensitivity", disable=not progress)
@@ -119,7 +119,10 @@ def head_sensitivity_curves(
         )
         baseline = compact(baseline_ratio)
         for column, ratio in enumerate(sweep):
-            swept = _without_span(baseline, document.keep_first) if ratio == 0 else compact(ratio)
+            if ratio == 0:
+                swept = _without_span(baseline, document.keep_first)
+            else:  # compaction is seeded, so the baseline ratio's prefix is the baseline itself
+                swept = baseline if ratio == baseline_ratio else compact(ratio)
             bar.update(1)
             for row, (layer, head) in enumerate(heads):
                 mixed = _with_head(model, baseline, swept, layer, head)

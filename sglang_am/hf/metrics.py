@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from ..core.evaluate import CompactionError, evaluate
 from ..prefix import CompactedPrefix
 from .attention import recording_queries
-from .compaction import _layer_types, compact_prefix, forward_after_prefix, pool_queries, right_padded
+from .compaction import _sliding_layers, compact_prefix, forward_after_prefix, pool_queries, right_padded
 
 
 def full_prefix(model: PreTrainedModel, input_ids: Sequence[int]) -> CompactedPrefix:
@@ -115,7 +115,7 @@ def attention_errors(
         raise ValueError("prompts must be non-empty token lists")
     device = next(model.parameters()).device
     document, length = list(prefix.token_ids), prefix.logical_length
-    global_layers = [i for i, kind in enumerate(_layer_types(model)) if kind != "sliding_attention"]
+    global_layers = [i for i, window in enumerate(_sliding_layers(model)) if not window]
     totals: dict[int, list[CompactionError]] = {layer: [] for layer in global_layers}
     for prompt in prompts:
         with torch.no_grad(), recording_queries() as recorded:

@@ -6,8 +6,8 @@ function's signature differs from the one this code was written against, with an
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import pkgutil
 from importlib import metadata
 
 SGLANG_VERSION = "0.5.23"
@@ -18,20 +18,6 @@ HOOKED_SIGNATURES = {
 }
 
 
-def _resolve(target: str):
-    module_name, _, attribute_path = target.partition(".srt.")
-    parts = f"srt.{attribute_path}".split(".")
-    for split in range(len(parts), 0, -1):  # the longest importable module prefix, then attributes
-        try:
-            obj = importlib.import_module(".".join([module_name, *parts[:split]]))
-        except ImportError:
-            continue
-        for attribute in parts[split:]:
-            obj = getattr(obj, attribute)
-        return obj
-    raise ImportError(f"cannot import {target}")
-
-
 def check_sglang(expected_version: str = SGLANG_VERSION, signatures: dict[str, tuple[str, ...]] = HOOKED_SIGNATURES) -> None:
     """Raise ``RuntimeError`` unless the installed SGLang is ``expected_version`` with the expected signatures."""
     installed = metadata.version("sglang")
@@ -39,7 +25,7 @@ def check_sglang(expected_version: str = SGLANG_VERSION, signatures: dict[str, t
         raise RuntimeError(f"sglang-am needs sglang=={expected_version}, found sglang {installed}")
     for target, expected in signatures.items():
         try:
-            parameters = tuple(inspect.signature(_resolve(target)).parameters)
+            parameters = tuple(inspect.signature(pkgutil.resolve_name(target)).parameters)
         except (ImportError, AttributeError) as error:
             raise RuntimeError(f"sglang {installed} has no {target} ({error}); sglang-am needs sglang=={expected_version}") from None
         if parameters != expected:

@@ -37,9 +37,14 @@ def cpu_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """The ``--flag`` names in ``argv`` (written ``--flag value`` or ``--flag=value``)."""
+    return {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+
+
 def cpu_server_flags(argv: Sequence[str]) -> list[str]:
-    """``argv`` plus the CPU defaults it does not set (``--flag value`` or ``--flag=value``)."""
-    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    """``argv`` plus the CPU defaults it does not set."""
+    given = given_flags(argv)
     if "--mem-fraction-static" in given:  # the user sized the pool another way
         given.add("--max-total-tokens")
     extra = [part for flag, value in CPU_DEFAULT_FLAGS if flag not in given for part in (flag, value)]
