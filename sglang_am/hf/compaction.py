@@ -18,15 +18,10 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half  # the half-split layout Llama/Qwen/Mistral share
 
 from ..core import compact, get_method
-from ..core.head_budgets import head_budgets
+from ..core.plan import QUERY_MIXTURES, QUERY_SOURCES, check_budget, chunk_budgets, pool_queries, source_fractions, subsample_queries
 from ..prefix import CompactedPrefix
 from .attention import prefix_bias, recording_queries, use_sglang_am_attention
 from .fingerprint import model_fingerprint
-
-QUERY_SOURCES = ("context-prefill", "repeat-prefill", "self-study", "random")
-# Named unions of sources: each gets this fraction of the per-head query cap.
-QUERY_MIXTURES = {"ss-plus-repeat": {"self-study": 0.5, "repeat-prefill": 0.5}}
-
 
 def _layer_types(model: PreTrainedModel) -> list[str]:
     types = getattr(model.config, "layer_types", None)
@@ -38,58 +33,6 @@ def _sliding_layers(model: PreTrainedModel) -> list[bool]:
     return [kind == "sliding_attention" for kind in _layer_types(model)]
 
 
-def _source_fractions(query_source: str | Mapping[str, float]) -> dict[str, float]:
-    if isinstance(query_source, str):
-        fractions = QUERY_MIXTURES.get(query_source, {query_source: 1.0})
-    else:
-        fractions = dict(query_source)
-    unknown = sorted(set(fractions) - set(QUERY_SOURCES))
-    if unknown or not fractions:
-        raise ValueError(
-            f"query_source must be one of {QUERY_SOURCES}, a mixture {sorted(QUERY_MIXTURES)} or a mapping of "
-            f"sources to fractions; got {query_source!r}"
-        )
-    if any(not f > 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
-        raise ValueError(f"query_source fractions must be positive and sum to 1, got {fractions}")
-    return fractions
-
-
-def pool_queries(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """``[H_q, L, D]`` -> ``[H_kv, G*L, D]``: KV head k gets query heads k*G .. k*G+G-1 (GQA grouping)."""
-    heads, length, dim = queries.shape
-    if heads % num_kv_heads:
-        raise ValueError(f"{heads} query heads do not split into {num_kv_heads} KV-head groups")
-    return queries.reshape(num_kv_heads, heads // num_kv_heads * length, dim)
-
-
-def _check_budget(budget: int | float) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget must be an int (slots) or a float ratio, got {budget!r}")
-    if isinstance(budget, float) and not 0 < budget <= 1:
-        raise ValueError(f"budget ratio must be in (0, 1], got {budget}")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"budget must be >= 1 slot, got {budget}")
-
-
-def _chunk_budgets(
-    budget: int | float,
-    span: int,
-    chunk: range,
-    layer: int,
-    num_kv_heads: int,
-    head_proportions: dict[tuple[int, int], float] | None,
-    max_ratio_per_head: float,
-) -> list[int]:
-    """Slots per KV head for one chunk of the compacted span (the chunk gets its share of the budget)."""
-    ratio = budget if isinstance(budget, float) else budget / span
-    if head_proportions is None:
-        return [max(1, round(ratio * len(chunk)))] * num_kv_heads
-    per_layer = head_budgets(head_proportions, min(1.0, ratio), len(chunk), max_ratio_per_head, min_budget=1)
-    if layer not in per_layer or len(per_layer[layer]) != num_kv_heads:
-        raise ValueError(f"head proportions have no entries for the {num_kv_heads} KV heads of layer {layer}")
-    return per_layer[layer]
-
-
 def _random_queries(model: PreTrainedModel, layer: int, count: int, generator: torch.Generator) -> torch.Tensor:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -99,14 +42,6 @@ def _random_queries(model: PreTrainedModel, layer: int, count: int, generator: t
     if q_norm is not None:
         queries = queries * q_norm.weight.detach().float().cpu()
     return queries
-
-
-def _subsample(queries: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Tensor:
-    """At most ``cap`` queries per head, uniformly without replacement (same indices for every head)."""
-    if queries.shape[1] <= cap:
-        return queries
-    keep = torch.randperm(queries.shape[1], generator=generator)[:cap].sort().values
-    return queries[:, keep.to(queries.device)]
 
 
 def right_padded(sequences: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +215,7 @@ def compact_prefix(
     if min(keep_first, keep_last) < 0 or keep_first + keep_last >= length:
         raise ValueError(f"keep_first ({keep_first}) + keep_last ({keep_last}) must leave tokens of the "
                          f"{length}-token input to compact")
-    fractions = _source_fractions(query_source)
+    fractions = source_fractions(query_source)
     if "repeat-prefill" in fractions and not repeat_ids:
         raise ValueError("repeat-prefill needs repeat_ids (the tokens between the two copies)")
     if "self-study" in fractions and (not self_study_ids or any(len(c) == 0 for c in self_study_ids)):
@@ -298,7 +233,7 @@ def compact_prefix(
         raise ValueError("text-based chunking supports neither sliding-window models nor on_policy; use chunking='kv'")
     if head_proportions is not None and not isinstance(budget, float):
         raise ValueError("head_proportions need the budget as a ratio (float)")
-    _check_budget(budget)
+    check_budget(budget)
     spec = get_method(method)
     use_sglang_am_attention(model)
     device = next(model.parameters()).device
@@ -379,8 +314,8 @@ def compact_prefix(
                 else:
                     positions = torch.tensor(list(chunk), device=device) + source.source_offsets[kind]
                     queries = source.recorded[layer][0][0][:, positions]
-                parts.append(_subsample(pool_queries(queries, num_kv_heads), cap, generator))
-            budgets = _chunk_budgets(budget, len(span), chunk, layer, num_kv_heads, head_proportions, max_ratio_per_head)
+                parts.append(subsample_queries(pool_queries(queries, num_kv_heads), cap, generator))
+            budgets = chunk_budgets(budget, len(span), chunk, layer, num_kv_heads, head_proportions, max_ratio_per_head)
             layer_keys, layer_values = source.document_kv[layer]
             result = compact(
                 layer_keys[:, chunk.start : chunk.stop], layer_values[:, chunk.start : chunk.stop],

@@ -1,11 +1,20 @@
-"""A model fingerprint: what must match for a compacted prefix to be valid on a model."""
+"""A model fingerprint: what must match for a compacted prefix to be valid on a model.
+
+The same fingerprint comes from a loaded transformers model (``model_fingerprint``) and from a
+checkpoint directory (``checkpoint_fingerprint``, what the SGLang server uses, since its fused layers
+have other names): config fields plus a hash of each stored weight's name, shape and first values.
+Values are rounded to bfloat16 first, so a float32 load of bfloat16 weights matches its checkpoint.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 _CONFIG_FIELDS = (
     "hidden_size",
@@ -23,19 +32,53 @@ SAMPLED_VALUES = 16
 
 
 def model_fingerprint(model: PreTrainedModel) -> dict:
-    """Architecture, attention geometry, RoPE settings and a hash of the weights' names, shapes, dtypes
-    and a sample of their values (the first few of each tensor)."""
-    config = model.config
+    """Fingerprint of a loaded model; tied weights count once, under their stored name."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    weights = ((name, tensor) for name, tensor in model.state_dict().items() if name not in tied)
+    return _fingerprint(model.config, weights, type(model).__name__)
+
+
+def checkpoint_fingerprint(model_dir: str | Path) -> dict:
+    """Fingerprint of the safetensors checkpoint in ``model_dir``, equal to ``model_fingerprint`` of the
+    model loaded from it."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no .safetensors checkpoint to fingerprint")
+    config = AutoConfig.from_pretrained(model_dir)
+
+    def weights():
+        for file in files:
+            with safe_open(str(file), framework="pt") as reader:
+                for name in reader.keys():
+                    part = reader.get_slice(name)
+                    shape = tuple(part.get_shape())
+                    head = part[: min(shape[0], SAMPLED_VALUES)] if shape else reader.get_tensor(name)
+                    yield name, _Sampled(shape, head)
+
+    return _fingerprint(config, weights(), config.architectures[0] if config.architectures else "")
+
+
+class _Sampled:
+    """The shape of a stored tensor and enough of its leading rows to sample its first values."""
+
+    def __init__(self, shape: tuple[int, ...], head: torch.Tensor):
+        self.shape, self.head = torch.Size(shape), head
+
+    def flatten(self) -> torch.Tensor:
+        return self.head.flatten()
+
+
+def _fingerprint(config: PretrainedConfig, weights: Iterable[tuple[str, torch.Tensor | _Sampled]], fallback_name: str) -> dict:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        sample = tensor.detach().flatten()[:SAMPLED_VALUES].to(torch.float32).cpu()
+    for name, tensor in sorted(weights, key=lambda item: item[0]):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        sample = tensor.flatten()[:SAMPLED_VALUES].detach().to(torch.bfloat16).to(torch.float32).cpu()
         digest.update(sample.numpy().tobytes())
     fields = {name: _plain(getattr(config, name, None)) for name in _CONFIG_FIELDS}
     if fields["head_dim"] is None:
         fields["head_dim"] = config.hidden_size // config.num_attention_heads
     return {
-        "architecture": (config.architectures or [type(model).__name__])[0],
+        "architecture": (config.architectures or [fallback_name])[0],
         "model_type": config.model_type,
         **fields,
         "weights_sha256": digest.hexdigest(),

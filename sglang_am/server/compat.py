@@ -11,10 +11,31 @@ import pkgutil
 from importlib import metadata
 
 SGLANG_VERSION = "0.5.23"
+_SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+_TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
+_RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
 # dotted target -> parameter names this package relies on
 HOOKED_SIGNATURES = {
     "sglang.srt.mem_cache.registry.register_radix_cache_backend": ("name", "factory"),
-    "sglang.srt.mem_cache.radix_cache.RadixCache.__init__": ("self", "params"),
+    f"{_RADIX}.__init__": ("self", "params"),
+    f"{_RADIX}.insert": ("self", "params"),
+    f"{_RADIX}.match_prefix": ("self", "params"),
+    f"{_RADIX}._delete_leaf": ("self", "node"),
+    f"{_SCHEDULER}._create_generation_req": ("self", "recv_req", "args", "kwargs"),
+    f"{_SCHEDULER}.init_req_max_new_tokens": ("self", "req"),
+    f"{_SCHEDULER}.handle_rpc_request": ("self", "recv_req"),
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (
+        "batch", "model_runner", "capture_hidden_mode", "return_hidden_states_before_norm",
+        "extend_position_info", "spec_mrope_positions", "kv_loc_plan", "write_cols",
+    ),
+    f"{_TORCH_NATIVE}.forward_extend": ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache"),
+    f"{_TORCH_NATIVE}.forward_decode": ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache"),
+    "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
+    "is_request_level_customized_info_key": ("self", "key"),
+    "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
+        "server_args", "tokenizer_manager", "template_manager", "port_args", "scheduler_infos",
+        "subprocess_watchdog", "execute_warmup_func", "launch_callback",
+    ),
 }
 
 

@@ -1,0 +1,396 @@
+"""Compacted documents inside SGLang's scheduler process (the "virtual token" design).
+
+A registered document of T tokens becomes t_pad KV slots holding the compacted keys/values of every
+layer, stored under an ordinary radix-tree node whose key is t_pad reserved negative token ids and
+pinned by a tree lock; its beta lives in a float32 table read by the attention backend. A request
+whose prompt starts with the document's ids is rewritten to ``virtual ids + suffix``, so SGLang's
+own prefix matching, allocation and leak checks keep their one-slot-per-key-token invariant; only
+RoPE positions (``+ T - t``, see ``hooks``) and the attention bias are new.
+
+Registration runs in steps driven by the main process (``service``): ``prepare`` (validate, reserve
+an id), capture requests (the server's own prefills record reference queries through the attention
+backend), then ``compact`` (read the document's KV from the pool, solve, write the slots, insert and
+pin the node). Every operation arrives as one JSON RPC (``call``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+import uuid
+from array import array
+from http import HTTPStatus
+from pathlib import Path
+
+import torch
+
+from ..core import compact, get_method
+from ..core.head_budgets import load_head_proportions
+from ..core.plan import chunk_budgets, pool_queries, source_fractions, subsample_queries
+from ..prefix import CompactedPrefix
+
+logger = logging.getLogger(__name__)
+
+MIN_DOCUMENT_TOKENS = 16
+# Virtual ids: -(1 + (index << 32) + slot). Negative, so they collide with no vocabulary id and no
+# multimodal pad id (those are large positive values); never embedded (always inside the prefix).
+_VIRTUAL_SHIFT = 32
+DEFAULT_MAX_QUERIES_PER_HEAD = 5000
+
+
+class DocumentError(Exception):
+    """A refused document operation; ``str()`` is the JSON the RPC carries back to the HTTP layer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(json.dumps({"status": int(status), "error": message}))
+        self.status, self.message = int(status), message
+
+
+def document_id(token_ids) -> str:
+    return hashlib.sha256(array("q", token_ids).tobytes()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Document:
+    doc_id: str
+    index: int
+    tokens: array
+    method: str
+    config: dict
+    state: str = "capturing"  # -> "ready"
+    salt: str = ""
+    # capture: source -> layer -> list of [rows, H_q, D]; scale per layer
+    queries: dict = dataclasses.field(default_factory=dict)
+    scales: dict = dataclasses.field(default_factory=dict)
+    slots: torch.Tensor | None = None  # [t_pad] KV-pool slot indices
+    bias: list = dataclasses.field(default_factory=list)  # per layer [H_kv, t_pad] float32
+    head_slots: list = dataclasses.field(default_factory=list)  # per layer [t_h per KV head]
+    proportions: dict | None = None  # per-head budget proportions {(layer, kv_head): p}
+    pin: object = None
+    node: object = None
+    timings: dict = dataclasses.field(default_factory=dict)
+    requests_served: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.slots is None else int(self.slots.numel())
+
+    @property
+    def position_offset(self) -> int:
+        return self.length - self.num_slots
+
+    @property
+    def virtual_ids(self) -> array:
+        base = 1 + (self.index << _VIRTUAL_SHIFT)
+        return array("q", (-(base + j) for j in range(self.num_slots)))
+
+    def is_proper_prefix_of(self, token_ids) -> bool:
+        """Do ``token_ids`` start with this document and go on for at least one more token?"""
+        return len(token_ids) > self.length and array("q", token_ids[: self.length]) == self.tokens
+
+    def record(self, source: str, layer: int, queries: torch.Tensor, scale: float) -> None:
+        self.queries.setdefault(source, {}).setdefault(layer, []).append(queries.detach().clone())
+        self.scales[layer] = scale
+
+    def describe(self) -> dict:
+        wasted = sum(self.num_slots - t for layer in self.head_slots for t in layer)
+        return {
+            "doc_id": self.doc_id,
+            "state": self.state,
+            "T": self.length,
+            "t": self.num_slots,
+            "slots": self.num_slots,
+            "ratio": round(self.num_slots / self.length, 6) if self.num_slots else None,
+            "wasted_slots": wasted,
+            "method": self.method,
+            "config": self.config,
+            "timings": self.timings,
+            "requests_served": self.requests_served,
+        }
+
+
+class DocumentStore:
+    """The documents of one scheduler process (one per TP rank: each compacts its own KV heads)."""
+
+    def __init__(self):
+        self.documents: dict[str, Document] = {}
+        self._next_index = 1
+        self._fingerprint: dict | None = None
+
+    # ----- lookup used by the request hook and the attention backend -----
+
+    def ready(self, doc_id: str) -> Document | None:
+        doc = self.documents.get(doc_id)
+        return doc if doc is not None and doc.state == "ready" else None
+
+    def longest_prefix(self, token_ids) -> Document | None:
+        """The longest ready document whose ids are a proper prefix of ``token_ids``."""
+        best = None
+        for doc in self.documents.values():
+            if doc.state == "ready" and (best is None or doc.length > best.length) and doc.is_proper_prefix_of(token_ids):
+                best = doc
+        return best
+
+    # ----- RPC entry point -----
+
+    def call(self, scheduler, op: str, payload: dict) -> dict:
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"unknown document operation {op!r}")
+        return handler(scheduler, **payload)
+
+    def _get(self, doc_id: str) -> Document:
+        doc = self.documents.get(doc_id)
+        if doc is None:
+            raise DocumentError(HTTPStatus.NOT_FOUND, f"no document {doc_id!r}")
+        return doc
+
+    def _op_list(self, scheduler) -> dict:
+        return {"documents": [doc.describe() for doc in self.documents.values()]}
+
+    def _op_get(self, scheduler, doc_id: str) -> dict:
+        return self._get(doc_id).describe()
+
+    def _op_prepare(self, scheduler, input_ids: list[int], budget: int | float, method: str, query_source,
+                    head_budgets: dict | None, max_queries_per_head: int, options: dict) -> dict:
+        """Validate a registration and reserve its id; an existing document is returned as it is."""
+        doc_id = document_id(input_ids)
+        if doc_id in self.documents:
+            return {**self.documents[doc_id].describe(), "existing": True}
+        _check_model(scheduler)
+        length = len(input_ids)
+        if length < MIN_DOCUMENT_TOKENS:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"document has {length} tokens; the minimum is {MIN_DOCUMENT_TOKENS}")
+        max_len = scheduler.max_req_input_len
+        if length >= max_len:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"document has {length} tokens; this server accepts prompts below {max_len}")
+        if isinstance(budget, int) and not 1 <= budget < length:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"budget must be in [1, T) = [1, {length}), got {budget}")
+        try:
+            get_method(method).make_options(**options)
+            fractions = source_fractions(query_source)
+            if "random" in fractions:
+                raise ValueError("the server captures its reference queries; random queries are not offered")
+            proportions = load_head_proportions(head_budgets) if head_budgets is not None else None
+        except (KeyError, ValueError, TypeError) as error:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, str(error).strip("'\"")) from None
+        config = {"budget": budget, "query_source": fractions, "head_budgets": head_budgets is not None,
+                  "max_queries_per_head": max_queries_per_head, "options": options}
+        doc = Document(doc_id, self._next_index, array("q", input_ids), method, config,
+                       salt=f"sglang-am-capture-{doc_id}-{uuid.uuid4().hex}", proportions=proportions)
+        self._next_index += 1
+        self.documents[doc_id] = doc
+        return {**doc.describe(), "existing": False, "salt": doc.salt}
+
+    def _op_abort(self, scheduler, doc_id: str) -> dict:
+        """Forget a registration whose capture failed (a ready document is left alone)."""
+        doc = self.documents.get(doc_id)
+        if doc is not None and doc.state == "capturing":
+            del self.documents[doc_id]
+        return {"doc_id": doc_id}
+
+    def _op_compact(self, scheduler, doc_id: str, timings: dict) -> dict:
+        doc = self._get(doc_id)
+        if doc.state == "ready":
+            return doc.describe()
+        doc.timings.update(timings)
+        start = time.perf_counter()
+        try:
+            self._compact(scheduler, doc)
+        except DocumentError:
+            del self.documents[doc_id]
+            raise
+        doc.timings["compaction_seconds"] = round(time.perf_counter() - start, 4)
+        return doc.describe()
+
+    def _op_drop(self, scheduler, doc_id: str) -> dict:
+        doc = self._get(doc_id)
+        if doc.state != "ready":
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
+        users = _requests_using(scheduler, doc)
+        if users:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is in use by {users} request(s); retry when they finish")
+        tree = scheduler.tree_cache
+        tree.unlock(doc.pin)
+        freed = tree.remove_subtree(doc.node)
+        del self.documents[doc_id]
+        return {"doc_id": doc_id, "dropped": True, "freed_slots": freed}
+
+    def _op_save(self, scheduler, doc_id: str, path: str) -> dict:
+        doc = self._get(doc_id)
+        if doc.state != "ready":
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
+        _single_rank(scheduler, "save")
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        keys, values = [], []
+        for layer in range(pool.layer_num):
+            keys.append(pool.k_buffer[layer][doc.slots].permute(1, 0, 2).float().cpu())
+            values.append(pool.v_buffer[layer][doc.slots].permute(1, 0, 2).float().cpu())
+        prefix = CompactedPrefix(
+            keys=keys, values=values, beta=[b.cpu() for b in doc.bias], logical_length=doc.length,
+            token_ids=list(doc.tokens), fingerprint=self.fingerprint(scheduler), method=doc.method,
+            config=doc.config, timings=doc.timings,
+        )
+        try:
+            written = prefix.save(path)
+        except (OSError, ValueError) as error:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"cannot save to {path}: {error}") from None
+        return {"doc_id": doc_id, "path": str(written)}
+
+    def _op_load(self, scheduler, path: str) -> dict:
+        _single_rank(scheduler, "load")
+        _check_model(scheduler)
+        if not Path(path).is_dir():
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"{path} is not a directory holding a compacted prefix")
+        try:
+            prefix = CompactedPrefix.load(path, expected_fingerprint=self.fingerprint(scheduler))
+        except (OSError, ValueError) as error:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"cannot load {path}: {error}") from None
+        doc_id = document_id(prefix.token_ids)
+        if doc_id in self.documents:
+            return {**self.documents[doc_id].describe(), "existing": True}
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        if prefix.num_layers != pool.layer_num or any(
+            tuple(k.shape[0::2]) != (pool.head_num, pool.head_dim) for k in prefix.keys
+        ):
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"{path} does not fit this model's KV layout")
+        if prefix.logical_length >= scheduler.max_req_input_len:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"{path} holds a {prefix.logical_length}-token document, too long for this server")
+        doc = Document(doc_id, self._next_index, array("q", prefix.token_ids), prefix.method, prefix.config,
+                       timings=prefix.timings)
+        self._next_index += 1
+        head_slots = [[int(n) for n in torch.isfinite(b).sum(dim=1)] for b in prefix.beta]
+        self._install(scheduler, doc, prefix.keys, prefix.values, prefix.beta, head_slots)
+        return {**doc.describe(), "existing": False}
+
+    # ----- compaction -----
+
+    def fingerprint(self, scheduler) -> dict:
+        if self._fingerprint is None:
+            from ..hf.fingerprint import checkpoint_fingerprint
+
+            try:
+                self._fingerprint = checkpoint_fingerprint(scheduler.server_args.model_path)
+            except (OSError, ValueError) as error:
+                raise DocumentError(HTTPStatus.BAD_REQUEST, f"cannot fingerprint the served model: {error}") from None
+        return self._fingerprint
+
+    def _compact(self, scheduler, doc: Document) -> None:
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        tree = scheduler.tree_cache
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        missing = [s for s in doc.config["query_source"] if s not in doc.queries and s != "random"]
+        if missing or any(len(doc.queries[s]) != pool.layer_num for s in doc.queries):
+            raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"queries were not captured for {missing or 'every layer'}")
+        match = tree.match_prefix(MatchPrefixParams(key=RadixKey(doc.tokens, cache_salt=doc.salt)))
+        if match.device_prefix_len < doc.length:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                "the document's KV was evicted before compaction (KV pool under pressure); register again")
+        hold = tree.lock(match.last_device_node)
+        try:
+            source = tree.path_device_indices(match.last_device_node)[: doc.length]
+            keys, values, betas, head_slots = self._solve(pool, doc, source)
+        finally:
+            tree.unlock(hold)
+        self._install(scheduler, doc, keys, values, betas, head_slots)
+        doc.queries.clear()
+
+    def _solve(self, pool, doc: Document, source: torch.Tensor):
+        config = doc.config
+        budget, length = config["budget"], doc.length
+        generator = torch.Generator().manual_seed(0)
+        clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
+        keys, values, betas, head_slots = [], [], [], []
+        for layer in range(pool.layer_num):
+            layer_keys = pool.k_buffer[layer][source].permute(1, 0, 2).float()  # [H_kv, T, D]
+            layer_values = pool.v_buffer[layer][source].permute(1, 0, 2).float()
+            parts = []
+            for kind, fraction in config["query_source"].items():
+                cap = max(1, round(fraction * config["max_queries_per_head"]))
+                captured = torch.cat(doc.queries[kind][layer]).permute(1, 0, 2).float()  # [H_q, n, D]
+                parts.append(subsample_queries(pool_queries(captured, pool.head_num), cap, generator))
+            budgets = chunk_budgets(budget, length, range(length), layer, pool.head_num,
+                                    doc.proportions, max_ratio_per_head=1.0)
+            result = compact(layer_keys, layer_values, torch.cat(parts, dim=1).to(layer_keys), budgets, doc.method,
+                             scale=doc.scales[layer], **config["options"])
+            for stage, seconds in result.timings.items():
+                clock[stage] += seconds
+            keys.append(result.keys)
+            values.append(result.values)
+            betas.append(result.beta.float())
+            head_slots.append([int(n) for n in result.lengths])
+        width = max(k.shape[1] for k in keys)  # one slot count for every layer: pad narrower layers
+        pad = lambda tensor, fill: torch.nn.functional.pad(tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]), value=fill)
+        doc.timings.update({f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()})
+        return [pad(k, 0.0) for k in keys], [pad(v, 0.0) for v in values], [pad(b, float("-inf")) for b in betas], head_slots
+
+    def _install(self, scheduler, doc: Document, keys, values, betas, head_slots) -> None:
+        """Write the slots, insert the pinned virtual-id node and activate the document."""
+        from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        tree = scheduler.tree_cache
+        runner = scheduler.tp_worker.model_runner
+        pool, allocator = runner.token_to_kv_pool, runner.token_to_kv_pool_allocator
+        width = keys[0].shape[1]
+        slots = allocator.alloc(width)
+        if slots is None:
+            tree.evict(EvictParams(num_tokens=width))
+            slots = allocator.alloc(width)
+        if slots is None:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"no room for {width} KV slots; drop documents or raise the KV pool size")
+        for layer in range(pool.layer_num):
+            pool.k_buffer[layer][slots] = keys[layer].permute(1, 0, 2).to(pool.k_buffer[layer].device, pool.store_dtype)
+            pool.v_buffer[layer][slots] = values[layer].permute(1, 0, 2).to(pool.v_buffer[layer].device, pool.store_dtype)
+        doc.slots = slots
+        doc.bias = [b.to(device=pool.k_buffer[0].device, dtype=torch.float32) for b in betas]
+        doc.head_slots = head_slots
+        inserted = tree.insert(InsertParams(key=RadixKey(doc.virtual_ids), value=slots.to(torch.int64)))
+        if inserted.prefix_len:
+            raise RuntimeError(f"virtual ids of document {doc.doc_id} were already in the tree")
+        doc.node = inserted.last_device_node
+        doc.pin = tree.lock(doc.node)
+        doc.state = "ready"
+        logger.info("sglang-am: document %s ready: T=%d -> t=%d slots", doc.doc_id, doc.length, doc.num_slots)
+
+
+def _check_model(scheduler) -> None:
+    """Compacted slots count as positions only on full-attention layers in a plain KV layout."""
+    runner = scheduler.tp_worker.model_runner
+    config = runner.model_config.hf_config
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        sliding = any(kind == "sliding_attention" for kind in kinds)
+    else:
+        sliding = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
+    if sliding:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "sliding-window models are not supported by the SGLang extension")
+    pool = runner.token_to_kv_pool
+    if not hasattr(pool, "k_buffer") or pool.store_dtype != pool.dtype:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, f"compacted documents need a plain {pool.dtype} KV pool (no fp8/fp4 cache)")
+    if scheduler.tree_cache.page_size != 1:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need --page-size 1")
+
+
+def _single_rank(scheduler, what: str) -> None:
+    if scheduler.tp_size > 1:
+        raise DocumentError(HTTPStatus.NOT_IMPLEMENTED, f"{what} with tensor parallelism is not supported yet")
+
+
+def _requests_using(scheduler, doc: Document) -> int:
+    live = {*scheduler.collect_inflight_reqs(), *scheduler.waiting_queue}
+    if scheduler.chunked_req is not None:
+        live.add(scheduler.chunked_req)
+    return sum(1 for req in live if getattr(req, "am_doc", None) is doc and not req.finished())
+
+
+STORE = DocumentStore()
