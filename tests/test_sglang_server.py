@@ -4,18 +4,14 @@ answering recall questions with the embedded model."""
 import importlib.util
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 import torch
 
+from sglang_am.client import http_json
 from sglang_am.recall_model import default_model_path, recall_task
-from sglang_am.serve import launch_command
+from sglang_am.serve import launch_command, serving
 from sglang_am.server.compat import check_sglang
 from sglang_am.server.cpu import SHIM_DIR, cpu_environment, cpu_server_flags
 
@@ -68,6 +64,7 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
     assert command[1:3] == ["-m", "sglang.launch_server"]
     assert command[command.index("--model-path") + 1] == str(default_model_path())
     assert command[command.index("--radix-cache-backend") + 1] == "am" and env["SGLANG_AM"] == "1"
+    assert "--disable-overlap-schedule" in command
     assert "--radix-cache-backend" not in launch_command(["--disable-radix-cache"])[0]
     if not torch.cuda.is_available():
         assert command[command.index("--device") + 1] == "cpu"
@@ -105,49 +102,16 @@ def test_plugin_is_an_entry_point_and_registers_only_when_enabled(monkeypatch):
     assert registry.registered_radix_cache_backends() == ["am"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def server():
+    with serving(["--max-total-tokens", "8192", "--dtype", "float32"]) as url:
+        yield url
 
 
 def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sglang_am.serve", "--host", "127.0.0.1", "--port", str(port),
-         "--max-total-tokens", "8192", "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{process.stdout.read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become healthy in 300 s")
-            time.sleep(2)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    status, body = http_json("POST", url, payload)
+    assert status == 200, (status, body)
+    return body
 
 
 @pytest.mark.slow

@@ -181,6 +181,11 @@ class DocumentStore:
             proportions = load_head_proportions(head_budgets) if head_budgets is not None else None
         except (KeyError, ValueError, TypeError) as error:
             raise DocumentError(HTTPStatus.BAD_REQUEST, str(error).strip("'\"")) from None
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        heads = {(layer, head) for layer in range(pool.layer_num) for head in range(pool.head_num)}
+        if proportions is not None and set(proportions) != heads:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"head_budgets must give one proportion per (layer, KV head) of this "
+                                f"model: L0H0 .. L{pool.layer_num - 1}H{pool.head_num - 1}")
         config = {"budget": budget, "query_source": fractions, "head_budgets": head_budgets is not None,
                   "max_queries_per_head": max_queries_per_head, "options": options}
         doc = Document(doc_id, self._next_index, array("q", input_ids), method, config,
@@ -204,9 +209,12 @@ class DocumentStore:
         start = time.perf_counter()
         try:
             self._compact(scheduler, doc)
-        except DocumentError:
+        except Exception as error:
             del self.documents[doc_id]
-            raise
+            if isinstance(error, DocumentError):
+                raise
+            logger.exception("sglang-am: compaction of %s failed", doc_id)
+            raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"compaction failed: {error!r}") from None
         doc.timings["compaction_seconds"] = round(time.perf_counter() - start, 4)
         return doc.describe()
 
@@ -268,6 +276,7 @@ class DocumentStore:
         self._next_index += 1
         head_slots = [[int(n) for n in torch.isfinite(b).sum(dim=1)] for b in prefix.beta]
         self._install(scheduler, doc, prefix.keys, prefix.values, prefix.beta, head_slots)
+        self.documents[doc_id] = doc
         return {**doc.describe(), "existing": False}
 
     # ----- compaction -----
@@ -365,7 +374,12 @@ class DocumentStore:
 
 def _check_model(scheduler) -> None:
     """Compacted slots count as positions only on full-attention layers in a plain KV layout."""
+    from .attention import AMTorchNativeAttnBackend
+
     runner = scheduler.tp_worker.model_runner
+    if not isinstance(runner.attn_backend, AMTorchNativeAttnBackend):
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need the bias-aware attention backend: "
+                            "--attention-backend torch_native")
     config = runner.model_config.hf_config
     kinds = getattr(config, "layer_types", None)
     if kinds:

@@ -82,6 +82,8 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
         doc = STORE.longest_prefix(ids)
         if doc is None:
             return req
+    if len(ids) >= scheduler.max_req_input_len:  # too long as written: SGLang's own length check rejects it
+        return req
     # Compacted nodes live in the default namespace of a text-only request; anything else falls back.
     if req.extra_key is not None or req.cache_salt is not None or recv_req.input_embeds is not None or (
         recv_req.mm_inputs is not None or getattr(recv_req, "positional_embed_overrides", None) is not None

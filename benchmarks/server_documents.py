@@ -1,0 +1,114 @@
+"""Compacted documents served end to end by SGLang: KV slots, answer accuracy and compaction time.
+
+Launches the extension's server (embedded recall model, float32 on CPU), answers every question with
+the full document as an ordinary prefix (a ``cache_salt`` keeps those requests off the compacted
+node), then for each ratio registers the document, answers again from the compacted node and drops it.
+Reports slots used, exact-match accuracy against the gold answers and agreement with the full-prefix
+answers, and the registration time split by stage.
+
+    python benchmarks/server_documents.py [--ratios 0.05 0.1] [--methods AM-HighestAttnKeys AM-OMP]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from transformers import AutoTokenizer
+
+from common import RESULTS_DIR, environment, write_json
+from sglang_am.client import DocumentsClient
+from sglang_am.recall_model import default_model_path, recall_task
+from sglang_am.serve import serving
+
+STAGES = ("prefill_seconds", "self_study_seconds", "selection_seconds", "beta_seconds", "values_seconds")
+
+
+def answer(client: DocumentsClient, prompts: list[list[int]], **extra) -> tuple[list[str], list[dict]]:
+    outputs = client.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0}, **extra)
+    return [out["text"].strip() for out in outputs], [out["meta_info"] for out in outputs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1])
+    parser.add_argument("--methods", nargs="+", default=["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP"])
+    parser.add_argument("--query-source", default="repeat-prefill")
+    parser.add_argument("--pairs", type=int, default=500, help="key-value pairs in the document")
+    parser.add_argument("--questions", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS_DIR / "server_documents.json"))
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    (document,) = recall_task(num_pairs=args.pairs, num_questions=args.questions, seed=args.seed)
+    ids = tokenizer.encode(document.text)
+    prompts = [tokenizer.encode(f"{document.text}\n{q.question}") for q in document.questions]
+    gold = [q.answer for q in document.questions]
+    rows = []
+    with serving(["--max-total-tokens", "16384", "--dtype", "float32"]) as url:
+        client = DocumentsClient(url)
+        full, _ = answer(client, prompts, cache_salt="full-prefix")
+        full_accuracy = sum(a == g for a, g in zip(full, gold)) / len(gold)
+        print(f"full prefix: T={len(ids)} accuracy {full_accuracy:.2f}", flush=True)
+        for method in args.methods:
+            for ratio in args.ratios:
+                start = time.perf_counter()
+                registered = client.register(input_ids=ids, ratio=ratio, method=method, query_source=args.query_source)
+                wall = time.perf_counter() - start
+                served, meta = answer(client, prompts)
+                assert all(m["am_document"][0]["doc_id"] == registered["doc_id"] for m in meta)
+                client.drop(registered["doc_id"])
+                row = {
+                    "method": method, "ratio": ratio, "query_source": args.query_source,
+                    "T": registered["T"], "slots": registered["slots"], "wasted_slots": registered["wasted_slots"],
+                    "accuracy": sum(a == g for a, g in zip(served, gold)) / len(gold),
+                    "agreement_with_full_prefix": sum(a == f for a, f in zip(served, full)) / len(full),
+                    "registration_wall_seconds": round(wall, 4),
+                    "timings": registered["timings"],
+                }
+                rows.append(row)
+                print(f"{method} ratio {ratio}: {row['slots']} slots, accuracy {row['accuracy']:.2f}, "
+                      f"agreement {row['agreement_with_full_prefix']:.2f}, registration {wall:.2f} s", flush=True)
+    payload = {
+        **environment(),
+        "inputs": {**vars(args), "document_tokens": len(ids), "model": "embedded recall model (float32)"},
+        "full_prefix": {"T": len(ids), "accuracy": full_accuracy},
+        "rows": rows,
+    }
+    path = write_json(args.out, payload)
+    plot(payload, path.with_suffix(".png"))
+    print(f"wrote {path}")
+
+
+def plot(payload: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["rows"]
+    labels = [f"{r['method']}\n@{r['ratio']} ({r['slots']} slots)" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.bar(labels, [r["accuracy"] for r in rows], color="tab:blue")
+    left.axhline(payload["full_prefix"]["accuracy"], color="black", linestyle="--",
+                 label=f"full prefix ({payload['full_prefix']['T']} tokens)")
+    left.set_ylabel("exact-match accuracy")
+    left.set_ylim(0, 1.05)
+    left.legend()
+    bottom = [0.0] * len(rows)
+    for stage in STAGES:
+        values = [r["timings"].get(stage, 0.0) for r in rows]
+        right.bar(labels, values, bottom=bottom, label=stage.removesuffix("_seconds"))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    right.set_ylabel("registration seconds by stage")
+    right.legend()
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Compacted documents served by SGLang (recall model, CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
