@@ -2,27 +2,27 @@
 
 Launches the extension's server (embedded recall model, float32 on CPU), answers every question with
 the full document as an ordinary prefix (a ``cache_salt`` keeps those requests off the compacted
-node), then for each ratio registers the document, answers again from the compacted node and drops it.
-Reports slots used, exact-match accuracy against the gold answers and agreement with the full-prefix
-answers, and the registration time split by stage.
+node), then for each method and ratio registers the document, answers again from the compacted node and
+drops it. Reports slots used, exact-match accuracy against the gold answers and agreement with the
+full-prefix answers, and the registration time split by stage. Methods get the query source the paper
+pairs with them; the recall model cannot answer free-form prompts, so self-study becomes repeat-prefill.
 
-    python benchmarks/server_documents.py [--ratios 0.05 0.1] [--methods AM-HighestAttnKeys AM-OMP]
+    python benchmarks/server_documents.py [--ratios 0.05 0.1] [--methods AM-HighestAttnKeys SnapKV]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from common import RESULTS_DIR, environment, write_json
 from sglang_am.client import DocumentsClient
+from sglang_am.core import get_method
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.serve import serving
-
-STAGES = ("prefill_seconds", "self_study_seconds", "selection_seconds", "beta_seconds", "values_seconds")
-
 
 def answer(client: DocumentsClient, prompts: list[list[int]], **extra) -> tuple[list[str], list[dict]]:
     outputs = client.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0}, **extra)
@@ -31,13 +31,12 @@ def answer(client: DocumentsClient, prompts: list[list[int]], **extra) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1])
-    parser.add_argument("--methods", nargs="+", default=["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP"])
-    parser.add_argument("--query-source", default="repeat-prefill")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
+    parser.add_argument("--methods", nargs="+", default=["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "KVzip"])
     parser.add_argument("--pairs", type=int, default=500, help="key-value pairs in the document")
     parser.add_argument("--questions", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS_DIR / "server_documents.json"))
+    parser.add_argument("--output", default=str(RESULTS_DIR / "server_documents.json"))
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
@@ -52,15 +51,17 @@ def main() -> None:
         full_accuracy = sum(a == g for a, g in zip(full, gold)) / len(gold)
         print(f"full prefix: T={len(ids)} accuracy {full_accuracy:.2f}", flush=True)
         for method in args.methods:
+            source = get_method(method).query_source
+            source = "context-prefill" if source == "context-prefill" else "repeat-prefill"
             for ratio in args.ratios:
                 start = time.perf_counter()
-                registered = client.register(input_ids=ids, ratio=ratio, method=method, query_source=args.query_source)
+                registered = client.register(input_ids=ids, ratio=ratio, method=method, query_source=source)
                 wall = time.perf_counter() - start
                 served, meta = answer(client, prompts)
                 assert all(m["am_document"][0]["doc_id"] == registered["doc_id"] for m in meta)
                 client.drop(registered["doc_id"])
                 row = {
-                    "method": method, "ratio": ratio, "query_source": args.query_source,
+                    "method": method, "ratio": ratio, "query_source": source,
                     "T": registered["T"], "slots": registered["slots"], "wasted_slots": registered["wasted_slots"],
                     "accuracy": sum(a == g for a, g in zip(served, gold)) / len(gold),
                     "agreement_with_full_prefix": sum(a == f for a, f in zip(served, full)) / len(full),
@@ -76,36 +77,31 @@ def main() -> None:
         "full_prefix": {"T": len(ids), "accuracy": full_accuracy},
         "rows": rows,
     }
-    path = write_json(args.out, payload)
+    path = write_json(Path(args.output), payload)
     plot(payload, path.with_suffix(".png"))
     print(f"wrote {path}")
 
 
 def plot(payload: dict, path) -> None:
+    """Accuracy and registration time against the KV slots each document holds, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = payload["rows"]
-    labels = [f"{r['method']}\n@{r['ratio']} ({r['slots']} slots)" for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.bar(labels, [r["accuracy"] for r in rows], color="tab:blue")
-    left.axhline(payload["full_prefix"]["accuracy"], color="black", linestyle="--",
-                 label=f"full prefix ({payload['full_prefix']['T']} tokens)")
-    left.set_ylabel("exact-match accuracy")
-    left.set_ylim(0, 1.05)
-    left.legend()
-    bottom = [0.0] * len(rows)
-    for stage in STAGES:
-        values = [r["timings"].get(stage, 0.0) for r in rows]
-        right.bar(labels, values, bottom=bottom, label=stage.removesuffix("_seconds"))
-        bottom = [b + v for b, v in zip(bottom, values)]
-    right.set_ylabel("registration seconds by stage")
-    right.legend()
-    for axis in (left, right):
-        axis.tick_params(axis="x", labelsize=7)
-    fig.suptitle("Compacted documents served by SGLang (recall model, CPU)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(row["method"] for row in payload["rows"]):
+        rows = [row for row in payload["rows"] if row["method"] == method]
+        slots = [row["slots"] for row in rows]
+        left.plot(slots, [row["accuracy"] for row in rows], marker="o", label=method)
+        right.plot(slots, [row["registration_wall_seconds"] for row in rows], marker="o", label=method)
+    full = payload["full_prefix"]
+    left.axhline(full["accuracy"], color="black", linestyle="--", label=f"full prefix ({full['T']} slots)")
+    left.set(xlabel="KV slots held by the document", ylabel="exact-match accuracy", xscale="log", ylim=(0, 1.05))
+    right.set(xlabel="KV slots held by the document", ylabel="registration seconds (capture + solve)",
+              xscale="log", yscale="log")
+    left.legend(fontsize=7)
+    fig.suptitle(f"Compacted documents served by SGLang: recall model, T = {full['T']}, CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

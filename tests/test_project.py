@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -98,3 +100,17 @@ def test_head_sensitivity_command_writes_budgets(tmp_path):
     curves = json.loads(Path(f"{output}.curves.json").read_text())
     assert len(curves["losses"]) == 4 and len(curves["losses"][0]) == 3
     assert Path(f"{output}.curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_server_documents_benchmark_smoke(tmp_path):
+    output = tmp_path / "server.json"
+    _run("benchmarks/server_documents.py", "--ratios", "0.5", "--methods", "AM-HighestAttnKeys", "H2O+",
+         "--pairs", "60", "--questions", "4", "--output", str(output))
+    payload = json.loads(output.read_text())
+    assert payload["full_prefix"]["accuracy"] == 1.0 and payload["inputs"]["document_tokens"] == 121
+    rows = {row["method"]: row for row in payload["rows"]}
+    assert rows["H2O+"]["query_source"] == "context-prefill" and rows["AM-HighestAttnKeys"]["query_source"] == "repeat-prefill"
+    for row in rows.values():
+        assert row["slots"] == 60 and {"prefill_seconds", "selection_seconds", "values_seconds"} <= set(row["timings"])
+    assert output.with_suffix(".png").stat().st_size > 0
