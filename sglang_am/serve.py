@@ -2,10 +2,10 @@
 
 Every flag goes to ``sglang.launch_server`` unchanged. Without ``--model-path`` it serves the embedded
 recall model. It enables the sglang-am plugin (``SGLANG_AM=1``) and its radix cache (``--radix-cache-backend
-am``, unless another backend or ``--disable-radix-cache`` is given) and disables overlap scheduling.
-On a machine without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the
-import path, and adds ``--device cpu --attention-backend torch_native`` and a KV pool cap
-(``--max-total-tokens 65536``) unless given.
+am``, unless another backend or ``--disable-radix-cache`` is given), selects the bias-aware
+``torch_native`` attention backend unless another is given, and disables overlap scheduling. On a
+machine without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the
+import path, and adds ``--device cpu`` and a KV pool cap (``--max-total-tokens 65536``) unless given.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         args += ["--radix-cache-backend", RADIX_CACHE_BACKEND]
     if "--disable-overlap-schedule" not in given:  # the documents' side channel is validated without overlap
         args.append("--disable-overlap-schedule")
+    if "--attention-backend" not in given:  # the bias-aware backend, on GPU too until the Triton one lands
+        args += ["--attention-backend", "torch_native"]
     env = {**os.environ, ENABLE_VARIABLE: "1"}
     if not has_cuda():
         args, env = cpu_server_flags(args), cpu_environment(env)

@@ -65,6 +65,7 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
     assert command[command.index("--model-path") + 1] == str(default_model_path())
     assert command[command.index("--radix-cache-backend") + 1] == "am" and env["SGLANG_AM"] == "1"
     assert "--disable-overlap-schedule" in command
+    assert command[command.index("--attention-backend") + 1] == "torch_native"
     assert "--radix-cache-backend" not in launch_command(["--disable-radix-cache"])[0]
     if not torch.cuda.is_available():
         assert command[command.index("--device") + 1] == "cpu"

@@ -1,15 +1,8 @@
 """transformers adapter: compact a document's KV cache with a real model and generate after it."""
 
 from .attention import ATTENTION_NAME, prefix_bias, recording_queries, use_sglang_am_attention
-from .compaction import (
-    QUERY_MIXTURES,
-    QUERY_SOURCES,
-    compact_prefix,
-    forward_after_prefix,
-    greedy_generate,
-    pool_queries,
-    prefix_cache,
-)
+from ..core.plan import QUERY_MIXTURES, QUERY_SOURCES, pool_queries
+from .compaction import compact_prefix, forward_after_prefix, greedy_generate, prefix_cache
 from .fingerprint import model_fingerprint
 from .prompts import REPEAT_INSTRUCTION, DocumentPrompt, document_prompt, instruction_ids, repeat_ids
 from .self_study import SELF_STUDY_PROMPTS, self_study_continuations

@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half  # the half-split layout Llama/Qwen/Mistral share
 
 from ..core import compact, get_method
-from ..core.plan import QUERY_MIXTURES, QUERY_SOURCES, check_budget, chunk_budgets, pool_queries, source_fractions, subsample_queries
+from ..core.plan import check_budget, chunk_budgets, pool_queries, source_fractions, subsample_queries
 from ..prefix import CompactedPrefix
 from .attention import prefix_bias, recording_queries, use_sglang_am_attention
 from .fingerprint import model_fingerprint

@@ -14,9 +14,10 @@ import torch
 from transformers import PreTrainedModel
 
 from ..core.evaluate import CompactionError, evaluate
+from ..core.plan import pool_queries
 from ..prefix import CompactedPrefix
 from .attention import recording_queries
-from .compaction import _sliding_layers, compact_prefix, forward_after_prefix, pool_queries, right_padded
+from .compaction import _sliding_layers, compact_prefix, forward_after_prefix, right_padded
 
 
 def full_prefix(model: PreTrainedModel, input_ids: Sequence[int]) -> CompactedPrefix:
