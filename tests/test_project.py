@@ -39,7 +39,7 @@ def test_core_imports_neither_sglang_nor_transformers():
 
 def _run(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ}
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ}
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -114,3 +114,31 @@ def test_server_documents_benchmark_smoke(tmp_path):
     for row in rows.values():
         assert row["slots"] == 60 and {"prefill_seconds", "selection_seconds", "values_seconds"} <= set(row["timings"])
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_batch_qa_example_smoke():
+    out = _run("examples/batch_qa.py", "--documents", "2", "--questions", "2", "--pairs", "60", "--ratio", "0.5", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    full, compacted = result["full_prefix"], result["compacted"]
+    assert full["requests"] == compacted["requests"] == 4 and full["errors"] == compacted["errors"] == 0
+    assert full["accuracy"] == 1.0 and compacted["requests_served_compacted"] == 4
+    assert full["kv_slots_per_document"] == [121, 121] and compacted["kv_slots_per_document"] == [60, 60]
+    for row in (full, compacted):
+        assert row["request_throughput"] > 0 and row["ttft_p50"] <= row["latency_p50"]
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_smoke(tmp_path):
+    output = tmp_path / "throughput.json"
+    _run("benchmarks/throughput.py", "--documents", "2", "--questions", "2", "--pairs", "60", "--ratios", "0.5",
+         "--capacity", "3", "--max-total-tokens", "1024", "--output", str(output))
+    payload = json.loads(output.read_text())
+    rows = {row["config"]: row for row in payload["rows"]}
+    assert list(rows) == ["no radix cache", "radix cache, full documents", "compacted @ 0.5"]
+    assert rows["no radix cache"]["resident_documents"] == 0
+    assert rows["compacted @ 0.5"]["resident_documents"] == 2 and rows["compacted @ 0.5"]["kv_slots_per_document"] == 60
+    assert all(row["errors"] == 0 and row["request_throughput"] > 0 for row in rows.values())
+    capacity = payload["capacity"]
+    assert capacity["compacted @ 0.5"]["resident"] == 3 and capacity["radix cache, full documents"]["kv_slots_per_document"] == 121
+    assert payload["machine"]["logical_cores"] >= 1 and output.with_suffix(".png").stat().st_size > 0

@@ -30,6 +30,7 @@ import torch
 from ..core import compact, get_method
 from ..core.head_budgets import load_head_proportions
 from ..core.plan import chunk_budgets, pool_queries, source_fractions, subsample_queries
+from ..hf.self_study import SELF_STUDY_PROMPTS
 from ..prefix import CompactedPrefix
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ MIN_DOCUMENT_TOKENS = 16
 # multimodal pad id (those are large positive values); never embedded (always inside the prefix).
 _VIRTUAL_SHIFT = 32
 DEFAULT_MAX_QUERIES_PER_HEAD = 5000
+# Slots a capture request needs beyond its document copies (instructions, prompts, one output token).
+CAPTURE_HEADROOM_SLOTS = 64
 
 
 class DocumentError(Exception):
@@ -159,7 +162,8 @@ class DocumentStore:
         return self._get(doc_id).describe()
 
     def _op_prepare(self, scheduler, input_ids: list[int], budget: int | float, method: str, query_source,
-                    head_budgets: dict | None, max_queries_per_head: int, options: dict) -> dict:
+                    head_budgets: dict | None, max_queries_per_head: int, self_study_max_new_tokens: int,
+                    options: dict) -> dict:
         """Validate a registration and reserve its id; an existing document is returned as it is."""
         doc_id = document_id(input_ids)
         if doc_id in self.documents:
@@ -181,7 +185,16 @@ class DocumentStore:
             proportions = load_head_proportions(head_budgets) if head_budgets is not None else None
         except (KeyError, ValueError, TypeError) as error:
             raise DocumentError(HTTPStatus.BAD_REQUEST, str(error).strip("'\"")) from None
-        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        runner = scheduler.tp_worker.model_runner
+        room = runner.token_to_kv_pool_allocator.available_size() + scheduler.tree_cache.evictable_size()
+        slots = budget if isinstance(budget, int) else max(1, round(budget * length))
+        needed = (2 if "repeat-prefill" in fractions else 1) * length + CAPTURE_HEADROOM_SLOTS + slots
+        if "self-study" in fractions:  # its sampled answers run side by side after the document
+            needed += len(SELF_STUDY_PROMPTS) * (self_study_max_new_tokens + CAPTURE_HEADROOM_SLOTS)
+        if room < needed:  # the capture prefill could never be scheduled: refuse instead of waiting forever
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the KV pool has {room} free or evictable slots and "
+                                f"registering this document needs about {needed}; drop documents or raise --max-total-tokens")
+        pool = runner.token_to_kv_pool
         heads = {(layer, head) for layer in range(pool.layer_num) for head in range(pool.head_num)}
         if proportions is not None and set(proportions) != heads:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"head_budgets must give one proportion per (layer, KV head) of this "

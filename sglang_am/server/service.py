@@ -121,7 +121,8 @@ class DocumentService:
         prepared = await self._call(
             "prepare", input_ids=ids, budget=request["budget"], method=request["method"],
             query_source=request["query_source"], head_budgets=request["head_budgets"],
-            max_queries_per_head=request["max_queries_per_head"], options=request["options"],
+            max_queries_per_head=request["max_queries_per_head"],
+            self_study_max_new_tokens=request["self_study_max_new_tokens"], options=request["options"],
         )
         if prepared["existing"]:
             return await self._wait_ready(prepared["doc_id"])
