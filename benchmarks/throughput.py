@@ -145,7 +145,7 @@ def plot(payload: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = payload["rows"]
-    names = [row["config"].replace(", ", "\n") for row in rows]
+    names = [row["config"].replace(", ", "\n").replace(" @ ", "\n@ ") for row in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for axis, key, label in [(axes[0], "request_throughput", "requests / s"), (axes[1], "latency_p50", "latency p50 (s)"),
                              (axes[2], "resident_documents", f"resident documents of {len(payload['inputs']['document_tokens'])}")]:
