@@ -178,8 +178,8 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer, tmp_path):
         status, body = call(server, "POST", "/am/documents", payload)
         assert status == 400 and reason in body["error"], (payload, status, body)
     assert call(server, "POST", "/am/documents", None)[0] == 400
-    (huge,) = recall_task(num_pairs=2000, num_questions=1, seed=15)  # its capture prefill cannot fit the pool
-    status, body = call(server, "POST", "/am/documents", {"text": huge.text, "ratio": 0.1})
+    huge = (ids * 7)[:4050]  # under the 4096-token context, but its capture prefill (2T + ...) exceeds the pool
+    status, body = call(server, "POST", "/am/documents", {"input_ids": huge, "ratio": 0.1})
     assert status == 503 and "raise --max-total-tokens" in body["error"], body
     assert call(server, "GET", "/am/documents/0000000000000000")[0] == 404
     assert call(server, "DELETE", "/am/documents/0000000000000000")[0] == 404
