@@ -16,8 +16,6 @@ resident ones, to show how many documents the pool holds.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -28,16 +26,12 @@ from sglang_am.batch_qa import ask_all, documents_and_questions, summarize
 from sglang_am.client import DocumentsClient, http_json
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.serve import serving
-from sglang_am.server.cpu import cpu_environment, cpu_server_flags, has_cuda
 
 
 def stock_server(model_path: str, pool: int, extra: list[str]):
     """SGLang itself, without the plugin."""
     flags = ["--model-path", model_path, "--max-total-tokens", str(pool), "--attention-backend", "torch_native", *extra]
-    env = {k: v for k, v in os.environ.items() if k != "SGLANG_AM"}
-    if not has_cuda():
-        flags, env = cpu_server_flags(flags), cpu_environment(env)
-    return serving(flags, env=env, command=[sys.executable, "-m", "sglang.launch_server"])
+    return serving(flags, stock=True)
 
 
 def extension_server(model_path: str, pool: int):

@@ -50,24 +50,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stock_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """SGLang itself, without the plugin (``SGLANG_AM`` unset), with the CPU settings where there is no
+    CUDA: the baseline the extension is compared against."""
+    args, env = list(argv), {k: v for k, v in os.environ.items() if k != ENABLE_VARIABLE}
+    if not has_cuda():
+        args, env = cpu_server_flags(args), cpu_environment(env)
+    return [sys.executable, "-m", "sglang.launch_server", *args], env
+
+
 @contextlib.contextmanager
 def serving(
     flags: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
-    command: Sequence[str] | None = None,
+    stock: bool = False,
     startup_seconds: float = 300,
 ) -> Iterator[str]:
     """A server on a free loopback port for the duration of a ``with`` block; yields its URL.
 
-    ``command`` defaults to this launcher (``python -m sglang_am.serve``); ``flags`` go after it and
-    ``env`` is added to the environment. The whole process group is stopped on exit. A server that
-    exits or stays unhealthy raises ``RuntimeError`` with the end of its log."""
-    port = free_port()
-    argv = [*(command or [sys.executable, "-m", "sglang_am.serve"]), "--host", "127.0.0.1", "--port", str(port), *flags]
+    This launcher (``python -m sglang_am.serve``) with ``flags``, or stock SGLang (``stock_command``; give
+    ``--model-path``); ``env`` is added to the environment. The whole process group is stopped on exit.
+    A server that exits or stays unhealthy raises ``RuntimeError`` with the end of its log."""
+    loopback = ["--host", "127.0.0.1", "--port", str(free_port())]
+    if stock:
+        argv, base_env = stock_command([*loopback, *flags])
+    else:
+        argv, base_env = [sys.executable, "-m", "sglang_am.serve", *loopback, *flags], dict(os.environ)
+    url = f"http://127.0.0.1:{loopback[-1]}"
     with tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log") as log:  # a pipe could fill up
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                   env={**os.environ, **(env or {})})
-        url = f"http://127.0.0.1:{port}"
+                                   env={**base_env, **(env or {})})
         try:
             deadline = time.monotonic() + startup_seconds
             while not _healthy(url):

@@ -13,4 +13,3 @@ def _seed_torch():
 def small_block():
     """4 heads, T=256, D=32: small enough to run every method many times."""
     return clustered_block(heads=4, length=256, head_dim=32, num_queries=384, num_heldout=128, num_clusters=16, seed=1)
-

@@ -18,7 +18,7 @@ from sglang_am.hf import forward_after_prefix
 from sglang_am.prefix import CompactedPrefix
 from sglang_am.recall_model import default_model_path, load_recall_model, recall_task
 from sglang_am.serve import serving
-from sglang_am.server.cpu import cpu_environment, cpu_server_flags
+from sglang_am.server.cpu import cpu_environment, has_cuda
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -116,9 +116,7 @@ def test_openai_requests_use_the_document_and_partial_prefixes_fall_back(server,
 @pytest.fixture(scope="module")
 def stock_server():
     """SGLang itself: no plugin (SGLANG_AM unset), its own radix cache and torch_native backend."""
-    env = cpu_environment({k: v for k, v in os.environ.items() if k != "SGLANG_AM"})
-    flags = cpu_server_flags(["--model-path", str(default_model_path()), *FLAGS])
-    with serving(flags, env=env, command=[sys.executable, "-m", "sglang.launch_server"]) as url:
+    with serving(["--model-path", str(default_model_path()), *FLAGS], stock=True) as url:
         yield url
 
 
@@ -282,7 +280,8 @@ def test_pinned_documents_survive_eviction_pressure(server, tokenizer):
 
 
 def test_engine_documents_example_runs():
-    env = cpu_environment({**os.environ, "SGLANG_AM": "1"})
+    env = {**os.environ, "SGLANG_AM": "1"}
+    env = env if has_cuda() else cpu_environment(env)
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "engine_documents.py")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -34,7 +34,7 @@ SAMPLED_VALUES = 16
 def model_fingerprint(model: PreTrainedModel) -> dict:
     """Fingerprint of a loaded model; tied weights count once, under their stored name."""
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())
-    weights = ((name, tensor) for name, tensor in model.state_dict().items() if name not in tied)
+    weights = ((name, tuple(tensor.shape), tensor.flatten()) for name, tensor in model.state_dict().items() if name not in tied)
     return _fingerprint(model.config, weights, type(model).__name__)
 
 
@@ -52,27 +52,20 @@ def checkpoint_fingerprint(model_dir: str | Path) -> dict:
                 for name in reader.keys():
                     part = reader.get_slice(name)
                     shape = tuple(part.get_shape())
+                    # the leading rows hold the first values; no need to read the whole tensor
                     head = part[: min(shape[0], SAMPLED_VALUES)] if shape else reader.get_tensor(name)
-                    yield name, _Sampled(shape, head)
+                    yield name, shape, head.flatten()
 
     return _fingerprint(config, weights(), config.architectures[0] if config.architectures else "")
 
 
-class _Sampled:
-    """The shape of a stored tensor and enough of its leading rows to sample its first values."""
-
-    def __init__(self, shape: tuple[int, ...], head: torch.Tensor):
-        self.shape, self.head = torch.Size(shape), head
-
-    def flatten(self) -> torch.Tensor:
-        return self.head.flatten()
-
-
-def _fingerprint(config: PretrainedConfig, weights: Iterable[tuple[str, torch.Tensor | _Sampled]], fallback_name: str) -> dict:
+def _fingerprint(config: PretrainedConfig, weights: Iterable[tuple[str, tuple[int, ...], torch.Tensor]],
+                 fallback_name: str) -> dict:
+    """``weights``: (name, shape, the tensor's values flattened, at least the first SAMPLED_VALUES)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(weights, key=lambda item: item[0]):
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        sample = tensor.flatten()[:SAMPLED_VALUES].detach().to(torch.bfloat16).to(torch.float32).cpu()
+    for name, shape, values in sorted(weights, key=lambda item: item[0]):
+        digest.update(f"{name}:{shape}".encode())
+        sample = values[:SAMPLED_VALUES].detach().to(torch.bfloat16).to(torch.float32).cpu()
         digest.update(sample.numpy().tobytes())
     fields = {name: _plain(getattr(config, name, None)) for name in _CONFIG_FIELDS}
     if fields["head_dim"] is None:

@@ -26,13 +26,13 @@ class AMTorchNativeAttnBackend(TorchNativeAttnBackend):
             self._capture(q, layer, info)
         if info is None or not info.has_documents:
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._biased(q, k, v, layer, forward_batch, save_kv_cache, info, query_lens=info.extend_lens)
+        return self._biased(q, k, v, layer, forward_batch, save_kv_cache, info)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         info = batch_info(forward_batch)
         if info is None or not info.has_documents:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._biased(q, k, v, layer, forward_batch, save_kv_cache, info, query_lens=[1] * len(info.documents))
+        return self._biased(q, k, v, layer, forward_batch, save_kv_cache, info)
 
     def _layer_index(self, layer) -> int:
         return layer.layer_id - getattr(self.token_to_kv_pool, "start_layer", 0)
@@ -42,7 +42,7 @@ class AMTorchNativeAttnBackend(TorchNativeAttnBackend):
         for capture in info.captures:
             capture.document.record(capture.source, self._layer_index(layer), rows[capture.rows], layer.scaling)
 
-    def _biased(self, q, k, v, layer, forward_batch, save_kv_cache, info, query_lens):
+    def _biased(self, q, k, v, layer, forward_batch, save_kv_cache, info):
         if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
             raise NotImplementedError("sglang-am serves compacted documents on full causal self-attention only")
         if save_kv_cache and k is not None and v is not None:
@@ -56,7 +56,7 @@ class AMTorchNativeAttnBackend(TorchNativeAttnBackend):
         layer_index = self._layer_index(layer)
         start = 0
         for row, kv_len, q_len, document in zip(
-            forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(), query_lens, info.documents
+            forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(), info.query_lens, info.documents
         ):
             slots = req_to_token[row, :kv_len]
             keys = key_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)  # [1, H_kv, S, D]

@@ -16,6 +16,7 @@ pin the node). Every operation arrives as one JSON RPC (``call``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -89,8 +90,9 @@ class Document:
     def position_offset(self) -> int:
         return self.length - self.num_slots
 
-    @property
+    @functools.cached_property
     def virtual_ids(self) -> array:
+        """Read once the slots are installed (every rewritten request prepends them)."""
         base = 1 + (self.index << _VIRTUAL_SHIFT)
         return array("q", (-(base + j) for j in range(self.num_slots)))
 

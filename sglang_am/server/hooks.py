@@ -37,7 +37,7 @@ class Capture:
 @dataclasses.dataclass
 class BatchInfo:
     documents: list  # per request: its Document or None
-    extend_lens: list
+    query_lens: list  # per request: its query rows in this forward (1 in decode)
     captures: list
 
     @property
@@ -131,10 +131,10 @@ def after_init_new(forward_batch, cls, batch, model_runner, *args, **kwargs):
     reqs = batch.reqs
     documents = [getattr(req, "am_doc", None) for req in reqs]
     captures = []
-    extend_lens = list(batch.extend_lens) if mode.is_extend() else [1] * len(reqs)
+    query_lens = list(batch.extend_lens) if mode.is_extend() else [1] * len(reqs)
     if mode.is_extend():
         start = 0
-        for req, prefix, length in zip(reqs, batch.prefix_lens, extend_lens):
+        for req, prefix, length in zip(reqs, batch.prefix_lens, query_lens):
             spec = getattr(req, "am_capture", None)
             if spec is not None:
                 doc, source, lo, hi = spec
@@ -144,11 +144,11 @@ def after_init_new(forward_batch, cls, batch, model_runner, *args, **kwargs):
             start += length
     if not captures and not any(documents):
         return forward_batch
-    _published.append((forward_batch.rids, BatchInfo(documents, extend_lens, captures)))
+    _published.append((forward_batch.rids, BatchInfo(documents, query_lens, captures)))
     offsets = torch.tensor([doc.position_offset if doc else 0 for doc in documents],
                            dtype=forward_batch.positions.dtype, device=forward_batch.positions.device)
     if mode.is_extend():
-        offsets = torch.repeat_interleave(offsets, torch.tensor(extend_lens, device=offsets.device))
+        offsets = torch.repeat_interleave(offsets, torch.tensor(query_lens, device=offsets.device))
     forward_batch.positions = forward_batch.positions + offsets
     return forward_batch
 
