@@ -6,11 +6,17 @@ am``, unless another backend or ``--disable-radix-cache`` is given), selects the
 ``torch_native`` attention backend unless another is given, and disables overlap scheduling. On a
 machine without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the
 import path, and adds ``--device cpu`` and a KV pool cap (``--max-total-tokens 65536``) unless given.
+
+Its own flags: ``--am-auto`` turns on automatic compaction of reused prefixes, and ``--am-auto-FIELD
+VALUE`` sets a field of ``AutoPolicy`` (``--am-auto-min-requests 8``); they travel to SGLang's
+processes as ``SGLANG_AM_AUTO`` (JSON), which also works with ``sglang serve`` directly.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -21,13 +27,49 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 
+from .server.auto import POLICY_VARIABLE, AutoPolicy
 from .server.cpu import cpu_environment, cpu_server_flags, given_flags, has_cuda
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
 
 
+def _number(text: str) -> int | float:
+    """A slot count (``4096``) or a fraction (``0.25``)."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | int": _number}
+
+
+def auto_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sglang_am.serve", add_help=False, allow_abbrev=False,
+                                     description="sglang-am flags (every other flag goes to SGLang)")
+    parser.add_argument("--am-auto", action="store_true",
+                        help="compact radix-tree prefixes that many requests reuse, in the background")
+    for field in dataclasses.fields(AutoPolicy):
+        parser.add_argument(f"--am-auto-{field.name.replace('_', '-')}", dest=field.name, default=argparse.SUPPRESS,
+                            type=_FIELD_TYPES[field.type], help=f"automatic compaction: {field.name} (default {field.default})")
+    return parser
+
+
+def split_auto_flags(argv: Sequence[str]) -> tuple[list[str], AutoPolicy | None]:
+    """``argv`` without this launcher's ``--am-auto*`` flags, and the policy they give (None if off)."""
+    parser = auto_parser()
+    known, rest = parser.parse_known_args(list(argv))
+    fields = {k: v for k, v in vars(known).items() if k != "am_auto"}
+    if fields and not known.am_auto:
+        parser.error(f"--am-auto-* flags need --am-auto (got {', '.join(sorted(fields))})")
+    if not known.am_auto:
+        return rest, None
+    try:
+        return rest, AutoPolicy(**fields)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The ``sglang.launch_server`` command line and environment for ``argv``."""
-    args, given = list(argv), given_flags(argv)
+    args, policy = split_auto_flags(argv)
+    given = given_flags(args)
     if "--model-path" not in given:
         from .recall_model import default_model_path
 
@@ -39,6 +81,8 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if "--attention-backend" not in given:  # the bias-aware backend, on GPU too until the Triton one lands
         args += ["--attention-backend", "torch_native"]
     env = {**os.environ, ENABLE_VARIABLE: "1"}
+    if policy is not None:
+        env[POLICY_VARIABLE] = policy.to_json()
     if not has_cuda():
         args, env = cpu_server_flags(args), cpu_environment(env)
     return [sys.executable, "-m", "sglang.launch_server", *args], env
@@ -113,6 +157,8 @@ def _healthy(url: str) -> bool:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(auto_parser().format_help(), flush=True)
     command, env = launch_command(sys.argv[1:])
     print("sglang-am:", " ".join(command[2:]), flush=True)
     os.execvpe(command[0], command, env)

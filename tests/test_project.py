@@ -142,3 +142,29 @@ def test_throughput_benchmark_smoke(tmp_path):
     capacity = payload["capacity"]
     assert capacity["compacted @ 0.5"]["resident"] == 3 and capacity["radix cache, full documents"]["kv_slots_per_document"] == 121
     assert payload["machine"]["logical_cores"] >= 1 and output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_soak_runs_clean_for_two_minutes(tmp_path):
+    output = tmp_path / "soak.json"
+    _run("benchmarks/soak.py", "--minutes", "2", "--quiet-every", "30", "--out", str(output))  # exits 1 on any problem
+    result = json.loads(output.read_text())["result"]
+    kinds = {key.split(":")[0] for key in result["by_operation"]}
+    assert kinds == {"ask_auto", "filler", "register", "drop", "ask_churn", "disconnect", "abort"}
+    assert result["failures"] == result["leaks"] == result["sentinel_mismatches"] == 0
+    assert len(result["quiet_points"]) >= 4 and all(p["idle"] for p in result["quiet_points"])
+    counters = result["server_stats"]["counters"]
+    assert counters["compactions"]["auto"] >= 1 and counters["auto_evictions"] >= 1 and counters["hits"] >= 1
+
+
+@pytest.mark.slow
+def test_auto_compaction_benchmark_smoke(tmp_path):
+    output = tmp_path / "auto.json"
+    _run("benchmarks/auto_compaction.py", "--documents", "3", "--top-questions", "40", "--pairs", "150",
+         "--min-requests", "2", "--max-total-tokens", "2048", "--concurrency", "2", "--output", str(output))
+    payload = json.loads(output.read_text())
+    off, auto = payload["rows"]
+    assert (off["config"], auto["config"]) == ("off", "N = 2") and payload["inputs"]["requests"] == 40 + 20 + 13
+    assert off["auto_compactions"] == 0 and off["accuracy"] == 1.0
+    assert auto["auto_compactions"] >= 1 and auto["requests_served_compacted"] >= 1
+    assert all(row["errors"] == 0 for row in payload["rows"]) and output.with_suffix(".png").stat().st_size > 0

@@ -9,12 +9,17 @@ RoPE positions (``+ T - t``, see ``hooks``) and the attention bias are new.
 
 Registration runs in steps driven by the main process (``service``): ``prepare`` (validate, reserve
 an id), capture requests (the server's own prefills record reference queries through the attention
-backend), then ``compact`` (read the document's KV from the pool, solve, write the slots, insert and
-pin the node). Every operation arrives as one JSON RPC (``call``).
+backend), then ``compact``: the first call locks the document's KV in the tree and starts the solve on
+a worker thread, so batches keep running; a later call, once the solve is done, writes the slots,
+inserts and pins the node. Every operation arrives as one JSON RPC (``call``), on the scheduler's thread.
+
+Automatic documents (``auto``) come from the reuse tracker; their slots are capped by the policy's
+budget, evicting the least recently used ones (saved first when the policy names a directory).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -33,6 +38,8 @@ from ..core.head_budgets import load_head_proportions
 from ..core.plan import chunk_budgets, pool_queries, source_fractions, subsample_queries
 from ..hf.self_study import SELF_STUDY_PROMPTS
 from ..prefix import CompactedPrefix
+from .auto import ReuseTracker, policy_from_environment
+from .metrics import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +71,9 @@ class Document:
     tokens: array
     method: str
     config: dict
-    state: str = "capturing"  # -> "ready"
+    state: str = "capturing"  # -> "compacting" -> "ready"
     salt: str = ""
+    auto: bool = False  # proposed by the reuse tracker: counted in the automatic budget, evictable
     # capture: source -> layer -> list of [rows, H_q, D]; scale per layer
     queries: dict = dataclasses.field(default_factory=dict)
     scales: dict = dataclasses.field(default_factory=dict)
@@ -77,6 +85,9 @@ class Document:
     node: object = None
     timings: dict = dataclasses.field(default_factory=dict)
     requests_served: int = 0
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+    solve: concurrent.futures.Future | None = None  # the running solve, while "compacting"
+    source_lock: object = None  # holds the document's original KV in the tree during the solve
 
     @property
     def length(self) -> int:
@@ -85,6 +96,10 @@ class Document:
     @property
     def num_slots(self) -> int:
         return 0 if self.slots is None else int(self.slots.numel())
+
+    @property
+    def origin(self) -> str:
+        return "auto" if self.auto else "explicit"
 
     @property
     def position_offset(self) -> int:
@@ -115,6 +130,7 @@ class Document:
             "ratio": round(self.num_slots / self.length, 6) if self.num_slots else None,
             "wasted_slots": wasted,
             "method": self.method,
+            "origin": self.origin,
             "config": self.config,
             "timings": self.timings,
             "requests_served": self.requests_served,
@@ -128,18 +144,28 @@ class DocumentStore:
         self.documents: dict[str, Document] = {}
         self._next_index = 1
         self._fingerprint: dict | None = None
+        self.stats = Stats()
+        self.policy = policy_from_environment()
+        self.tracker = ReuseTracker(self.policy) if self.policy is not None else None
+        # One solve at a time, off the scheduler's thread (torch releases the GIL inside its kernels).
+        self._solver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-am-solve")
 
-    # ----- lookup used by the request hook and the attention backend -----
+    def attach(self, server_args, tp_rank: int) -> None:
+        """The scheduler built its tree: with ``--enable-metrics``, rank 0 mirrors ``stats`` to Prometheus."""
+        if getattr(server_args, "enable_metrics", False) and tp_rank == 0 and not self.stats.prometheus_enabled:
+            self.stats.enable_prometheus(server_args.served_model_name or server_args.model_path)
+
+    # ----- lookup used by the request hook, the tree and the attention backend -----
 
     def ready(self, doc_id: str) -> Document | None:
         doc = self.documents.get(doc_id)
         return doc if doc is not None and doc.state == "ready" else None
 
     def longest_prefix(self, token_ids) -> Document | None:
-        """The longest ready document whose ids are a proper prefix of ``token_ids``."""
+        """The longest document, in any state, whose ids are a proper prefix of ``token_ids``."""
         best = None
         for doc in self.documents.values():
-            if doc.state == "ready" and (best is None or doc.length > best.length) and doc.is_proper_prefix_of(token_ids):
+            if (best is None or doc.length > best.length) and doc.is_proper_prefix_of(token_ids):
                 best = doc
         return best
 
@@ -157,6 +183,12 @@ class DocumentStore:
             raise DocumentError(HTTPStatus.NOT_FOUND, f"no document {doc_id!r}")
         return doc
 
+    def _get_ready(self, doc_id: str) -> Document:
+        doc = self._get(doc_id)
+        if doc.state != "ready":
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
+        return doc
+
     def _op_list(self, scheduler) -> dict:
         return {"documents": [doc.describe() for doc in self.documents.values()]}
 
@@ -165,7 +197,7 @@ class DocumentStore:
 
     def _op_prepare(self, scheduler, input_ids: list[int], budget: int | float, method: str, query_source,
                     head_budgets: dict | None, max_queries_per_head: int, self_study_max_new_tokens: int,
-                    options: dict) -> dict:
+                    options: dict, keep_first: int = 0, auto: bool = False) -> dict:
         """Validate a registration and reserve its id; an existing document is returned as it is."""
         doc_id = document_id(input_ids)
         if doc_id in self.documents:
@@ -177,8 +209,11 @@ class DocumentStore:
         max_len = scheduler.max_req_input_len
         if length >= max_len:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"document has {length} tokens; this server accepts prompts below {max_len}")
-        if isinstance(budget, int) and not 1 <= budget < length:
-            raise DocumentError(HTTPStatus.BAD_REQUEST, f"budget must be in [1, T) = [1, {length}), got {budget}")
+        if not 0 <= keep_first <= length - 2:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"keep_first must be in [0, T - 2] = [0, {length - 2}], got {keep_first}")
+        span = length - keep_first
+        if isinstance(budget, int) and not 1 <= budget < span:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"budget must be in [1, T - keep_first) = [1, {span}), got {budget}")
         try:
             get_method(method).make_options(**options)
             fractions = source_fractions(query_source)
@@ -188,8 +223,10 @@ class DocumentStore:
         except (KeyError, ValueError, TypeError) as error:
             raise DocumentError(HTTPStatus.BAD_REQUEST, str(error).strip("'\"")) from None
         runner = scheduler.tp_worker.model_runner
+        slots = keep_first + (budget if isinstance(budget, int) else max(1, round(budget * span)))
+        if auto and slots > self.policy.budget_slots(scheduler.max_total_num_tokens):
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{slots} slots exceed the automatic-compaction budget")
         room = runner.token_to_kv_pool_allocator.available_size() + scheduler.tree_cache.evictable_size()
-        slots = budget if isinstance(budget, int) else max(1, round(budget * length))
         needed = (2 if "repeat-prefill" in fractions else 1) * length + CAPTURE_HEADROOM_SLOTS + slots
         if "self-study" in fractions:  # its sampled answers run side by side after the document
             needed += len(SELF_STUDY_PROMPTS) * (self_study_max_new_tokens + CAPTURE_HEADROOM_SLOTS)
@@ -202,72 +239,55 @@ class DocumentStore:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"head_budgets must give one proportion per (layer, KV head) of this "
                                 f"model: L0H0 .. L{pool.layer_num - 1}H{pool.head_num - 1}")
         config = {"budget": budget, "query_source": fractions, "head_budgets": head_budgets is not None,
-                  "max_queries_per_head": max_queries_per_head, "options": options}
-        doc = Document(doc_id, self._next_index, array("q", input_ids), method, config,
+                  "max_queries_per_head": max_queries_per_head, "keep_first": keep_first, "options": options}
+        doc = Document(doc_id, self._next_index, array("q", input_ids), method, config, auto=auto,
                        salt=f"sglang-am-capture-{doc_id}-{uuid.uuid4().hex}", proportions=proportions)
         self._next_index += 1
         self.documents[doc_id] = doc
         return {**doc.describe(), "existing": False, "salt": doc.salt}
 
     def _op_abort(self, scheduler, doc_id: str) -> dict:
-        """Forget a registration whose capture failed (a ready document is left alone)."""
+        """Forget a registration whose capture or compaction was abandoned (a ready document is left alone)."""
         doc = self.documents.get(doc_id)
-        if doc is not None and doc.state == "capturing":
-            del self.documents[doc_id]
+        if doc is not None and doc.state != "ready":
+            self._discard(scheduler, doc)
         return {"doc_id": doc_id}
 
     def _op_compact(self, scheduler, doc_id: str, timings: dict) -> dict:
+        """Start the solve (first call), then install once it is done; call until ``state`` is "ready"."""
         doc = self._get(doc_id)
-        if doc.state == "ready":
-            return doc.describe()
-        doc.timings.update(timings)
-        start = time.perf_counter()
         try:
-            self._compact(scheduler, doc)
+            if doc.state == "capturing":
+                doc.timings.update(timings)
+                self._start_solve(scheduler, doc)
+            # With tensor parallelism every rank must install in the same call: wait for the solve.
+            if doc.state == "compacting" and (doc.solve.done() or scheduler.tp_size > 1):
+                self._finish_solve(scheduler, doc)
         except Exception as error:
-            del self.documents[doc_id]
+            self._discard(scheduler, doc)
             if isinstance(error, DocumentError):
                 raise
             logger.exception("sglang-am: compaction of %s failed", doc_id)
             raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"compaction failed: {error!r}") from None
-        doc.timings["compaction_seconds"] = round(time.perf_counter() - start, 4)
         return doc.describe()
 
     def _op_drop(self, scheduler, doc_id: str) -> dict:
-        doc = self._get(doc_id)
-        if doc.state != "ready":
-            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
+        doc = self._get_ready(doc_id)
         users = _requests_using(scheduler, doc)
         if users:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is in use by {users} request(s); retry when they finish")
-        tree = scheduler.tree_cache
-        tree.unlock(doc.pin)
-        freed = tree.remove_subtree(doc.node)
-        del self.documents[doc_id]
-        return {"doc_id": doc_id, "dropped": True, "freed_slots": freed}
+        return {"doc_id": doc_id, "dropped": True, "freed_slots": self._drop(scheduler, doc)}
 
     def _op_save(self, scheduler, doc_id: str, path: str) -> dict:
-        doc = self._get(doc_id)
-        if doc.state != "ready":
-            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
+        doc = self._get_ready(doc_id)
         _single_rank(scheduler, "save")
-        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
-        keys, values = [], []
-        for layer in range(pool.layer_num):
-            keys.append(pool.k_buffer[layer][doc.slots].permute(1, 0, 2).float().cpu())
-            values.append(pool.v_buffer[layer][doc.slots].permute(1, 0, 2).float().cpu())
-        prefix = CompactedPrefix(
-            keys=keys, values=values, beta=[b.cpu() for b in doc.bias], logical_length=doc.length,
-            token_ids=list(doc.tokens), fingerprint=self.fingerprint(scheduler), method=doc.method,
-            config=doc.config, timings=doc.timings,
-        )
         try:
-            written = prefix.save(path)
+            written = self._save(scheduler, doc, path)
         except (OSError, ValueError) as error:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"cannot save to {path}: {error}") from None
-        return {"doc_id": doc_id, "path": str(written)}
+        return {"doc_id": doc_id, "path": written}
 
-    def _op_load(self, scheduler, path: str) -> dict:
+    def _op_load(self, scheduler, path: str, auto: bool = False) -> dict:
         _single_rank(scheduler, "load")
         _check_model(scheduler)
         if not Path(path).is_dir():
@@ -287,14 +307,47 @@ class DocumentStore:
         if prefix.logical_length >= scheduler.max_req_input_len:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"{path} holds a {prefix.logical_length}-token document, too long for this server")
         doc = Document(doc_id, self._next_index, array("q", prefix.token_ids), prefix.method, prefix.config,
-                       timings=prefix.timings)
+                       timings=prefix.timings, auto=auto)
         self._next_index += 1
         head_slots = [[int(n) for n in torch.isfinite(b).sum(dim=1)] for b in prefix.beta]
+        if auto:
+            self._make_room_for_auto(scheduler, prefix.keys[0].shape[1])
         self._install(scheduler, doc, prefix.keys, prefix.values, prefix.beta, head_slots)
         self.documents[doc_id] = doc
         return {**doc.describe(), "existing": False}
 
-    # ----- compaction -----
+    def _op_auto_poll(self, scheduler) -> dict:
+        """Prefixes the reuse tracker proposes that are not documents yet (the HTTP process compacts them)."""
+        if self.tracker is None:
+            return {"candidates": []}
+        candidates = [ids for ids in self.tracker.take_candidates() if document_id(ids) not in self.documents]
+        self.stats.add("auto_triggers", len(candidates))
+        return {"candidates": [{"doc_id": document_id(ids), "input_ids": ids} for ids in candidates]}
+
+    def _op_stats(self, scheduler) -> dict:
+        """Counters, gauges, the KV pool's accounting and, when the scheduler is idle, SGLang's leak check."""
+        tree = scheduler.tree_cache
+        idle = scheduler.is_fully_idle()
+        check = {"idle": idle, "leak": None, "detail": []}
+        if idle:
+            leak, messages = scheduler.invariant_checker._check_all_pools(scheduler.pool_stats_observer.get_pool_stats())
+            check.update(leak=bool(leak), detail=list(messages) if leak else [])
+        states = [doc.state for doc in self.documents.values()]
+        return {
+            **self.stats.snapshot(),
+            "documents": {"ready": states.count("ready"), "registering": len(states) - states.count("ready"),
+                          "auto": sum(doc.auto and doc.state == "ready" for doc in self.documents.values())},
+            "pool": {"total": scheduler.max_total_num_tokens,
+                     "available": scheduler.tp_worker.model_runner.token_to_kv_pool_allocator.available_size(),
+                     "evictable": tree.evictable_size(), "protected": tree.protected_size()},
+            "idle_check": check,
+            "auto": None if self.policy is None else {
+                **dataclasses.asdict(self.policy), "budget_slots": self.policy.budget_slots(scheduler.max_total_num_tokens),
+                "tracked_prefixes": len(self.tracker.groups), "pending_candidates": len(self.tracker.candidates),
+            },
+        }
+
+    # ----- document lifecycle -----
 
     def fingerprint(self, scheduler) -> dict:
         if self._fingerprint is None:
@@ -306,7 +359,7 @@ class DocumentStore:
                 raise DocumentError(HTTPStatus.BAD_REQUEST, f"cannot fingerprint the served model: {error}") from None
         return self._fingerprint
 
-    def _compact(self, scheduler, doc: Document) -> None:
+    def _start_solve(self, scheduler, doc: Document) -> None:
         from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
         from sglang.srt.mem_cache.radix_cache import RadixKey
 
@@ -319,18 +372,40 @@ class DocumentStore:
         if match.device_prefix_len < doc.length:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                                 "the document's KV was evicted before compaction (KV pool under pressure); register again")
-        hold = tree.lock(match.last_device_node)
-        try:
-            source = tree.path_device_indices(match.last_device_node)[: doc.length]
-            keys, values, betas, head_slots = self._solve(pool, doc, source)
-        finally:
-            tree.unlock(hold)
-        self._install(scheduler, doc, keys, values, betas, head_slots)
-        doc.queries.clear()
+        # The lock keeps the original KV slots in place while the worker thread reads them.
+        doc.source_lock = tree.lock(match.last_device_node)
+        source = tree.path_device_indices(match.last_device_node)[: doc.length]
+        doc.state = "compacting"
+        doc.solve = self._solver.submit(self._solve, pool, doc, source, time.perf_counter())
 
-    def _solve(self, pool, doc: Document, source: torch.Tensor):
+    def _finish_solve(self, scheduler, doc: Document) -> None:
+        keys, values, betas, head_slots, timings, started = doc.solve.result()
+        scheduler.tree_cache.unlock(doc.source_lock)
+        doc.source_lock, doc.solve = None, None
+        doc.queries.clear()
+        doc.timings.update(timings)
+        if doc.auto:
+            self._make_room_for_auto(scheduler, keys[0].shape[1])
+        self._install(scheduler, doc, keys, values, betas, head_slots)
+        seconds = time.perf_counter() - started
+        doc.timings["compaction_seconds"] = round(seconds, 4)
+        self.stats.add("compactions", origin=doc.origin)
+        self.stats.add("compaction_seconds", seconds)
+
+    def _discard(self, scheduler, doc: Document) -> None:
+        """Forget a document that never became ready, releasing what its compaction held."""
+        if doc.solve is not None:
+            concurrent.futures.wait([doc.solve])  # the worker thread still reads the locked slots
+        if doc.source_lock is not None:
+            scheduler.tree_cache.unlock(doc.source_lock)
+        doc.source_lock, doc.solve = None, None
+        self.documents.pop(doc.doc_id, None)
+        self.stats.add("compaction_failures", origin=doc.origin)
+
+    def _solve(self, pool, doc: Document, source: torch.Tensor, started: float):
+        """Runs on the worker thread: reads the pool, touches nothing the scheduler writes."""
         config = doc.config
-        budget, length = config["budget"], doc.length
+        budget, length, kept = config["budget"], doc.length, config.get("keep_first", 0)
         generator = torch.Generator().manual_seed(0)
         clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
         keys, values, betas, head_slots = [], [], [], []
@@ -342,20 +417,72 @@ class DocumentStore:
                 cap = max(1, round(fraction * config["max_queries_per_head"]))
                 captured = torch.cat(doc.queries[kind][layer]).permute(1, 0, 2).float()  # [H_q, n, D]
                 parts.append(subsample_queries(pool_queries(captured, pool.head_num), cap, generator))
-            budgets = chunk_budgets(budget, length, range(length), layer, pool.head_num,
+            budgets = chunk_budgets(budget, length - kept, range(length - kept), layer, pool.head_num,
                                     doc.proportions, max_ratio_per_head=1.0)
-            result = compact(layer_keys, layer_values, torch.cat(parts, dim=1).to(layer_keys), budgets, doc.method,
-                             scale=doc.scales[layer], **config["options"])
+            result = compact(layer_keys[:, kept:], layer_values[:, kept:], torch.cat(parts, dim=1).to(layer_keys),
+                             budgets, doc.method, scale=doc.scales[layer], **config["options"])
             for stage, seconds in result.timings.items():
                 clock[stage] += seconds
-            keys.append(result.keys)
-            values.append(result.values)
-            betas.append(result.beta.float())
-            head_slots.append([int(n) for n in result.lengths])
+            # Kept attention-sink tokens come first, verbatim, with beta = 0: [kept | compacted].
+            keys.append(torch.cat([layer_keys[:, :kept], result.keys], dim=1))
+            values.append(torch.cat([layer_values[:, :kept], result.values], dim=1))
+            betas.append(torch.cat([result.beta.new_zeros(pool.head_num, kept), result.beta], dim=1).float())
+            head_slots.append([kept + int(n) for n in result.lengths])
         width = max(k.shape[1] for k in keys)  # one slot count for every layer: pad narrower layers
         pad = lambda tensor, fill: torch.nn.functional.pad(tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]), value=fill)
-        doc.timings.update({f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()})
-        return [pad(k, 0.0) for k in keys], [pad(v, 0.0) for v in values], [pad(b, float("-inf")) for b in betas], head_slots
+        timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
+        return ([pad(k, 0.0) for k in keys], [pad(v, 0.0) for v in values], [pad(b, float("-inf")) for b in betas],
+                head_slots, timings, started)
+
+    def _make_room_for_auto(self, scheduler, width: int) -> None:
+        """Drop (or save, then drop) the least recently used idle automatic documents until ``width``
+        more slots fit the automatic budget."""
+        budget = self.policy.budget_slots(scheduler.max_total_num_tokens)
+        autos = sorted((d for d in self.documents.values() if d.auto and d.state == "ready"), key=lambda d: d.last_used)
+        used = sum(d.num_slots for d in autos)
+        for victim in autos:
+            if used + width <= budget:
+                break
+            if _requests_using(scheduler, victim):
+                continue
+            if self.policy.save_dir is not None:
+                try:
+                    self._save(scheduler, victim, str(Path(self.policy.save_dir) / victim.doc_id))
+                except (OSError, ValueError):
+                    logger.exception("sglang-am: could not save evicted document %s; dropping it", victim.doc_id)
+            used -= victim.num_slots
+            self._drop(scheduler, victim)
+            self.stats.add("auto_evictions")
+        if used + width > budget:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"automatic documents in use hold {used} of the "
+                                f"{budget}-slot budget; {width} more do not fit")
+
+    def _save(self, scheduler, doc: Document, path: str) -> str:
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        keys, values = [], []
+        for layer in range(pool.layer_num):
+            keys.append(pool.k_buffer[layer][doc.slots].permute(1, 0, 2).float().cpu())
+            values.append(pool.v_buffer[layer][doc.slots].permute(1, 0, 2).float().cpu())
+        prefix = CompactedPrefix(
+            keys=keys, values=values, beta=[b.cpu() for b in doc.bias], logical_length=doc.length,
+            token_ids=list(doc.tokens), fingerprint=self.fingerprint(scheduler), method=doc.method,
+            config=doc.config, timings=doc.timings,
+        )
+        return str(prefix.save(path))
+
+    def _drop(self, scheduler, doc: Document) -> int:
+        tree = scheduler.tree_cache
+        tree.unlock(doc.pin)
+        freed = tree.remove_subtree(doc.node)
+        del self.documents[doc.doc_id]
+        self._update_gauges()
+        return freed
+
+    def _update_gauges(self) -> None:
+        ready = [doc for doc in self.documents.values() if doc.state == "ready"]
+        self.stats.set(documents=len(ready), compacted_slots=sum(d.num_slots for d in ready),
+                       slots_saved=sum(d.length - d.num_slots for d in ready),
+                       auto_slots=sum(d.num_slots for d in ready if d.auto))
 
     def _install(self, scheduler, doc: Document, keys, values, betas, head_slots) -> None:
         """Write the slots, insert the pinned virtual-id node and activate the document."""
@@ -384,6 +511,9 @@ class DocumentStore:
         doc.node = inserted.last_device_node
         doc.pin = tree.lock(doc.node)
         doc.state = "ready"
+        self._update_gauges()
+        if doc.auto:
+            self.tracker.release(doc.tokens)
         logger.info("sglang-am: document %s ready: T=%d -> t=%d slots", doc.doc_id, doc.length, doc.num_slots)
 
 

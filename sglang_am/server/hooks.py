@@ -2,29 +2,36 @@
 
 - ``after_create_req`` (``Scheduler._create_generation_req``): a request whose prompt starts with a
   ready document (or names one in ``custom_params["am_doc_id"]``) is rewritten to
-  ``virtual ids + suffix``; capture requests of a registration are tagged.
+  ``virtual ids + suffix``; capture requests of a registration are tagged. A request that starts with
+  a document but cannot use it keeps its full prompt and counts as a fallback.
 - ``after_init_max_new_tokens``: SGLang clamped ``max_new_tokens`` with the rewritten (shorter)
   prompt; clamp again with the logical length so positions stay inside the model's context.
 - ``after_init_new`` (``ForwardBatch.init_new``): tokens after a document take RoPE positions from T
   (``+ T - t``) and the batch gets the per-request documents and capture rows the attention backend reads.
-- ``around_rpc`` (``Scheduler.handle_rpc_request``): ``am_call`` returns its JSON result in the RPC
-  message (SGLang's RPC otherwise returns only success and an error text).
+- ``around_rpc`` (``Scheduler.handle_rpc_request``): the document operations (method ``am_call``)
+  return their JSON result in the RPC message (SGLang's RPC otherwise returns only success and an
+  error text), and are logged by name only (SGLang logs every call with its parameters: a
+  document's ids, and the automatic-compaction poll twice a second).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import time
 from array import array
 from collections import deque
 from http import HTTPStatus
 
 import torch
 
-from .documents import STORE, Document
+from .documents import STORE, Document, DocumentError
 
 RPC_METHOD = "am_call"
 DOCUMENT_INFO_KEY = "am_document"
+QUIET_OPERATIONS = ("auto_poll", "stats", "get", "list", "compact")  # polled: logged at debug level
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -68,6 +75,9 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
     if params.get("am_op") == "capture":
         _tag_capture(req, params)
         return req
+    if params.get("am_op") == "sample":  # a registration's self-study answer: full prefix, not a reuse
+        req.am_internal = True
+        return req
     forced = params.get("am_doc_id")
     ids = req.origin_input_ids
     if forced is not None:
@@ -82,7 +92,11 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
         doc = STORE.longest_prefix(ids)
         if doc is None:
             return req
+        if doc.state != "ready":  # still capturing or compacting: the full prefix serves meanwhile
+            STORE.stats.add("fallbacks", reason="not_ready")
+            return req
     if len(ids) >= scheduler.max_req_input_len:  # too long as written: SGLang's own length check rejects it
+        STORE.stats.add("fallbacks", reason="too_long")
         return req
     # Compacted nodes live in the default namespace of a text-only request; anything else falls back.
     if req.extra_key is not None or req.cache_salt is not None or recv_req.input_embeds is not None or (
@@ -90,6 +104,8 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
     ):
         if forced is not None:
             _abort(req, "am_doc_id cannot be combined with lora, extra_key, cache_salt, embeddings or multimodal inputs")
+        else:
+            STORE.stats.add("fallbacks", reason="namespace")
         return req
     if recv_req.logprob_start_len is not None and recv_req.logprob_start_len != -1:
         if recv_req.logprob_start_len < doc.length:
@@ -99,6 +115,8 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
     req.origin_input_ids = doc.virtual_ids + array("q", ids[doc.length :])
     req.am_doc = doc
     doc.requests_served += 1
+    doc.last_used = time.monotonic()
+    STORE.stats.add("hits")
     req.customized_info = {**(req.customized_info or {}), DOCUMENT_INFO_KEY: [{
         "doc_id": doc.doc_id, "document_tokens": doc.length, "compacted_slots": doc.num_slots,
         "logical_prompt_tokens": len(ids),
@@ -153,16 +171,22 @@ def after_init_new(forward_batch, cls, batch, model_runner, *args, **kwargs):
     return forward_batch
 
 
-def am_call(scheduler, op: str, payload: str) -> None:
-    """Scheduler RPC method (``collective_rpc("am_call", ...)``); the result goes back via ``around_rpc``."""
-    scheduler.am_result = json.dumps(STORE.call(scheduler, op, json.loads(payload)))
-
-
 def around_rpc(original, scheduler, recv_req):
-    output = original(scheduler, recv_req)
-    if recv_req.method == RPC_METHOD and output.success:
-        output.message = scheduler.am_result
-    return output
+    if recv_req.method != RPC_METHOD:
+        return original(scheduler, recv_req)
+    from sglang.srt.managers.io_struct import RpcReqOutput
+    from torch.distributed import barrier
+
+    op = recv_req.parameters["op"]
+    (logger.debug if op in QUIET_OPERATIONS else logger.info)("sglang-am: document operation %s", op)
+    try:
+        success, message = True, json.dumps(STORE.call(scheduler, op, json.loads(recv_req.parameters["payload"])))
+    except Exception as error:  # the HTTP layer turns it into a status and a reason
+        if not isinstance(error, DocumentError):
+            logger.exception("sglang-am: document operation %s failed", op)
+        success, message = False, str(error)
+    barrier(group=scheduler.tp_group.cpu_group)  # as SGLang's own handler: every TP rank answered
+    return RpcReqOutput(success=success, message=message)
 
 
 def request_level_info_key(result, streamer, key):

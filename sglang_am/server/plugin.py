@@ -7,7 +7,8 @@ the scheduler) and then applies the registered hooks. ``register`` wires everyth
 - the bias-aware ``torch_native`` attention backend, under SGLang's own name;
 - scheduler hooks: request rewrite, ``max_new_tokens`` clamp, position offsets, the document RPC and
   the ``am_document`` entry of a response's ``meta_info`` (see ``hooks``);
-- in the HTTP server's process, the ``/am/documents`` routes (see ``routes``).
+- in the HTTP server's process, the ``/am/documents`` and ``/am/stats`` routes (see ``routes``) and,
+  with ``SGLANG_AM_AUTO`` set, the automatic-compaction poller (see ``auto``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def enabled() -> bool:
 
 def _radix_cache(ctx):
     from .cache import AMRadixCache
+    from .documents import STORE
 
+    STORE.attach(ctx.server_args, ctx.tp_rank)
     return AMRadixCache(ctx.params)
 
 
@@ -47,12 +50,17 @@ def _before_http_server(*args, **kwargs):
     from sglang.srt.utils.network import get_zmq_socket
     import zmq
 
+    from .auto import policy_from_environment
     from .routes import install_routes
-    from .service import DocumentService, SchedulerRPC
+    from .service import AutoCompactor, DocumentService, SchedulerRPC, run_during_lifespan
 
     bound = inspect.signature(http_server._setup_and_run_http_server).bind(*args, **kwargs).arguments
     socket = get_zmq_socket(zmq.Context(1), zmq.DEALER, bound["port_args"].rpc_ipc_name, True)
-    install_routes(http_server.app, DocumentService(bound["tokenizer_manager"], SchedulerRPC(socket)))
+    service = DocumentService(bound["tokenizer_manager"], SchedulerRPC(socket))
+    install_routes(http_server.app, service)
+    policy = policy_from_environment()
+    if policy is not None:
+        run_during_lifespan(http_server.app, AutoCompactor(service, policy).run)
     return None
 
 
@@ -61,8 +69,10 @@ def register() -> None:
     if not enabled():
         return
     check_sglang()  # SGLang logs and swallows plugin errors; the server then reports the unknown backend
+    from .auto import policy_from_environment
+
+    policy_from_environment()  # a bad SGLANG_AM_AUTO fails here, with its reason, in every process
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-    from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -73,7 +83,6 @@ def register() -> None:
     if _hooks_registered:  # SGLang loads plugins in several code paths of one process
         return
     ATTENTION_BACKENDS["torch_native"] = _torch_native_backend
-    Scheduler.am_call = hooks.am_call
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
     HookRegistry.register(f"{scheduler}._create_generation_req", hooks.after_create_req, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.init_req_max_new_tokens", hooks.after_init_max_new_tokens, HookType.AFTER)

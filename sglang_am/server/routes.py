@@ -2,7 +2,8 @@
 
 ``POST /am/documents`` registers and compacts, ``GET /am/documents[/{id}]`` lists, ``DELETE
 /am/documents/{id}`` drops, ``POST /am/documents/{id}/save`` and ``POST /am/documents/load`` move
-compacted documents to and from disk. Routes are marked ``ADMIN_OPTIONAL``: with ``--api-key`` (or
+compacted documents to and from disk; ``GET /am/stats`` summarises counters, gauges, the KV pool
+and SGLang's idle leak check. Routes are marked ``ADMIN_OPTIONAL``: with ``--api-key`` (or
 ``--admin-api-key``) they need that bearer token, like SGLang's own admin routes. Bad input is a 400
 with the reason; unknown documents 404; conflicts (drop while in use) 409.
 """
@@ -19,6 +20,7 @@ from .documents import DocumentError
 from .service import DocumentService
 
 PREFIX = "/am/documents"
+STATS = "/am/stats"
 
 
 def install_routes(app, service: DocumentService) -> None:
@@ -72,6 +74,11 @@ def install_routes(app, service: DocumentService) -> None:
 
         return await answer(run())
 
+    @auth_level(AuthLevel.ADMIN_OPTIONAL)
+    async def stats():
+        return await answer(service.stats())
+
+    app.add_api_route(STATS, stats, methods=["GET"])
     app.add_api_route(PREFIX, register, methods=["POST"])
     app.add_api_route(PREFIX, list_documents, methods=["GET"])
     app.add_api_route(f"{PREFIX}/load", load_document, methods=["POST"])

@@ -4,34 +4,44 @@ Registering a document: validate, ``prepare`` on the scheduler (which answers wi
 document for a duplicate), run the capture requests through the server's own generation path
 (context-prefill: the document itself; repeat-prefill: document + repeat instruction + document;
 self-study: the server samples answers to the self-study prompts, which are then teacher-forced),
-then ``compact``. Every scheduler operation is one JSON RPC over SGLang's RPC socket.
+then ``compact`` until the scheduler reports the document ready (the solve runs on a scheduler
+worker thread). Every scheduler operation is one JSON RPC over SGLang's RPC socket.
+
+``AutoCompactor`` is the HTTP process's side of automatic compaction: it polls the scheduler for the
+prefixes its reuse tracker proposes and registers them, one at a time, in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
+from pathlib import Path
 
 from ..core import get_method
 from ..core.plan import source_fractions
 from ..hf.prompts import instruction_ids, repeat_ids
 from ..hf.self_study import SELF_STUDY_PROMPTS
+from .auto import AutoPolicy
 from .documents import DEFAULT_MAX_QUERIES_PER_HEAD, DocumentError
 from .hooks import RPC_METHOD
 
+logger = logging.getLogger(__name__)
 DEFAULT_METHOD = "AM-HighestAttnKeys"
 DEFAULT_QUERY_SOURCE = "repeat-prefill"
 CAPTURED_SOURCES = ("context-prefill", "repeat-prefill", "self-study")
 SELF_STUDY_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 REGISTRATION_POLL_SECONDS = 0.2
+COMPACTION_POLL_SECONDS = 0.05
 
 
 class SchedulerRPC:
-    """JSON calls to ``Scheduler.am_call`` over SGLang's RPC socket (one call at a time)."""
+    """JSON document operations over SGLang's RPC socket (one call at a time; see ``hooks.around_rpc``)."""
 
     def __init__(self, socket):
         self.socket = socket
@@ -62,6 +72,7 @@ def registration_request(
     head_budgets: Mapping[str, float] | None = None,
     max_queries_per_head: int = DEFAULT_MAX_QUERIES_PER_HEAD,
     self_study_max_new_tokens: int = 64,
+    keep_first: int = 0,
     options: Mapping[str, object] | None = None,
 ) -> dict:
     """Check a registration's arguments (``ValueError`` naming the bad one) and normalise them."""
@@ -90,6 +101,8 @@ def registration_request(
         raise ValueError(f"max_queries_per_head must be a positive int, got {max_queries_per_head!r}")
     if isinstance(self_study_max_new_tokens, bool) or not isinstance(self_study_max_new_tokens, int) or self_study_max_new_tokens < 1:
         raise ValueError(f"self_study_max_new_tokens must be a positive int, got {self_study_max_new_tokens!r}")
+    if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
+        raise ValueError(f"keep_first must be a non-negative int (tokens kept verbatim at the start), got {keep_first!r}")
     if head_budgets is not None and not isinstance(head_budgets, Mapping):
         raise ValueError("head_budgets must be the head-budget JSON object {\"L{layer}H{head}\": proportion}")
     if options is not None and not isinstance(options, Mapping):
@@ -98,7 +111,7 @@ def registration_request(
         "text": text, "input_ids": None if input_ids is None else list(input_ids),
         "budget": float(ratio) if ratio is not None else budget, "method": method, "query_source": fractions,
         "head_budgets": None if head_budgets is None else dict(head_budgets), "max_queries_per_head": max_queries_per_head,
-        "self_study_max_new_tokens": self_study_max_new_tokens, "options": dict(options or {}),
+        "self_study_max_new_tokens": self_study_max_new_tokens, "keep_first": keep_first, "options": dict(options or {}),
     }
 
 
@@ -111,7 +124,9 @@ class DocumentService:
         return await asyncio.to_thread(self.rpc.call, op, **payload)
 
     async def register(self, **arguments) -> dict:
-        request = registration_request(**arguments)
+        return await self._register(registration_request(**arguments), auto=False)
+
+    async def _register(self, request: dict, auto: bool) -> dict:
         tokenizer = self.tokenizer_manager.tokenizer
         ids = request["input_ids"]
         if ids is None:
@@ -123,6 +138,7 @@ class DocumentService:
             query_source=request["query_source"], head_budgets=request["head_budgets"],
             max_queries_per_head=request["max_queries_per_head"],
             self_study_max_new_tokens=request["self_study_max_new_tokens"], options=request["options"],
+            keep_first=request["keep_first"], auto=auto,
         )
         if prepared["existing"]:
             return await self._wait_ready(prepared["doc_id"])
@@ -130,6 +146,9 @@ class DocumentService:
         try:
             timings = await self._capture(doc_id, salt, ids, request)
             result = await self._call("compact", doc_id=doc_id, timings=timings)
+            while result["state"] != "ready":
+                await asyncio.sleep(COMPACTION_POLL_SECONDS)
+                result = await self._call("compact", doc_id=doc_id, timings={})
         except BaseException:
             await self._call("abort", doc_id=doc_id)
             raise
@@ -191,7 +210,8 @@ class DocumentService:
         await self._generate(input_ids, {"max_new_tokens": 1, "temperature": 0.0, "custom_params": params}, cache_salt=salt)
 
     async def _sample(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
-        output = await self._generate(input_ids, {"max_new_tokens": max_new_tokens, **SELF_STUDY_SAMPLING})
+        params = {"max_new_tokens": max_new_tokens, "custom_params": {"am_op": "sample"}, **SELF_STUDY_SAMPLING}
+        output = await self._generate(input_ids, params)
         return list(output["output_ids"])
 
     async def list(self) -> dict:
@@ -208,7 +228,55 @@ class DocumentService:
             raise ValueError("path must be a non-empty string (a directory on the server)")
         return await self._call("save", doc_id=doc_id, path=path)
 
-    async def load(self, path: str) -> dict:
+    async def load(self, path: str, auto: bool = False) -> dict:
         if not isinstance(path, str) or not path:
             raise ValueError("path must be a non-empty string (a directory on the server)")
-        return await self._call("load", path=path)
+        return await self._call("load", path=path, auto=auto)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+
+class AutoCompactor:
+    def __init__(self, service: DocumentService, policy: AutoPolicy):
+        self.service, self.policy = service, policy
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.poll_seconds)
+            try:
+                for candidate in (await self.service._call("auto_poll"))["candidates"]:
+                    await self.compact(candidate["doc_id"], candidate["input_ids"])
+            except Exception:  # keep polling: one bad candidate must not stop automatic compaction
+                logger.exception("sglang-am: automatic compaction failed")
+
+    async def compact(self, doc_id: str, input_ids: list[int]) -> None:
+        policy = self.policy
+        saved = Path(policy.save_dir, doc_id) if policy.save_dir is not None else None
+        try:
+            if saved is not None and saved.is_dir():  # evicted earlier and saved: load it back
+                result = await self.service.load(str(saved), auto=True)
+            else:
+                request = registration_request(input_ids=input_ids, ratio=policy.ratio, method=policy.method,
+                                               query_source=policy.query_source, keep_first=policy.keep_first)
+                result = await self.service._register(request, auto=True)
+        except DocumentError as error:
+            logger.warning("sglang-am: automatic compaction of a %d-token prefix refused: %s", len(input_ids), error.message)
+            return
+        logger.info("sglang-am: automatic document %s: T=%d -> t=%d slots", result["doc_id"], result["T"], result["t"])
+
+
+def run_during_lifespan(app, task) -> None:
+    """Run the coroutine function ``task`` while ``app`` serves (started after SGLang's own start-up)."""
+    original = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(running_app):
+        async with original(running_app) as state:
+            background = asyncio.create_task(task())
+            try:
+                yield state
+            finally:
+                background.cancel()
+
+    app.router.lifespan_context = lifespan

@@ -1,0 +1,159 @@
+"""Automatic compaction: find long radix-tree prefixes that many requests reuse, and compact them.
+
+The policy (``AutoPolicy``) reaches every SGLang process as JSON in ``SGLANG_AM_AUTO`` (the launcher's
+``--am-auto*`` flags write it). In the scheduler, ``ReuseTracker`` watches each request's radix-tree
+match (``AMRadixCache.match_prefix``): requests whose cached prefix covers at least ``min_tokens``
+tokens are grouped by those first tokens, and the group keeps the longest common prefix of their
+prompts. Once ``min_requests`` of them arrive within ``window_seconds``, that prefix minus a protected
+tail of ``keep_last`` tokens becomes a candidate. The HTTP process polls for candidates and registers
+each one through the ordinary registration path, in the background (``service.AutoCompactor``); new
+requests on the prefix then use the compacted node, requests in flight keep their full prefix.
+
+Compacted content from this path is capped by ``budget`` (KV slots, or a fraction of the pool):
+the least recently used automatic documents are dropped, or saved to ``save_dir`` first (and
+loaded from there, instead of compacted again, when their prefix comes back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from array import array
+from collections import OrderedDict, deque
+
+from ..core import get_method
+from ..core.plan import source_fractions
+
+POLICY_VARIABLE = "SGLANG_AM_AUTO"
+MAX_TRACKED_GROUPS = 1024  # prefixes watched at once; the least recently seen is forgotten first
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoPolicy:
+    min_tokens: int = 256  # L: the shortest prefix worth compacting
+    min_requests: int = 4  # N: reuses within the window that trigger compaction
+    window_seconds: float = 300.0
+    ratio: float = 0.1  # compacted slots per prefix token (of the compacted span)
+    budget: float | int = 0.25  # automatic documents' KV slots: a fraction of the pool, or a slot count
+    keep_first: int = 4  # attention-sink tokens kept verbatim at the start
+    keep_last: int = 16  # protected tail (template tokens, the last few): left to the requests' suffix
+    method: str = "AM-HighestAttnKeys"
+    query_source: str = "repeat-prefill"
+    save_dir: str | None = None  # evicted automatic documents are saved here, and loaded back on reuse
+    poll_seconds: float = 0.5  # how often the HTTP process asks the scheduler for candidates
+
+    def __post_init__(self):
+        def positive_int(name, minimum=1):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+        positive_int("min_tokens", 2)
+        positive_int("min_requests", 1)
+        positive_int("keep_first", 0)
+        positive_int("keep_last", 1)  # a request must go on after the document
+        for name in ("window_seconds", "poll_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
+            isinstance(budget, float) and budget > 1
+        ):
+            raise ValueError(f"budget must be a fraction of the KV pool in (0, 1] or an int number of slots, got {budget!r}")
+        if self.keep_first + self.keep_last >= self.min_tokens:
+            raise ValueError(f"keep_first + keep_last ({self.keep_first} + {self.keep_last}) must be below min_tokens ({self.min_tokens})")
+        try:
+            get_method(self.method)
+        except KeyError as error:
+            raise ValueError(str(error).strip("'\"")) from None
+        if not set(source_fractions(self.query_source)) <= {"context-prefill", "repeat-prefill", "self-study"}:
+            raise ValueError(f"query_source must use context-prefill, repeat-prefill or self-study, got {self.query_source!r}")
+        if self.save_dir is not None and not isinstance(self.save_dir, str):
+            raise ValueError(f"save_dir must be a directory path, got {self.save_dir!r}")
+
+    def budget_slots(self, pool_size: int) -> int:
+        return self.budget if isinstance(self.budget, int) else max(1, int(self.budget * pool_size))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+def policy_from_environment() -> AutoPolicy | None:
+    """The policy in ``SGLANG_AM_AUTO`` (JSON of ``AutoPolicy`` fields, ``{}`` for the defaults), or None."""
+    text = os.environ.get(POLICY_VARIABLE)
+    if not text:
+        return None
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise ValueError("it must be a JSON object")
+        return AutoPolicy(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{POLICY_VARIABLE} is not a valid automatic-compaction policy: {error}") from None
+
+
+@dataclasses.dataclass
+class _Group:
+    prefix: array  # longest common prefix of the grouped prompts
+    seen: OrderedDict  # rid -> time of its first qualifying match
+
+
+class ReuseTracker:
+    """Counts requests reusing a cached prefix and proposes the prefixes to compact (scheduler side)."""
+
+    def __init__(self, policy: AutoPolicy):
+        self.policy = policy
+        self.groups: OrderedDict[bytes, _Group] = OrderedDict()
+        # Groups that triggered stay quiet until their document is installed (``release``), or for a
+        # window if it never is (a refused registration is not retried at once).
+        self.cooldown: dict[bytes, float] = {}
+        self.candidates: deque[list[int]] = deque()
+
+    def observe(self, token_ids, cached_tokens: int, rid: str, now: float | None = None) -> None:
+        policy = self.policy
+        if cached_tokens < policy.min_tokens:
+            return
+        now = time.monotonic() if now is None else now
+        key = array("q", token_ids[: policy.min_tokens]).tobytes()
+        if now < self.cooldown.get(key, 0.0):
+            return
+        group = self.groups.pop(key, None)
+        if group is None or (group.seen and now - next(reversed(group.seen.values())) > policy.window_seconds):
+            group = _Group(array("q", token_ids), OrderedDict())
+        self.groups[key] = group  # most recently seen last
+        if rid in group.seen:
+            return
+        group.seen[rid] = now
+        group.prefix = group.prefix[: _common_length(group.prefix, token_ids)]
+        while now - next(iter(group.seen.values())) > policy.window_seconds:
+            group.seen.popitem(last=False)
+        if len(group.seen) >= policy.min_requests:
+            del self.groups[key]
+            self.cooldown[key] = now + policy.window_seconds
+            self.candidates.append(list(group.prefix[: len(group.prefix) - policy.keep_last]))
+        while len(self.groups) > MAX_TRACKED_GROUPS:
+            self.groups.popitem(last=False)
+        self.cooldown = {k: until for k, until in self.cooldown.items() if until > now}
+
+    def release(self, token_ids) -> None:
+        """A document starting with ``token_ids`` is installed: once it is dropped, reuse counts again."""
+        start = array("q", token_ids[: self.policy.min_tokens]).tobytes()
+        self.cooldown = {k: until for k, until in self.cooldown.items() if not k.startswith(start)}
+
+    def take_candidates(self) -> list[list[int]]:
+        taken = list(self.candidates)
+        self.candidates.clear()
+        return taken
+
+
+def _common_length(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

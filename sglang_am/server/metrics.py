@@ -1,0 +1,76 @@
+"""Counters and gauges of the scheduler's documents, for ``GET /am/stats`` and SGLang's Prometheus.
+
+``Stats`` is the one record: ``/am/stats`` reads it over the RPC, and with ``--enable-metrics`` every
+update is mirrored into ``prometheus_client`` metrics named ``sglang:am_*``, which SGLang's
+``/metrics`` endpoint collects from the scheduler process (multiprocess mode).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+# name -> (help, label names)
+COUNTERS = {
+    "compactions": ("Documents compacted and installed, by origin (explicit or auto).", ("origin",)),
+    "compaction_seconds": ("Seconds spent solving and installing compactions.", ()),
+    "compaction_failures": ("Compactions refused or failed after their capture, by origin.", ("origin",)),
+    "hits": ("Requests served from a compacted document.", ()),
+    "fallbacks": ("Requests starting with a document but served with the full prefix, by reason.", ("reason",)),
+    "auto_triggers": ("Prefixes proposed for automatic compaction.", ()),
+    "auto_evictions": ("Automatic documents dropped to stay within the budget (saved first if configured).", ()),
+}
+GAUGES = {
+    "documents": "Compacted documents installed.",
+    "compacted_slots": "KV slots held by compacted documents.",
+    "slots_saved": "Document tokens minus compacted slots, over installed documents.",
+    "auto_slots": "KV slots held by automatic documents.",
+}
+
+
+class Stats:
+    def __init__(self):
+        self.counts: Counter = Counter()  # (name, label values) -> value
+        self.gauges = dict.fromkeys(GAUGES, 0)
+        self._prometheus: dict | None = None
+
+    @property
+    def prometheus_enabled(self) -> bool:
+        return self._prometheus is not None
+
+    def enable_prometheus(self, model_name: str) -> None:
+        """Create the ``sglang:am_*`` metrics (call once, in the scheduler, after SGLang set up
+        ``PROMETHEUS_MULTIPROC_DIR``)."""
+        from prometheus_client import Counter as PromCounter
+        from prometheus_client import Gauge as PromGauge
+
+        self._labels = {"model_name": model_name}
+        metrics = {name: PromCounter(f"sglang:am_{name}", text, labelnames=["model_name", *labels])
+                   for name, (text, labels) in COUNTERS.items()}
+        metrics.update({name: PromGauge(f"sglang:am_{name}", text, labelnames=["model_name"], multiprocess_mode="mostrecent")
+                        for name, text in GAUGES.items()})
+        self._prometheus = metrics
+
+    def add(self, name: str, amount: float = 1, **labels) -> None:
+        names = COUNTERS[name][1]
+        if set(labels) != set(names):
+            raise ValueError(f"counter {name} takes labels {names}, got {tuple(labels)}")
+        self.counts[(name, tuple(labels[n] for n in names))] += amount
+        if self._prometheus is not None:
+            self._prometheus[name].labels(**self._labels, **labels).inc(amount)
+
+    def set(self, **values) -> None:
+        for name, value in values.items():
+            self.gauges[name] = value
+            if self._prometheus is not None:
+                self._prometheus[name].labels(**self._labels).set(value)
+
+    def snapshot(self) -> dict:
+        counters: dict = {}
+        for (name, label_values), value in sorted(self.counts.items()):
+            if label_values:
+                counters.setdefault(name, {})[label_values[0]] = value
+            else:
+                counters[name] = value
+        for name, (_, labels) in COUNTERS.items():
+            counters.setdefault(name, {} if labels else 0)
+        return {"counters": counters, "gauges": dict(self.gauges)}

@@ -1,0 +1,129 @@
+"""Automatic compaction's policy, launcher flags, reuse tracker and counters (no server)."""
+
+import json
+
+import pytest
+
+from sglang_am.serve import launch_command, split_auto_flags
+from sglang_am.server.auto import POLICY_VARIABLE, AutoPolicy, ReuseTracker, policy_from_environment
+from sglang_am.server.metrics import Stats
+
+POLICY = AutoPolicy(min_tokens=8, min_requests=3, window_seconds=10.0, keep_first=2, keep_last=3)
+DOC = list(range(100, 120))  # 20 shared tokens
+
+
+def prompt(question: int) -> list[int]:
+    return DOC + [question, question + 1]
+
+
+def test_three_reuses_within_the_window_propose_the_shared_prefix_minus_the_protected_tail():
+    tracker = ReuseTracker(POLICY)
+    for i in range(2):
+        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+    assert tracker.take_candidates() == []
+    tracker.observe(prompt(7), cached_tokens=20, rid="r7", now=2.0)
+    assert tracker.take_candidates() == [DOC[:-3]]
+
+
+def test_misses_repeats_and_stale_reuses_do_not_count():
+    tracker = ReuseTracker(POLICY)
+    tracker.observe(prompt(0), cached_tokens=7, rid="short", now=0.0)  # cached part below min_tokens
+    tracker.observe(prompt(1), cached_tokens=20, rid="a", now=0.0)
+    tracker.observe(prompt(1), cached_tokens=20, rid="a", now=1.0)  # the same request matched again
+    tracker.observe(prompt(2), cached_tokens=20, rid="b", now=20.0)  # "a" is outside the window by now
+    assert tracker.take_candidates() == []
+    tracker.observe(prompt(3), cached_tokens=20, rid="c", now=21.0)
+    assert tracker.take_candidates() == []
+    tracker.observe(prompt(4), cached_tokens=20, rid="d", now=22.0)
+    assert tracker.take_candidates() == [DOC[:-3]]
+
+
+def test_a_triggered_prefix_is_quiet_until_its_document_is_installed_or_a_window_passes():
+    tracker = ReuseTracker(POLICY)
+    for i in range(3):
+        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+    (candidate,) = tracker.take_candidates()
+    for i in range(3, 6):  # while its compaction runs
+        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+    assert tracker.take_candidates() == []
+    tracker.release(candidate)  # installed; dropped later and reused again
+    for i in range(6, 9):
+        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+    assert tracker.take_candidates() == [DOC[:-3]]
+    for i in range(20, 23):  # never installed (refused): tracked again after a window
+        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+    assert tracker.take_candidates() == [DOC[:-3]]
+
+
+def test_prefixes_differing_in_the_first_tokens_are_separate_groups():
+    tracker = ReuseTracker(POLICY)
+    other = [1] + DOC[1:]
+    for i in range(2):
+        tracker.observe(prompt(i), cached_tokens=20, rid=f"a{i}", now=0.0)
+        tracker.observe(other + [i], cached_tokens=20, rid=f"b{i}", now=0.0)
+    assert tracker.take_candidates() == []
+    assert len(tracker.groups) == 2
+
+
+def test_identical_prompts_keep_a_suffix_of_keep_last_tokens():
+    tracker = ReuseTracker(POLICY)
+    for i in range(3):
+        tracker.observe(prompt(0), cached_tokens=21, rid=f"r{i}", now=0.0)
+    (candidate,) = tracker.take_candidates()
+    assert candidate == prompt(0)[:-3]
+
+
+@pytest.mark.parametrize("fields, word", [
+    ({"min_requests": 0}, "min_requests"), ({"ratio": 1.0}, "ratio"), ({"budget": 1.5}, "budget"),
+    ({"budget": 0}, "budget"), ({"keep_last": 0}, "keep_last"), ({"min_tokens": 8, "keep_first": 4, "keep_last": 4}, "keep_first"),
+    ({"method": "nope"}, "nope"), ({"query_source": "random"}, "query_source"), ({"window_seconds": 0}, "window_seconds"),
+])
+def test_bad_policies_name_the_field(fields, word):
+    with pytest.raises(ValueError, match=word):
+        AutoPolicy(**fields)
+
+
+def test_budget_is_a_fraction_of_the_pool_or_a_slot_count():
+    assert AutoPolicy(budget=0.25).budget_slots(8192) == 2048
+    assert AutoPolicy(budget=300).budget_slots(8192) == 300
+
+
+def test_policy_travels_in_the_environment(monkeypatch):
+    monkeypatch.delenv(POLICY_VARIABLE, raising=False)
+    assert policy_from_environment() is None
+    monkeypatch.setenv(POLICY_VARIABLE, POLICY.to_json())
+    assert policy_from_environment() == POLICY
+    monkeypatch.setenv(POLICY_VARIABLE, '{"ratio": 2}')
+    with pytest.raises(ValueError, match=f"{POLICY_VARIABLE}.*ratio"):
+        policy_from_environment()
+
+
+def test_launcher_turns_am_auto_flags_into_the_policy_and_passes_the_rest_to_sglang(capsys):
+    command, env = launch_command(["--am-auto", "--am-auto-min-requests", "5", "--am-auto-budget", "4096",
+                                   "--am-auto-save-dir", "/tmp/am", "--port", "30001"])
+    assert not any(arg.startswith("--am-") for arg in command)
+    assert command[command.index("--port") + 1] == "30001"
+    policy = json.loads(env[POLICY_VARIABLE])
+    assert (policy["min_requests"], policy["budget"], policy["save_dir"]) == (5, 4096, "/tmp/am")
+    assert split_auto_flags(["--port", "1"]) == (["--port", "1"], None)
+    with pytest.raises(SystemExit):
+        split_auto_flags(["--am-auto-ratio", "0.2"])  # without --am-auto
+    assert "need --am-auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        split_auto_flags(["--am-auto", "--am-auto-ratio", "3"])
+    assert "ratio must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_stats_count_by_label_and_refuse_wrong_labels():
+    stats = Stats()
+    stats.add("compactions", origin="auto")
+    stats.add("compactions", origin="auto")
+    stats.add("fallbacks", reason="not_ready")
+    stats.set(documents=2)
+    snapshot = stats.snapshot()
+    assert snapshot["counters"]["compactions"] == {"auto": 2}
+    assert snapshot["counters"]["fallbacks"] == {"not_ready": 1}
+    assert snapshot["counters"]["hits"] == 0
+    assert snapshot["gauges"]["documents"] == 2
+    with pytest.raises(ValueError, match="origin"):
+        stats.add("compactions")
