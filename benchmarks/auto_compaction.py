@@ -43,6 +43,7 @@ def run_configuration(name: str, flags: list[str], questions: list[QARequest], a
            "auto_compactions": counters["compactions"].get("auto", 0),
            "compaction_seconds": round(counters["compaction_seconds"], 3),
            "requests_served_compacted": counters["hits"], "fallbacks": counters["fallbacks"],
+           "auto_triggers": counters["auto_triggers"], "compaction_failures": counters["compaction_failures"],
            "auto_evictions": counters["auto_evictions"]}
     print(f"{name}: {row['request_throughput']:.2f} req/s, accuracy {row['accuracy']:.2f}, "
           f"{row['auto_compactions']} compactions, {row['requests_served_compacted']} served compacted", flush=True)
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--model-path", default=str(default_model_path()))
     parser.add_argument("--max-total-tokens", type=int, default=4096)
     parser.add_argument("--documents", type=int, default=16)
-    parser.add_argument("--top-questions", type=int, default=32, help="questions on the most popular document")
+    parser.add_argument("--top-questions", type=int, default=96, help="questions on the most popular document")
     parser.add_argument("--pairs", type=int, default=300, help="key-value pairs per document (2 tokens each)")
     parser.add_argument("--min-requests", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--ratio", type=float, default=0.2)

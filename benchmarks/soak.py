@@ -89,7 +89,6 @@ class Soak:
         return self.judge("register", status, body)
 
     def op_drop(self, rng):
-        doc = rng.choice(self.churn_docs)
         status, listed = http_json("GET", f"{self.url}/am/documents")
         assert status == 200, listed
         ids = [d["doc_id"] for d in listed["documents"] if d["origin"] == "explicit" and d["doc_id"] != self.sentinel_id]

@@ -41,7 +41,7 @@ def _run(*args: str) -> str:
     result = subprocess.run(
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ}
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return result.stdout
 
 

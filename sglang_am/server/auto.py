@@ -35,7 +35,7 @@ class AutoPolicy:
     min_tokens: int = 256  # L: the shortest prefix worth compacting
     min_requests: int = 4  # N: reuses within the window that trigger compaction
     window_seconds: float = 300.0
-    ratio: float = 0.1  # compacted slots per prefix token (of the compacted span)
+    ratio: float = 0.2  # compacted slots per token of the compacted span
     budget: float | int = 0.25  # automatic documents' KV slots: a fraction of the pool, or a slot count
     keep_first: int = 4  # attention-sink tokens kept verbatim at the start
     keep_last: int = 16  # protected tail (template tokens, the last few): left to the requests' suffix

@@ -24,6 +24,11 @@ HOOKED_SIGNATURES = {
     f"{_SCHEDULER}._create_generation_req": ("self", "recv_req", "args", "kwargs"),
     f"{_SCHEDULER}.init_req_max_new_tokens": ("self", "req"),
     f"{_SCHEDULER}.handle_rpc_request": ("self", "recv_req"),
+    f"{_SCHEDULER}.process_batch_result": ("self", "batch", "result"),
+    f"{_SCHEDULER}.is_fully_idle": ("self", "for_health_check", "ignore_waiting"),
+    "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_all_pools": (
+        "self", "ps", "uncached",
+    ),
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (
         "batch", "model_runner", "capture_hidden_mode", "return_hidden_states_before_norm",
         "extend_position_info", "spec_mrope_positions", "kv_loc_plan", "write_cols",

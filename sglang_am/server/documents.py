@@ -87,7 +87,8 @@ class Document:
     requests_served: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
     solve: concurrent.futures.Future | None = None  # the running solve, while "compacting"
-    source_lock: object = None  # holds the document's original KV in the tree during the solve
+    source_lock: object = None  # holds the document's captured KV in the tree until the solve is done
+    source: torch.Tensor | None = None  # its KV-pool slots
 
     @property
     def length(self) -> int:
@@ -226,13 +227,14 @@ class DocumentStore:
         slots = keep_first + (budget if isinstance(budget, int) else max(1, round(budget * span)))
         if auto and slots > self.policy.budget_slots(scheduler.max_total_num_tokens):
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{slots} slots exceed the automatic-compaction budget")
-        room = runner.token_to_kv_pool_allocator.available_size() + scheduler.tree_cache.evictable_size()
+        # Slots other requests hold now come back; pinned documents' slots do not.
+        room = scheduler.max_total_num_tokens - sum(d.num_slots for d in self.documents.values())
         needed = (2 if "repeat-prefill" in fractions else 1) * length + CAPTURE_HEADROOM_SLOTS + slots
         if "self-study" in fractions:  # its sampled answers run side by side after the document
             needed += len(SELF_STUDY_PROMPTS) * (self_study_max_new_tokens + CAPTURE_HEADROOM_SLOTS)
         if room < needed:  # the capture prefill could never be scheduled: refuse instead of waiting forever
-            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the KV pool has {room} free or evictable slots and "
-                                f"registering this document needs about {needed}; drop documents or raise --max-total-tokens")
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the KV pool has {room} slots besides compacted documents "
+                                f"and registering this document needs about {needed}; drop documents or raise --max-total-tokens")
         pool = runner.token_to_kv_pool
         heads = {(layer, head) for layer in range(pool.layer_num) for head in range(pool.head_num)}
         if proportions is not None and set(proportions) != heads:
@@ -359,29 +361,36 @@ class DocumentStore:
                 raise DocumentError(HTTPStatus.BAD_REQUEST, f"cannot fingerprint the served model: {error}") from None
         return self._fingerprint
 
-    def _start_solve(self, scheduler, doc: Document) -> None:
+    def hold_source(self, scheduler, doc: Document) -> None:
+        """A capture request of ``doc`` finished: lock its KV in the tree (under its private salt) until
+        the solve has read it, so pool pressure cannot evict it in between."""
         from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
         from sglang.srt.mem_cache.radix_cache import RadixKey
 
+        if doc.source_lock is not None or doc.state != "capturing" or self.documents.get(doc.doc_id) is not doc:
+            return
         tree = scheduler.tree_cache
+        match = tree.match_prefix(MatchPrefixParams(key=RadixKey(doc.tokens, cache_salt=doc.salt)))
+        if match.device_prefix_len >= doc.length:
+            doc.source_lock = tree.lock(match.last_device_node)
+            doc.source = tree.path_device_indices(match.last_device_node)[: doc.length]
+
+    def _start_solve(self, scheduler, doc: Document) -> None:
         pool = scheduler.tp_worker.model_runner.token_to_kv_pool
         missing = [s for s in doc.config["query_source"] if s not in doc.queries and s != "random"]
         if missing or any(len(doc.queries[s]) != pool.layer_num for s in doc.queries):
             raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"queries were not captured for {missing or 'every layer'}")
-        match = tree.match_prefix(MatchPrefixParams(key=RadixKey(doc.tokens, cache_salt=doc.salt)))
-        if match.device_prefix_len < doc.length:
+        self.hold_source(scheduler, doc)
+        if doc.source_lock is None:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                                 "the document's KV was evicted before compaction (KV pool under pressure); register again")
-        # The lock keeps the original KV slots in place while the worker thread reads them.
-        doc.source_lock = tree.lock(match.last_device_node)
-        source = tree.path_device_indices(match.last_device_node)[: doc.length]
         doc.state = "compacting"
-        doc.solve = self._solver.submit(self._solve, pool, doc, source, time.perf_counter())
+        doc.solve = self._solver.submit(self._solve, pool, doc, doc.source, time.perf_counter())
 
     def _finish_solve(self, scheduler, doc: Document) -> None:
         keys, values, betas, head_slots, timings, started = doc.solve.result()
         scheduler.tree_cache.unlock(doc.source_lock)
-        doc.source_lock, doc.solve = None, None
+        doc.source_lock, doc.source, doc.solve = None, None, None
         doc.queries.clear()
         doc.timings.update(timings)
         if doc.auto:
@@ -398,12 +407,19 @@ class DocumentStore:
             concurrent.futures.wait([doc.solve])  # the worker thread still reads the locked slots
         if doc.source_lock is not None:
             scheduler.tree_cache.unlock(doc.source_lock)
-        doc.source_lock, doc.solve = None, None
+        doc.source_lock, doc.source, doc.solve = None, None, None
         self.documents.pop(doc.doc_id, None)
         self.stats.add("compaction_failures", origin=doc.origin)
 
     def _solve(self, pool, doc: Document, source: torch.Tensor, started: float):
         """Runs on the worker thread: reads the pool, touches nothing the scheduler writes."""
+        device = pool.k_buffer[0].device
+        if device.type == "cuda":  # a new thread starts on cuda:0; the scheduler's rank may use another GPU
+            with torch.cuda.device(device):
+                return self._solve_on_device(pool, doc, source, started)
+        return self._solve_on_device(pool, doc, source, started)
+
+    def _solve_on_device(self, pool, doc: Document, source: torch.Tensor, started: float):
         config = doc.config
         budget, length, kept = config["budget"], doc.length, config.get("keep_first", 0)
         generator = torch.Generator().manual_seed(0)

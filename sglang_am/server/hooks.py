@@ -4,6 +4,8 @@
   ready document (or names one in ``custom_params["am_doc_id"]``) is rewritten to
   ``virtual ids + suffix``; capture requests of a registration are tagged. A request that starts with
   a document but cannot use it keeps its full prompt and counts as a fallback.
+- ``after_process_batch_result``: a finished capture request's KV is locked in the tree until its
+  document's solve has read it.
 - ``after_init_max_new_tokens``: SGLang clamped ``max_new_tokens`` with the rewritten (shorter)
   prompt; clamp again with the logical length so positions stay inside the model's context.
 - ``after_init_new`` (``ForwardBatch.init_new``): tokens after a document take RoPE positions from T
@@ -130,6 +132,14 @@ def _tag_capture(req, params: dict) -> None:
         _abort(req, "capture requests are internal to document registration")
         return
     req.am_capture = (doc, str(params["am_source"]), int(params["am_from"]), int(params["am_to"]))
+
+
+def after_process_batch_result(result, scheduler, batch, *args, **kwargs):
+    for req in batch.reqs:
+        spec = getattr(req, "am_capture", None)
+        if spec is not None and req.finished():
+            STORE.hold_source(scheduler, spec[0])
+    return result
 
 
 def after_init_max_new_tokens(result, scheduler, req):

@@ -5,7 +5,8 @@ the scheduler) and then applies the registered hooks. ``register`` wires everyth
 
 - the ``am`` radix-cache backend (``--radix-cache-backend am``): compacted documents are pinned nodes;
 - the bias-aware ``torch_native`` attention backend, under SGLang's own name;
-- scheduler hooks: request rewrite, ``max_new_tokens`` clamp, position offsets, the document RPC and
+- scheduler hooks: request rewrite, ``max_new_tokens`` clamp, position offsets, holding a finished
+  capture's KV, the document RPC and
   the ``am_document`` entry of a response's ``meta_info`` (see ``hooks``);
 - in the HTTP server's process, the ``/am/documents`` and ``/am/stats`` routes (see ``routes``) and,
   with ``SGLANG_AM_AUTO`` set, the automatic-compaction poller (see ``auto``).
@@ -87,6 +88,7 @@ def register() -> None:
     HookRegistry.register(f"{scheduler}._create_generation_req", hooks.after_create_req, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.init_req_max_new_tokens", hooks.after_init_max_new_tokens, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.handle_rpc_request", hooks.around_rpc, HookType.AROUND)
+    HookRegistry.register(f"{scheduler}.process_batch_result", hooks.after_process_batch_result, HookType.AFTER)
     HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
                           hooks.after_init_new, HookType.AFTER)
     HookRegistry.register(

@@ -133,15 +133,22 @@ class DocumentService:
             if tokenizer is None:
                 raise ValueError("this server runs without a tokenizer: register input_ids instead of text")
             ids = tokenizer.encode(request["text"])
-        prepared = await self._call(
-            "prepare", input_ids=ids, budget=request["budget"], method=request["method"],
-            query_source=request["query_source"], head_budgets=request["head_budgets"],
-            max_queries_per_head=request["max_queries_per_head"],
-            self_study_max_new_tokens=request["self_study_max_new_tokens"], options=request["options"],
-            keep_first=request["keep_first"], auto=auto,
-        )
-        if prepared["existing"]:
-            return await self._wait_ready(prepared["doc_id"])
+        while True:
+            prepared = await self._call(
+                "prepare", input_ids=ids, budget=request["budget"], method=request["method"],
+                query_source=request["query_source"], head_budgets=request["head_budgets"],
+                max_queries_per_head=request["max_queries_per_head"],
+                self_study_max_new_tokens=request["self_study_max_new_tokens"], options=request["options"],
+                keep_first=request["keep_first"], auto=auto,
+            )
+            if not prepared["existing"]:
+                break
+            if prepared["state"] == "ready":
+                return prepared
+            existing = await self._wait_ready(prepared["doc_id"])
+            if existing is not None:
+                return existing
+            # The concurrent registration failed, or its document was dropped meanwhile: register anew.
         doc_id, salt = prepared["doc_id"], prepared["salt"]
         try:
             timings = await self._capture(doc_id, salt, ids, request)
@@ -154,10 +161,15 @@ class DocumentService:
             raise
         return {**result, "existing": False}
 
-    async def _wait_ready(self, doc_id: str) -> dict:
-        """A concurrent registration of the same document: wait for it and return it."""
+    async def _wait_ready(self, doc_id: str) -> dict | None:
+        """A concurrent registration of the same document: wait for it and return it (None if it is gone)."""
         while True:
-            doc = await self._call("get", doc_id=doc_id)
+            try:
+                doc = await self._call("get", doc_id=doc_id)
+            except DocumentError as error:
+                if error.status == HTTPStatus.NOT_FOUND:
+                    return None
+                raise
             if doc["state"] == "ready":
                 return {**doc, "existing": True}
             await asyncio.sleep(REGISTRATION_POLL_SECONDS)
