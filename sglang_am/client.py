@@ -64,6 +64,10 @@ class DocumentsClient:
     def load(self, path: str) -> dict:
         return self._call("POST", "/am/documents/load", {"path": path})
 
+    def stats(self) -> dict:
+        """``GET /am/stats``: counters, gauges, the KV pool, the automatic policy and the idle leak check."""
+        return self._call("GET", "/am/stats")
+
     def generate(self, **request) -> dict | list[dict]:
         """SGLang's native ``POST /generate``."""
         return self._call("POST", "/generate", request)

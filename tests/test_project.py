@@ -168,3 +168,14 @@ def test_auto_compaction_benchmark_smoke(tmp_path):
     assert off["auto_compactions"] == 0 and off["accuracy"] == 1.0
     assert auto["auto_compactions"] >= 1 and auto["requests_served_compacted"] >= 1
     assert all(row["errors"] == 0 for row in payload["rows"]) and output.with_suffix(".png").stat().st_size > 0
+
+
+def test_online_compaction_benchmark_smoke(tmp_path):
+    output = tmp_path / "online.json"
+    _run("benchmarks/online_compaction.py", "--pairs", "60", "--questions", "6", "--max-cache", "100",
+         "--methods", "AM-HighestAttnKeys", "--output", str(output))
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["config"] for row in rows] == ["full cache", "AM-HighestAttnKeys"]
+    assert rows[0]["compactions"] == 0 and rows[0]["accuracy"] == 1.0
+    assert rows[1]["compactions"] >= 2 and rows[1]["max_physical_cache"] < 100
+    assert output.with_suffix(".png").stat().st_size > 0

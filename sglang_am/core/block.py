@@ -47,7 +47,8 @@ class AttentionStats:
 
 
 class Block:
-    """Keys ``[H, T, D]``, values ``[H, T, Dv]`` and reference queries ``[H, n, D]`` as float32."""
+    """Keys ``[H, T, D]``, values ``[H, T, Dv]`` and reference queries ``[H, n, D]`` as float32, and an
+    optional logit bias ``[H, T]`` already on the keys (part of every original logit)."""
 
     def __init__(
         self,
@@ -57,7 +58,9 @@ class Block:
         scale: float,
         query_chunk: int | None = None,
         need_outputs: bool = True,
+        key_bias: torch.Tensor | None = None,
     ):
+        self.key_bias = None if key_bias is None else key_bias.float()
         self.keys = keys.float()
         self.values = values.float()
         self.queries = queries.float()
@@ -78,9 +81,10 @@ class Block:
         return self.queries.shape[1]
 
     def logits(self, start: int) -> torch.Tensor:
-        """Scaled logits ``[H, chunk, T]`` of the query chunk starting at ``start``."""
+        """Scaled logits ``[H, chunk, T]`` (plus the key bias) of the query chunk starting at ``start``."""
         q = self.queries[:, start : start + self.query_chunk]
-        return torch.bmm(q, self.keys.transpose(1, 2)).mul_(self.scale)
+        logits = torch.bmm(q, self.keys.transpose(1, 2)).mul_(self.scale)
+        return logits if self.key_bias is None else logits.add_(self.key_bias.unsqueeze(1))
 
     def selected_logits(self, selected_keys: torch.Tensor) -> torch.Tensor:
         """Scaled logits ``[H, n, t]`` of every query against the selected keys (small: t << T)."""

@@ -23,6 +23,7 @@ def compact(
     queries: torch.Tensor,
     budget: int | Sequence[int] | torch.Tensor,
     method: str = "AM-HighestAttnKeys",
+    key_bias: torch.Tensor | None = None,
     **options: object,
 ) -> CompactedKV:
     """Compact ``H`` independent heads of ``T`` keys/values to ``budget`` slots each.
@@ -32,23 +33,31 @@ def compact(
     ``options`` are the fields of the method's options dataclass (see ``get_method(method).options_class``).
     Math runs in float32 with a per-query max shift; keys, values and beta come back in the input dtype.
     A head whose budget is >= T is returned unchanged with beta = 0.
+
+    ``key_bias`` ``[H, T]`` is an additive logit bias already on the original keys (a block that was
+    compacted before, as in online re-compaction): the targets include it, and the returned beta is each
+    kept slot's total bias (an unchanged head returns ``key_bias`` itself).
     """
     check_block(keys, values, queries)
+    if key_bias is not None and (not isinstance(key_bias, torch.Tensor) or tuple(key_bias.shape) != tuple(keys.shape[:2])):
+        raise ValueError(f"key_bias must be a tensor of shape [H, T] = {tuple(keys.shape[:2])}")
     spec = get_method(method)
     opts = spec.make_options(**options)
     heads, length = keys.shape[:2]
     budgets = budgets_per_head(budget, heads)
     solve = budgets < length
     if not bool(solve.any()):
-        return _unchanged(keys, values)
+        return _unchanged(keys, values, key_bias)
 
     if bool(solve.all()):
-        part = (keys, values, queries)
+        part, part_bias = (keys, values, queries), key_bias
     else:  # solve only the heads that shrink; the others are copied through unchanged
         rows = solve.nonzero().squeeze(1).to(keys.device)
         part = tuple(tensor.index_select(0, rows) for tensor in (keys, values, queries))
+        part_bias = None if key_bias is None else key_bias.index_select(0, rows)
     block = Block(
         *part,
+        key_bias=part_bias,
         scale=default_scale(keys.shape[-1], opts.scale),
         query_chunk=opts.query_chunk,
         need_outputs=opts.fit_values,
@@ -63,7 +72,7 @@ def compact(
     solved = _assemble(part[0], part[1], selection, beta, fitted_values, clock.seconds)
     if bool(solve.all()):
         return solved
-    return _merge_unchanged(keys, values, solve, solved)
+    return _merge_unchanged(keys, values, key_bias, solve, solved)
 
 
 class _StageClock:
@@ -98,12 +107,15 @@ def _selected_keys(block: Block, selection: Selection) -> torch.Tensor:
 
 
 def _fit_beta(block: Block, selection: Selection, opts: CompactionOptions) -> torch.Tensor:
-    """beta ``[H, t]`` in float32, ``-inf`` on padding."""
+    """beta ``[H, t]`` in float32, ``-inf`` on padding: the total bias of each kept slot."""
     valid = selection.indices >= 0
+    # The fitted mass weights multiply exp(q·k) alone, so they already absorb an existing key bias;
+    # unfitted beta and OMP's weights (fitted against biased features) keep the kept keys' own bias.
+    kept_bias = 0.0 if block.key_bias is None else block.key_bias.gather(1, selection.indices.clamp(min=0))
     if not opts.fit_beta:
-        beta = torch.zeros_like(valid, dtype=torch.float32)
+        beta = torch.zeros_like(valid, dtype=torch.float32) + kept_bias
     elif selection.log_weights is not None:
-        beta = selection.log_weights
+        beta = selection.log_weights + kept_bias
     else:
         weights = nnls_box(
             block.shifted_exp(_selected_keys(block, selection)),
@@ -149,20 +161,22 @@ def _assemble(
     )
 
 
-def _unchanged(keys: torch.Tensor, values: torch.Tensor) -> CompactedKV:
+def _unchanged(keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor | None) -> CompactedKV:
     heads, length = keys.shape[:2]
     return CompactedKV(
         keys=keys,
         values=values,
-        beta=keys.new_zeros(heads, length),
+        beta=keys.new_zeros(heads, length) if key_bias is None else key_bias.to(keys.dtype),
         indices=torch.arange(length, device=keys.device).expand(heads, length).clone(),
         lengths=torch.full((heads,), length, dtype=torch.long, device=keys.device),
     )
 
 
-def _merge_unchanged(keys: torch.Tensor, values: torch.Tensor, solve: torch.Tensor, solved: CompactedKV) -> CompactedKV:
+def _merge_unchanged(
+    keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor | None, solve: torch.Tensor, solved: CompactedKV
+) -> CompactedKV:
     """Heads with budget >= T keep all T slots; the solved heads fill the rest, padded to T."""
-    merged = _unchanged(keys.clone(), values.clone())
+    merged = _unchanged(keys.clone(), values.clone(), None if key_bias is None else key_bias.clone())
     rows = solve.nonzero().squeeze(1).to(keys.device)
     width = solved.max_length
     for target, part, padding in (

@@ -9,9 +9,9 @@ RoPE positions (``+ T - t``, see ``hooks``) and the attention bias are new.
 
 Registration runs in steps driven by the main process (``service``): ``prepare`` (validate, reserve
 an id), capture requests (the server's own prefills record reference queries through the attention
-backend), then ``compact``: the first call locks the document's KV in the tree and starts the solve on
-a worker thread, so batches keep running; a later call, once the solve is done, writes the slots,
-inserts and pins the node. Every operation arrives as one JSON RPC (``call``), on the scheduler's thread.
+backend; when a capture finishes, the document's KV is locked in the tree), then ``compact``: the
+first call starts the solve on a worker thread, so batches keep running; a later call, once the solve
+is done, writes the slots, inserts and pins the node. Every operation arrives as one JSON RPC (``call``), on the scheduler's thread.
 
 Automatic documents (``auto``) come from the reuse tracker; their slots are capped by the policy's
 budget, evicting the least recently used ones (saved first when the policy names a directory).
@@ -421,7 +421,7 @@ class DocumentStore:
 
     def _solve_on_device(self, pool, doc: Document, source: torch.Tensor, started: float):
         config = doc.config
-        budget, length, kept = config["budget"], doc.length, config.get("keep_first", 0)
+        budget, length, kept = config["budget"], doc.length, config["keep_first"]
         generator = torch.Generator().manual_seed(0)
         clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
         keys, values, betas, head_slots = [], [], [], []

@@ -26,7 +26,7 @@ class EngineDocuments:
 
     def register(self, **arguments) -> dict:
         """See ``POST /am/documents``: ``text`` or ``input_ids``, ``ratio`` or ``budget``, ``method``,
-        ``query_source``, ``head_budgets``, ``max_queries_per_head``, ``options``."""
+        ``query_source``, ``head_budgets``, ``max_queries_per_head``, ``keep_first``, ``options``."""
         return self._run(self._service.register(**arguments))
 
     def list(self) -> list[dict]:
@@ -43,3 +43,7 @@ class EngineDocuments:
 
     def load(self, path: str) -> dict:
         return self._run(self._service.load(path))
+
+    def stats(self) -> dict:
+        """As ``GET /am/stats`` (automatic compaction itself runs only in the HTTP server)."""
+        return self._run(self._service.stats())

@@ -13,7 +13,7 @@ from collections import Counter
 COUNTERS = {
     "compactions": ("Documents compacted and installed, by origin (explicit or auto).", ("origin",)),
     "compaction_seconds": ("Seconds spent solving and installing compactions.", ()),
-    "compaction_failures": ("Compactions refused or failed after their capture, by origin.", ("origin",)),
+    "compaction_failures": ("Registrations abandoned, refused or failed after prepare (capture or solve), by origin.", ("origin",)),
     "hits": ("Requests served from a compacted document.", ()),
     "fallbacks": ("Requests starting with a document but served with the full prefix, by reason.", ("reason",)),
     "auto_triggers": ("Prefixes proposed for automatic compaction.", ()),
