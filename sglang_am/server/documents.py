@@ -322,9 +322,10 @@ class DocumentStore:
         """Prefixes the reuse tracker proposes that are not documents yet (the HTTP process compacts them)."""
         if self.tracker is None:
             return {"candidates": []}
-        candidates = [ids for ids in self.tracker.take_candidates() if document_id(ids) not in self.documents]
+        named = ((document_id(ids), ids) for ids in self.tracker.take_candidates())
+        candidates = [{"doc_id": doc_id, "input_ids": ids} for doc_id, ids in named if doc_id not in self.documents]
         self.stats.add("auto_triggers", len(candidates))
-        return {"candidates": [{"doc_id": document_id(ids), "input_ids": ids} for ids in candidates]}
+        return {"candidates": candidates}
 
     def _op_stats(self, scheduler) -> dict:
         """Counters, gauges, the KV pool's accounting and, when the scheduler is idle, SGLang's leak check."""
