@@ -54,7 +54,7 @@ def environment() -> dict:
         },
         "versions": {
             "python": sys.version.split()[0],
-            **{name: _version(name) for name in ("torch", "numpy", "sglang", "sglang-am")},
+            **{name: _version(name) for name in ("torch", "numpy", "sglang", "sglang-am", "triton", "flashinfer-python")},
         },
         "git_commit": _git_commit(),
     }

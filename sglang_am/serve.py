@@ -2,10 +2,11 @@
 
 Every flag goes to ``sglang.launch_server`` unchanged. Without ``--model-path`` it serves the embedded
 recall model. It enables the sglang-am plugin (``SGLANG_AM=1``) and its radix cache (``--radix-cache-backend
-am``, unless another backend or ``--disable-radix-cache`` is given), selects the bias-aware
-``torch_native`` attention backend unless another is given, and disables overlap scheduling. On a
-machine without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the
-import path, and adds ``--device cpu`` and a KV pool cap (``--max-total-tokens 65536``) unless given.
+am``, unless another backend or ``--disable-radix-cache`` is given), and disables overlap scheduling.
+The attention backend follows the device unless ``--attention-backend`` forces one (all three add a
+document's bias): ``triton`` on CUDA, ``torch_native`` on CPU; ``flashinfer`` on request. On a machine
+without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the import
+path, and adds ``--device cpu`` and a KV pool cap (``--max-total-tokens 65536``) unless given.
 
 Its own flags: ``--am-auto`` turns on automatic compaction of reused prefixes, and ``--am-auto-FIELD
 VALUE`` sets a field of ``AutoPolicy`` (``--am-auto-min-requests 8``); they travel to SGLang's
@@ -30,6 +31,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from .server.auto import POLICY_VARIABLE, AutoPolicy
 from .server.cpu import cpu_environment, cpu_server_flags, given_flags, has_cuda
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
+
+DEFAULT_GPU_ATTENTION_BACKEND = "triton"
 
 
 def _number(text: str) -> int | float:
@@ -78,8 +81,8 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         args += ["--radix-cache-backend", RADIX_CACHE_BACKEND]
     if "--disable-overlap-schedule" not in given:  # the documents' side channel is validated without overlap
         args.append("--disable-overlap-schedule")
-    if "--attention-backend" not in given:  # the bias-aware backend, on GPU too until the Triton one lands
-        args += ["--attention-backend", "torch_native"]
+    if "--attention-backend" not in given and has_cuda():  # on CPU, cpu_server_flags picks torch_native
+        args += ["--attention-backend", DEFAULT_GPU_ATTENTION_BACKEND]
     env = {**os.environ, ENABLE_VARIABLE: "1"}
     if policy is not None:
         env[POLICY_VARIABLE] = policy.to_json()

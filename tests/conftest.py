@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run under Triton's interpreter on CPU tensors (tests/test_kernels.py,
+# and the triton-backend server tests, whose processes inherit it). Set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sglang_am.core.synthetic import clustered_block
 

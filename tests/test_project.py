@@ -37,6 +37,14 @@ def test_core_imports_neither_sglang_nor_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "sglang_am").rglob("__init__.py")}
+    assert listed == found | {"sglang_am.kernels"}  # kernels/src, mapped under sglang_am
+
+
 def _run(*args: str) -> str:
     result = subprocess.run(
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ}
@@ -178,4 +186,15 @@ def test_online_compaction_benchmark_smoke(tmp_path):
     assert [row["config"] for row in rows] == ["full cache", "AM-HighestAttnKeys"]
     assert rows[0]["compactions"] == 0 and rows[0]["accuracy"] == 1.0
     assert rows[1]["compactions"] >= 2 and rows[1]["max_physical_cache"] < 100
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_path_it_can(tmp_path):
+    output = tmp_path / "gpu_check.json"
+    _run("benchmarks/gpu_check.py", "--no-servers", "--output", str(output))
+    checks = json.loads(output.read_text())["checks"]
+    assert {checks[name]["status"] for name in ("triton-extend", "triton-decode", "key-scores")} == {"passed"}
+    for name, check in checks.items():  # without CUDA the FlashInfer paths are skipped, with the reason
+        assert check["status"] == "passed" or (check["status"] == "skipped" and check["reason"]), (name, check)
     assert output.with_suffix(".png").stat().st_size > 0

@@ -65,7 +65,7 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
     assert command[command.index("--model-path") + 1] == str(default_model_path())
     assert command[command.index("--radix-cache-backend") + 1] == "am" and env["SGLANG_AM"] == "1"
     assert "--disable-overlap-schedule" in command
-    assert command[command.index("--attention-backend") + 1] == "torch_native"
+    assert command[command.index("--attention-backend") + 1] == ("triton" if torch.cuda.is_available() else "torch_native")
     assert "--radix-cache-backend" not in launch_command(["--disable-radix-cache"])[0]
     if not torch.cuda.is_available():
         assert command[command.index("--device") + 1] == "cpu"
@@ -73,6 +73,19 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
     flags = cpu_server_flags(["--attention-backend=triton", "--mem-fraction-static", "0.1"])
     assert "torch_native" not in flags and "--max-total-tokens" not in flags and "--device" in flags
     assert cpu_environment({"PYTHONPATH": "/x"})["PYTHONPATH"] == os.pathsep.join([str(SHIM_DIR), "/x"])
+
+
+def test_launcher_picks_the_attention_backend_by_device_unless_forced(monkeypatch):
+    import sglang_am.serve as serve
+
+    backend = lambda command: command[command.index("--attention-backend") + 1]
+    monkeypatch.setattr(serve, "has_cuda", lambda: True)
+    command, _ = serve.launch_command([])
+    assert backend(command) == "triton" and "--device" not in command
+    command, _ = serve.launch_command(["--attention-backend", "flashinfer"])
+    assert command.count("--attention-backend") == 1 and backend(command) == "flashinfer"
+    monkeypatch.setattr(serve, "has_cuda", lambda: False)
+    assert backend(serve.launch_command([])[0]) == "torch_native"
 
 
 def test_compat_check_names_the_version_and_the_signature():

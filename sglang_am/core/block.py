@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 SCORE_KINDS = ("rms", "mean", "max")
+STATS_BACKENDS = ("auto", "torch", "gpu")
 POOLINGS = (None, "max", "avg")
 # Default score tile: 4 Mi floats (16 MiB). Several elementwise passes run over each tile, so one that
 # stays cache-sized ran 1.2-1.5x faster on CPU than 1024-query chunks (H=8, D=128, T=2048 and 8192).
@@ -46,9 +47,29 @@ class AttentionStats:
         raise ValueError(f"score must be one of {SCORE_KINDS}, got {kind!r}")
 
 
+def resolve_stats_backend(requested: str, keys: torch.Tensor, key_bias: torch.Tensor | None) -> str:
+    """``"gpu"`` (FlashInfer targets, Triton key scores: ``sglang_am.kernels``) or ``"torch"``.
+
+    ``"auto"`` picks ``"gpu"`` for CUDA keys in fp16/bf16 (the model's own precision: FlashInfer has no
+    float32 path) with a head size FlashInfer covers and no key bias, else ``"torch"``."""
+    from ..kernels.attention_targets import DTYPES, HEAD_DIMS
+
+    if requested not in STATS_BACKENDS:
+        raise ValueError(f"stats_backend must be one of {STATS_BACKENDS}, got {requested!r}")
+    fits = keys.device.type == "cuda" and keys.dtype in DTYPES and keys.shape[-1] in HEAD_DIMS and key_bias is None
+    if requested == "gpu" and not fits:
+        raise ValueError(f"stats_backend='gpu' needs CUDA keys in {DTYPES} with head_dim in {HEAD_DIMS} and no "
+                         f"key_bias; got {keys.device}, {keys.dtype}, head_dim {keys.shape[-1]}, "
+                         f"key_bias {'given' if key_bias is not None else 'None'}")
+    return "gpu" if requested == "gpu" or (requested == "auto" and fits) else "torch"
+
+
 class Block:
     """Keys ``[H, T, D]``, values ``[H, T, Dv]`` and reference queries ``[H, n, D]`` as float32, and an
-    optional logit bias ``[H, T]`` already on the keys (part of every original logit)."""
+    optional logit bias ``[H, T]`` already on the keys (part of every original logit).
+
+    ``stats_backend`` (see ``resolve_stats_backend``) computes the attention statistics in torch, or on
+    GPU with FlashInfer (outputs, log-sum-exp, in the keys' dtype) and Triton (row max, key scores)."""
 
     def __init__(
         self,
@@ -59,7 +80,10 @@ class Block:
         query_chunk: int | None = None,
         need_outputs: bool = True,
         key_bias: torch.Tensor | None = None,
+        stats_backend: str = "auto",
     ):
+        self.stats_backend = resolve_stats_backend(stats_backend, keys, key_bias)
+        self.input_dtype = keys.dtype
         self.key_bias = None if key_bias is None else key_bias.float()
         self.keys = keys.float()
         self.values = values.float()
@@ -95,6 +119,25 @@ class Block:
 
     @cached_property
     def stats(self) -> AttentionStats:
+        return self._gpu_stats() if self.stats_backend == "gpu" else self._torch_stats()
+
+    def _gpu_stats(self) -> AttentionStats:
+        from ..kernels.attention_targets import attention_targets
+        from ..kernels.key_scores import key_stats, row_max
+
+        outputs, lse = attention_targets(self.queries, self.keys, self.values, self.scale, self.input_dtype)
+        max_logit = row_max(self.queries, self.keys, self.scale)
+        key_sum, key_sum_squares, key_max = key_stats(self.queries, self.keys, lse, self.scale)
+        return AttentionStats(
+            max_logit=max_logit,
+            mass=(lse - max_logit).exp(),
+            outputs=outputs if self.need_outputs else None,
+            key_sum=key_sum,
+            key_sum_squares=key_sum_squares,
+            key_max=key_max,
+        )
+
+    def _torch_stats(self) -> AttentionStats:
         h, t = self.num_heads, self.length
         key_sum = self.keys.new_zeros(h, t)
         key_sum_squares = self.keys.new_zeros(h, t)

@@ -61,6 +61,7 @@ def compact(
         scale=default_scale(keys.shape[-1], opts.scale),
         query_chunk=opts.query_chunk,
         need_outputs=opts.fit_values,
+        stats_backend=opts.stats_backend,
     )
     clock = _StageClock(keys.device)
     selection = _sorted(spec.select(block, budgets[solve].to(keys.device), opts))

@@ -14,6 +14,9 @@ SGLANG_VERSION = "0.5.23"
 _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 _TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
 _RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
+_TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
+_FLASHINFER = "sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend"
+_ATTENTION = ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache")
 # dotted target -> parameter names this package relies on
 HOOKED_SIGNATURES = {
     "sglang.srt.mem_cache.registry.register_radix_cache_backend": ("name", "factory"),
@@ -33,13 +36,45 @@ HOOKED_SIGNATURES = {
         "batch", "model_runner", "capture_hidden_mode", "return_hidden_states_before_norm",
         "extend_position_info", "spec_mrope_positions", "kv_loc_plan", "write_cols",
     ),
-    f"{_TORCH_NATIVE}.forward_extend": ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache"),
-    f"{_TORCH_NATIVE}.forward_decode": ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache"),
+    f"{_TORCH_NATIVE}.forward_extend": _ATTENTION,
+    f"{_TORCH_NATIVE}.forward_decode": _ATTENTION,
+    f"{_TRITON}.__init__": ("self", "model_runner", "skip_prefill", "kv_indptr_buf", "dllm_fa4"),
+    f"{_TRITON}.forward_extend": (*_ATTENTION, "sinks", "score_mod", "aux_tensors"),
+    f"{_TRITON}.forward_decode": (*_ATTENTION, "sinks", "score_mod", "aux_tensors"),
+    f"{_TRITON}.init_forward_metadata": ("self", "forward_batch"),
+    f"{_TRITON}.init_forward_metadata_out_graph": ("self", "forward_batch", "in_capture"),
+    "sglang.kernels.ops.attention.score_mod.unpack_aux_tensors": ("score_mod", "aux_tensors"),
+    f"{_FLASHINFER}.__init__": (
+        "self", "model_runner", "skip_prefill", "kv_indptr_buf", "kv_last_page_len_buf", "init_new_workspace",
+    ),
+    f"{_FLASHINFER}._create_decode_wrappers": ("self", "bs", "num_tokens"),
+    f"{_FLASHINFER}._create_prefill_wrappers": ("self", "bs", "use_custom_mask"),
+    f"{_FLASHINFER}._create_full_cg_prefill_wrappers": ("self", "num_slots", "max_num_tokens"),
+    f"{_FLASHINFER}.forward_extend": _ATTENTION,
+    f"{_FLASHINFER}.forward_decode": _ATTENTION,
+    f"{_FLASHINFER}.init_forward_metadata": ("self", "forward_batch"),
+    f"{_FLASHINFER}.init_forward_metadata_out_graph": ("self", "forward_batch", "in_capture"),
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
     "is_request_level_customized_info_key": ("self", "key"),
     "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
         "server_args", "tokenizer_manager", "template_manager", "port_args", "scheduler_infos",
         "subprocess_watchdog", "execute_warmup_func", "launch_callback",
+    ),
+}
+
+
+# The FlashInfer wrappers SGLang's flashinfer backend builds (named in its module only where FlashInfer
+# runs, so checked when the bias-aware flashinfer backend starts, not at registration).
+_WRAPPERS = "sglang.srt.layers.attention.flashinfer_backend"
+FLASHINFER_SIGNATURES = {
+    f"{_WRAPPERS}.BatchPrefillWithPagedKVCacheWrapper": (
+        "float_workspace_buffer", "kv_layout", "use_cuda_graph", "qo_indptr_buf", "paged_kv_indptr_buf",
+        "paged_kv_indices_buf", "paged_kv_last_page_len_buf", "custom_mask_buf", "mask_indptr_buf", "backend",
+        "jit_args", "jit_kwargs", "variant_owns_mask",
+    ),
+    f"{_WRAPPERS}.BatchDecodeWithPagedKVCacheWrapper": (
+        "float_workspace_buffer", "kv_layout", "use_cuda_graph", "use_tensor_cores", "paged_kv_indptr_buffer",
+        "paged_kv_indices_buffer", "paged_kv_last_page_len_buffer", "backend", "jit_args",
     ),
 }
 

@@ -427,8 +427,9 @@ class DocumentStore:
         clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
         keys, values, betas, head_slots = [], [], [], []
         for layer in range(pool.layer_num):
-            layer_keys = pool.k_buffer[layer][source].permute(1, 0, 2).float()  # [H_kv, T, D]
-            layer_values = pool.v_buffer[layer][source].permute(1, 0, 2).float()
+            # In the pool's dtype: the solver computes in float32, and its GPU path runs FlashInfer in this dtype.
+            layer_keys = pool.k_buffer[layer][source].permute(1, 0, 2)  # [H_kv, T, D]
+            layer_values = pool.v_buffer[layer][source].permute(1, 0, 2)
             parts = []
             for kind, fraction in config["query_source"].items():
                 cap = max(1, round(fraction * config["max_queries_per_head"]))
@@ -436,7 +437,7 @@ class DocumentStore:
                 parts.append(subsample_queries(pool_queries(captured, pool.head_num), cap, generator))
             budgets = chunk_budgets(budget, length - kept, range(length - kept), layer, pool.head_num,
                                     doc.proportions, max_ratio_per_head=1.0)
-            result = compact(layer_keys[:, kept:], layer_values[:, kept:], torch.cat(parts, dim=1).to(layer_keys),
+            result = compact(layer_keys[:, kept:], layer_values[:, kept:], torch.cat(parts, dim=1).to(layer_keys.device),
                              budgets, doc.method, scale=doc.scales[layer], **config["options"])
             for stage, seconds in result.timings.items():
                 clock[stage] += seconds
@@ -510,6 +511,13 @@ class DocumentStore:
         runner = scheduler.tp_worker.model_runner
         pool, allocator = runner.token_to_kv_pool, runner.token_to_kv_pool_allocator
         width = keys[0].shape[1]
+        table = getattr(runner.attn_backend, "bias_table", None)
+        if table is not None:
+            held = sum(d.num_slots for d in self.documents.values() if d.state == "ready")
+            if (held + width) * table.kv_heads > table.layer_size:
+                raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the bias table holds "
+                                    f"{table.layer_size // table.kv_heads} compacted slots, {held} in use, {width} more "
+                                    "do not fit; drop documents or raise SGLANG_AM_BIAS_SLOTS")
         slots = allocator.alloc(width)
         if slots is None:
             tree.evict(EvictParams(num_tokens=width))
@@ -536,12 +544,10 @@ class DocumentStore:
 
 def _check_model(scheduler) -> None:
     """Compacted slots count as positions only on full-attention layers in a plain KV layout."""
-    from .attention import AMTorchNativeAttnBackend
-
     runner = scheduler.tp_worker.model_runner
-    if not isinstance(runner.attn_backend, AMTorchNativeAttnBackend):
-        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need the bias-aware attention backend: "
-                            "--attention-backend torch_native")
+    if not getattr(runner.attn_backend, "adds_document_bias", False):
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need a bias-aware attention backend: "
+                            "--attention-backend triton, flashinfer or torch_native (CPU)")
     config = runner.model_config.hf_config
     kinds = getattr(config, "layer_types", None)
     if kinds:

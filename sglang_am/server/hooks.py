@@ -58,10 +58,14 @@ class BatchInfo:
 # buffers), so extra attributes do not survive; the request-id list does (same object), so the info
 # is published keyed by it. A few recent batches are kept for overlap scheduling.
 _published: deque = deque(maxlen=4)
+# The decode CUDA-graph replay hands the backend a view without request ids; it always belongs to the
+# forward batch built last.
+_latest_rids: list = [None]
 
 
 def batch_info(forward_batch) -> BatchInfo | None:
-    rids = forward_batch.rids
+    """The documents and captures of ``forward_batch`` (or of the last built batch, for a replay view)."""
+    rids = getattr(forward_batch, "rids", _latest_rids[0])
     for published_rids, info in reversed(_published):
         if published_rids is rids:
             return info
@@ -153,6 +157,7 @@ def after_init_max_new_tokens(result, scheduler, req):
 
 
 def after_init_new(forward_batch, cls, batch, model_runner, *args, **kwargs):
+    _latest_rids[0] = forward_batch.rids
     mode = forward_batch.forward_mode
     if mode.is_idle() or not (mode.is_decode() or mode.is_extend()):
         return forward_batch

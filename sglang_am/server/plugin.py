@@ -4,7 +4,8 @@ SGLang runs plugins in each of its processes (spawned, so patches made by the la
 the scheduler) and then applies the registered hooks. ``register`` wires everything:
 
 - the ``am`` radix-cache backend (``--radix-cache-backend am``): compacted documents are pinned nodes;
-- the bias-aware ``torch_native`` attention backend, under SGLang's own name;
+- the bias-aware attention backends, under SGLang's own names: ``triton`` (GPU default),
+  ``flashinfer`` and ``torch_native`` (CPU, and the oracle of the other two);
 - scheduler hooks: request rewrite, ``max_new_tokens`` clamp, position offsets, holding a finished
   capture's KV, the document RPC and
   the ``am_document`` entry of a response's ``meta_info`` (see ``hooks``);
@@ -43,6 +44,22 @@ def _torch_native_backend(runner):
     from .attention import AMTorchNativeAttnBackend
 
     return AMTorchNativeAttnBackend(runner)
+
+
+def _triton_backend(runner):
+    if runner.model_config.is_encoder_decoder:
+        raise ValueError("sglang-am's triton backend does not support encoder-decoder models")
+    from .triton_attention import AMTritonAttnBackend
+
+    return AMTritonAttnBackend(runner)
+
+
+def _flashinfer_backend(runner):
+    if runner.use_mla_backend:
+        raise ValueError("sglang-am's flashinfer backend does not support MLA models")
+    from .flashinfer_attention import AMFlashInferAttnBackend
+
+    return AMFlashInferAttnBackend(runner, init_new_workspace=runner.init_new_workspace)
 
 
 def _before_http_server(*args, **kwargs):
@@ -84,6 +101,8 @@ def register() -> None:
     if _hooks_registered:  # SGLang loads plugins in several code paths of one process
         return
     ATTENTION_BACKENDS["torch_native"] = _torch_native_backend
+    ATTENTION_BACKENDS["triton"] = _triton_backend
+    ATTENTION_BACKENDS["flashinfer"] = _flashinfer_backend
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
     HookRegistry.register(f"{scheduler}._create_generation_req", hooks.after_create_req, HookType.AFTER)
     HookRegistry.register(f"{scheduler}.init_req_max_new_tokens", hooks.after_init_max_new_tokens, HookType.AFTER)
@@ -98,5 +117,5 @@ def register() -> None:
     if multiprocessing.parent_process() is None:  # the launcher / HTTP server process
         HookRegistry.register("sglang.srt.entrypoints.http_server._setup_and_run_http_server", _before_http_server, HookType.BEFORE)
     _hooks_registered = True
-    logger.info("sglang-am: registered radix-cache backend %r, the torch_native bias backend and the document hooks",
+    logger.info("sglang-am: registered radix-cache backend %r, the bias-aware attention backends and the document hooks",
                 RADIX_CACHE_BACKEND)

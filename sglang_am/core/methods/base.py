@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..block import Block
+from ..block import STATS_BACKENDS, Block
 
 @dataclass
 class CompactionOptions:
@@ -29,6 +29,8 @@ class CompactionOptions:
     query_chunk: queries per chunk when streaming over the ``n x T`` scores; peak memory is about
         ``H x query_chunk x T`` floats. ``None`` sizes chunks to a 16 MiB score tile.
     seed: seed for any randomness (only the ``random`` baseline draws).
+    stats_backend: where the attention statistics (targets, key scores) are computed: ``"torch"``,
+        ``"gpu"`` (FlashInfer + Triton kernels) or ``"auto"`` (``"gpu"`` for CUDA fp16/bf16 blocks).
     """
 
     fit_beta: bool = True
@@ -39,6 +41,7 @@ class CompactionOptions:
     scale: float | None = None
     query_chunk: int | None = None
     seed: int = 0
+    stats_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("fit_beta", "fit_values"):
@@ -52,6 +55,8 @@ class CompactionOptions:
             raise ValueError(f"scale must be positive, got {self.scale}")
         if self.query_chunk is not None and self.query_chunk < 1:
             raise ValueError(f"query_chunk must be >= 1, got {self.query_chunk}")
+        if self.stats_backend not in STATS_BACKENDS:
+            raise ValueError(f"stats_backend must be one of {STATS_BACKENDS}, got {self.stats_backend!r}")
 
 
 @dataclass

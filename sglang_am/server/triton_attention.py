@@ -1,0 +1,39 @@
+"""The bias-aware ``triton`` attention backend (the default GPU path).
+
+It replaces SGLang's ``triton`` entry and runs SGLang's own extend and decode kernels, adding each
+document's beta through their ``score_mod`` hook (``sglang_am.kernels.bias_table``). Per-forward
+metadata goes into a persistent buffer in ``init_forward_metadata`` (eager forwards) and
+``init_forward_metadata_out_graph`` (CUDA-graph capture and replay), so captured decode graphs read
+the current batch's documents. Decode always passes the hook, so capture and replay match; extend
+passes it only when a request in the batch uses a document. The torch_native backend is the oracle.
+"""
+
+from __future__ import annotations
+
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+from sglang_am.kernels.bias_table import am_bias_score_mod
+
+from .attention import DocumentBiasRows, capture_queries, check_full_attention, layer_index
+from .hooks import batch_info
+
+
+class AMTritonAttnBackend(DocumentBiasRows, TritonAttnBackend):
+    ROWS_PER_TOKEN = True
+
+    def __init__(self, model_runner, *args, **kwargs):
+        super().__init__(model_runner, *args, **kwargs)
+        self.bias_table = self.make_bias_table(model_runner, self.num_head, self.num_kv_head)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        info = batch_info(forward_batch)
+        if info is not None and info.captures:
+            capture_queries(q, layer, info, layer_index(self, layer))
+        if info is not None and info.has_documents:
+            check_full_attention(layer)
+            kwargs.update(score_mod=am_bias_score_mod, aux_tensors=[self.bias_table.aux(layer_index(self, layer))])
+        return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        kwargs.update(score_mod=am_bias_score_mod, aux_tensors=[self.bias_table.aux(layer_index(self, layer))])
+        return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)

@@ -1,0 +1,105 @@
+"""The bias-aware ``triton`` attention backend in a real SGLang server on loopback (the embedded recall
+model, float32). Without CUDA, SGLang's Triton extend/decode kernels, with our ``score_mod``, run under
+Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in ``conftest.py``). Registration
+(query capture), extend and decode with documents are checked against the transformers adapter."""
+
+import pytest
+import torch
+
+from sglang_am.client import http_json
+from sglang_am.hf import forward_after_prefix
+from sglang_am.prefix import CompactedPrefix
+from sglang_am.recall_model import default_model_path, load_recall_model, recall_task
+from sglang_am.serve import serving
+
+pytestmark = pytest.mark.slow
+FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--attention-backend", "triton"]
+BIAS_SLOTS = 100  # room for the documents these tests keep at once: a third one is refused
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def server():
+    env = {"SGLANG_AM_BIAS_SLOTS": str(BIAS_SLOTS), "SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1",
+           "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+    with serving(FLAGS, env=env) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_recall_model()[0]
+
+
+def ok(server, method, path, payload=None):
+    status, body = http_json(method, server + path, payload)
+    assert status == 200, (status, body)
+    return body
+
+
+def register(server, tokenizer, tmp_path, seed, ratio):
+    (doc,) = recall_task(num_pairs=300, num_questions=2, seed=seed)
+    ids = tokenizer.encode(doc.text)
+    registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": ratio, "query_source": "context-prefill"})
+    saved = ok(server, "POST", f"/am/documents/{registered['doc_id']}/save", {"path": str(tmp_path / registered["doc_id"])})
+    prompts = [tokenizer.encode(f"{doc.text}\n{q.question}") for q in doc.questions]
+    return registered, CompactedPrefix.load(saved["path"]), prompts
+
+
+def generate(server, prompts):
+    sampling = {"max_new_tokens": STEPS, "temperature": 0, "ignore_eos": True}
+    return ok(server, "POST", "/generate", {"input_ids": prompts, "sampling_params": sampling,
+                                            "return_logprob": True, "top_logprobs_num": 20})
+
+
+def served_document(output) -> str | None:
+    entries = output["meta_info"].get("am_document") or [None]
+    return entries[0]["doc_id"] if entries[0] else None
+
+
+def assert_matches(model, output, reference_logits):
+    """Each generated step's top log-probabilities against ``reference_logits(tokens so far)``."""
+    for step in range(STEPS):
+        reference = torch.log_softmax(reference_logits(output["output_ids"][:step]).double(), dim=-1)
+        served = output["meta_info"]["output_top_logprobs"][step]
+        assert served[0][1] == int(reference.argmax())
+        assert max(abs(value - reference[token].item()) for value, token, _ in served) < 2e-3
+
+
+def test_documents_and_plain_prompts_in_one_batch_match_the_transformers_adapter(server, tokenizer, model, tmp_path):
+    first, first_prefix, first_prompts = register(server, tokenizer, tmp_path, seed=21, ratio=0.1)
+    second, second_prefix, second_prompts = register(server, tokenizer, tmp_path, seed=22, ratio=0.05)
+    plain = tokenizer.encode("a prompt that starts with no document")
+    outputs = generate(server, [first_prompts[0], plain, second_prompts[0], first_prompts[1]])
+    assert [served_document(out) for out in outputs] == [first["doc_id"], None, second["doc_id"], first["doc_id"]]
+
+    def after_document(prefix, prompt):
+        suffix = prompt[prefix.logical_length:]
+        return lambda generated: forward_after_prefix(model, prefix, torch.tensor([suffix + generated]))[0][0, -1]
+
+    def plain_model(generated):
+        with torch.no_grad():
+            return model(torch.tensor([plain + generated])).logits[0, -1]
+
+    references = [after_document(first_prefix, first_prompts[0]), plain_model,
+                  after_document(second_prefix, second_prompts[0]), after_document(first_prefix, first_prompts[1])]
+    for output, reference in zip(outputs, references):
+        assert_matches(model, output, reference)
+
+    # The bias table holds BIAS_SLOTS compacted slots: the two documents use 60 + 30.
+    (doc,) = recall_task(num_pairs=300, num_questions=1, seed=23)
+    status, body = http_json("POST", server + "/am/documents", {"input_ids": tokenizer.encode(doc.text), "ratio": 0.1})
+    assert status == 503 and "SGLANG_AM_BIAS_SLOTS" in body["error"], body
+    for registered in (first, second):
+        ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
+    # The dropped documents' room comes back.
+    third, third_prefix, third_prompts = register(server, tokenizer, tmp_path, seed=23, ratio=0.1)
+    assert_matches(model, generate(server, third_prompts[:1])[0], after_document(third_prefix, third_prompts[0]))
+    ok(server, "DELETE", f"/am/documents/{third['doc_id']}")
