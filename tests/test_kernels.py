@@ -1,10 +1,12 @@
 """The GPU kernel paths against their torch oracles.
 
 Without CUDA, Triton kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (set in ``conftest.py``):
-SGLang's own extend/decode attention kernels with our ``score_mod`` against the torch_native backend's
-float mask + SDPA, and our key-scoring kernels against ``Block``'s torch statistics. FlashInfer has no
-CPU or interpreter path: its variant is checked by rendering its CUDA sources; running it (and the
-FlashInfer attention targets) is ``benchmarks/gpu_check.py``'s job on a GPU.
+SGLang's own extend (two-stage and deterministic one-stage) and decode (grouped and MHA) attention
+kernels with our ``score_mod`` against the torch_native backend's float mask + SDPA, and our
+key-scoring kernels against ``Block``'s torch statistics, all in float32 (the interpreter mishandles
+bf16, with or without our code). FlashInfer has no CPU or interpreter path: its variant is rendered
+into FlashInfer's sources and one kernel instance is compiled with nvcc; running it (and the FlashInfer
+attention targets) is ``benchmarks/gpu_check.py``'s job on a GPU. With CUDA every test runs natively.
 """
 
 import os

@@ -19,8 +19,6 @@ from torch.nn.functional import scaled_dot_product_attention
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_am.kernels.bias_table import BiasTable
-
 from .documents import STORE
 from .hooks import batch_info
 
@@ -119,7 +117,9 @@ class DocumentBiasRows:
     adds_document_bias = True  # checked before a document is registered
     ROWS_PER_TOKEN: bool
 
-    def make_bias_table(self, model_runner, q_heads: int, kv_heads: int) -> BiasTable:
+    def make_bias_table(self, model_runner, q_heads: int, kv_heads: int):
+        from sglang_am.kernels.bias_table import BiasTable  # imports triton: not on the torch_native path
+
         pool_size = model_runner.max_total_num_tokens
         requests = model_runner.req_to_token_pool.size
         return BiasTable(

@@ -50,6 +50,7 @@ HOOKED_SIGNATURES = {
     f"{_FLASHINFER}._create_decode_wrappers": ("self", "bs", "num_tokens"),
     f"{_FLASHINFER}._create_prefill_wrappers": ("self", "bs", "use_custom_mask"),
     f"{_FLASHINFER}._create_full_cg_prefill_wrappers": ("self", "num_slots", "max_num_tokens"),
+    f"{_FLASHINFER}._check_kv_attention_access": ("self", "phase", "access"),
     f"{_FLASHINFER}.forward_extend": _ATTENTION,
     f"{_FLASHINFER}.forward_decode": _ATTENTION,
     f"{_FLASHINFER}.init_forward_metadata": ("self", "forward_batch"),

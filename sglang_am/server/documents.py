@@ -548,6 +548,8 @@ def _check_model(scheduler) -> None:
     if not getattr(runner.attn_backend, "adds_document_bias", False):
         raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need a bias-aware attention backend: "
                             "--attention-backend triton, flashinfer or torch_native (CPU)")
+    if not runner.spec_algorithm.is_none():
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents do not support speculative decoding yet")
     config = runner.model_config.hf_config
     kinds = getattr(config, "layer_types", None)
     if kinds:

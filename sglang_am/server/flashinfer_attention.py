@@ -61,9 +61,14 @@ class AMFlashInferAttnBackend(DocumentBiasRows, FlashInferAttnBackend):
         self._layer = 0
         with self._building_bias_wrappers():
             super().__init__(model_runner, *args, **kwargs)
+        # SGLang validates the KV access only for its own class: do it for this subclass too.
+        for phase, backend in (("prefill", model_runner.prefill_attention_backend_str),
+                               ("decode", model_runner.decode_attention_backend_str)):
+            if backend == "flashinfer":
+                self._check_kv_attention_access(phase, getattr(self, f"{phase}_kv_access"))
         if self.num_wrappers != 1 or self.prefill_uses_dequant_workspace or self.decode_uses_dequant_workspace:
-            raise ValueError("sglang-am's flashinfer backend serves full-attention models with a plain KV cache only")
-        self.decode_use_tensor_cores = True  # the variant's decode runs on the prefill kernels
+            raise ValueError("sglang-am's flashinfer backend serves full-attention models with a plain KV cache only "
+                             "(its variant has no sliding window or cross-attention); use --attention-backend triton")
         heads = self.indices_updater_decode
         self.bias_table = self.make_bias_table(model_runner, heads.num_qo_heads, heads.num_kv_heads)
 
