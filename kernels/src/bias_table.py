@@ -122,6 +122,8 @@ class BiasTable:
     def set_rows(self, bases: Sequence[int], slots: Sequence[int], rows_per_entry: Sequence[int]) -> int:
         """Write the rows of one forward: entry i (a request) covers ``rows_per_entry[i]`` consecutive
         query rows with document ``(bases[i], slots[i])`` (base -1: none). Returns the row count."""
+        if not rows_per_entry and not self._rows_filled:  # most forwards: no document now or before
+            return 0
         counts = torch.tensor(rows_per_entry, dtype=torch.int64)
         total = int(counts.sum())
         if total > self.max_rows:

@@ -22,18 +22,23 @@ BLOCK_KEYS = 64
 
 
 @triton.jit
+def _load_rows(Base, head, stride_h, rows, stride_r, limit, dims, D: tl.constexpr):
+    """Rows ``rows`` (< ``limit``) of head ``head``, zero-padded to ``len(dims)`` columns (< ``D``)."""
+    return tl.load(Base + head * stride_h + rows[:, None] * stride_r + dims[None, :],
+                   mask=(rows[:, None] < limit) & (dims[None, :] < D), other=0.0)
+
+
+@triton.jit
 def _row_max_kernel(Q, K, RowMax, n, T, scale, stride_qh, stride_qn, stride_kh, stride_kt,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     head = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qn + dims[None, :],
-                mask=(rows[:, None] < n) & (dims[None, :] < D), other=0.0)
+    q = _load_rows(Q, head, stride_qh, rows, stride_qn, n, dims, D)
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
-        k = tl.load(K + head * stride_kh + cols[:, None] * stride_kt + dims[None, :],
-                    mask=(cols[:, None] < T) & (dims[None, :] < D), other=0.0)
+        k = _load_rows(K, head, stride_kh, cols, stride_kt, T, dims, D)
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         logits = tl.where(cols[None, :] < T, logits, float("-inf"))
         best = tl.maximum(best, tl.max(logits, axis=1))
@@ -46,15 +51,13 @@ def _key_stats_kernel(Q, K, Lse, Sum, SumSquares, Max, n, T, scale, stride_qh, s
     head = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, BLOCK_D)
-    k = tl.load(K + head * stride_kh + cols[:, None] * stride_kt + dims[None, :],
-                mask=(cols[:, None] < T) & (dims[None, :] < D), other=0.0)
+    k = _load_rows(K, head, stride_kh, cols, stride_kt, T, dims, D)
     total = tl.zeros([BLOCK_T], tl.float32)
     squares = tl.zeros([BLOCK_T], tl.float32)
     best = tl.zeros([BLOCK_T], tl.float32)
     for start in range(0, n, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
-        q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qn + dims[None, :],
-                    mask=(rows[:, None] < n) & (dims[None, :] < D), other=0.0)
+        q = _load_rows(Q, head, stride_qh, rows, stride_qn, n, dims, D)
         lse = tl.load(Lse + head * n + rows, mask=rows < n, other=float("inf"))  # padded rows weigh 0
         weights = tl.exp(tl.dot(q, tl.trans(k), input_precision="ieee") * scale - lse[:, None])
         total += tl.sum(weights, axis=0)

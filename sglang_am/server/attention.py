@@ -102,11 +102,15 @@ def write_bias_rows(table, forward_batch, per_token: bool) -> None:
     if info is None or not info.has_documents:
         table.set_rows([], [], [])
         return
-    live = {doc.index for doc in STORE.documents.values() if doc.state == "ready"}
-    bases = [-1 if doc is None else table.base_of(doc.index, lambda doc=doc: doc.bias, live.__contains__)
+    bases = [-1 if doc is None else table.base_of(doc.index, lambda doc=doc: doc.bias, _is_ready)
              for doc in info.documents]
     slots = [0 if doc is None else doc.num_slots for doc in info.documents]
     table.set_rows(bases, slots, info.query_lens if per_token else [1] * len(bases))
+
+
+def _is_ready(index: int) -> bool:
+    """Is document ``index`` still ready? Asked only when the bias table runs out of room."""
+    return any(doc.index == index and doc.state == "ready" for doc in STORE.documents.values())
 
 
 class DocumentBiasRows:
