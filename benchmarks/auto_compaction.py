@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 from common import RESULTS_DIR, environment, write_json
+
 from sglang_am.batch_qa import QARequest, ask_all, summarize
 from sglang_am.client import http_json
 from sglang_am.recall_model import default_model_path, recall_task

@@ -19,9 +19,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from sglang_am.hf import compact_prefix, full_prefix, next_token_kl  # noqa: E402
 from sglang_am.hf.gemma import load_gemma3_270m  # noqa: E402
 from sglang_am.quality import needle_in_document  # noqa: E402

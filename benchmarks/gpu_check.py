@@ -44,9 +44,9 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from torch.nn.functional import scaled_dot_product_attention  # noqa: E402
 
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from sglang_am import compact, evaluate  # noqa: E402
 from sglang_am.core.block import Block  # noqa: E402
 from sglang_am.core.synthetic import clustered_block  # noqa: E402
@@ -120,7 +120,7 @@ class Requests:
                        for r in range(count)]
         self.table = BiasTable(1, sizes.kv_heads, sizes.q_heads // sizes.kv_heads, capacity_slots=count * sizes.doc_slots,
                                max_rows=count * new_tokens + 256, device=device)
-        self.bases = [-1 if b is None else self.table.base_of(r, lambda b=b: [b], lambda key: True)
+        self.bases = [-1 if b is None else self.table.base_of(r, lambda b=b: [b])
                       for r, b in enumerate(self.biases)]
         self.doc_slots = [0 if b is None else sizes.doc_slots for b in self.biases]
         self.scale = sizes.head_dim**-0.5
@@ -264,8 +264,8 @@ def check_compaction(sizes: Sizes, repeats: int) -> dict:
     budget = sizes.solver_length // 10
     results = {}
     for backend in ("gpu", "torch"):
-        result, seconds = timed(lambda: compact(block["keys"], block["values"], block["queries"], budget,
-                                                stats_backend=backend), repeats)
+        result, seconds = timed(lambda backend=backend: compact(block["keys"], block["values"], block["queries"], budget,
+                                                                stats_backend=backend), repeats)
         error = evaluate(block["keys"], block["values"], result, block["heldout_queries"],
                          suffix_keys=block["suffix_keys"], suffix_values=block["suffix_values"]).mean()
         results[backend] = {"seconds": seconds, **error}
@@ -289,19 +289,21 @@ def check_servers(sizes: Sizes, repeats: int) -> dict:
         prompts.append(tokenizer.encode("a prompt without the document"))
         request = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
                    "return_logprob": True, "top_logprobs_num": 5}
-        common = ["--model-path", str(model_path), "--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
-        outputs, seconds, errors, saved = {}, {}, {}, str(Path(workdir) / "document")
+        key = "gpu-check"  # the store's routes need an admin key; every server shares one store
+        common = ["--model-path", str(model_path), "--dtype", "bfloat16", "--mem-fraction-static", "0.5",
+                  "--admin-api-key", key, "--am-store-dir", str(Path(workdir) / "store")]
+        outputs, seconds, errors, doc_id = {}, {}, {}, None
         for backend in ("torch_native", "triton", "flashinfer"):
             flags = [*common, "--attention-backend", backend] + (["--disable-cuda-graph"] if backend == "torch_native" else [])
             try:
                 with serving(flags, startup_seconds=1200) as url:
                     if backend == "torch_native":  # the oracle registers the document everyone loads
-                        status, body = http_json("POST", url + "/am/documents", {"input_ids": ids, "ratio": 0.2})
+                        status, body = http_json("POST", url + "/am/documents", {"input_ids": ids, "ratio": 0.2}, key)
                         assert status == 200, body
-                        status, body = http_json("POST", url + f"/am/documents/{body['doc_id']}/save", {"path": saved})
-                        saved = body.get("path", saved)
+                        doc_id = body["doc_id"]
+                        status, body = http_json("POST", url + f"/am/documents/{doc_id}/save", None, key)
                     else:
-                        status, body = http_json("POST", url + "/am/documents/load", {"path": saved})
+                        status, body = http_json("POST", url + f"/am/documents/{doc_id}/load", None, key)
                     assert status == 200, body
                     start = time.perf_counter()
                     status, outputs[backend] = http_json("POST", url + "/generate", request)
@@ -368,6 +370,8 @@ CHECKS = {
 }
 
 
+SHOWN = ('max_abs_error', 'seconds', 'stock_seconds', 'oracle_seconds', 'reason', 'error')  # printed per check
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-servers", action="store_true", help="skip the end-to-end server check")
@@ -390,7 +394,7 @@ def main() -> int:
                 result = {"status": "failed", "error": repr(error), "traceback": traceback.format_exc()}
             results[name] = {"tolerance": tolerance, **result}
         print(f"{name:20s} {results[name]['status']:8s} "
-              f"{ {k: v for k, v in results[name].items() if k in ('max_abs_error', 'seconds', 'stock_seconds', 'oracle_seconds', 'reason', 'error')} }")
+              f"{ {k: v for k, v in results[name].items() if k in SHOWN} }")
     payload = {"environment": environment(), "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
                "sizes": {k: str(v) for k, v in vars(sizes).items()},
                "checks": results}

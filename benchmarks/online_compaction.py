@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS_DIR, environment, write_json
+
 from sglang_am.hf.online import OnlineCompaction, OnlineSession
 from sglang_am.recall_model import load_recall_model, recall_task
 

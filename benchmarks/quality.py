@@ -27,9 +27,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from sglang_am.core import get_method  # noqa: E402
 from sglang_am.hf import (  # noqa: E402
     compact_prefix,
@@ -148,7 +148,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["task"], row["method"], row["ratio"]), []).append(row)
     summary = []
     for (task, method, ratio), group in groups.items():
-        mean = lambda key: sum(r[key] for r in group) / len(group)
+        mean = lambda key, group=group: sum(r[key] for r in group) / len(group)
         entry = {"task": task, "method": method, "ratio": ratio, "documents": len(group),
                  "query_source": group[0]["query_source"], "mc_accuracy": mean("mc_accuracy"),
                  "generation_accuracy": mean("generation_accuracy"), "log_perplexity": mean("log_perplexity")}

@@ -16,13 +16,14 @@ import argparse
 import time
 from pathlib import Path
 
+from common import RESULTS_DIR, environment, write_json
 from transformers import AutoTokenizer
 
-from common import RESULTS_DIR, environment, write_json
 from sglang_am.client import DocumentsClient
 from sglang_am.core import get_method
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.serve import serving
+
 
 def answer(client: DocumentsClient, prompts: list[list[int]], **extra) -> tuple[list[str], list[dict]]:
     outputs = client.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0}, **extra)
@@ -32,7 +33,8 @@ def answer(client: DocumentsClient, prompts: list[list[int]], **extra) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
-    parser.add_argument("--methods", nargs="+", default=["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "KVzip"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "KVzip"])
     parser.add_argument("--pairs", type=int, default=500, help="key-value pairs in the document")
     parser.add_argument("--questions", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)

@@ -19,9 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from sglang_am import compact, evaluate  # noqa: E402
 from sglang_am.core.synthetic import clustered_block  # noqa: E402
 

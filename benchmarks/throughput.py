@@ -2,7 +2,8 @@
 
 Drives live servers over HTTP (streaming /v1/completions, like SGLang's serving benchmark) with the
 same workload: --documents recall documents, --questions each, interleaved across documents, at
---concurrency, after one untimed warm-up request per document. Configurations, all with --max-total-tokens slots and the torch_native backend:
+--concurrency, after one untimed warm-up request per document. Configurations, all with --max-total-tokens slots
+and the torch_native backend:
 (a) SGLang with the radix cache disabled, (b) stock SGLang (its own radix cache holds full documents),
 (c) the extension with every document registered at each --ratios. Per configuration: request
 throughput, output tokens/s, TTFT and latency p50/p99, accuracy, KV slots per document and how many
@@ -19,9 +20,9 @@ import argparse
 import time
 from pathlib import Path
 
+from common import RESULTS_DIR, environment, write_json
 from transformers import AutoTokenizer
 
-from common import RESULTS_DIR, environment, write_json
 from sglang_am.batch_qa import ask_all, documents_and_questions, summarize
 from sglang_am.client import DocumentsClient, http_json
 from sglang_am.recall_model import default_model_path, recall_task
@@ -44,7 +45,8 @@ def resident(url: str, prompts: list[str], slots_per_document: list[int]) -> int
     recently used prefix, cannot evict a document not yet probed that was resident."""
     count = 0
     for prompt, slots in reversed(list(zip(prompts, slots_per_document))):
-        status, body = http_json("POST", f"{url}/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+        greedy = {"max_new_tokens": 1, "temperature": 0}
+        status, body = http_json("POST", f"{url}/generate", {"text": prompt, "sampling_params": greedy})
         count += status == 200 and body["meta_info"]["cached_tokens"] >= slots
     return count
 
@@ -118,7 +120,8 @@ def measure_capacity(args, tokenizer) -> dict:
         client = DocumentsClient(url)
         slots, refused = [], 0
         for document in extra:
-            status, body = http_json("POST", f"{url}/am/documents", {"text": document.text, "ratio": ratio, "method": args.method})
+            status, body = http_json("POST", f"{url}/am/documents",
+                                     {"text": document.text, "ratio": ratio, "method": args.method})
             if status == 200:
                 slots.append(body["t"])
             else:
@@ -142,7 +145,8 @@ def plot(payload: dict, path) -> None:
     names = [row["config"].replace(", ", "\n").replace(" @ ", "\n@ ") for row in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for axis, key, label in [(axes[0], "request_throughput", "requests / s"), (axes[1], "latency_p50", "latency p50 (s)"),
-                             (axes[2], "resident_documents", f"resident documents of {len(payload['inputs']['document_tokens'])}")]:
+                             (axes[2], "resident_documents",
+                              f"resident documents of {len(payload['inputs']['document_tokens'])}")]:
         bars = axis.bar(names, [row[key] or 0 for row in rows], color="tab:blue")
         axis.set_ylabel(label)
         axis.tick_params(axis="x", labelsize=7)

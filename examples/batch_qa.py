@@ -67,7 +67,8 @@ def run(url: str, args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     rows = [("full prefix", result["full_prefix"]), (f"compacted @ {result['arguments']['ratio']}", result["compacted"])]
-    print(f"\n{'serving':<18}{'KV slots/doc':>13}{'accuracy':>10}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'lat p50':>9}{'lat p99':>9}")
+    print(f"\n{'serving':<18}{'KV slots/doc':>13}{'accuracy':>10}{'req/s':>8}{'tok/s':>8}"
+          f"{'TTFT p50':>10}{'lat p50':>9}{'lat p99':>9}")
     for name, row in rows:
         slots = sum(row["kv_slots_per_document"]) / len(row["kv_slots_per_document"])
         print(f"{name:<18}{slots:>13.0f}{row['accuracy']:>10.2f}{row['request_throughput']:>8.2f}"

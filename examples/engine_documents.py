@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.1)
     args = parser.parse_args()
 
-    settings = {"model_path": args.model_path, "radix_cache_backend": "am", "dtype": "float32", "log_level": "error"}
+    # The am radix cache refuses overlap scheduling, which it does not support.
+    settings = {"model_path": args.model_path, "radix_cache_backend": "am", "disable_overlap_schedule": True,
+                "dtype": "float32", "log_level": "error"}
     if not has_cuda():
         settings.update(device="cpu", attention_backend="torch_native", max_total_tokens=DEFAULT_CPU_MAX_TOTAL_TOKENS)
     engine = sglang.Engine(**settings)

@@ -14,15 +14,16 @@ import json
 import urllib.error
 import urllib.request
 
-from .server.documents import DocumentError
+from .server.errors import DocumentError
 
 
 def http_json(method: str, url: str, payload: object = None, api_key: str | None = None, timeout: float = 600):
-    """``(status, decoded JSON body)`` of one call (the raw text when the body is not JSON)."""
+    """``(status, decoded JSON body)`` of one call (the raw text when the body is not JSON). ``payload`` is
+    sent as JSON, or as it is when it is ``bytes``."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    data = None if payload is None else json.dumps(payload).encode()
+    data = payload if isinstance(payload, bytes) or payload is None else json.dumps(payload).encode()
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=timeout) as response:
             status, body = response.status, response.read()
@@ -46,7 +47,7 @@ class DocumentsClient:
         return body
 
     def register(self, **arguments) -> dict:
-        """``POST /am/documents`` (see the README for the fields)."""
+        """``POST /am/documents`` (the fields are in docs/serving.md)."""
         return self._call("POST", "/am/documents", arguments)
 
     def list(self) -> list[dict]:
@@ -58,11 +59,17 @@ class DocumentsClient:
     def drop(self, doc_id: str) -> dict:
         return self._call("DELETE", f"/am/documents/{doc_id}")
 
-    def save(self, doc_id: str, path: str) -> dict:
-        return self._call("POST", f"/am/documents/{doc_id}/save", {"path": path})
+    def save(self, doc_id: str) -> dict:
+        """Write the document to the server's store (needs the server's admin key)."""
+        return self._call("POST", f"/am/documents/{doc_id}/save")
 
-    def load(self, path: str) -> dict:
-        return self._call("POST", "/am/documents/load", {"path": path})
+    def load(self, doc_id: str) -> dict:
+        """Install a stored document without compacting it again (needs the server's admin key)."""
+        return self._call("POST", f"/am/documents/{doc_id}/load")
+
+    def stored(self) -> dict:
+        """``GET /am/store``: the stored documents and the store's use of its quota."""
+        return self._call("GET", "/am/store")
 
     def stats(self) -> dict:
         """``GET /am/stats``: counters, gauges, the KV pool, the automatic policy and the idle leak check."""

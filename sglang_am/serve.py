@@ -8,9 +8,11 @@ document's bias): ``triton`` on CUDA, ``torch_native`` on CPU; ``flashinfer`` on
 without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the import
 path, and adds ``--device cpu`` and a KV pool cap (``--max-total-tokens 65536``) unless given.
 
-Its own flags: ``--am-auto`` turns on automatic compaction of reused prefixes, and ``--am-auto-FIELD
-VALUE`` sets a field of ``AutoPolicy`` (``--am-auto-min-requests 8``); they travel to SGLang's
-processes as ``SGLANG_AM_AUTO`` (JSON), which also works with ``sglang serve`` directly.
+Its own flags: ``--am-FIELD VALUE`` sets a field of ``ServerConfig`` (the document store and the bounds on
+client work: ``--am-store-dir /data/am``, ``--am-solve-timeout 300``, sizes as ``10GiB``); ``--am-auto``
+turns on automatic compaction of reused prefixes, and ``--am-auto-FIELD VALUE`` sets a field of
+``AutoPolicy`` (``--am-auto-min-requests 8``). They travel to SGLang's processes as JSON in
+``SGLANG_AM_CONFIG`` and ``SGLANG_AM_AUTO``, which also work with ``sglang serve`` directly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 
 from .server.auto import POLICY_VARIABLE, AutoPolicy
+from .server.config import CONFIG_VARIABLE, ServerConfig
 from .server.cpu import cpu_environment, cpu_server_flags, given_flags, has_cuda
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
 
@@ -40,38 +43,62 @@ def _number(text: str) -> int | float:
     return float(text) if any(c in text for c in ".eE") else int(text)
 
 
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | int": _number}
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+               "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
 
 
-def auto_parser() -> argparse.ArgumentParser:
+def _size(text: str) -> int:
+    """Bytes: ``1048576``, ``512MiB``, ``10G``."""
+    digits = text.rstrip("KMGiBkmgb")
+    unit = text[len(digits):].upper()
+    if unit not in _SIZE_UNITS or not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1048576, 512MiB or 10GiB")
+    return int(digits) * _SIZE_UNITS[unit]
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() in ("true", "1", "yes")
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | int": _number, "bool": _boolean}
+
+
+def am_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sglang_am.serve", add_help=False, allow_abbrev=False,
                                      description="sglang-am flags (every other flag goes to SGLang)")
+    for field in dataclasses.fields(ServerConfig):
+        parse = _size if field.name.endswith("_bytes") else _FIELD_TYPES[field.type]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        parser.add_argument(f"--am-{field.name.replace('_', '-')}", dest=f"config.{field.name}", type=parse,
+                            default=argparse.SUPPRESS, help=f"(default {default})")
     parser.add_argument("--am-auto", action="store_true",
                         help="compact radix-tree prefixes that many requests reuse, in the background")
     for field in dataclasses.fields(AutoPolicy):
-        parser.add_argument(f"--am-auto-{field.name.replace('_', '-')}", dest=field.name, default=argparse.SUPPRESS,
+        parser.add_argument(f"--am-auto-{field.name.replace('_', '-')}", dest=f"auto.{field.name}", default=argparse.SUPPRESS,
                             type=_FIELD_TYPES[field.type], help=f"automatic compaction: {field.name} (default {field.default})")
     return parser
 
 
-def split_auto_flags(argv: Sequence[str]) -> tuple[list[str], AutoPolicy | None]:
-    """``argv`` without this launcher's ``--am-auto*`` flags, and the policy they give (None if off)."""
-    parser = auto_parser()
+def split_am_flags(argv: Sequence[str]) -> tuple[list[str], ServerConfig, AutoPolicy | None]:
+    """``argv`` without this launcher's ``--am-*`` flags, the server config and the automatic policy they give."""
+    parser = am_parser()
     known, rest = parser.parse_known_args(list(argv))
-    fields = {k: v for k, v in vars(known).items() if k != "am_auto"}
-    if fields and not known.am_auto:
-        parser.error(f"--am-auto-* flags need --am-auto (got {', '.join(sorted(fields))})")
-    if not known.am_auto:
-        return rest, None
+    given = vars(known)
+    config = {name.split(".", 1)[1]: value for name, value in given.items() if name.startswith("config.")}
+    auto = {name.split(".", 1)[1]: value for name, value in given.items() if name.startswith("auto.")}
+    if auto and not known.am_auto:
+        parser.error(f"--am-auto-* flags need --am-auto (got {', '.join(sorted(auto))})")
     try:
-        return rest, AutoPolicy(**fields)
+        return rest, ServerConfig(**config), AutoPolicy(**auto) if known.am_auto else None
     except ValueError as error:
         parser.error(str(error))
 
 
 def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The ``sglang.launch_server`` command line and environment for ``argv``."""
-    args, policy = split_auto_flags(argv)
+    args, config, policy = split_am_flags(argv)
     given = given_flags(args)
     if "--model-path" not in given:
         from .recall_model import default_model_path
@@ -83,7 +110,7 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         args.append("--disable-overlap-schedule")
     if "--attention-backend" not in given and has_cuda():  # on CPU, cpu_server_flags picks torch_native
         args += ["--attention-backend", DEFAULT_GPU_ATTENTION_BACKEND]
-    env = {**os.environ, ENABLE_VARIABLE: "1"}
+    env = {**os.environ, ENABLE_VARIABLE: "1", CONFIG_VARIABLE: config.to_json()}
     if policy is not None:
         env[POLICY_VARIABLE] = policy.to_json()
     if not has_cuda():
@@ -129,7 +156,7 @@ def serving(
                                    env={**base_env, **(env or {})})
         try:
             deadline = time.monotonic() + startup_seconds
-            while not _healthy(url):
+            while not healthy(url):
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     state = f"exited with {process.returncode}" if process.poll() is not None else "is not healthy"
@@ -151,7 +178,7 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             return response.status == 200
@@ -161,7 +188,7 @@ def _healthy(url: str) -> bool:
 
 def main() -> None:
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print(auto_parser().format_help(), flush=True)
+        print(am_parser().format_help(), flush=True)
     command, env = launch_command(sys.argv[1:])
     print("sglang-am:", " ".join(command[2:]), flush=True)
     os.execvpe(command[0], command, env)

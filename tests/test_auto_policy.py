@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from sglang_am.serve import launch_command, split_auto_flags
+from sglang_am.serve import launch_command, split_am_flags
 from sglang_am.server.auto import POLICY_VARIABLE, AutoPolicy, ReuseTracker, policy_from_environment
+from sglang_am.server.config import CONFIG_VARIABLE, GiB, ServerConfig
 from sglang_am.server.metrics import Stats
 
 POLICY = AutoPolicy(min_tokens=8, min_requests=3, window_seconds=10.0, keep_first=2, keep_last=3)
@@ -75,7 +76,8 @@ def test_identical_prompts_keep_a_suffix_of_keep_last_tokens():
 
 @pytest.mark.parametrize("fields, word", [
     ({"min_requests": 0}, "min_requests"), ({"ratio": 1.0}, "ratio"), ({"budget": 1.5}, "budget"),
-    ({"budget": 0}, "budget"), ({"keep_last": 0}, "keep_last"), ({"min_tokens": 8, "keep_first": 4, "keep_last": 4}, "keep_first"),
+    ({"budget": 0}, "budget"), ({"keep_last": 0}, "keep_last"),
+    ({"min_tokens": 8, "keep_first": 4, "keep_last": 4}, "keep_first"),
     ({"method": "nope"}, "nope"), ({"query_source": "random"}, "query_source"), ({"window_seconds": 0}, "window_seconds"),
 ])
 def test_bad_policies_name_the_field(fields, word):
@@ -98,20 +100,27 @@ def test_policy_travels_in_the_environment(monkeypatch):
         policy_from_environment()
 
 
-def test_launcher_turns_am_auto_flags_into_the_policy_and_passes_the_rest_to_sglang(capsys):
+def test_launcher_turns_am_flags_into_the_config_and_policy_and_passes_the_rest_to_sglang(capsys):
     command, env = launch_command(["--am-auto", "--am-auto-min-requests", "5", "--am-auto-budget", "4096",
-                                   "--am-auto-save-dir", "/tmp/am", "--port", "30001"])
+                                   "--am-auto-save-evicted", "false", "--am-store-dir", "/tmp/am",
+                                   "--am-store-quota-bytes", "2GiB", "--am-solve-timeout", "30", "--port", "30001"])
     assert not any(arg.startswith("--am-") for arg in command)
     assert command[command.index("--port") + 1] == "30001"
     policy = json.loads(env[POLICY_VARIABLE])
-    assert (policy["min_requests"], policy["budget"], policy["save_dir"]) == (5, 4096, "/tmp/am")
-    assert split_auto_flags(["--port", "1"]) == (["--port", "1"], None)
+    assert (policy["min_requests"], policy["budget"], policy["save_evicted"]) == (5, 4096, False)
+    config = ServerConfig(**json.loads(env[CONFIG_VARIABLE]))
+    assert (config.store_dir, config.store_quota_bytes, config.solve_timeout) == ("/tmp/am", 2 * GiB, 30.0)
+    assert split_am_flags(["--port", "1"]) == (["--port", "1"], ServerConfig(), None)
     with pytest.raises(SystemExit):
-        split_auto_flags(["--am-auto-ratio", "0.2"])  # without --am-auto
+        split_am_flags(["--am-auto-ratio", "0.2"])  # without --am-auto
     assert "need --am-auto" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        split_auto_flags(["--am-auto", "--am-auto-ratio", "3"])
-    assert "ratio must be in (0, 1)" in capsys.readouterr().err
+    for flags, reason in ((["--am-auto", "--am-auto-ratio", "3"], "ratio must be in (0, 1)"),
+                          (["--am-max-registrations", "0"], "max_registrations must be a positive int"),
+                          (["--am-capture-memory-bytes", "lots"], "not a size"),
+                          (["--am-rpc-timeout", "inf"], "rpc_timeout must be a positive number")):
+        with pytest.raises(SystemExit):
+            split_am_flags(flags)
+        assert reason in capsys.readouterr().err
 
 
 def test_stats_count_by_label_and_refuse_wrong_labels():

@@ -135,33 +135,31 @@ def test_am_tracks_full_context_better_than_truncation(model):
     def kl(method):
         prefix = compact_prefix(model, document, budget=0.25, method=method, progress=False)
         logits, _ = forward_after_prefix(model, prefix, questions)
-        return torch.nn.functional.kl_div(logits[:, -1].log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="batchmean")
+        return torch.nn.functional.kl_div(logits[:, -1].log_softmax(-1), full.log_softmax(-1), log_target=True,
+                                          reduction="batchmean")
     assert kl("AM-OMP") < kl("truncate")
 
 
 def test_save_load_round_trip_and_refusals(model, tmp_path):
     prefix = compact_prefix(model, _ids(30, 10), budget=8, progress=False)
-    prefix.save(tmp_path / "doc")
-    loaded = CompactedPrefix.load(tmp_path / "doc", expected_fingerprint=model_fingerprint(model))
+    path = prefix.save(tmp_path / "doc.safetensors")
+    assert path == tmp_path / "doc.safetensors" and path.is_file()
+    loaded = CompactedPrefix.load(path, expected_fingerprint=model_fingerprint(model))
     for a, b in zip(prefix.beta + prefix.keys + prefix.values, loaded.beta + loaded.keys + loaded.values):
         assert torch.equal(a, b)
     assert loaded.token_ids == prefix.token_ids and loaded.logical_length == 30 and loaded.method == prefix.method
 
     other = _model("llama" if model.config.model_type == "qwen3" else "qwen3", seed=1)
     with pytest.raises(ValueError, match="fingerprint"):
-        CompactedPrefix.load(tmp_path / "doc", expected_fingerprint=model_fingerprint(other))
+        CompactedPrefix.load(path, expected_fingerprint=model_fingerprint(other))
     with pytest.raises(ValueError, match="fingerprint"):
         forward_after_prefix(other, loaded, torch.tensor([[1, 2]]))
 
-    tensors = tmp_path / "doc" / "prefix.safetensors"
-    tensors.write_bytes(tensors.read_bytes()[:-10])
+    path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        CompactedPrefix.load(tmp_path / "doc")
-    (tmp_path / "doc" / "prefix.json").write_text("{not json")
+        CompactedPrefix.load(path)
     with pytest.raises(ValueError, match="cannot read"):
-        CompactedPrefix.load(tmp_path / "doc")
-    with pytest.raises(ValueError, match="cannot read"):
-        CompactedPrefix.load(tmp_path / "nowhere")
+        CompactedPrefix.load(tmp_path / "nowhere.safetensors")
 
 
 def test_fingerprint_sees_weights_and_geometry():

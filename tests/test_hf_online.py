@@ -48,7 +48,8 @@ def test_the_cache_stays_bounded_and_the_document_still_answers(recall):
         answers += answer == q.answer
         session.forward(tokenizer.encode(" " + q.answer, add_special_tokens=False))
     assert session.position == len(tokenizer.encode(doc.text)) + sum(
-        len(tokenizer.encode("\n" + q.question, add_special_tokens=False)) + len(tokenizer.encode(" " + q.answer, add_special_tokens=False))
+        len(tokenizer.encode("\n" + q.question, add_special_tokens=False))
+        + len(tokenizer.encode(" " + q.answer, add_special_tokens=False))
         for q in doc.questions)
     assert session.compactions >= 2 and answers >= 1
 

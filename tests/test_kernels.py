@@ -81,7 +81,7 @@ def _documents(table, batch, doc_slots):
         layers = [torch.randn(batch.kv_heads, t, device=DEVICE)]
         layers[0][-1, -1] = float("-inf")
         biases.append(layers[0])
-        bases.append(table.base_of(index, lambda layers=layers: layers, lambda key: True))
+        bases.append(table.base_of(index, lambda layers=layers: layers))
     return biases, bases
 
 
@@ -159,20 +159,21 @@ def test_bias_table_places_reuses_frees_and_repacks():
     table = BiasTable(num_layers=2, kv_heads=2, group=1, capacity_slots=10, max_rows=8, device="cpu")  # 20 floats a layer
     bias = lambda t, value: lambda: [torch.full((2, t), value), torch.full((2, t), -value)]
     placed = lambda: pytest.fail("a placed document's bias is not written again")
-    live = {1, 2, 3}
-    assert table.base_of(1, bias(3, 1.0), live.__contains__) == 0  # 6 floats
-    assert table.base_of(2, bias(4, 2.0), live.__contains__) == 6  # 8 floats
-    assert table.base_of(1, placed, live.__contains__) == 0
+    assert table.free_slots() == 10
+    assert table.base_of(1, bias(3, 1.0)) == 0  # 6 floats
+    assert table.base_of(2, bias(4, 2.0)) == 6  # 8 floats
+    assert table.base_of(1, placed) == 0 and table.free_slots() == 3
     assert torch.equal(table.layer_region(1)[6:14], torch.full((8,), -2.0))
     with pytest.raises(RuntimeError, match="bias table full"):  # 8 more floats, 6 free
-        table.base_of(3, bias(4, 3.0), live.__contains__)
-    live.discard(1)  # document 1 was dropped: its room comes back, and document 2 moves down
-    assert table.base_of(3, bias(4, 3.0), live.__contains__) == 8
-    assert table.base_of(2, placed, live.__contains__) == 0
+        table.base_of(3, bias(4, 3.0))
+    table.release(1)  # document 1 was dropped: its room comes back, and document 2 moves down
+    assert table.free_slots() == 6
+    assert table.base_of(3, bias(4, 3.0)) == 8
+    assert table.base_of(2, placed) == 0
     assert torch.equal(table.layer_region(0)[:16], torch.tensor([2.0] * 8 + [3.0] * 8))
     assert torch.equal(table.layer_region(1)[:16], torch.tensor([-2.0] * 8 + [-3.0] * 8))
     with pytest.raises(ValueError, match=r"bias must be 2 layers of \[2, t\]"):
-        table.base_of(9, lambda: [torch.zeros(3, 1)] * 2, live.__contains__)
+        table.base_of(9, lambda: [torch.zeros(3, 1)] * 2)
 
 
 def test_bias_table_rows_reset_what_a_larger_batch_left():

@@ -1,7 +1,6 @@
 """On clustered synthetic blocks, Attention Matching must beat its ablations and the eviction baselines."""
 
 import pytest
-import torch
 
 from sglang_am import compact, evaluate
 from sglang_am.core.synthetic import clustered_block

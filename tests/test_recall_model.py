@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from sglang_am.recall_model import CHECKPOINT_DIR, build_tokenizer, load_recall_model, recall_task
 from sglang_am.recall_model.train import encode, evaluate

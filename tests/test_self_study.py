@@ -5,7 +5,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from sglang_am.hf import SELF_STUDY_PROMPTS, compact_prefix, self_study_continuations, use_sglang_am_attention
+from sglang_am.hf import (
+    SELF_STUDY_PROMPTS,
+    compact_prefix,
+    model_fingerprint,
+    self_study_continuations,
+    use_sglang_am_attention,
+)
+from sglang_am.prefix import CompactedPrefix
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +64,20 @@ def test_self_study_queries_change_the_compaction(model, tokenizer):
     assert any(not torch.equal(a, b) for a, b in zip(study.beta, context.beta))
 
 
-def test_readme_transformers_example_runs(model, tokenizer, tmp_path, monkeypatch):
+def test_documented_transformers_example_runs(model, tokenizer, tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## With a transformers model", 1)[1]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "transformers.md").read_text()
+    section = page.split("## With a transformers model", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     namespace = {"path": str(tmp_path / "model"), "text": "The keeper lit the lamp at nine. " * 8,
                  "questions": ["When was the lamp lit?", "Who lit it?"]}
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README transformers example", "exec"), namespace)
+    exec(compile(code, "docs/transformers.md example", "exec"), namespace)
     assert len(namespace["answers"]) == 2 and all(1 <= len(a) <= 32 for a in namespace["answers"])
-    assert (tmp_path / "compacted" / "doc1" / "prefix.json").exists()
+    (saved,) = (tmp_path / "compacted").iterdir()  # the example's one file, whatever its name
+    loaded = CompactedPrefix.load(saved, expected_fingerprint=model_fingerprint(namespace["model"]))
+    assert loaded.token_ids == namespace["prefix"].token_ids

@@ -17,6 +17,7 @@ from sglang_am.serve import serving
 
 pytestmark = pytest.mark.slow
 KEEP_FIRST, KEEP_LAST, RATIO, BUDGET = 4, 16, 0.1, 40
+KEY = "admin-key"  # the store's routes need the server's admin key
 AUTO_FLAGS = ["--am-auto", "--am-auto-min-tokens", "64", "--am-auto-min-requests", "3", "--am-auto-poll-seconds", "0.2",
               "--am-auto-ratio", str(RATIO), "--am-auto-budget", str(BUDGET)]
 
@@ -29,21 +30,21 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def save_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("evicted")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
 
 
 @pytest.fixture(scope="module")
-def server(save_dir):
+def server(store_dir):
     env = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     flags = ["--max-total-tokens", "8192", "--dtype", "float32", "--enable-metrics", *AUTO_FLAGS,
-             "--am-auto-save-dir", str(save_dir)]
+             "--am-store-dir", str(store_dir), "--admin-api-key", KEY]
     with serving(flags, env=env) as url:
         yield url
 
 
 def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload)
+    status, body = http_json(method, server + path, payload, KEY)
     assert status == 200, (status, body)
     return body
 
@@ -72,7 +73,7 @@ def reuse(server, doc, questions=4):
         generate(server, f"{doc.text}\n{q.question}")
 
 
-def test_reused_prefixes_are_compacted_evicted_to_disk_and_loaded_back(server, tokenizer, save_dir):
+def test_reused_prefixes_are_compacted_evicted_to_disk_and_loaded_back(server, tokenizer, store_dir):
     doc_a, doc_b = (recall_task(num_pairs=100, num_questions=6, seed=seed)[0] for seed in (11, 12))
     reuse(server, doc_a)
     wait_for(server, lambda s: s["documents"]["auto"] == 1, "the first automatic document")
@@ -91,7 +92,7 @@ def test_reused_prefixes_are_compacted_evicted_to_disk_and_loaded_back(server, t
     stats = wait_for(server, lambda s: s["counters"]["auto_evictions"] == 1 and s["documents"]["auto"] == 1,
                      "the budget eviction")
     assert set(documents(server)) != {auto_a["doc_id"]}
-    assert (save_dir / auto_a["doc_id"]).is_dir()
+    assert len(list(store_dir.glob(f"*/{auto_a['doc_id']}.safetensors"))) == 1
     assert stats["gauges"]["auto_slots"] <= BUDGET
 
     # Reused again, the first comes back from disk (no second compaction) and answers as before.
@@ -113,14 +114,15 @@ def test_reused_prefixes_are_compacted_evicted_to_disk_and_loaded_back(server, t
     assert re.search(r"sglang:am_hits_total\{[^}]*\} [1-9]", metrics)
 
 
-def test_kept_first_tokens_are_stored_verbatim_with_zero_bias(server, tokenizer, tmp_path):
+def test_kept_first_tokens_are_stored_verbatim_with_zero_bias(server, tokenizer, store_dir):
     (doc,) = recall_task(num_pairs=60, num_questions=1, seed=13)
     ids = tokenizer.encode(doc.text)
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1, "keep_first": 8})
     assert registered["origin"] == "explicit" and registered["config"]["keep_first"] == 8
     assert registered["t"] == 8 + round(0.1 * (len(ids) - 8))
-    ok(server, "POST", f"/am/documents/{registered['doc_id']}/save", {"path": str(tmp_path / "doc")})
-    prefix = CompactedPrefix.load(tmp_path / "doc")
+    ok(server, "POST", f"/am/documents/{registered['doc_id']}/save")
+    (stored,) = store_dir.glob(f"*/{registered['doc_id']}.safetensors")
+    prefix = CompactedPrefix.load(stored)
     model, _ = load_recall_model(dtype=torch.float32)
     with torch.no_grad():
         cache = model(torch.tensor([ids]), use_cache=True).past_key_values
@@ -128,6 +130,30 @@ def test_kept_first_tokens_are_stored_verbatim_with_zero_bias(server, tokenizer,
         assert torch.equal(beta[:, :8], torch.zeros_like(beta[:, :8]))
         torch.testing.assert_close(keys[:, :8], cache.layers[layer].keys[0, :, :8].float(), atol=1e-4, rtol=1e-4)
         assert beta[:, 8:].abs().sum() > 0  # the compacted span carries its fitted bias
-    status, body = http_json("POST", f"{server}/am/documents", {"input_ids": ids, "ratio": 0.1, "keep_first": -1})
+    status, body = http_json("POST", f"{server}/am/documents", {"input_ids": ids, "ratio": 0.1, "keep_first": -1}, KEY)
     assert status == 400 and "keep_first" in body["error"]
     ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
+
+
+def automatic_ids(tokenizer, doc) -> list[int]:
+    """The tokens automatic compaction takes from ``doc``'s prompts: their shared prefix minus keep_last."""
+    prompts = [tokenizer.encode(f"{doc.text}\n{q.question}") for q in doc.questions[:2]]
+    shared = next(i for i, (x, y) in enumerate(zip(*prompts)) if x != y)
+    return prompts[0][: shared - KEEP_LAST]
+
+
+def test_registering_an_automatic_document_explicitly_keeps_it_from_eviction(server, tokenizer):
+    from sglang_am.server.registry import document_id
+
+    doc_c, doc_d = (recall_task(num_pairs=100, num_questions=6, seed=seed)[0] for seed in (31, 32))
+    ids_c, id_d = automatic_ids(tokenizer, doc_c), document_id(automatic_ids(tokenizer, doc_d))
+    reuse(server, doc_c)
+    wait_for(server, lambda s: document_id(ids_c) in documents(server), "the automatic document")
+    assert documents(server)[document_id(ids_c)]["origin"] == "auto"
+    explicit = ok(server, "POST", "/am/documents", {"input_ids": ids_c, "ratio": 0.5})
+    assert explicit["existing"] is True and explicit["origin"] == "explicit"
+    reuse(server, doc_d)  # needs the automatic budget: evicts automatic documents, never doc_c now
+    wait_for(server, lambda s: id_d in documents(server), "the next automatic document")
+    assert documents(server)[document_id(ids_c)]["origin"] == "explicit"
+    for doc_id in documents(server):
+        ok(server, "DELETE", f"/am/documents/{doc_id}")

@@ -21,7 +21,8 @@ from sglang_am.serve import serving
 from sglang_am.server.cpu import cpu_environment, has_cuda
 
 pytestmark = pytest.mark.slow
-KEY = "test-key"
+KEY = "test-key"  # --api-key: ordinary requests
+ADMIN = "admin-key"  # --admin-api-key: the /am/ routes (SGLang's ADMIN_OPTIONAL rule with both keys set)
 FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32"]
 GREEDY = {"max_new_tokens": 1, "temperature": 0}
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +36,20 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def server():
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server(store_dir):
     # Strict idle memory checks are SGLang's default: a leaked or double-counted slot stops the scheduler.
     env = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
-    with serving([*FLAGS, "--api-key", KEY], env=env) as url:
+    with serving([*FLAGS, "--api-key", KEY, "--admin-api-key", ADMIN, "--am-store-dir", str(store_dir)], env=env) as url:
         yield url
 
 
-def call(server, method, path, payload=None, api_key=KEY):
-    return http_json(method, server + path, payload, api_key)
+def call(server, method, path, payload=None, api_key=None):
+    return http_json(method, server + path, payload, api_key or (ADMIN if path.startswith("/am/") else KEY))
 
 
 def ok(server, method, path, payload=None):
@@ -137,14 +143,16 @@ def test_identity_compaction_matches_the_stock_server(server, stock_server, toke
     ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
 
 
-def test_served_logits_match_the_transformers_adapter(server, tokenizer, tmp_path):
+def test_served_logits_match_the_transformers_adapter(server, tokenizer, store_dir):
     doc, ids, prompts = document(tokenizer, seed=14, questions=4)
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1, "query_source": "context-prefill"})
-    saved = ok(server, "POST", f"/am/documents/{registered['doc_id']}/save", {"path": str(tmp_path / "doc")})
+    saved = ok(server, "POST", f"/am/documents/{registered['doc_id']}/save")
     model, _ = load_recall_model()
-    from sglang_am.hf.fingerprint import model_fingerprint
+    from sglang_am.fingerprint import model_fingerprint
 
-    prefix = CompactedPrefix.load(saved["path"], expected_fingerprint=model_fingerprint(model))
+    (stored,) = store_dir.glob(f"*/{registered['doc_id']}.safetensors")
+    assert saved == {"doc_id": registered["doc_id"], "stored": True, "bytes": stored.stat().st_size}
+    prefix = CompactedPrefix.load(stored, expected_fingerprint=model_fingerprint(model))
     assert prefix.logical_length == len(ids) and prefix.num_slots == registered["t"]
     outputs = generate(server, prompts, return_logprob=True, top_logprobs_num=20)
     for prompt, out in zip(prompts, outputs):
@@ -156,10 +164,10 @@ def test_served_logits_match_the_transformers_adapter(server, tokenizer, tmp_pat
     ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
 
 
-def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer, tmp_path):
+def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer):
     _, ids, prompts = document(tokenizer, seed=15)
     cases = [
-        ({"input_ids": ids[:5], "ratio": 0.5}, "minimum is 16"),
+        ({"input_ids": ids[:5], "ratio": 0.5}, "input_ids must be a list of 16 to"),
         ({"input_ids": ids, "ratio": 0.0}, "ratio must be in (0, 1]"),
         ({"input_ids": ids, "ratio": 1.5}, "ratio must be in (0, 1]"),
         ({"input_ids": ids, "budget": len(ids)}, "budget must be in [1, T - keep_first)"),
@@ -171,59 +179,36 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer, tmp_path):
         ({"input_ids": ids, "ratio": 0.1, "head_budgets": {"L0H0": 2.0}}, "sum"),
         ({"input_ids": ids, "ratio": 0.1, "head_budgets": {"L0H0": 1.0}}, "one proportion per (layer, KV head)"),
         ({"input_ids": ids, "ratio": 0.1, "colour": "red"}, "colour"),
+        ({"input_ids": ids, "ratio": 0.1, "options": {"scale": 2.0}}, "options.scale is set by the server"),
+        ({"input_ids": ids, "ratio": 0.1, "options": {"nnls_iters": 100_000_000}}, "options.nnls_iters must be"),
     ]
     for payload, reason in cases:
         status, body = call(server, "POST", "/am/documents", payload)
         assert status == 400 and reason in body["error"], (payload, status, body)
     assert call(server, "POST", "/am/documents", None)[0] == 400
+    assert len(ok(server, "GET", "/am/documents")["documents"]) == 0
     huge = (ids * 7)[:4050]  # under the 4096-token context, but its capture prefill (2T + ...) exceeds the pool
     status, body = call(server, "POST", "/am/documents", {"input_ids": huge, "ratio": 0.1})
     assert status == 503 and "raise --max-total-tokens" in body["error"], body
-    assert call(server, "GET", "/am/documents/0000000000000000")[0] == 404
-    assert call(server, "DELETE", "/am/documents/0000000000000000")[0] == 404
-    assert call(server, "GET", "/am/documents", api_key=None)[0] == 401
+    assert call(server, "GET", "/am/documents/" + "0" * 64)[0] == 404
+    assert call(server, "DELETE", "/am/documents/" + "0" * 64)[0] == 404
+    assert http_json("GET", server + "/am/documents")[0] == 401
     assert call(server, "GET", "/am/documents", api_key="wrong")[0] == 401
+    assert call(server, "GET", "/am/documents", api_key=KEY)[0] == 401  # with both keys set, the admin key
     status, body = call(server, "POST", "/generate", {"input_ids": prompts[0], "sampling_params": {
         **GREEDY, "custom_params": {"am_doc_id": "0000000000000000"}}})
     assert status == 400 and "not a registered" in json.dumps(body)
 
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.05})
     doc_id = registered["doc_id"]
-    (tmp_path / "file").write_text("x")
-    for path in ["", str(tmp_path / "file" / "below")]:
-        status, body = call(server, "POST", f"/am/documents/{doc_id}/save", {"path": path})
-        assert status == 400, body
-    for path, reason in [(str(tmp_path / "missing"), "not a directory"), (str(tmp_path), "cannot load")]:
-        status, body = call(server, "POST", "/am/documents/load", {"path": path})
-        assert status == 400 and reason in body["error"], body
-    saved = Path(ok(server, "POST", f"/am/documents/{doc_id}/save", {"path": str(tmp_path / "good")})["path"])
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    for name in ("prefix.json", "prefix.safetensors"):
-        (corrupt / name).write_bytes((saved / name).read_bytes())
-    with open(corrupt / "prefix.safetensors", "r+b") as handle:
-        handle.seek(-8, os.SEEK_END)
-        tail = handle.read(8)
-        handle.seek(-8, os.SEEK_END)
-        handle.write(bytes(b ^ 0xFF for b in tail))
-    status, body = call(server, "POST", "/am/documents/load", {"path": str(corrupt)})
-    assert status == 400 and "corrupt" in body["error"], body
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "prefix.safetensors").write_bytes((saved / "prefix.safetensors").read_bytes())
-    metadata = json.loads((saved / "prefix.json").read_text())
-    metadata["fingerprint"]["weights_sha256"] = "0" * 64
-    (foreign / "prefix.json").write_text(json.dumps(metadata))
-    status, body = call(server, "POST", "/am/documents/load", {"path": str(foreign)})
-    assert status == 400 and "fingerprint" in body["error"], body
-
     # Save, drop, load: the reloaded document serves the same answers from the same slots' content.
     before = answers(generate(server, prompts[:4]))
+    ok(server, "POST", f"/am/documents/{doc_id}/save")
     ok(server, "DELETE", f"/am/documents/{doc_id}")
-    loaded = ok(server, "POST", "/am/documents/load", {"path": str(saved)})
+    loaded = ok(server, "POST", f"/am/documents/{doc_id}/load")
     assert loaded["doc_id"] == doc_id and loaded["t"] == registered["t"] and loaded["existing"] is False
     assert answers(generate(server, prompts[:4])) == before
-    assert ok(server, "POST", "/am/documents/load", {"path": str(saved)})["existing"] is True
+    assert ok(server, "POST", f"/am/documents/{doc_id}/load")["existing"] is True
     ok(server, "DELETE", f"/am/documents/{doc_id}")
 
     skewed = {"L0H0": 0.4, "L0H1": 0.1, "L1H0": 0.4, "L1H1": 0.1}  # per-head budgets, stored padded
@@ -257,7 +242,8 @@ def test_duplicate_and_concurrent_registrations_share_one_document(server, token
 def test_drop_is_refused_while_a_request_uses_the_document(server, tokenizer):
     _, ids, prompts = document(tokenizer, seed=17)
     doc_id = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1})["doc_id"]
-    long_run = threading.Thread(target=generate, args=(server, [prompts[0]], {"max_new_tokens": 600, "temperature": 0, "ignore_eos": True}))
+    sampling = {"max_new_tokens": 600, "temperature": 0, "ignore_eos": True}
+    long_run = threading.Thread(target=generate, args=(server, [prompts[0]], sampling))
     long_run.start()
     time.sleep(1.0)
     status, body = call(server, "DELETE", f"/am/documents/{doc_id}")

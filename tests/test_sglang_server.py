@@ -144,3 +144,13 @@ def test_server_answers_recall_questions_with_the_embedded_model(server):
     assert completion["choices"][0]["text"].strip() == document.questions[0].answer
     with urllib.request.urlopen(f"{server}/get_server_info", timeout=30) as response:
         assert json.loads(response.read())["radix_cache_backend"] == "am"  # the plugin's cache served these
+
+
+@pytest.mark.slow
+def test_file_routes_need_an_admin_key_on_a_server_started_without_one(server):
+    doc_id = "0" * 64
+    for method, path in (("POST", f"/am/documents/{doc_id}/save"), ("POST", f"/am/documents/{doc_id}/load"),
+                         ("GET", "/am/store"), ("DELETE", f"/am/store/{doc_id}")):
+        status, body = http_json(method, server + path)
+        assert status == 403 and "--admin-api-key" in body["error"], (path, status, body)
+    assert http_json("GET", server + "/am/documents")[0] == 200  # the other document routes stay open

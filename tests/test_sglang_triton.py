@@ -15,14 +15,20 @@ from sglang_am.serve import serving
 pytestmark = pytest.mark.slow
 FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--attention-backend", "triton"]
 BIAS_SLOTS = 100  # room for the documents these tests keep at once: a third one is refused
+KEY = "admin-key"  # the store's routes need the server's admin key
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def server():
-    env = {"SGLANG_AM_BIAS_SLOTS": str(BIAS_SLOTS), "SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1",
-           "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
-    with serving(FLAGS, env=env) as url:
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server(store_dir):
+    env = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+    flags = [*FLAGS, "--am-bias-slots", str(BIAS_SLOTS), "--am-store-dir", str(store_dir), "--admin-api-key", KEY]
+    with serving(flags, env=env) as url:
         yield url
 
 
@@ -39,18 +45,19 @@ def model():
 
 
 def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload)
+    status, body = http_json(method, server + path, payload, KEY)
     assert status == 200, (status, body)
     return body
 
 
-def register(server, tokenizer, tmp_path, seed, ratio):
+def register(server, tokenizer, store_dir, seed, ratio):
     (doc,) = recall_task(num_pairs=300, num_questions=2, seed=seed)
     ids = tokenizer.encode(doc.text)
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": ratio, "query_source": "context-prefill"})
-    saved = ok(server, "POST", f"/am/documents/{registered['doc_id']}/save", {"path": str(tmp_path / registered["doc_id"])})
+    ok(server, "POST", f"/am/documents/{registered['doc_id']}/save")
     prompts = [tokenizer.encode(f"{doc.text}\n{q.question}") for q in doc.questions]
-    return registered, CompactedPrefix.load(saved["path"]), prompts
+    (stored,) = store_dir.glob(f"*/{registered['doc_id']}.safetensors")
+    return registered, CompactedPrefix.load(stored), prompts
 
 
 def generate(server, prompts):
@@ -73,9 +80,9 @@ def assert_matches(model, output, reference_logits):
         assert max(abs(value - reference[token].item()) for value, token, _ in served) < 2e-3
 
 
-def test_documents_and_plain_prompts_in_one_batch_match_the_transformers_adapter(server, tokenizer, model, tmp_path):
-    first, first_prefix, first_prompts = register(server, tokenizer, tmp_path, seed=21, ratio=0.1)
-    second, second_prefix, second_prompts = register(server, tokenizer, tmp_path, seed=22, ratio=0.05)
+def test_documents_and_plain_prompts_in_one_batch_match_the_transformers_adapter(server, tokenizer, model, store_dir):
+    first, first_prefix, first_prompts = register(server, tokenizer, store_dir, seed=21, ratio=0.1)
+    second, second_prefix, second_prompts = register(server, tokenizer, store_dir, seed=22, ratio=0.05)
     plain = tokenizer.encode("a prompt that starts with no document")
     outputs = generate(server, [first_prompts[0], plain, second_prompts[0], first_prompts[1]])
     assert [served_document(out) for out in outputs] == [first["doc_id"], None, second["doc_id"], first["doc_id"]]
@@ -95,11 +102,11 @@ def test_documents_and_plain_prompts_in_one_batch_match_the_transformers_adapter
 
     # The bias table holds BIAS_SLOTS compacted slots: the two documents use 60 + 30.
     (doc,) = recall_task(num_pairs=300, num_questions=1, seed=23)
-    status, body = http_json("POST", server + "/am/documents", {"input_ids": tokenizer.encode(doc.text), "ratio": 0.1})
-    assert status == 503 and "SGLANG_AM_BIAS_SLOTS" in body["error"], body
+    status, body = http_json("POST", server + "/am/documents", {"input_ids": tokenizer.encode(doc.text), "ratio": 0.1}, KEY)
+    assert status == 503 and "--am-bias-slots" in body["error"], body
     for registered in (first, second):
         ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
     # The dropped documents' room comes back.
-    third, third_prefix, third_prompts = register(server, tokenizer, tmp_path, seed=23, ratio=0.1)
+    third, third_prefix, third_prompts = register(server, tokenizer, store_dir, seed=23, ratio=0.1)
     assert_matches(model, generate(server, third_prompts[:1])[0], after_document(third_prefix, third_prompts[0]))
     ok(server, "DELETE", f"/am/documents/{third['doc_id']}")

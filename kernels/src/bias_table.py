@@ -77,10 +77,17 @@ class BiasTable:
     def max_rows(self) -> int:
         return self.rows_size // 2
 
-    def base_of(self, key: int, bias: Callable[[], Sequence[torch.Tensor]], alive: Callable[[int], bool]) -> int:
+    def free_slots(self) -> int:
+        """Compacted slots (per KV head) that still fit, after repacking."""
+        return (self.layer_size - sum(width for _, width in self._placed.values())) // self.kv_heads
+
+    def release(self, key: int) -> None:
+        """Document ``key`` was removed: its room may be reused."""
+        self._placed.pop(key, None)
+
+    def base_of(self, key: int, bias: Callable[[], Sequence[torch.Tensor]]) -> int:
         """Offset of document ``key``'s beta in every layer region, writing ``bias()`` (per layer
-        ``[H_kv, t]``) on first use. Documents whose key ``alive`` rejects give their room back when
-        room runs out."""
+        ``[H_kv, t]``) on first use."""
         placed = self._placed.get(key)
         if placed is not None:
             return placed[0]
@@ -90,9 +97,6 @@ class BiasTable:
                              f"{len(layers)} of {tuple(layers[0].shape) if layers else None}")
         width = layers[0].numel()
         base = self._find_room(width)
-        if base is None:
-            self._placed = {placed_key: place for placed_key, place in self._placed.items() if alive(placed_key)}
-            base = self._find_room(width)
         if base is None:
             self._repack()
             base = self._find_room(width)

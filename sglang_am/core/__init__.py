@@ -6,4 +6,6 @@ from .evaluate import CompactionError, evaluate
 from .methods import available_methods, get_method, register_method
 from .types import CompactedKV
 
-__all__ = ["CompactedKV", "CompactionError", "attention", "available_methods", "compact", "evaluate", "get_method", "register_method"]
+__all__ = [
+    "CompactedKV", "CompactionError", "attention", "available_methods", "compact", "evaluate", "get_method", "register_method",
+]

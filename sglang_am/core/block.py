@@ -7,11 +7,14 @@ matrix, see ``mass_features``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from .cancel import checkpoint
 
 SCORE_KINDS = ("rms", "mean", "max")
 STATS_BACKENDS = ("auto", "torch", "gpu")
@@ -114,8 +117,10 @@ class Block:
         """Scaled logits ``[H, n, t]`` of every query against the selected keys (small: t << T)."""
         return torch.bmm(self.queries, selected_keys.transpose(1, 2)).mul_(self.scale)
 
-    def chunk_starts(self) -> range:
-        return range(0, self.num_queries, self.query_chunk)
+    def chunk_starts(self) -> Iterator[int]:
+        for start in range(0, self.num_queries, self.query_chunk):
+            checkpoint()  # each chunk is one n_chunk x T score pass: where a cancelled solve stops
+            yield start
 
     @cached_property
     def stats(self) -> AttentionStats:

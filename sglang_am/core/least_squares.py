@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .cancel import checkpoint
+
 CHOLESKY_RIDGE = 1e-6
 POWER_ITERATIONS = 3
 
@@ -83,6 +85,7 @@ def nnls_box(
     if iters > 0:
         step = 1.0 / spectral_norm_squared(m).clamp(min=torch.finfo(m.dtype).tiny).unsqueeze(-1)
         for _ in range(iters):
+            checkpoint()
             grad = (m.transpose(1, 2) @ ((m @ w.unsqueeze(-1)).squeeze(-1) - y).unsqueeze(-1)).squeeze(-1)
             w = (w - step * grad).clamp(lo, hi)
     return w * mask

@@ -1,13 +1,18 @@
-"""Reference-query and budget plumbing shared by the adapters: query sources, GQA pooling, subsampling
-and per-head slot budgets. No model library imports: the transformers and SGLang adapters both use it."""
+"""How a document is compacted layer by layer, shared by the transformers and SGLang adapters: query
+sources, GQA pooling and the query cap, per-head slot budgets, the solve of one span, the kept slots
+around it, and one width for every compacted layer. No model library imports."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from .compact import compact
 from .head_budgets import head_budgets
+from .methods import get_method
+from .types import CompactedKV
 
 QUERY_SOURCES = ("context-prefill", "repeat-prefill", "self-study", "random")
 # Named unions of sources: each gets this fraction of the per-head query cap.
@@ -72,3 +77,72 @@ def subsample_queries(queries: torch.Tensor, cap: int, generator: torch.Generato
         return queries
     keep = torch.randperm(queries.shape[1], generator=generator)[:cap].sort().values
     return queries[:, keep.to(queries.device)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """One document's compaction settings, applied to each layer (and each chunk of its span).
+
+    ``query_fractions`` comes from ``source_fractions``: each source gets that share of
+    ``max_queries_per_head`` pooled queries per KV head. ``options`` are fields of the method's options
+    dataclass; the model's attention scale and, for methods that take them, ``layer``/``num_layers``
+    are filled in per layer unless given.
+    """
+
+    method: str
+    budget: int | float
+    query_fractions: Mapping[str, float]
+    max_queries_per_head: int = 5000
+    keep_first: int = 0  # tokens before the compacted span, stored verbatim
+    head_proportions: dict[tuple[int, int], float] | None = None
+    max_ratio_per_head: float = 1.0
+    options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def reference_queries(self, queries: Mapping[str, torch.Tensor], num_kv_heads: int,
+                          generator: torch.Generator) -> torch.Tensor:
+        """Each source's queries ``[H_q, n, D]`` pooled per KV head and capped at its share; ``[H_kv, n', D]``."""
+        parts = []
+        for source, fraction in self.query_fractions.items():
+            cap = max(1, round(fraction * self.max_queries_per_head))
+            parts.append(subsample_queries(pool_queries(queries[source], num_kv_heads), cap, generator))
+        return torch.cat(parts, dim=1)
+
+    def compact_span(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, span_length: int,
+                     chunk: range, layer: int, num_layers: int, scale: float | None) -> CompactedKV:
+        """Compact ``keys``/``values`` ``[H_kv, len(chunk), D]``, one chunk of the compacted span, with its
+        share of the budget."""
+        budgets = chunk_budgets(self.budget, span_length, chunk, layer, keys.shape[0], self.head_proportions,
+                                self.max_ratio_per_head)
+        options = dict(self.options)
+        options.setdefault("scale", scale)
+        fields = {field.name for field in dataclasses.fields(get_method(self.method).options_class)}
+        if {"layer", "num_layers"} <= fields:
+            options.setdefault("layer", layer)
+            options.setdefault("num_layers", num_layers)
+        return compact(keys, values, queries.to(keys), budgets, self.method, **options)
+
+
+def assemble_layer(head: tuple[torch.Tensor, torch.Tensor], pieces: Sequence[CompactedKV],
+                   tail: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's slots ``[kept head | compacted pieces | kept tail]``: keys, values and beta (0 on kept
+    tokens, which are stored verbatim)."""
+    zero_beta = lambda keys: keys.new_zeros(keys.shape[:2])
+    parts = [(*head, zero_beta(head[0])), *((p.keys, p.values, p.beta) for p in pieces), (*tail, zero_beta(tail[0]))]
+    return tuple(torch.cat([part[i] for part in parts], dim=1) for i in range(3))
+
+
+def pad_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], betas: Sequence[torch.Tensor],
+               fixed: Sequence[bool] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Compacted layers may differ in width (PyramidKV, head budgets), but one node (or one attention mask)
+    serves every layer: pad them to the widest with masked slots (zero keys/values, beta = -inf). Layers
+    marked ``fixed`` (sliding-window layers holding their window) are left as they are."""
+    fixed = fixed or [False] * len(keys)
+    width = max(k.shape[1] for k, keep in zip(keys, fixed) if not keep)
+
+    def pad(tensor: torch.Tensor, fill: float, keep: bool) -> torch.Tensor:
+        if keep:
+            return tensor
+        return torch.nn.functional.pad(tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]), value=fill)
+
+    return ([pad(k, 0.0, f) for k, f in zip(keys, fixed)], [pad(v, 0.0, f) for v, f in zip(values, fixed)],
+            [pad(b, float("-inf"), f) for b, f in zip(betas, fixed)])

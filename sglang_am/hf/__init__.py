@@ -1,11 +1,10 @@
 """transformers adapter: compact a document's KV cache with a real model and generate after it."""
 
-from .attention import ATTENTION_NAME, prefix_bias, recording_queries, use_sglang_am_attention
 from ..core.plan import QUERY_MIXTURES, QUERY_SOURCES, pool_queries
+from ..fingerprint import model_fingerprint
+from ..prompts import REPEAT_INSTRUCTION, SELF_STUDY_PROMPTS, DocumentPrompt, document_prompt, instruction_ids, repeat_ids
+from .attention import ATTENTION_NAME, prefix_bias, recording_queries, use_sglang_am_attention
 from .compaction import compact_prefix, forward_after_prefix, greedy_generate, prefix_cache
-from .fingerprint import model_fingerprint
-from .prompts import REPEAT_INSTRUCTION, DocumentPrompt, document_prompt, instruction_ids, repeat_ids
-from .self_study import SELF_STUDY_PROMPTS, self_study_continuations
 from .metrics import (
     ChoiceResult,
     attention_errors,
@@ -15,6 +14,7 @@ from .metrics import (
     next_token_kl,
     reconstruction_log_perplexity,
 )
+from .self_study import self_study_continuations
 
 __all__ = [
     "ATTENTION_NAME",

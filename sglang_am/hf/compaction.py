@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half  # the half-split layout Llama/Qwen/Mistral share
 
-from ..core import compact, get_method
-from ..core.plan import check_budget, chunk_budgets, pool_queries, source_fractions, subsample_queries
+from ..core import get_method
+from ..core.plan import LayerPlan, assemble_layer, check_budget, pad_layers, source_fractions
+from ..fingerprint import model_fingerprint
 from ..prefix import CompactedPrefix
 from .attention import prefix_bias, recording_queries, use_sglang_am_attention
-from .fingerprint import model_fingerprint
+
 
 def _layer_types(model: PreTrainedModel) -> list[str]:
     types = getattr(model.config, "layer_types", None)
@@ -192,7 +193,7 @@ def compact_prefix(
     budget: slots per KV head for the compacted span (int) or a ratio of its length (float in (0, 1]).
     query_source: ``context-prefill`` (the document's own queries), ``repeat-prefill`` (queries of a
         second copy of the document after ``repeat_ids``, e.g. ``repeat_ids(tokenizer)`` from
-        ``sglang_am.hf.prompts``), ``self-study`` (queries of ``self_study_ids``, continuations such as
+        ``sglang_am.prompts``), ``self-study`` (queries of ``self_study_ids``, continuations such as
         those from ``self_study_continuations``, teacher-forced after the document), ``random``
         (Gaussian queries, scaled by the q-norm weight where the model has one), a mixture name
         (``ss-plus-repeat``) or a mapping ``{source: fraction of the query cap}``.
@@ -234,7 +235,7 @@ def compact_prefix(
     if head_proportions is not None and not isinstance(budget, float):
         raise ValueError("head_proportions need the budget as a ratio (float)")
     check_budget(budget)
-    spec = get_method(method)
+    get_method(method)  # an unknown method fails before the prefill
     use_sglang_am_attention(model)
     device = next(model.parameters()).device
     span = range(keep_first, length - keep_last)
@@ -279,7 +280,8 @@ def compact_prefix(
 
     generator = torch.Generator().manual_seed(seed)
     num_layers, num_kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
-    layer_fields = {f.name for f in dataclasses.fields(spec.options_class)}
+    plan = LayerPlan(method, budget, fractions, max_queries_per_head, keep_first, head_proportions, max_ratio_per_head,
+                     options)
     keys, values, betas = [], [], []
     for layer in tqdm(range(num_layers), desc=f"compacting ({method})", disable=not progress):
         if sliding[layer]:  # sliding-window layers are not compacted: they keep their window (KV chunking)
@@ -290,50 +292,43 @@ def compact_prefix(
             if policy is not None:
                 policy.advance(layer, keys[-1], values[-1], betas[-1])
             continue
-        layer_options = dict(options)
         # The model's own softmax scale (Gemma's query_pre_attn_scalar differs from 1/sqrt(head_dim)).
-        layer_options.setdefault("scale", getattr(model.model.layers[layer].self_attn, "scaling", None))
-        if {"layer", "num_layers"} <= layer_fields:
-            layer_options.update(layer=layer, num_layers=num_layers)
+        scale = getattr(model.model.layers[layer].self_attn, "scaling", None)
         if policy is not None:
             start = time.perf_counter()
             on_policy_queries = policy.queries(layer, *sources[0].document_kv[layer])
             timings["self_study"] += time.perf_counter() - start
-        zero_beta = lambda k: k.new_zeros(k.shape[:2])
-        pieces = [(*head[layer], zero_beta(head[layer][0]))]
+        pieces = []
         for source in sources:
             chunk = source.positions
-            parts = []
+            queries = {}
             for kind, fraction in fractions.items():
-                cap = max(1, round(fraction * max_queries_per_head))
                 if kind == "random":
-                    parts.append(_random_queries(model, layer, min(cap, len(chunk)), generator))
-                    continue
-                if kind == "self-study":
-                    queries = on_policy_queries if policy is not None else source.self_study[layer]
+                    cap = max(1, round(fraction * max_queries_per_head))
+                    queries[kind] = _random_queries(model, layer, min(cap, len(chunk)), generator)
+                elif kind == "self-study":
+                    queries[kind] = on_policy_queries if policy is not None else source.self_study[layer]
                 else:
                     positions = torch.tensor(list(chunk), device=device) + source.source_offsets[kind]
-                    queries = source.recorded[layer][0][0][:, positions]
-                parts.append(subsample_queries(pool_queries(queries, num_kv_heads), cap, generator))
-            budgets = chunk_budgets(budget, len(span), chunk, layer, num_kv_heads, head_proportions, max_ratio_per_head)
+                    queries[kind] = source.recorded[layer][0][0][:, positions]
             layer_keys, layer_values = source.document_kv[layer]
-            result = compact(
+            result = plan.compact_span(
                 layer_keys[:, chunk.start : chunk.stop], layer_values[:, chunk.start : chunk.stop],
-                torch.cat([part.to(layer_keys) for part in parts], dim=1), budgets, method, **layer_options,
+                plan.reference_queries(queries, num_kv_heads, generator), len(span), chunk, layer, num_layers, scale,
             )
             for stage, seconds in result.timings.items():
                 timings[stage] += seconds
-            pieces.append((_shift_rope(model, result.keys, source.rope_shift), result.values, result.beta))
-        pieces.append((*tail[layer], zero_beta(tail[layer][0])))
-        keys.append(torch.cat([p[0] for p in pieces], dim=1))
-        values.append(torch.cat([p[1] for p in pieces], dim=1))
-        betas.append(torch.cat([p[2] for p in pieces], dim=1))
+            pieces.append(dataclasses.replace(result, keys=_shift_rope(model, result.keys, source.rope_shift)))
+        layer_keys, layer_values, layer_beta = assemble_layer(head[layer], pieces, tail[layer])
+        keys.append(layer_keys)
+        values.append(layer_values)
+        betas.append(layer_beta)
         if policy is not None:
             start = time.perf_counter()
             policy.advance(layer, keys[-1], values[-1], betas[-1])
             timings["self_study"] += time.perf_counter() - start
 
-    keys, values, betas = padded_to_one_width(model, keys, values, betas)
+    keys, values, betas = pad_layers(keys, values, betas, fixed=sliding)
     return CompactedPrefix(
         keys=keys,
         values=values,
@@ -349,23 +344,6 @@ def compact_prefix(
             "max_queries_per_head": max_queries_per_head, "seed": seed, "options": dict(options),
         },
         timings={f"{stage}_seconds": seconds for stage, seconds in timings.items()},
-    )
-
-
-def padded_to_one_width(
-    model: PreTrainedModel, keys: list[torch.Tensor], values: list[torch.Tensor], betas: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Compacted layers may differ in width (PyramidKV, head budgets), but one attention mask serves every
-    global layer: pad them to the widest with masked slots (zero keys/values, beta = -inf)."""
-    sliding = _sliding_layers(model)
-    width = max(k.shape[1] for k, window in zip(keys, sliding) if not window)
-    pad = lambda tensor, fill, window: tensor if window else torch.nn.functional.pad(
-        tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]), value=fill
-    )
-    return (
-        [pad(k, 0.0, w) for k, w in zip(keys, sliding)],
-        [pad(v, 0.0, w) for v, w in zip(values, sliding)],
-        [pad(b, float("-inf"), w) for b, w in zip(betas, sliding)],
     )
 
 

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..core.head_budgets import optimize_head_proportions, save_head_proportions
+from ..core.plan import pad_layers
 from ..prefix import CompactedPrefix
-from .compaction import _sliding_layers, compact_prefix, greedy_generate, padded_to_one_width
+from .compaction import _sliding_layers, compact_prefix, greedy_generate
 from .metrics import full_prefix, reconstruction_log_perplexity
 
 DEFAULT_SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -65,11 +66,11 @@ def _with_head(
         out[layer][head] = pad(source)[head]
         return out
 
-    keys, values, beta = padded_to_one_width(
-        model,
+    keys, values, beta = pad_layers(
         spliced(base.keys, other.keys[layer], 0.0),
         spliced(base.values, other.values[layer], 0.0),
         spliced(base.beta, other.beta[layer], float("-inf")),
+        fixed=_sliding_layers(model),
     )
     return dataclasses.replace(base, keys=keys, values=values, beta=beta)
 
@@ -114,7 +115,7 @@ def head_sensitivity_curves(
         answers = greedy_generate(model, reference, document.prompts, max_new_tokens, eos_token_id)
         samples = list(zip(document.prompts, answers))
         full_loss = reconstruction_log_perplexity(model, reference, samples)
-        compact = lambda ratio: compact_prefix(
+        compact = lambda ratio, document=document: compact_prefix(
             model, document.input_ids, ratio, method, keep_first=document.keep_first, progress=False, **compact_options
         )
         baseline = compact(baseline_ratio)
@@ -133,8 +134,8 @@ def head_sensitivity_curves(
 
 
 def _documents(task: str, tokenizer, count: int, seed: int) -> list[SensitivityDocument]:
+    from ..prompts import document_prompt, instruction_ids
     from ..quality import needle_in_document
-    from .prompts import document_prompt, instruction_ids
 
     if task == "recall":
         from ..recall_model import recall_task

@@ -8,15 +8,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .prompts import instruction_ids
-
-# Our wording of the paper's four prompt kinds (the reference texts are not published in the paper).
-SELF_STUDY_PROMPTS = {
-    "summarize": "Summarize the document above in a few sentences.",
-    "structure_json": "Rewrite the key facts of the document above as a JSON object.",
-    "aggregate": "List every name, number, date and key term that appears in the document above.",
-    "3_question": "Write three multiple-choice questions about the document above and answer each one.",
-}
+from ..prompts import SELF_STUDY_PROMPTS, instruction_ids
 
 
 def self_study_continuations(

@@ -1,1 +1,1 @@
-"""The SGLang side of sglang-am: CPU serving support now; the compaction extension builds on it."""
+"""The SGLang extension: compacted documents as pinned radix-tree nodes, served with bias-aware attention."""

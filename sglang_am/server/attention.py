@@ -1,47 +1,141 @@
-"""The bias-aware ``torch_native`` attention backend (CPU path and the oracle for the GPU kernels),
-and the helpers every bias-aware backend shares.
+"""What every bias-aware attention backend shares, and the ``torch_native`` one (the CPU path and the oracle
+of the GPU kernels).
 
-It replaces SGLang's ``torch_native`` entry (same name, so every code path that branches on the
-backend string still sees ``torch_native``). Batches with no compacted document and no capture
-request go to SGLang's own implementation unchanged. Otherwise each request is one SDPA call with a
-float mask: causal ``-inf`` above the diagonal, plus the document's beta on KV positions ``< t`` (the
-compacted slots are always a request's first t KV positions). Capture requests copy their query rows
-(post-RoPE, as RadixAttention receives them) into the document being registered.
+Per forward, a backend needs each request's document (for beta on its first t KV positions) and the
+query rows of registrations' capture requests. Requests are identified the way SGLang's own backends
+identify them, by their request-pool row: the ``ForwardBatch.init_new`` hook binds each batch's rows
+(``DocumentRows.bind``), and the backend builds its ``DocumentBatch`` in its forward-metadata step from
+the batch's ``req_pool_indices``, which every runner (eager, CUDA-graph replay views) carries.
+
+The ``torch_native`` backend replaces SGLang's entry of that name (every code path that branches on the
+backend string still sees ``torch_native``). Batches with no document go to SGLang's implementation
+unchanged; otherwise each request is one SDPA call with a float mask: causal ``-inf`` above the
+diagonal, plus the document's beta on KV positions ``< t`` (a document's slots are always a request's
+first t KV positions).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
-
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from torch.nn.functional import scaled_dot_product_attention
 
-from .documents import STORE
-from .hooks import batch_info
+from .capture import CaptureRows, QueryCapture
 
 
-class AMTorchNativeAttnBackend(TorchNativeAttnBackend):
+@dataclasses.dataclass
+class CaptureSlice:
+    """The rows of one forward's query tensor that a capture request keeps, and their buffer slots."""
+
+    capture: QueryCapture
+    rows: CaptureRows
+    query_rows: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclasses.dataclass
+class DocumentBatch:
+    documents: list  # per request: its Document or None
+    query_lens: list[int]  # per request: its query rows in this forward (1 in decode)
+    captures: list[CaptureSlice]
+
+    @property
+    def has_documents(self) -> bool:
+        return any(doc is not None for doc in self.documents)
+
+
+class DocumentRows:
+    """The document and capture request each request-pool row serves now."""
+
+    def __init__(self):
+        self._by_row: dict[int, tuple] = {}
+
+    def bind(self, reqs) -> None:
+        for req in reqs:
+            entry = (getattr(req, "am_doc", None), getattr(req, "am_capture", None))
+            if entry == (None, None):
+                self._by_row.pop(req.kv.req_pool_idx, None)
+            else:
+                self._by_row[req.kv.req_pool_idx] = entry
+
+    def batch(self, forward_batch) -> DocumentBatch | None:
+        """This forward's documents and captures; None when it has neither (most forwards)."""
+        mode = forward_batch.forward_mode
+        if not self._by_row or mode.is_idle() or not (mode.is_decode() or mode.is_extend()):
+            return None
+        rows = forward_batch.req_pool_indices_cpu
+        rows = (rows if rows is not None else forward_batch.req_pool_indices).tolist()
+        entries = [self._by_row.get(row, (None, None)) for row in rows]
+        if all(entry == (None, None) for entry in entries):
+            return None
+        if not mode.is_extend():
+            return DocumentBatch([doc for doc, _ in entries], [1] * len(rows), [])
+        query_lens = list(forward_batch.extend_seq_lens_cpu)
+        captures, offset = [], 0
+        for (_, capture), prefix, length in zip(entries, forward_batch.extend_prefix_lens_cpu, query_lens):
+            if capture is not None:
+                planned = capture.rows.plan(prefix, length, offset)
+                if planned is not None:
+                    captures.append(CaptureSlice(capture.capture, capture.rows, *planned))
+            offset += length
+        return DocumentBatch([doc for doc, _ in entries], query_lens, captures)
+
+
+class DocumentAware:
+    """Mixin of the bias-aware backends: the per-forward ``documents`` metadata and query capture."""
+
     adds_document_bias = True  # checked before a document is registered
 
+    def __init__(self, *args, **kwargs):
+        self.document_rows = DocumentRows()
+        self.documents: DocumentBatch | None = None
+        super().__init__(*args, **kwargs)
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        self.documents = self.document_rows.batch(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        self.documents = self.document_rows.batch(forward_batch)
+
+    def layer_index(self, layer) -> int:
+        """``layer``'s index among this rank's layers (a document's per-layer lists are indexed so)."""
+        return layer.layer_id - getattr(self.token_to_kv_pool, "start_layer", 0)
+
+    def capture_queries(self, q, layer) -> None:
+        """Copy the kept query rows of registrations' capture requests (post-RoPE, as attention sees them)."""
+        if self.documents is None or not self.documents.captures:
+            return
+        rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        index = self.layer_index(layer)
+        for part in self.documents.captures:
+            part.capture.record(part.rows, index, rows[part.query_rows.to(rows.device)], part.slots, layer.scaling)
+
+    def uses_documents(self, layer) -> bool:
+        if self.documents is None or not self.documents.has_documents:
+            return False
+        if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
+            raise NotImplementedError("sglang-am serves compacted documents on full causal self-attention only")
+        return True
+
+
+class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        info = batch_info(forward_batch)
-        if info is not None and info.captures:
-            capture_queries(q, layer, info, layer_index(self, layer))
-        if info is None or not info.has_documents:
+        self.capture_queries(q, layer)
+        if not self.uses_documents(layer):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._biased(q, k, v, layer, forward_batch, save_kv_cache, info)
+        return self._biased(q, k, v, layer, forward_batch, save_kv_cache)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        info = batch_info(forward_batch)
-        if info is None or not info.has_documents:
+        if not self.uses_documents(layer):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._biased(q, k, v, layer, forward_batch, save_kv_cache, info)
+        return self._biased(q, k, v, layer, forward_batch, save_kv_cache)
 
-    def _biased(self, q, k, v, layer, forward_batch, save_kv_cache, info):
-        check_full_attention(layer)
+    def _biased(self, q, k, v, layer, forward_batch, save_kv_cache):
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
         heads, kv_heads, dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
@@ -50,16 +144,16 @@ class AMTorchNativeAttnBackend(TorchNativeAttnBackend):
         key_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         value_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         req_to_token = self.req_to_token_pool.req_to_token
-        index = layer_index(self, layer)
+        index = self.layer_index(layer)
         start = 0
-        for row, kv_len, q_len, document in zip(
-            forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(), info.query_lens, info.documents
-        ):
+        for row, kv_len, q_len, document in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
+                                                self.documents.query_lens, self.documents.documents):
             slots = req_to_token[row, :kv_len]
             keys = key_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)  # [1, H_kv, S, D]
             values = value_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)
             query = queries[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H_q, L, D]
-            mask = attention_mask(q_len, kv_len, document.bias[index] if document else None, heads // kv_heads, queries.device)
+            bias = document.installed.bias[index] if document is not None else None
+            mask = attention_mask(q_len, kv_len, bias, heads // kv_heads, queries.device)
             out = scaled_dot_product_attention(query, keys, values, attn_mask=mask.to(queries.dtype),
                                                scale=layer.scaling, enable_gqa=heads != kv_heads)
             output[start : start + q_len] = out[0].transpose(0, 1)
@@ -67,61 +161,14 @@ class AMTorchNativeAttnBackend(TorchNativeAttnBackend):
         return output.reshape(q.shape[0], heads * layer.v_head_dim)
 
 
-BIAS_SLOTS_VARIABLE = "SGLANG_AM_BIAS_SLOTS"
-DEFAULT_BIAS_SLOTS = 1 << 17  # compacted slots of all resident documents: 2 MiB per layer at 4 KV heads
-
-
-def bias_capacity_slots(pool_size: int) -> int:
-    """Slots the bias table holds: ``SGLANG_AM_BIAS_SLOTS`` or the default, at most the KV pool size."""
-    raw = os.environ.get(BIAS_SLOTS_VARIABLE)
-    try:
-        slots = DEFAULT_BIAS_SLOTS if raw is None else int(raw)
-    except ValueError:
-        raise ValueError(f"{BIAS_SLOTS_VARIABLE} must be a positive integer, got {raw!r}") from None
-    if slots < 1:
-        raise ValueError(f"{BIAS_SLOTS_VARIABLE} must be a positive integer, got {raw!r}")
-    return min(slots, pool_size)
-
-
-def layer_index(backend, layer) -> int:
-    """``layer``'s index among this rank's layers (a document's per-layer lists are indexed so)."""
-    return layer.layer_id - getattr(backend.token_to_kv_pool, "start_layer", 0)
-
-
-def capture_queries(q, layer, info, index: int) -> None:
-    """Copy the query rows of a registration's capture requests into their document."""
-    rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-    for capture in info.captures:
-        capture.document.record(capture.source, index, rows[capture.rows], layer.scaling)
-
-
-def write_bias_rows(table, forward_batch, per_token: bool) -> None:
-    """Fill ``table``'s rows for ``forward_batch``: one per query token (``per_token``: the Triton
-    kernels' ``q_idx`` in extend) or one per request, placing each used document's beta on first use."""
-    info = batch_info(forward_batch)
-    if info is None or not info.has_documents:
-        table.set_rows([], [], [])
-        return
-    bases = [-1 if doc is None else table.base_of(doc.index, lambda doc=doc: doc.bias, _is_ready)
-             for doc in info.documents]
-    slots = [0 if doc is None else doc.num_slots for doc in info.documents]
-    table.set_rows(bases, slots, info.query_lens if per_token else [1] * len(bases))
-
-
-def _is_ready(index: int) -> bool:
-    """Is document ``index`` still ready? Asked only when the bias table runs out of room."""
-    return any(doc.index == index and doc.state == "ready" for doc in STORE.documents.values())
-
-
-class DocumentBiasRows:
-    """Mixin for a backend with a ``bias_table``: fills its rows for every forward, at both of SGLang's
+class DocumentBiasRows(DocumentAware):
+    """Mixin for a GPU backend with a ``bias_table``: fills its rows for every forward, at both of SGLang's
     metadata entry points (eager forwards; CUDA-graph capture and replay). ``ROWS_PER_TOKEN``: one row
     per query token (the Triton kernels' ``q_idx``) rather than one per request."""
 
-    adds_document_bias = True  # checked before a document is registered
     ROWS_PER_TOKEN: bool
 
-    def make_bias_table(self, model_runner, q_heads: int, kv_heads: int):
+    def make_bias_table(self, model_runner, q_heads: int, kv_heads: int, capacity_slots: int):
         from sglang_am.kernels.bias_table import BiasTable  # imports triton: not on the torch_native path
 
         pool_size = model_runner.max_total_num_tokens
@@ -130,7 +177,7 @@ class DocumentBiasRows:
             num_layers=model_runner.token_to_kv_pool.layer_num,
             kv_heads=kv_heads,
             group=q_heads // kv_heads,
-            capacity_slots=bias_capacity_slots(pool_size),
+            capacity_slots=min(capacity_slots, pool_size),
             # Every extend token needs a pool slot, every request a request slot; padding rows need slack.
             max_rows=(pool_size + requests if self.ROWS_PER_TOKEN else requests) + 256,
             device=model_runner.device,
@@ -138,16 +185,23 @@ class DocumentBiasRows:
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        write_bias_rows(self.bias_table, forward_batch, per_token=self.ROWS_PER_TOKEN)
+        self._write_bias_rows()
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
-        write_bias_rows(self.bias_table, forward_batch, per_token=self.ROWS_PER_TOKEN)
+        self._write_bias_rows()
 
-
-def check_full_attention(layer) -> None:
-    if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
-        raise NotImplementedError("sglang-am serves compacted documents on full causal self-attention only")
+    def _write_bias_rows(self) -> None:
+        """One row per query token or per request: each used document's (base, t), placing its beta on first use."""
+        batch = self.documents
+        if batch is None or not batch.has_documents:
+            self.bias_table.set_rows([], [], [])
+            return
+        table = self.bias_table
+        bases = [-1 if doc is None else table.base_of(doc.index, lambda doc=doc: doc.installed.bias)
+                 for doc in batch.documents]
+        slots = [0 if doc is None else doc.num_slots for doc in batch.documents]
+        table.set_rows(bases, slots, batch.query_lens if self.ROWS_PER_TOKEN else [1] * len(bases))
 
 
 def attention_mask(q_len: int, kv_len: int, bias: torch.Tensor | None, group: int, device) -> torch.Tensor:

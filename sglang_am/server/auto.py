@@ -10,21 +10,23 @@ each one through the ordinary registration path, in the background (``service.Au
 requests on the prefix then use the compacted node, requests in flight keep their full prefix.
 
 Compacted content from this path is capped by ``budget`` (KV slots, or a fraction of the pool):
-the least recently used automatic documents are dropped, or saved to ``save_dir`` first (and
-loaded from there, instead of compacted again, when their prefix comes back).
+the least recently used automatic documents that no request uses are dropped, and saved to the
+server's document store first (``save_evicted``), from where they are loaded back instead of
+compacted again when their prefix returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from array import array
 from collections import OrderedDict, deque
 
 from ..core import get_method
 from ..core.plan import source_fractions
+from .config import from_environment
+from .registration import CAPTURED_SOURCES
 
 POLICY_VARIABLE = "SGLANG_AM_AUTO"
 MAX_TRACKED_GROUPS = 1024  # prefixes watched at once; the least recently seen is forgotten first
@@ -41,7 +43,7 @@ class AutoPolicy:
     keep_last: int = 16  # protected tail (template tokens, the last few): left to the requests' suffix
     method: str = "AM-HighestAttnKeys"
     query_source: str = "repeat-prefill"
-    save_dir: str | None = None  # evicted automatic documents are saved here, and loaded back on reuse
+    save_evicted: bool = True  # evicted automatic documents go to the store, and come back from it on reuse
     poll_seconds: float = 0.5  # how often the HTTP process asks the scheduler for candidates
 
     def __post_init__(self):
@@ -66,15 +68,13 @@ class AutoPolicy:
         ):
             raise ValueError(f"budget must be a fraction of the KV pool in (0, 1] or an int number of slots, got {budget!r}")
         if self.keep_first + self.keep_last >= self.min_tokens:
-            raise ValueError(f"keep_first + keep_last ({self.keep_first} + {self.keep_last}) must be below min_tokens ({self.min_tokens})")
-        try:
-            get_method(self.method)
-        except KeyError as error:
-            raise ValueError(str(error).strip("'\"")) from None
-        if not set(source_fractions(self.query_source)) <= {"context-prefill", "repeat-prefill", "self-study"}:
-            raise ValueError(f"query_source must use context-prefill, repeat-prefill or self-study, got {self.query_source!r}")
-        if self.save_dir is not None and not isinstance(self.save_dir, str):
-            raise ValueError(f"save_dir must be a directory path, got {self.save_dir!r}")
+            raise ValueError(f"keep_first + keep_last ({self.keep_first} + {self.keep_last}) must be below "
+                             f"min_tokens ({self.min_tokens})")
+        get_method(self.method)  # ValueError naming the known methods
+        if not set(source_fractions(self.query_source)) <= set(CAPTURED_SOURCES):
+            raise ValueError(f"query_source must use {CAPTURED_SOURCES}, got {self.query_source!r}")
+        if not isinstance(self.save_evicted, bool):
+            raise ValueError(f"save_evicted must be true or false, got {self.save_evicted!r}")
 
     def budget_slots(self, pool_size: int) -> int:
         return self.budget if isinstance(self.budget, int) else max(1, int(self.budget * pool_size))
@@ -82,19 +82,28 @@ class AutoPolicy:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 def policy_from_environment() -> AutoPolicy | None:
     """The policy in ``SGLANG_AM_AUTO`` (JSON of ``AutoPolicy`` fields, ``{}`` for the defaults), or None."""
-    text = os.environ.get(POLICY_VARIABLE)
-    if not text:
-        return None
-    try:
-        fields = json.loads(text)
-        if not isinstance(fields, dict):
-            raise ValueError("it must be a JSON object")
-        return AutoPolicy(**fields)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{POLICY_VARIABLE} is not a valid automatic-compaction policy: {error}") from None
+    return from_environment(AutoPolicy, POLICY_VARIABLE)
+
+
+def eviction_order(ready: list, budget: int, width: int) -> list | None:
+    """The automatic documents to drop, least recently used first, so that ``width`` more slots fit the
+    automatic ``budget``; documents that requests use are skipped. None if even that is not enough."""
+    autos = sorted((doc for doc in ready if doc.auto), key=lambda doc: doc.last_used)
+    used = sum(doc.num_slots for doc in autos)
+    victims = []
+    for doc in autos:
+        if used + width <= budget:
+            break
+        if doc.users == 0:
+            victims.append(doc)
+            used -= doc.num_slots
+    return victims if used + width <= budget else None
 
 
 @dataclasses.dataclass

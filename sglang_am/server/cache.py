@@ -1,35 +1,79 @@
-"""``AMRadixCache``: SGLang's legacy radix tree plus what compacted documents need from it.
+"""``AMRadixCache``: SGLang's legacy radix tree plus installing and removing compacted documents.
 
 A compacted document is an ordinary node (key: its virtual ids, value: its KV slots) pinned by a tree
-lock, so SGLang's own accounting already counts it as protected. The one addition is dropping a
-document: after its pin is released, its node and every suffix cached beneath it are freed at once
-instead of waiting for LRU, so the slots return to the pool when the user asks. With automatic
-compaction on, every request's match is also reported to the reuse tracker (``auto``).
+lock, so SGLang's own accounting counts it as protected. ``install_document`` puts a ``CompactedPrefix``
+(solved here or read from the store: one path for both) into the pool and the tree, checking it against
+the pool's layout before it allocates anything and freeing what it took if a step fails.
+``remove_document`` unpins the node and frees it and every suffix cached beneath it that no request
+holds, so the slots return to the pool when the user asks. The tree owns the scheduler's documents
+(``registry``), and reports every client request's match to the reuse tracker when automatic
+compaction is on.
 """
 
 from __future__ import annotations
 
-from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
+from array import array
+from http import HTTPStatus
 
-from .documents import STORE
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+
+from ..prefix import CompactedPrefix
+from .errors import DocumentError
+from .registry import DocumentRegistry, Installed
 
 
 class AMRadixCache(RadixCache):
-    def __init__(self, params):
+    def __init__(self, params, registry: DocumentRegistry):
         if params.page_size != 1:
             raise ValueError(f"--radix-cache-backend am needs --page-size 1, got {params.page_size}")
         super().__init__(params)
+        self.registry = registry
 
     def match_prefix(self, params):
         result = super().match_prefix(params)
-        req = params.req
+        req, tracker = params.req, self.registry.tracker
         # Only clients' plain requests in the default namespace count as reuse: not documents' requests,
         # registrations' internal ones, nor LoRA and other namespaces (they never share a compacted node).
-        if STORE.tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (
+        if tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (
             getattr(req, "am_doc", None) is None and not getattr(req, "am_internal", False)
         ):
-            STORE.tracker.observe(req.origin_input_ids, result.device_prefix_len, req.rid)
+            tracker.observe(req.origin_input_ids, result.device_prefix_len, req.rid)
         return result
+
+    def install_document(self, prefix: CompactedPrefix, virtual_ids: array) -> Installed:
+        """Write ``prefix`` into new slots under a pinned node keyed by ``virtual_ids`` (one per slot)."""
+        pool = self.token_to_kv_pool_allocator.get_kvcache()
+        check_layout(prefix, pool)
+        width = prefix.num_slots
+        device = pool.k_buffer[0].device
+        bias = [b.to(device=device, dtype=torch.float32) for b in prefix.beta]
+        head_slots = [[int(n) for n in torch.isfinite(b).sum(dim=1)] for b in prefix.beta]
+        slots = self.token_to_kv_pool_allocator.alloc(width)
+        if slots is None:
+            self.evict(EvictParams(num_tokens=width))
+            slots = self.token_to_kv_pool_allocator.alloc(width)
+        if slots is None:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                f"no room for {width} KV slots; drop documents or raise the KV pool size")
+        try:
+            for layer in range(pool.layer_num):
+                pool.k_buffer[layer][slots] = prefix.keys[layer].permute(1, 0, 2).to(device, pool.store_dtype)
+                pool.v_buffer[layer][slots] = prefix.values[layer].permute(1, 0, 2).to(device, pool.store_dtype)
+            inserted = self.insert(InsertParams(key=RadixKey(virtual_ids), value=slots.to(torch.int64)))
+        except BaseException:
+            self.token_to_kv_pool_allocator.free(slots)
+            raise
+        if inserted.prefix_len:  # never: virtual ids are unique per document
+            raise RuntimeError("a document's virtual ids were already in the tree")
+        node = inserted.last_device_node
+        return Installed(slots, node, self.lock(node), bias, head_slots)
+
+    def remove_document(self, installed: Installed) -> int:
+        """Unpin a document; returns the slots freed (its own and unused suffixes cached beneath it)."""
+        self.unlock(installed.pin)
+        return self.remove_subtree(installed.node)
 
     def remove_subtree(self, node: TreeNode) -> int:
         """Free ``node`` and its descendants that no request holds; returns the slots freed. A locked
@@ -43,3 +87,17 @@ class AMRadixCache(RadixCache):
             self._delete_leaf(node)
             self.kv_events.record_remove(node)
         return freed
+
+
+def check_layout(prefix: CompactedPrefix, pool) -> None:
+    """Refuse (400) a prefix that does not fit ``pool``'s layout: layers, heads, head sizes, one width."""
+    expected = (pool.head_num, pool.head_dim, pool.v_head_dim)
+    width = prefix.num_slots
+    if prefix.num_layers != pool.layer_num:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, f"the document has {prefix.num_layers} layers, this model {pool.layer_num}")
+    for layer, (keys, values, beta) in enumerate(zip(prefix.keys, prefix.values, prefix.beta)):
+        found = (keys.shape[0], keys.shape[2], values.shape[2])
+        if found != expected or keys.shape[1] != width or values.shape[:2] != keys.shape[:2] or beta.shape != keys.shape[:2]:
+            raise DocumentError(HTTPStatus.BAD_REQUEST,
+                                f"layer {layer} of the document (heads, key size, value size, slots) = "
+                                f"{(*found, keys.shape[1])} does not fit this model's KV pool {(*expected, width)}")

@@ -6,6 +6,7 @@ function's signature differs from the one this code was written against, with an
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pkgutil
 from importlib import metadata
@@ -20,14 +21,28 @@ _ATTENTION = ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache")
 # dotted target -> parameter names this package relies on
 HOOKED_SIGNATURES = {
     "sglang.srt.mem_cache.registry.register_radix_cache_backend": ("name", "factory"),
+    "sglang.srt.layers.attention.attention_registry.register_attention_backend": ("name",),
     f"{_RADIX}.__init__": ("self", "params"),
     f"{_RADIX}.insert": ("self", "params"),
     f"{_RADIX}.match_prefix": ("self", "params"),
+    f"{_RADIX}.evict": ("self", "params"),
+    f"{_RADIX}.path_device_indices": ("self", "node"),
     f"{_RADIX}._delete_leaf": ("self", "node"),
+    "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.lock": ("self", "node"),
+    "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.unlock": ("self", "lock"),
+    "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.get_kvcache": ("self",),
+    "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.free": ("self", "free_index"),
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc": ("self", "need_size"),
+    "sglang.srt.managers.schedule_batch.Req.set_finish_with_abort": ("self", "error_msg", "status_code", "err_type"),
     f"{_SCHEDULER}._create_generation_req": ("self", "recv_req", "args", "kwargs"),
     f"{_SCHEDULER}.init_req_max_new_tokens": ("self", "req"),
     f"{_SCHEDULER}.handle_rpc_request": ("self", "recv_req"),
     f"{_SCHEDULER}.process_batch_result": ("self", "batch", "result"),
+    f"{_SCHEDULER}.on_idle": ("self",),
+    f"{_SCHEDULER}.send_abort_output": ("self", "abort_req", "req"),
+    "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output": (
+        "self", "reqs", "return_logprob", "skip_req",
+    ),
     f"{_SCHEDULER}.is_fully_idle": ("self", "for_health_check", "ignore_waiting"),
     "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_all_pools": (
         "self", "ps", "uncached",
@@ -36,6 +51,7 @@ HOOKED_SIGNATURES = {
         "batch", "model_runner", "capture_hidden_mode", "return_hidden_states_before_norm",
         "extend_position_info", "spec_mrope_positions", "kv_loc_plan", "write_cols",
     ),
+    f"{_TORCH_NATIVE}.init_forward_metadata": ("self", "forward_batch"),
     f"{_TORCH_NATIVE}.forward_extend": _ATTENTION,
     f"{_TORCH_NATIVE}.forward_decode": _ATTENTION,
     f"{_TRITON}.__init__": ("self", "model_runner", "skip_prefill", "kv_indptr_buf", "dllm_fa4"),
@@ -80,8 +96,14 @@ FLASHINFER_SIGNATURES = {
 }
 
 
+# ForwardBatch fields the attention backends read to find a forward's documents and capture rows.
+FORWARD_BATCH_FIELDS = ("forward_mode", "positions", "req_pool_indices", "req_pool_indices_cpu", "seq_lens",
+                        "extend_seq_lens_cpu", "extend_prefix_lens_cpu")
+
+
 def check_sglang(expected_version: str = SGLANG_VERSION, signatures: dict[str, tuple[str, ...]] = HOOKED_SIGNATURES) -> None:
-    """Raise ``RuntimeError`` unless the installed SGLang is ``expected_version`` with the expected signatures."""
+    """Raise ``RuntimeError`` unless the installed SGLang is ``expected_version`` with the expected signatures
+    (and, for the full check, the ``ForwardBatch`` fields the backends read)."""
     installed = metadata.version("sglang")
     if installed != expected_version:
         raise RuntimeError(f"sglang-am needs sglang=={expected_version}, found sglang {installed}")
@@ -89,9 +111,17 @@ def check_sglang(expected_version: str = SGLANG_VERSION, signatures: dict[str, t
         try:
             parameters = tuple(inspect.signature(pkgutil.resolve_name(target)).parameters)
         except (ImportError, AttributeError) as error:
-            raise RuntimeError(f"sglang {installed} has no {target} ({error}); sglang-am needs sglang=={expected_version}") from None
+            raise RuntimeError(f"sglang {installed} has no {target} ({error}); "
+                               f"sglang-am needs sglang=={expected_version}") from None
         if parameters != expected:
             raise RuntimeError(
                 f"sglang {installed}: {target}{parameters} differs from the expected {expected}; "
                 f"sglang-am needs sglang=={expected_version}"
             )
+    if signatures is HOOKED_SIGNATURES:
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+        missing = set(FORWARD_BATCH_FIELDS) - {field.name for field in dataclasses.fields(ForwardBatch)}
+        if missing:
+            raise RuntimeError(f"sglang {installed}: ForwardBatch has no {sorted(missing)}; "
+                               f"sglang-am needs sglang=={expected_version}")

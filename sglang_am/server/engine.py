@@ -1,16 +1,18 @@
 """Document operations on an in-process ``sglang.Engine`` (same semantics as the HTTP routes).
 
->>> engine = sglang.Engine(model_path=..., radix_cache_backend="am", ...)   # with SGLANG_AM=1
+>>> engine = sglang.Engine(model_path=..., radix_cache_backend="am", disable_overlap_schedule=True, ...)  # SGLANG_AM=1
 >>> documents = EngineDocuments(engine)
 >>> doc = documents.register(input_ids=ids, ratio=0.1)
 >>> engine.generate(input_ids=ids + question, sampling_params={"max_new_tokens": 8})
 
 Errors raise ``DocumentError`` (``.status`` is the HTTP status the server would answer, ``.message``
-the reason) or ``ValueError`` for bad arguments.
+the reason) or ``ValueError`` for bad arguments. The Engine is in-process and trusted: the store
+operations need no admin key here.
 """
 
 from __future__ import annotations
 
+from .config import server_config
 from .service import DocumentService, SchedulerRPC
 
 
@@ -18,8 +20,9 @@ class EngineDocuments:
     def __init__(self, engine):
         if getattr(engine, "send_to_rpc", None) is None:
             raise ValueError("this engine has no scheduler RPC socket (only node 0 of a multi-node engine has one)")
+        config = server_config()
         self._engine = engine
-        self._service = DocumentService(engine.tokenizer_manager, SchedulerRPC(engine.send_to_rpc))
+        self._service = DocumentService(engine.tokenizer_manager, SchedulerRPC(engine.send_to_rpc, config.rpc_timeout), config)
 
     def _run(self, operation):
         return self._engine.loop.run_until_complete(operation)
@@ -38,11 +41,17 @@ class EngineDocuments:
     def drop(self, doc_id: str) -> dict:
         return self._run(self._service.drop(doc_id))
 
-    def save(self, doc_id: str, path: str) -> dict:
-        return self._run(self._service.save(doc_id, path))
+    def save(self, doc_id: str) -> dict:
+        """Write the document to the server's store (``--am-store-dir``)."""
+        return self._run(self._service.save(doc_id))
 
-    def load(self, path: str) -> dict:
-        return self._run(self._service.load(path))
+    def load(self, doc_id: str) -> dict:
+        """Install a stored document without compacting it again."""
+        return self._run(self._service.load(doc_id))
+
+    def stored(self) -> dict:
+        """The store's documents and its use of the quota."""
+        return self._run(self._service.stored())
 
     def stats(self) -> dict:
         """As ``GET /am/stats`` (automatic compaction itself runs only in the HTTP server)."""

@@ -19,9 +19,9 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
 from sglang_am.kernels.flashinfer_bias import jit_args
 
-from .attention import DocumentBiasRows, capture_queries, check_full_attention, layer_index
+from .attention import DocumentBiasRows
 from .compat import FLASHINFER_SIGNATURES, check_sglang
-from .hooks import batch_info
+from .config import server_config
 
 
 def _bias_wrapper(base: type, backend: AMFlashInferAttnBackend, forced: dict) -> type:
@@ -70,7 +70,8 @@ class AMFlashInferAttnBackend(DocumentBiasRows, FlashInferAttnBackend):
             raise ValueError("sglang-am's flashinfer backend serves full-attention models with a plain KV cache only "
                              "(its variant has no sliding window or cross-attention); use --attention-backend triton")
         heads = self.indices_updater_decode
-        self.bias_table = self.make_bias_table(model_runner, heads.num_qo_heads, heads.num_kv_heads)
+        self.bias_table = self.make_bias_table(model_runner, heads.num_qo_heads, heads.num_kv_heads,
+                                               server_config().bias_slots)
 
     @contextlib.contextmanager
     def _building_bias_wrappers(self):
@@ -100,14 +101,11 @@ class AMFlashInferAttnBackend(DocumentBiasRows, FlashInferAttnBackend):
         return [self.bias_table.layer_region(self._layer), self.bias_table.rows()]
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        info = batch_info(forward_batch)
-        self._layer = layer_index(self, layer)
-        if info is not None and info.captures:
-            capture_queries(q, layer, info, self._layer)
-        if info is not None and info.has_documents:
-            check_full_attention(layer)
+        self._layer = self.layer_index(layer)
+        self.capture_queries(q, layer)
+        self.uses_documents(layer)  # refuses a layer the variant cannot serve
         return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        self._layer = layer_index(self, layer)
+        self._layer = self.layer_index(layer)
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)

@@ -12,12 +12,15 @@ from collections import Counter
 # name -> (help, label names)
 COUNTERS = {
     "compactions": ("Documents compacted and installed, by origin (explicit or auto).", ("origin",)),
-    "compaction_seconds": ("Seconds spent solving and installing compactions.", ()),
-    "compaction_failures": ("Registrations abandoned, refused or failed after prepare (capture or solve), by origin.", ("origin",)),
+    "compaction_seconds": ("Seconds spent solving compactions.", ()),
+    "loads": ("Documents installed from the store, by origin (explicit or auto).", ("origin",)),
+    "compaction_failures": ("Registrations abandoned, refused or failed after prepare (capture or solve), by origin.",
+                            ("origin",)),
     "hits": ("Requests served from a compacted document.", ()),
     "fallbacks": ("Requests starting with a document but served with the full prefix, by reason.", ("reason",)),
     "auto_triggers": ("Prefixes proposed for automatic compaction.", ()),
     "auto_evictions": ("Automatic documents dropped to stay within the budget (saved first if configured).", ()),
+    "store_failures": ("Writes to the document store that failed (disk full, quota, I/O errors).", ()),
 }
 GAUGES = {
     "documents": "Compacted documents installed.",

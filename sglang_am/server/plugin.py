@@ -1,16 +1,16 @@
 """SGLang plugin entry point (``sglang.srt.plugins``: ``am``), active only with ``SGLANG_AM=1``.
 
 SGLang runs plugins in each of its processes (spawned, so patches made by the launcher never reach
-the scheduler) and then applies the registered hooks. ``register`` wires everything:
+the scheduler) and then applies the registered hooks. ``register`` only wires; nothing is created at
+import or registration time:
 
-- the ``am`` radix-cache backend (``--radix-cache-backend am``): compacted documents are pinned nodes;
-- the bias-aware attention backends, under SGLang's own names: ``triton`` (GPU default),
-  ``flashinfer`` and ``torch_native`` (CPU, and the oracle of the other two);
-- scheduler hooks: request rewrite, ``max_new_tokens`` clamp, position offsets, holding a finished
-  capture's KV, the document RPC and
-  the ``am_document`` entry of a response's ``meta_info`` (see ``hooks``);
-- in the HTTP server's process, the ``/am/documents`` and ``/am/stats`` routes (see ``routes``) and,
-  with ``SGLANG_AM_AUTO`` set, the automatic-compaction poller (see ``auto``).
+- the ``am`` radix-cache backend (``--radix-cache-backend am``): its factory builds, per scheduler, the
+  tree, the document registry it owns, and the document operations (with their solver and store threads);
+- the bias-aware attention backends, under SGLang's own names (``register_attention_backend``):
+  ``triton`` (GPU default), ``flashinfer`` and ``torch_native`` (CPU, and the oracle of the other two);
+- the scheduler hooks of ``hooks``;
+- in the HTTP server's process, the ``/am/`` routes (``routes``) and, with ``SGLANG_AM_AUTO`` set, the
+  automatic-compaction poller (``service.AutoCompactor``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,23 @@ def enabled() -> bool:
 
 
 def _radix_cache(ctx):
+    from .auto import policy_from_environment
     from .cache import AMRadixCache
-    from .documents import STORE
+    from .config import server_config
+    from .operations import DocumentOperations
+    from .registry import DocumentRegistry
 
-    STORE.attach(ctx.server_args, ctx.tp_rank)
-    return AMRadixCache(ctx.params)
+    if not ctx.server_args.disable_overlap_schedule:
+        raise ValueError("--radix-cache-backend am needs --disable-overlap-schedule: with overlap scheduling the next "
+                         "batch is prepared while the current one runs, which compacted documents do not support yet")
+    registry = DocumentRegistry(policy_from_environment())
+    if ctx.server_args.enable_metrics and ctx.tp_rank == 0:  # rank 0 mirrors the counters to Prometheus
+        registry.stats.enable_prometheus(ctx.server_args.served_model_name or ctx.server_args.model_path)
+    cache = AMRadixCache(ctx.params, registry)
+    pool = ctx.tp_worker.model_runner.token_to_kv_pool
+    device = pool.k_buffer[0].device if getattr(pool, "k_buffer", None) else None
+    cache.operations = DocumentOperations(cache, server_config(), ctx.server_args.model_path, device)
+    return cache
 
 
 def _torch_native_backend(runner):
@@ -64,18 +76,20 @@ def _flashinfer_backend(runner):
 
 def _before_http_server(*args, **kwargs):
     """Open the RPC socket to the scheduler and add the document routes before uvicorn starts."""
+    import zmq
     from sglang.srt.entrypoints import http_server
     from sglang.srt.utils.network import get_zmq_socket
-    import zmq
 
     from .auto import policy_from_environment
+    from .config import server_config
     from .routes import install_routes
     from .service import AutoCompactor, DocumentService, SchedulerRPC, run_during_lifespan
 
     bound = inspect.signature(http_server._setup_and_run_http_server).bind(*args, **kwargs).arguments
+    config = server_config()
     socket = get_zmq_socket(zmq.Context(1), zmq.DEALER, bound["port_args"].rpc_ipc_name, True)
-    service = DocumentService(bound["tokenizer_manager"], SchedulerRPC(socket))
-    install_routes(http_server.app, service)
+    service = DocumentService(bound["tokenizer_manager"], SchedulerRPC(socket, config.rpc_timeout), config)
+    install_routes(http_server.app, service, config, admin_key_set=bool(bound["server_args"].admin_api_key))
     policy = policy_from_environment()
     if policy is not None:
         run_during_lifespan(http_server.app, AutoCompactor(service, policy).run)
@@ -88,9 +102,11 @@ def register() -> None:
         return
     check_sglang()  # SGLang logs and swallows plugin errors; the server then reports the unknown backend
     from .auto import policy_from_environment
+    from .config import server_config
 
-    policy_from_environment()  # a bad SGLANG_AM_AUTO fails here, with its reason, in every process
-    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    policy_from_environment()  # a bad SGLANG_AM_AUTO or SGLANG_AM_CONFIG fails here, with its reason
+    server_config()
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -100,22 +116,26 @@ def register() -> None:
         register_radix_cache_backend(RADIX_CACHE_BACKEND, _radix_cache)
     if _hooks_registered:  # SGLang loads plugins in several code paths of one process
         return
-    ATTENTION_BACKENDS["torch_native"] = _torch_native_backend
-    ATTENTION_BACKENDS["triton"] = _triton_backend
-    ATTENTION_BACKENDS["flashinfer"] = _flashinfer_backend
+    register_attention_backend("torch_native")(_torch_native_backend)
+    register_attention_backend("triton")(_triton_backend)
+    register_attention_backend("flashinfer")(_flashinfer_backend)
     scheduler = "sglang.srt.managers.scheduler.Scheduler"
-    HookRegistry.register(f"{scheduler}._create_generation_req", hooks.after_create_req, HookType.AFTER)
-    HookRegistry.register(f"{scheduler}.init_req_max_new_tokens", hooks.after_init_max_new_tokens, HookType.AFTER)
-    HookRegistry.register(f"{scheduler}.handle_rpc_request", hooks.around_rpc, HookType.AROUND)
-    HookRegistry.register(f"{scheduler}.process_batch_result", hooks.after_process_batch_result, HookType.AFTER)
-    HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
-                          hooks.after_init_new, HookType.AFTER)
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key",
-        hooks.request_level_info_key, HookType.AFTER,
-    )
+    streamer = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+    for target, hook, kind in (
+        (f"{scheduler}._create_generation_req", hooks.after_create_req, HookType.AFTER),
+        (f"{scheduler}.init_req_max_new_tokens", hooks.after_init_max_new_tokens, HookType.AFTER),
+        (f"{scheduler}.handle_rpc_request", hooks.around_rpc, HookType.AROUND),
+        (f"{scheduler}.process_batch_result", hooks.after_process_batch_result, HookType.AFTER),
+        (f"{scheduler}.on_idle", hooks.after_on_idle, HookType.AFTER),
+        (f"{scheduler}.send_abort_output", hooks.after_send_abort_output, HookType.AFTER),
+        (f"{streamer}.stream_output", hooks.after_stream_output, HookType.AFTER),
+        (f"{streamer}.is_request_level_customized_info_key", hooks.request_level_info_key, HookType.AFTER),
+        ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", hooks.after_init_new, HookType.AFTER),
+    ):
+        HookRegistry.register(target, hook, kind)
     if multiprocessing.parent_process() is None:  # the launcher / HTTP server process
-        HookRegistry.register("sglang.srt.entrypoints.http_server._setup_and_run_http_server", _before_http_server, HookType.BEFORE)
+        HookRegistry.register("sglang.srt.entrypoints.http_server._setup_and_run_http_server", _before_http_server,
+                              HookType.BEFORE)
     _hooks_registered = True
     logger.info("sglang-am: registered radix-cache backend %r, the bias-aware attention backends and the document hooks",
                 RADIX_CACHE_BACKEND)

@@ -1,165 +1,135 @@
 """Document operations in SGLang's main process, shared by the HTTP routes and the Engine client.
 
-Registering a document: validate, ``prepare`` on the scheduler (which answers with an existing
-document for a duplicate), run the capture requests through the server's own generation path
-(context-prefill: the document itself; repeat-prefill: document + repeat instruction + document;
-self-study: the server samples answers to the self-study prompts, which are then teacher-forced),
-then ``compact`` until the scheduler reports the document ready (the solve runs on a scheduler
-worker thread). Every scheduler operation is one JSON RPC over SGLang's RPC socket.
+Registering a document: validate the request (``RegistrationRequest``), ``prepare`` on the scheduler
+(which answers with an existing document for a duplicate), run the capture requests through the
+server's own generation path (context-prefill: the document itself; repeat-prefill: document + repeat
+instruction + document; self-study: the server samples answers to the self-study prompts, which are
+then teacher-forced), then ``advance`` until the scheduler reports the document ready (the solve runs
+on a scheduler worker thread). A drop while that runs cancels it: its capture requests are aborted and
+the registration answers 409. Every scheduler operation is one JSON RPC over SGLang's RPC socket, and
+none waits longer than the configured RPC timeout.
 
 ``AutoCompactor`` is the HTTP process's side of automatic compaction: it polls the scheduler for the
-prefixes its reuse tracker proposes and registers them, one at a time, in the background.
+prefixes its reuse tracker proposes and loads (from the store) or registers them, one at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from pathlib import Path
 
-from ..core import get_method
-from ..core.plan import source_fractions
-from ..hf.prompts import instruction_ids, repeat_ids
-from ..hf.self_study import SELF_STUDY_PROMPTS
+from ..prompts import SELF_STUDY_PROMPTS, instruction_ids, repeat_ids
 from .auto import AutoPolicy
-from .documents import DEFAULT_MAX_QUERIES_PER_HEAD, DocumentError
+from .capture import capture_salt
+from .config import ServerConfig
+from .errors import DocumentError
 from .hooks import RPC_METHOD
+from .registration import RegistrationRequest
+from .registry import DocState
 
 logger = logging.getLogger(__name__)
-DEFAULT_METHOD = "AM-HighestAttnKeys"
-DEFAULT_QUERY_SOURCE = "repeat-prefill"
-CAPTURED_SOURCES = ("context-prefill", "repeat-prefill", "self-study")
 SELF_STUDY_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
-REGISTRATION_POLL_SECONDS = 0.2
-COMPACTION_POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05
 
 
 class SchedulerRPC:
-    """JSON document operations over SGLang's RPC socket (one call at a time; see ``hooks.around_rpc``)."""
+    """JSON document operations over SGLang's RPC socket, one at a time, each waiting at most ``timeout``.
 
-    def __init__(self, socket):
-        self.socket = socket
+    Every call carries a sequence number that the scheduler echoes, so the late answer to a call that
+    timed out is recognised and dropped instead of being taken for the next call's answer."""
+
+    def __init__(self, socket, timeout: float):
+        self.socket, self.timeout = socket, timeout
         self._lock = threading.Lock()
+        self._sequence = itertools.count()
 
     def call(self, op: str, **payload) -> dict:
+        import zmq
         from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
 
         with self._lock:
-            sock_send(self.socket, RpcReqInput(method=RPC_METHOD, parameters={"op": op, "payload": json.dumps(payload)}))
-            output = sock_recv(self.socket)
+            seq = next(self._sequence)
+            parameters = {"op": op, "payload": json.dumps(payload), "seq": seq}
+            sock_send(self.socket, RpcReqInput(method=RPC_METHOD, parameters=parameters))
+            deadline = time.monotonic() + self.timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    raise DocumentError(HTTPStatus.GATEWAY_TIMEOUT,
+                                        f"the scheduler did not answer {op} within {self.timeout:g} s; it may be busy")
+                output = sock_recv(self.socket)
+                try:
+                    answer = json.loads(output.message)
+                except (TypeError, ValueError):
+                    raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{op} failed: {output.message}") from None
+                if answer.get("seq") == seq:
+                    break
         if output.success:
-            return json.loads(output.message)
-        try:
-            error = json.loads(output.message)
-            raise DocumentError(error["status"], error["error"])
-        except (ValueError, KeyError, TypeError):
-            raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, output.message) from None
-
-
-def registration_request(
-    text: str | None = None,
-    input_ids: Sequence[int] | None = None,
-    ratio: float | None = None,
-    budget: int | None = None,
-    method: str = DEFAULT_METHOD,
-    query_source: str | Mapping[str, float] = DEFAULT_QUERY_SOURCE,
-    head_budgets: Mapping[str, float] | None = None,
-    max_queries_per_head: int = DEFAULT_MAX_QUERIES_PER_HEAD,
-    self_study_max_new_tokens: int = 64,
-    keep_first: int = 0,
-    options: Mapping[str, object] | None = None,
-) -> dict:
-    """Check a registration's arguments (``ValueError`` naming the bad one) and normalise them."""
-    if (text is None) == (input_ids is None):
-        raise ValueError("give exactly one of text or input_ids (the document as it starts prompts)")
-    if input_ids is not None and (not isinstance(input_ids, Sequence) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in input_ids
-    )):
-        raise ValueError("input_ids must be a list of non-negative token ids")
-    if text is not None and not isinstance(text, str):
-        raise ValueError("text must be a string")
-    if (ratio is None) == (budget is None):
-        raise ValueError("give exactly one of ratio (in (0, 1]) or budget (slots, below the document length)")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise ValueError(f"budget must be a positive int number of slots, got {budget!r}")
-    try:
-        get_method(method)
-    except KeyError as error:
-        raise ValueError(str(error).strip("'\"")) from None
-    fractions = source_fractions(query_source)
-    if not set(fractions) <= set(CAPTURED_SOURCES):
-        raise ValueError(f"query_source for the server must use {CAPTURED_SOURCES}, got {query_source!r}")
-    if isinstance(max_queries_per_head, bool) or not isinstance(max_queries_per_head, int) or max_queries_per_head < 1:
-        raise ValueError(f"max_queries_per_head must be a positive int, got {max_queries_per_head!r}")
-    if isinstance(self_study_max_new_tokens, bool) or not isinstance(self_study_max_new_tokens, int) or self_study_max_new_tokens < 1:
-        raise ValueError(f"self_study_max_new_tokens must be a positive int, got {self_study_max_new_tokens!r}")
-    if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
-        raise ValueError(f"keep_first must be a non-negative int (tokens kept verbatim at the start), got {keep_first!r}")
-    if head_budgets is not None and not isinstance(head_budgets, Mapping):
-        raise ValueError("head_budgets must be the head-budget JSON object {\"L{layer}H{head}\": proportion}")
-    if options is not None and not isinstance(options, Mapping):
-        raise ValueError("options must be an object of the method's option fields")
-    return {
-        "text": text, "input_ids": None if input_ids is None else list(input_ids),
-        "budget": float(ratio) if ratio is not None else budget, "method": method, "query_source": fractions,
-        "head_budgets": None if head_budgets is None else dict(head_budgets), "max_queries_per_head": max_queries_per_head,
-        "self_study_max_new_tokens": self_study_max_new_tokens, "keep_first": keep_first, "options": dict(options or {}),
-    }
+            return answer["result"]
+        raise DocumentError(answer["status"], answer["error"])
 
 
 class DocumentService:
-    def __init__(self, tokenizer_manager, rpc: SchedulerRPC):
-        self.tokenizer_manager = tokenizer_manager
-        self.rpc = rpc
+    def __init__(self, tokenizer_manager, rpc: SchedulerRPC, config: ServerConfig):
+        self.tokenizer_manager, self.rpc, self.config = tokenizer_manager, rpc, config
+        self._registrations: dict[str, asyncio.Task] = {}  # doc_id -> its capture and compaction in progress
 
     async def _call(self, op: str, **payload) -> dict:
         return await asyncio.to_thread(self.rpc.call, op, **payload)
 
-    async def register(self, **arguments) -> dict:
-        return await self._register(registration_request(**arguments), auto=False)
+    async def register(self, **fields) -> dict:
+        return await self._register(RegistrationRequest.from_client(self.config, **fields), auto=False)
 
-    async def _register(self, request: dict, auto: bool) -> dict:
-        tokenizer = self.tokenizer_manager.tokenizer
-        ids = request["input_ids"]
-        if ids is None:
-            if tokenizer is None:
-                raise ValueError("this server runs without a tokenizer: register input_ids instead of text")
-            ids = tokenizer.encode(request["text"])
+    async def _register(self, request: RegistrationRequest, auto: bool) -> dict:
+        ids = list(request.input_ids) if request.input_ids is not None else self._encode(request.text)
         while True:
-            prepared = await self._call(
-                "prepare", input_ids=ids, budget=request["budget"], method=request["method"],
-                query_source=request["query_source"], head_budgets=request["head_budgets"],
-                max_queries_per_head=request["max_queries_per_head"],
-                self_study_max_new_tokens=request["self_study_max_new_tokens"], options=request["options"],
-                keep_first=request["keep_first"], auto=auto,
-            )
+            prepared = await self._call("prepare", request=request.to_payload(), input_ids=ids, auto=auto)
             if not prepared["existing"]:
                 break
-            if prepared["state"] == "ready":
+            if prepared["state"] == DocState.READY.value:
                 return prepared
             existing = await self._wait_ready(prepared["doc_id"])
             if existing is not None:
                 return existing
             # The concurrent registration failed, or its document was dropped meanwhile: register anew.
-        doc_id, salt = prepared["doc_id"], prepared["salt"]
+        doc_id = prepared["doc_id"]
+        work = asyncio.create_task(self._capture_and_compact(doc_id, prepared["salt"], ids, request))
+        self._registrations[doc_id] = work
+        try:
+            return {**await work, "existing": False}
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the client went away
+                raise
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
+        finally:
+            self._registrations.pop(doc_id, None)
+
+    def _encode(self, text: str) -> list[int]:
+        tokenizer = self.tokenizer_manager.tokenizer
+        if tokenizer is None:
+            raise ValueError("this server runs without a tokenizer: register input_ids instead of text")
+        ids = tokenizer.encode(text)
+        if len(ids) > self.config.max_document_tokens:
+            raise ValueError(f"text has {len(ids)} tokens; this server takes at most {self.config.max_document_tokens}")
+        return ids
+
+    async def _capture_and_compact(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest) -> dict:
         try:
             timings = await self._capture(doc_id, salt, ids, request)
-            result = await self._call("compact", doc_id=doc_id, timings=timings)
-            while result["state"] != "ready":
-                await asyncio.sleep(COMPACTION_POLL_SECONDS)
-                result = await self._call("compact", doc_id=doc_id, timings={})
-        except BaseException:
-            await self._call("abort", doc_id=doc_id)
+            return await self._until_ready(await self._call("advance", doc_id=doc_id, timings=timings))
+        except BaseException as error:
+            with contextlib.suppress(DocumentError):  # whatever was left of it on the scheduler
+                await self._call("abandon", doc_id=doc_id)
+            if isinstance(error, DocumentError) and error.status == HTTPStatus.NOT_FOUND:
+                # A registering document disappears only when it is dropped.
+                raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
             raise
-        return {**result, "existing": False}
 
     async def _wait_ready(self, doc_id: str) -> dict | None:
         """A concurrent registration of the same document: wait for it and return it (None if it is gone)."""
@@ -170,61 +140,74 @@ class DocumentService:
                 if error.status == HTTPStatus.NOT_FOUND:
                     return None
                 raise
-            if doc["state"] == "ready":
+            if doc["state"] == DocState.READY.value:
                 return {**doc, "existing": True}
-            await asyncio.sleep(REGISTRATION_POLL_SECONDS)
+            await asyncio.sleep(POLL_SECONDS * 4)
 
-    async def _capture(self, doc_id: str, salt: str, ids: list[int], request: dict) -> dict:
+    async def _capture(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest) -> dict:
         tokenizer = self.tokenizer_manager.tokenizer
-        length, sources = len(ids), request["query_source"]
+        length, sources = len(ids), request.query_source
+        if tokenizer is None and {"repeat-prefill", "self-study"} & set(sources):
+            raise ValueError("repeat-prefill and self-study need the server's tokenizer")
         timings = {"prefill_seconds": 0.0, "self_study_seconds": 0.0}
         start = time.perf_counter()
         captures = []
         if "context-prefill" in sources:
             captures.append(self._capture_one(doc_id, salt, "context-prefill", ids, 0, length))
         if "repeat-prefill" in sources:
-            between = self._tokens(tokenizer, repeat_ids)
+            between = repeat_ids(tokenizer)
             captures.append(self._capture_one(doc_id, salt, "repeat-prefill", ids + between + ids,
                                               length + len(between), 2 * length + len(between)))
         await asyncio.gather(*captures)
         timings["prefill_seconds"] = round(time.perf_counter() - start, 4)
         if "self-study" in sources:
             start = time.perf_counter()
-            starters = [self._tokens(tokenizer, lambda t: instruction_ids(t, "\n\n" + prompt))
-                        for prompt in SELF_STUDY_PROMPTS.values()]
-            answers = await asyncio.gather(*(self._sample(ids + starter, request["self_study_max_new_tokens"]) for starter in starters))
+            starters = [instruction_ids(tokenizer, "\n\n" + prompt) for prompt in SELF_STUDY_PROMPTS.values()]
+            answers = await asyncio.gather(*(self._sample(ids + starter, request.self_study_max_new_tokens)
+                                             for starter in starters))
             sequences = [ids + starter + answer for starter, answer in zip(starters, answers)]
             await asyncio.gather(*(self._capture_one(doc_id, salt, "self-study", sequence, length, len(sequence))
                                    for sequence in sequences))
             timings["self_study_seconds"] = round(time.perf_counter() - start, 4)
         return timings
 
-    @staticmethod
-    def _tokens(tokenizer, make) -> list[int]:
-        if tokenizer is None:
-            raise ValueError("repeat-prefill and self-study need the server's tokenizer")
-        return list(make(tokenizer))
-
     async def _generate(self, input_ids: list[int], sampling_params: dict, cache_salt: str | None = None) -> dict:
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         obj = GenerateReqInput(input_ids=input_ids, sampling_params=sampling_params, cache_salt=cache_salt)
         output = None
-        async for output in self.tokenizer_manager.generate_request(obj, None):
-            pass
+        async for item in self.tokenizer_manager.generate_request(obj, None):
+            output = item  # the last one carries the finish reason
         reason = (output or {}).get("meta_info", {}).get("finish_reason") or {}
         if reason.get("type") == "abort":
-            raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"capture request failed: {reason.get('message')}")
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"capture request failed: {reason.get('message')}")
         return output
 
     async def _capture_one(self, doc_id: str, salt: str, source: str, input_ids: list[int], start: int, stop: int) -> None:
         params = {"am_op": "capture", "am_doc_id": doc_id, "am_source": source, "am_from": start, "am_to": stop}
-        await self._generate(input_ids, {"max_new_tokens": 1, "temperature": 0.0, "custom_params": params}, cache_salt=salt)
+        await self._generate(input_ids, {"max_new_tokens": 1, "temperature": 0.0, "custom_params": params},
+                             cache_salt=capture_salt(salt, source))
 
     async def _sample(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
         params = {"max_new_tokens": max_new_tokens, "custom_params": {"am_op": "sample"}, **SELF_STUDY_SAMPLING}
         output = await self._generate(input_ids, params)
         return list(output["output_ids"])
+
+    async def _until_ready(self, described: dict) -> dict:
+        """Poll ``advance`` until the document is ready (a failure raises its error)."""
+        while described["state"] != DocState.READY.value:
+            await asyncio.sleep(POLL_SECONDS)
+            described = await self._call("advance", doc_id=described["doc_id"])
+        return described
+
+    async def _until_done(self, started: dict) -> dict:
+        """Poll a save or store job until it is done; its result, or its error raised."""
+        result = {"done": False}
+        while not result["done"]:
+            await asyncio.sleep(POLL_SECONDS)
+            result = await self._call("job", job=started["job"])
+        del result["done"]
+        return result
 
     async def list(self) -> dict:
         return await self._call("list")
@@ -233,17 +216,32 @@ class DocumentService:
         return await self._call("get", doc_id=doc_id)
 
     async def drop(self, doc_id: str) -> dict:
-        return await self._call("drop", doc_id=doc_id)
+        """Drop a document in any state; a registration in progress is cancelled."""
+        result = await self._call("drop", doc_id=doc_id)
+        registration = self._registrations.get(doc_id)
+        if registration is not None:
+            registration.cancel()
+        return result
 
-    async def save(self, doc_id: str, path: str) -> dict:
-        if not isinstance(path, str) or not path:
-            raise ValueError("path must be a non-empty string (a directory on the server)")
-        return await self._call("save", doc_id=doc_id, path=path)
+    async def save(self, doc_id: str) -> dict:
+        return await self._until_done(await self._call("save", doc_id=doc_id))
 
-    async def load(self, path: str, auto: bool = False) -> dict:
-        if not isinstance(path, str) or not path:
-            raise ValueError("path must be a non-empty string (a directory on the server)")
-        return await self._call("load", path=path, auto=auto)
+    async def load(self, doc_id: str, auto: bool = False) -> dict:
+        loaded = await self._call("load", doc_id=doc_id, auto=auto)
+        if loaded["existing"]:
+            return loaded
+        try:
+            return {**await self._until_ready(loaded), "existing": False}
+        except BaseException:
+            with contextlib.suppress(DocumentError):
+                await self._call("abandon", doc_id=doc_id)
+            raise
+
+    async def stored(self) -> dict:
+        return await self._until_done(await self._call("store_list"))
+
+    async def delete_stored(self, doc_id: str) -> dict:
+        return await self._until_done(await self._call("store_delete", doc_id=doc_id))
 
     async def stats(self) -> dict:
         return await self._call("stats")
@@ -264,13 +262,15 @@ class AutoCompactor:
 
     async def compact(self, doc_id: str, input_ids: list[int]) -> None:
         policy = self.policy
-        saved = Path(policy.save_dir, doc_id) if policy.save_dir is not None else None
         try:
-            if saved is not None and saved.is_dir():  # evicted earlier and saved: load it back
-                result = await self.service.load(str(saved), auto=True)
-            else:
-                request = registration_request(input_ids=input_ids, ratio=policy.ratio, method=policy.method,
-                                               query_source=policy.query_source, keep_first=policy.keep_first)
+            try:  # evicted earlier and saved: load it back
+                result = await self.service.load(doc_id, auto=True)
+            except DocumentError as error:
+                if error.status != HTTPStatus.NOT_FOUND:
+                    raise
+                request = RegistrationRequest.from_client(
+                    self.service.config, input_ids=input_ids, ratio=policy.ratio, method=policy.method,
+                    query_source=policy.query_source, keep_first=policy.keep_first)
                 result = await self.service._register(request, auto=True)
         except DocumentError as error:
             logger.warning("sglang-am: automatic compaction of a %d-token prefix refused: %s", len(input_ids), error.message)

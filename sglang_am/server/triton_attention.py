@@ -14,8 +14,8 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from sglang_am.kernels.bias_table import am_bias_score_mod
 
-from .attention import DocumentBiasRows, capture_queries, check_full_attention, layer_index
-from .hooks import batch_info
+from .attention import DocumentBiasRows
+from .config import server_config
 
 
 class AMTritonAttnBackend(DocumentBiasRows, TritonAttnBackend):
@@ -23,17 +23,14 @@ class AMTritonAttnBackend(DocumentBiasRows, TritonAttnBackend):
 
     def __init__(self, model_runner, *args, **kwargs):
         super().__init__(model_runner, *args, **kwargs)
-        self.bias_table = self.make_bias_table(model_runner, self.num_head, self.num_kv_head)
+        self.bias_table = self.make_bias_table(model_runner, self.num_head, self.num_kv_head, server_config().bias_slots)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        info = batch_info(forward_batch)
-        if info is not None and info.captures:
-            capture_queries(q, layer, info, layer_index(self, layer))
-        if info is not None and info.has_documents:
-            check_full_attention(layer)
-            kwargs.update(score_mod=am_bias_score_mod, aux_tensors=[self.bias_table.aux(layer_index(self, layer))])
+        self.capture_queries(q, layer)
+        if self.uses_documents(layer):
+            kwargs.update(score_mod=am_bias_score_mod, aux_tensors=[self.bias_table.aux(self.layer_index(layer))])
         return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        kwargs.update(score_mod=am_bias_score_mod, aux_tensors=[self.bias_table.aux(layer_index(self, layer))])
+        kwargs.update(score_mod=am_bias_score_mod, aux_tensors=[self.bias_table.aux(self.layer_index(layer))])
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)

@@ -10,8 +10,8 @@ from .base import (
     get_method,
     register_method,
 )
-from .highest_attn_keys import HighestAttnKeysOptions
 from .h2o import H2OOptions
+from .highest_attn_keys import HighestAttnKeysOptions
 from .kvzip import KVzipOptions, KVzipUniformOptions
 from .omp import PROGRESSIVE_SCHEDULE, OMPFastOptions, OMPOptions
 from .pyramidkv import PyramidKVOptions, pyramid_layer_budget

@@ -15,6 +15,7 @@ import torch
 
 from ..block import STATS_BACKENDS, Block
 
+
 @dataclass
 class CompactionOptions:
     """Options every method accepts. Defaults are the paper's for AM-HighestAttnKeys.

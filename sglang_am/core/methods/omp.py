@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..block import Block
+from ..cancel import checkpoint
 from ..least_squares import IncrementalQR, nnls_box
 from .base import CompactionOptions, Selection, register_method
 
@@ -141,7 +142,7 @@ class _GreedyState:
 
     def run_greedy(self) -> None:
         while self._step():
-            pass
+            checkpoint()
 
     def drop(self, bad: torch.Tensor) -> None:
         """Remove ``bad`` slots; they stay in ``taken``, so they are never selected again."""

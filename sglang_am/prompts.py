@@ -1,4 +1,5 @@
-"""Token ids around a document, in the tokenizer's chat template when it has one.
+"""Token ids around a document, in the tokenizer's chat template when it has one, and the instructions
+both adapters append to it (the repeat instruction, the self-study prompts).
 
 A document sits in the user turn: ``[template head][document][instruction][end of turn + assistant
 header]``. The head and everything after the document stay uncompacted (``keep_first`` and the
@@ -13,6 +14,13 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 REPEAT_INSTRUCTION = "\nRepeat the previous context."
+# Our wording of the paper's four prompt kinds (the reference texts are not published in the paper).
+SELF_STUDY_PROMPTS = {
+    "summarize": "Summarize the document above in a few sentences.",
+    "structure_json": "Rewrite the key facts of the document above as a JSON object.",
+    "aggregate": "List every name, number, date and key term that appears in the document above.",
+    "3_question": "Write three multiple-choice questions about the document above and answer each one.",
+}
 _SENTINEL = "\u2063sglang-am document\u2063"  # never produced by a tokenizer's own text
 
 

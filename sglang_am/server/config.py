@@ -1,0 +1,79 @@
+"""The operator's settings of the extension: where documents are stored, and the bound on every kind of work
+a client can ask for.
+
+A server is a shared resource: every size, count and duration a client can make it spend has a bound
+here. The launcher's ``--am-FIELD VALUE`` flags (``--am-store-dir``, ``--am-solve-timeout``, ...) write
+them as JSON into ``SGLANG_AM_CONFIG``, which reaches every SGLang process (and also works with
+``sglang serve`` directly); ``{}`` or no variable means the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import TypeVar
+
+CONFIG_VARIABLE = "SGLANG_AM_CONFIG"
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def default_store_dir() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "sglang-am" / "documents")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    store_dir: str = dataclasses.field(default_factory=default_store_dir)  # the only directory documents are written to
+    store_quota_bytes: int = 10 * GiB  # bytes the store may hold; saves beyond it are refused (507)
+    solve_timeout: float = 600.0  # seconds one solve may run before its registration fails
+    max_registrations: int = 4  # registrations in progress at once (queued solves included); more get 503
+    max_document_tokens: int = 32768
+    max_self_study_tokens: int = 512  # per self-study answer the server samples
+    max_queries_per_head: int = 20000
+    capture_memory_bytes: int = 1 * GiB  # captured reference queries of all registrations in progress
+    rpc_timeout: float = 120.0  # seconds the HTTP process waits for one scheduler operation
+    max_body_bytes: int = 8 * MiB  # request bodies of the /am/ routes
+    bias_slots: int = 1 << 17  # compacted slots the GPU backends' bias table holds (at most the KV pool)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store_dir, str) or not self.store_dir:
+            raise ValueError(f"store_dir must be a directory path, got {self.store_dir!r}")
+        for name in ("store_quota_bytes", "max_registrations", "max_document_tokens", "max_self_study_tokens",
+                     "max_queries_per_head", "capture_memory_bytes", "max_body_bytes", "bias_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("solve_timeout", "rpc_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+Settings = TypeVar("Settings")
+
+
+def from_environment(cls: type[Settings], variable: str) -> Settings | None:
+    """``cls`` from the JSON object in ``variable`` (None when unset); a bad value raises ``ValueError``
+    naming the variable and the field."""
+    text = os.environ.get(variable)
+    if not text:
+        return None
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise ValueError("it must be a JSON object")
+        return cls(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{variable} is not valid: {error}") from None
+
+
+def server_config() -> ServerConfig:
+    return from_environment(ServerConfig, CONFIG_VARIABLE) or ServerConfig()

@@ -1,0 +1,51 @@
+"""Test-only fault injection (in the spirit of SGLang's ``SGLANG_TEST_*`` variables).
+
+``SGLANG_AM_TEST_FAULTS`` names a file listing (comma or newline separated) the points at which the
+server fails on purpose, so the tests can check that every failure path releases what it took; a test
+rewrites the file to switch faults on and off while the server runs. Points: ``solve`` (the solver
+raises), ``solver_exit`` (the solver thread gets ``SystemExit``), ``capture`` (recording queries fails
+inside the forward pass), ``store_write`` (the disk fills up halfway through a save), ``store_slow``
+(a save takes 3 s), ``rpc_slow`` (a stats call takes 3 s). Unset, ``inject`` does nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+FAULTS_VARIABLE = "SGLANG_AM_TEST_FAULTS"
+SLOW_SECONDS = 3.0
+
+
+def _raise(error: BaseException):
+    def fail():
+        raise error
+
+    return fail
+
+
+_FAULTS = {
+    "solve": _raise(RuntimeError("injected solver failure")),
+    "solver_exit": _raise(SystemExit("injected solver thread exit")),
+    "capture": _raise(RuntimeError("injected capture failure")),
+    "store_write": _raise(OSError(errno.ENOSPC, "No space left on device (injected)")),
+    "store_slow": lambda: time.sleep(SLOW_SECONDS),
+    "rpc_slow": lambda: time.sleep(SLOW_SECONDS),
+}
+
+
+def active() -> set[str]:
+    path = os.environ.get(FAULTS_VARIABLE)
+    if not path:
+        return set()
+    try:
+        with open(path) as handle:
+            return {point.strip() for point in handle.read().replace("\n", ",").split(",")} & set(_FAULTS)
+    except OSError:
+        return set()
+
+
+def inject(point: str) -> None:
+    if point in active():
+        _FAULTS[point]()

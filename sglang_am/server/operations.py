@@ -1,0 +1,487 @@
+"""The document operations of one scheduler process: one RPC each, on the scheduler's thread.
+
+The HTTP process (``service``) drives a registration: ``prepare`` (validate, admit, reserve the id),
+the capture requests (ordinary prefills through the server, tagged by ``hooks``), then ``advance``
+until the document is ready: the first call hands the solve to the solver thread, a later one installs
+its result. ``load`` reads a stored document on the store's I/O thread and ``advance`` installs it the
+same way. ``save`` copies a document out of the pool here and writes it on the I/O thread; the HTTP
+process polls ``job``. ``drop`` removes a document in any state, cancelling its solve. Each step
+releases what the previous one took when it fails, and ``reap`` releases what a cancelled solve still
+held once it has stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import uuid
+from array import array
+from http import HTTPStatus
+from pathlib import Path
+
+from ..core.cancel import CompactionCancelled
+from ..core.plan import LayerPlan
+from ..fingerprint import checkpoint_fingerprint
+from ..prefix import CompactedPrefix
+from ..prompts import SELF_STUDY_PROMPTS
+from . import faults
+from .admission import ServerRoom, admit
+from .auto import eviction_order
+from .cache import AMRadixCache
+from .capture import QueryCapture
+from .config import ServerConfig
+from .errors import DocumentError
+from .jobs import Job, QueueFull, Worker
+from .registration import RegistrationRequest
+from .registry import DocState, Document, document_id, virtual_ids
+from .solve import SourceHold, solve_document
+from .store import DocumentStore, check_document_id
+
+logger = logging.getLogger(__name__)
+# How long a drop waits for a cancelled solve to stop (one loop step) before leaving its KV lock to ``reap``.
+CANCEL_WAIT_SECONDS = 0.5
+MAX_FINISHED_JOBS = 256  # finished save/store jobs kept for their poller
+
+
+class DocumentOperations:
+    def __init__(self, cache: AMRadixCache, config: ServerConfig, model_path: str, device):
+        self.cache, self.registry, self.config = cache, cache.registry, config
+        self.model_path = model_path
+        self.solver = Worker("solver", max_queued=config.max_registrations, device=device)
+        self.io = Worker("store", max_queued=64)
+        self.jobs: dict[str, Job] = {}  # save and store jobs the HTTP process polls
+        self._abandoned: list[tuple[Job, SourceHold]] = []  # cancelled solves that had not stopped yet
+        self._identity_lock = threading.Lock()
+        self._fingerprint: dict | None = None
+        self._store: DocumentStore | None = None
+
+    # ----- entry point -----
+
+    def call(self, scheduler, op: str, payload: dict) -> dict:
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"unknown document operation {op!r}")
+        self.reap()
+        return handler(scheduler, **payload)
+
+    def reap(self) -> None:
+        """Release the KV that cancelled solves held, once they have stopped."""
+        if self._abandoned:
+            stopped = [(job, hold) for job, hold in self._abandoned if job.done()]
+            for _, hold in stopped:
+                self.cache.unlock(hold.lock)
+            self._abandoned = [entry for entry in self._abandoned if not entry[0].done()]
+
+    # ----- the model this scheduler serves, and its store -----
+
+    def fingerprint(self) -> dict:
+        """The served checkpoint's fingerprint (read once, from whichever thread asks first)."""
+        with self._identity_lock:
+            if self._fingerprint is None:
+                try:
+                    self._fingerprint = checkpoint_fingerprint(self.model_path)
+                except (OSError, ValueError) as error:
+                    raise DocumentError(HTTPStatus.BAD_REQUEST, f"cannot fingerprint the served model: {error}") from None
+            return self._fingerprint
+
+    def store(self) -> DocumentStore:
+        """This model's part of the store root: one subdirectory per fingerprint."""
+        fingerprint = self.fingerprint()
+        with self._identity_lock:
+            if self._store is None:
+                key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+                self._store = DocumentStore(Path(self.config.store_dir) / key, self.config.store_quota_bytes)
+            return self._store
+
+    # ----- reading -----
+
+    def _get(self, doc_id: str) -> Document:
+        doc = self.registry.get(check_document_id(doc_id))
+        if doc is None:
+            raise DocumentError(HTTPStatus.NOT_FOUND, f"no document {doc_id}")
+        return doc
+
+    def op_list(self, scheduler) -> dict:
+        return {"documents": [doc.describe() for doc in self.registry.documents.values()]}
+
+    def op_get(self, scheduler, doc_id: str) -> dict:
+        return self._get(doc_id).describe()
+
+    # ----- registration -----
+
+    def op_prepare(self, scheduler, request: dict, input_ids: list[int], auto: bool = False) -> dict:
+        """Validate and admit a registration and reserve its id; an existing document is returned as it is."""
+        registration = RegistrationRequest.from_payload(request)
+        doc_id = document_id(input_ids)
+        existing = self.registry.get(doc_id)
+        if existing is not None:
+            if existing.auto and not auto:  # a client registered it explicitly: no longer evictable
+                existing.auto = False
+                self.registry.update_gauges()
+            return {**existing.describe(), "existing": True}
+        check_model(scheduler)
+        runner = scheduler.tp_worker.model_runner
+        pool = runner.token_to_kv_pool
+        proportions = registration.head_proportions
+        heads = {(layer, head) for layer in range(pool.layer_num) for head in range(pool.head_num)}
+        if proportions is not None and set(proportions) != heads:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, "head_budgets must give one proportion per (layer, KV head) of "
+                                f"this model: L0H0 .. L{pool.layer_num - 1}H{pool.head_num - 1}")
+        config = runner.model_config
+        q_heads = config.num_attention_heads // scheduler.tp_size
+        sources = registration.query_source
+        parts = {s: len(SELF_STUDY_PROMPTS) if s == "self-study" else 1 for s in sources}
+        # Self-study captures an instruction (64 positions allowed for it) and its answer.
+        longest = {s: registration.self_study_max_new_tokens + 64 if s == "self-study" else len(input_ids) for s in sources}
+        capture = QueryCapture(dict(sources), registration.max_queries_per_head, parts, longest,
+                               max(1, q_heads // pool.head_num), pool.layer_num,
+                               q_heads * pool.head_dim * pool.store_dtype.itemsize)
+        in_progress = self.registry.in_state(DocState.CAPTURING, DocState.SOLVING, DocState.LOADING)
+        room = self._room(scheduler, in_progress, auto)
+        admit(registration, len(input_ids), room, self.config, capture.nbytes, len(SELF_STUDY_PROMPTS))
+        plan = LayerPlan(registration.method, registration.budget, dict(registration.query_source),
+                         registration.max_queries_per_head, registration.keep_first, proportions,
+                         options=dict(registration.options))
+        doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method,
+                       _describe_config(registration), auto, DocState.CAPTURING, capture=capture, plan=plan,
+                       salt=f"sglang-am-capture-{uuid.uuid4().hex}")
+        self.registry.add(doc)
+        return {**doc.describe(), "existing": False, "salt": doc.salt}
+
+    def _room(self, scheduler, in_progress: list[Document], auto: bool) -> ServerRoom:
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        policy = self.registry.policy
+        return ServerRoom(
+            pool_slots=scheduler.max_total_num_tokens,
+            pinned_slots=self.registry.pinned_slots(),
+            max_prompt_tokens=scheduler.max_req_input_len,
+            registrations_in_progress=len(in_progress),
+            capture_bytes_in_use=sum(doc.capture.nbytes for doc in in_progress if doc.capture is not None),
+            bias_slots_free=None if table is None else table.free_slots(),
+            auto_budget_slots=policy.budget_slots(scheduler.max_total_num_tokens) if auto and policy else None,
+        )
+
+    def hold_source(self, doc: Document, salt: str) -> None:
+        """A capture request of ``doc`` finished: lock its KV in the tree (under the request's salt) until
+        the solve has read it, so pool pressure cannot evict it in between."""
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        if doc.source is not None or doc.state is not DocState.CAPTURING or not self.registry.is_current(doc):
+            return
+        match = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(doc.tokens, cache_salt=salt)))
+        if match.device_prefix_len >= doc.length:
+            lock = self.cache.lock(match.last_device_node)
+            doc.source = SourceHold(lock, self.cache.path_device_indices(match.last_device_node)[: doc.length])
+
+    def op_advance(self, scheduler, doc_id: str, timings: dict | None = None) -> dict:
+        """Move a registration or a load on: start the solve once its captures are done, install once the
+        solve or the read is done. Call until ``state`` is "ready"."""
+        doc = self._get(doc_id)
+        try:
+            if doc.state is DocState.CAPTURING:
+                doc.timings.update(timings or {})
+                self._start_solve(scheduler, doc)
+            if doc.state in (DocState.SOLVING, DocState.LOADING):
+                if scheduler.tp_size > 1:  # every rank must install in the same call: wait for the job
+                    doc.job.wait(self.config.solve_timeout * 2)
+                if doc.job.done():
+                    self._install(scheduler, doc)
+        except Exception as error:
+            self._discard(doc)
+            if isinstance(error, DocumentError):
+                raise
+            if isinstance(error, CompactionCancelled):  # its deadline passed, or it was dropped
+                raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; the registration was abandoned") from None
+            logger.warning("sglang-am: document %s failed: %r", doc_id, error)
+            raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"compaction failed: {error!r}") from None
+        return doc.describe()
+
+    def _start_solve(self, scheduler, doc: Document) -> None:
+        problem = doc.capture.problem()
+        if problem is not None:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, problem)
+        if doc.source is None:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                "the document's KV was evicted before compaction (KV pool under pressure); register again")
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        capture, source, plan, tokens = doc.capture, doc.source.slots, doc.plan, list(doc.tokens)
+
+        def work() -> CompactedPrefix:
+            return solve_document(pool, source, capture, plan, tokens, self._fingerprint_or_empty(), doc.config)
+
+        try:
+            doc.job = self.solver.submit(work, "the solve", timeout=self.config.solve_timeout)
+        except QueueFull:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the solver queue is full; retry later") from None
+        doc.state = DocState.SOLVING
+
+    def _fingerprint_or_empty(self) -> dict:
+        """Serving needs no fingerprint; only save and load refuse without one."""
+        try:
+            return self.fingerprint()
+        except DocumentError:
+            return {}
+
+    def _install(self, scheduler, doc: Document) -> None:
+        prefix: CompactedPrefix = doc.job.result()  # raises what the solve or the read raised
+        if doc.source is not None:
+            self.cache.unlock(doc.source.lock)
+        if doc.capture is not None:
+            doc.capture.release()
+        doc.source, doc.capture, doc.job = None, None, None
+        if document_id(prefix.token_ids) != doc.doc_id:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"stored document {doc.doc_id} holds another document's tokens")
+        if len(prefix.token_ids) >= scheduler.max_req_input_len:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"document {doc.doc_id} has {len(prefix.token_ids)} tokens, "
+                                "too long for this server")
+        if doc.state is DocState.LOADING:
+            doc.tokens, doc.method, doc.config = array("q", prefix.token_ids), prefix.method, prefix.config
+        if doc.auto:
+            self._make_room_for_auto(scheduler, prefix.num_slots)
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        if table is not None and prefix.num_slots > table.free_slots():
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the bias table has room for {table.free_slots()} "
+                                f"compacted slots, {prefix.num_slots} do not fit; drop documents or raise --am-bias-slots")
+        doc.installed = self.cache.install_document(prefix, virtual_ids(doc.index, prefix.num_slots))
+        if table is not None:  # placed now, so the table's free room counts every installed document
+            table.base_of(doc.index, lambda: doc.installed.bias)
+        if doc.state is DocState.LOADING:
+            self.registry.stats.add("loads", origin=doc.origin)
+        else:
+            self.registry.stats.add("compactions", origin=doc.origin)
+            self.registry.stats.add("compaction_seconds", prefix.timings["solve_seconds"])
+        doc.timings.update(prefix.timings)
+        doc.state = DocState.READY
+        self.registry.update_gauges()
+        if doc.auto and self.registry.tracker is not None:
+            self.registry.tracker.release(doc.tokens)
+        logger.info("sglang-am: document %s ready: T=%d -> t=%d slots", doc.doc_id, doc.length, doc.num_slots)
+
+    def _discard(self, doc: Document) -> None:
+        """Forget a document that never became ready, releasing what it held."""
+        job, hold = doc.job, doc.source
+        if job is not None and not job.done():
+            job.cancel("the registration was cancelled")
+            if not job.wait(CANCEL_WAIT_SECONDS):
+                if hold is not None:
+                    self._abandoned.append((job, hold))
+                hold = None
+        if hold is not None:
+            self.cache.unlock(hold.lock)
+        if doc.capture is not None:
+            doc.capture.release()
+        if doc.installed is not None:  # installed, then a later step failed
+            self.cache.remove_document(doc.installed)
+        doc.source, doc.capture, doc.job, doc.installed = None, None, None, None
+        if self.registry.is_current(doc):
+            self.registry.remove(doc)
+            if doc.state is not DocState.LOADING:  # a load that finds nothing stored is no failure
+                self.registry.stats.add("compaction_failures", origin=doc.origin)
+
+    def op_abandon(self, scheduler, doc_id: str) -> dict:
+        """The HTTP process gave up a registration or a load (its client left, or it failed): forget what
+        is left of it; a ready document is left alone."""
+        doc = self.registry.get(check_document_id(doc_id))
+        if doc is not None and doc.state is not DocState.READY:
+            self._discard(doc)
+        return {"doc_id": doc_id}
+
+    # ----- drop -----
+
+    def op_drop(self, scheduler, doc_id: str) -> dict:
+        """Remove a document in any state: a ready one unless requests use it (409), one in progress at once."""
+        doc = self._get(doc_id)
+        if doc.state is not DocState.READY:
+            state = doc.state.value
+            self._discard(doc)
+            return {"doc_id": doc_id, "dropped": True, "cancelled": state, "freed_slots": 0}
+        if doc.users:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is in use by {doc.users} request(s); "
+                                "retry when they finish")
+        return {"doc_id": doc_id, "dropped": True, "freed_slots": self._remove_ready(scheduler, doc)}
+
+    def _remove_ready(self, scheduler, doc: Document) -> int:
+        freed = self.cache.remove_document(doc.installed)
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        if table is not None:
+            table.release(doc.index)
+        self.registry.remove(doc)
+        return freed
+
+    # ----- automatic documents -----
+
+    def _make_room_for_auto(self, scheduler, width: int) -> None:
+        """Drop (saving them to the store first, if the policy says so) the least recently used idle
+        automatic documents until ``width`` more slots fit the automatic budget."""
+        policy = self.registry.policy
+        budget = policy.budget_slots(scheduler.max_total_num_tokens)
+        autos = self.registry.in_state(DocState.READY)
+        victims = eviction_order(autos, budget, width)
+        if victims is None:
+            used = sum(d.num_slots for d in autos if d.auto)
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"automatic documents in use hold {used} of the "
+                                f"{budget}-slot budget; {width} more do not fit")
+        for victim in victims:
+            if policy.save_evicted:
+                self._write_in_background(victim.doc_id, self._snapshot(scheduler, victim))
+            self._remove_ready(scheduler, victim)
+            self.registry.stats.add("auto_evictions")
+
+    def op_auto_poll(self, scheduler) -> dict:
+        """Prefixes the reuse tracker proposes that are not documents yet (the HTTP process compacts them)."""
+        tracker = self.registry.tracker
+        if tracker is None:
+            return {"candidates": []}
+        named = ((document_id(ids), ids) for ids in tracker.take_candidates())
+        candidates = [{"doc_id": doc_id, "input_ids": ids} for doc_id, ids in named if self.registry.get(doc_id) is None]
+        self.registry.stats.add("auto_triggers", len(candidates))
+        return {"candidates": candidates}
+
+    # ----- the store -----
+
+    def _snapshot(self, scheduler, doc: Document) -> CompactedPrefix:
+        """A ready document copied out of the pool (to the CPU), as the store writes it."""
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        slots = doc.installed.slots
+        return CompactedPrefix(
+            keys=[pool.k_buffer[layer][slots].permute(1, 0, 2).cpu() for layer in range(pool.layer_num)],
+            values=[pool.v_buffer[layer][slots].permute(1, 0, 2).cpu() for layer in range(pool.layer_num)],
+            beta=[b.cpu() for b in doc.installed.bias], logical_length=doc.length, token_ids=list(doc.tokens),
+            fingerprint=self.fingerprint(), method=doc.method, config=doc.config, timings=doc.timings,
+        )
+
+    def _write_in_background(self, doc_id: str, prefix: CompactedPrefix) -> Job | None:
+        def write() -> dict:
+            try:
+                return {"doc_id": doc_id, "stored": True, "bytes": self.store().save(doc_id, prefix)}
+            except Exception:
+                self.registry.stats.add("store_failures")
+                raise
+
+        try:
+            return self.io.submit(write, "the save")
+        except QueueFull:
+            self.registry.stats.add("store_failures")
+            return None
+
+    def _track(self, job: Job | None) -> dict:
+        if job is None:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the store's queue is full; retry later")
+        while len(self.jobs) >= MAX_FINISHED_JOBS and any(j.done() for j in self.jobs.values()):
+            del self.jobs[next(key for key, j in self.jobs.items() if j.done())]
+        key = uuid.uuid4().hex
+        self.jobs[key] = job
+        return {"job": key}
+
+    def op_job(self, scheduler, job: str) -> dict:
+        """A save or store job: ``{"done": False}`` while it runs, then its result (errors raise)."""
+        running = self.jobs.get(job)
+        if running is None:
+            raise DocumentError(HTTPStatus.NOT_FOUND, "no such job")
+        if not running.done():
+            return {"done": False}
+        del self.jobs[job]
+        return {"done": True, **running.result()}  # a failed job raises its error here
+
+    def op_save(self, scheduler, doc_id: str) -> dict:
+        doc = self._get(doc_id)
+        _single_rank(scheduler, "save")
+        if doc.state is not DocState.READY:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
+        return self._track(self._write_in_background(doc_id, self._snapshot(scheduler, doc)))
+
+    def op_load(self, scheduler, doc_id: str, auto: bool = False) -> dict:
+        """Install a stored document (read and checked on the I/O thread; ``advance`` installs it)."""
+        check_document_id(doc_id)
+        _single_rank(scheduler, "load")
+        existing = self.registry.get(doc_id)
+        if existing is not None:
+            return {**existing.describe(), "existing": True}
+        check_model(scheduler)
+        in_progress = self.registry.in_state(DocState.CAPTURING, DocState.SOLVING, DocState.LOADING)
+        if len(in_progress) >= self.config.max_registrations:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{len(in_progress)} registrations are in progress, "
+                                "the server's limit (--am-max-registrations); retry when one finishes")
+        try:
+            job = self.io.submit(lambda: self.store().load(doc_id, self.fingerprint()), "the load")
+        except QueueFull:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the store's queue is full; retry later") from None
+        doc = Document(doc_id, self.registry.new_index(), array("q"), "", {}, auto, DocState.LOADING, job=job)
+        self.registry.add(doc)
+        return {**doc.describe(), "existing": False}
+
+    def op_store_list(self, scheduler) -> dict:
+        return self._track(self.io.submit(lambda: {"documents": self.store().list(), **self._store_usage()}, "the listing"))
+
+    def op_store_delete(self, scheduler, doc_id: str) -> dict:
+        check_document_id(doc_id)
+        return self._track(self.io.submit(lambda: {"doc_id": doc_id, "deleted": self.store().delete(doc_id)}, "the delete"))
+
+    def _store_usage(self) -> dict:
+        return {"bytes": self.store().used_bytes(), "quota_bytes": self.config.store_quota_bytes}
+
+    # ----- stats -----
+
+    def op_stats(self, scheduler) -> dict:
+        """Counters, gauges, the KV pool's accounting and, when the scheduler is idle, SGLang's leak check."""
+        faults.inject("rpc_slow")
+        idle = scheduler.is_fully_idle()
+        check = {"idle": idle, "leak": None, "detail": []}
+        if idle:
+            leak, messages = scheduler.invariant_checker._check_all_pools(scheduler.pool_stats_observer.get_pool_stats())
+            check.update(leak=bool(leak), detail=list(messages) if leak else [])
+        registry, policy = self.registry, self.registry.policy
+        states = [doc.state for doc in registry.documents.values()]
+        return {
+            **registry.stats.snapshot(),
+            "documents": {"ready": states.count(DocState.READY), "registering": len(states) - states.count(DocState.READY),
+                          "auto": sum(doc.auto and doc.state is DocState.READY for doc in registry.documents.values())},
+            "pool": {"total": scheduler.max_total_num_tokens,
+                     "available": scheduler.tp_worker.model_runner.token_to_kv_pool_allocator.available_size(),
+                     "evictable": self.cache.evictable_size(), "protected": self.cache.protected_size()},
+            "idle_check": check,
+            "limits": {"max_registrations": self.config.max_registrations, "solve_timeout": self.config.solve_timeout,
+                       "max_document_tokens": self.config.max_document_tokens,
+                       "store_quota_bytes": self.config.store_quota_bytes},
+            "auto": None if policy is None else {
+                **policy.describe(), "budget_slots": policy.budget_slots(scheduler.max_total_num_tokens),
+                "tracked_prefixes": len(registry.tracker.groups), "pending_candidates": len(registry.tracker.candidates),
+            },
+        }
+
+
+def check_model(scheduler) -> None:
+    """Compacted slots count as positions only on full-attention layers in a plain KV layout."""
+    runner = scheduler.tp_worker.model_runner
+    if not getattr(runner.attn_backend, "adds_document_bias", False):
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need a bias-aware attention backend: "
+                            "--attention-backend triton, flashinfer or torch_native (CPU)")
+    if not runner.spec_algorithm.is_none():
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents do not support speculative decoding yet")
+    config = runner.model_config.hf_config
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        sliding = any(kind == "sliding_attention" for kind in kinds)
+    else:
+        sliding = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
+    if sliding:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "sliding-window models are not supported by the SGLang extension")
+    pool = runner.token_to_kv_pool
+    if not hasattr(pool, "k_buffer") or pool.store_dtype != pool.dtype:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, f"compacted documents need a plain {pool.dtype} KV pool (no fp8/fp4 cache)")
+
+
+def _single_rank(scheduler, what: str) -> None:
+    if scheduler.tp_size > 1:
+        raise DocumentError(HTTPStatus.NOT_IMPLEMENTED, f"{what} with tensor parallelism is not supported yet")
+
+
+def _describe_config(registration: RegistrationRequest) -> dict:
+    """What ``describe`` and the saved artifact record of how the document was compacted."""
+    return {"budget": registration.budget, "query_source": dict(registration.query_source),
+            "head_budgets": registration.head_budgets is not None, "max_queries_per_head": registration.max_queries_per_head,
+            "keep_first": registration.keep_first, "options": dict(registration.options)}
+

@@ -1,0 +1,199 @@
+"""The documents of one scheduler process: their states, lookup by prompt, and who is using them.
+
+A document moves through explicit states; what it holds in each is released by whoever moves it on:
+
+    CAPTURING --(captures done)--> SOLVING --(solved)--> READY
+    LOADING ----(read from the store)--------------------> READY
+
+Any state can end with removal (drop, cancel, failure). A request rewritten to a document holds a
+reference until it ends (``acquire``/``release``), so drop and eviction refuse while one is held:
+a request that is queued, grammar-queued or retracted still needs the document's node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import time
+from array import array
+
+import torch
+
+from .auto import AutoPolicy, ReuseTracker
+from .metrics import Stats
+
+# Virtual ids: -(1 + (index << 32) + slot). Negative, so they collide with no vocabulary id and no
+# multimodal pad id (those are large positive values); never embedded (always inside the prefix).
+_VIRTUAL_SHIFT = 32
+
+
+class DocState(enum.Enum):
+    CAPTURING = "capturing"
+    SOLVING = "solving"
+    LOADING = "loading"
+    READY = "ready"
+
+
+def virtual_ids(index: int, count: int) -> array:
+    """The ids of document ``index``'s ``count`` slots."""
+    base = 1 + (index << _VIRTUAL_SHIFT)
+    return array("q", (-(base + j) for j in range(count)))
+
+
+def document_id(token_ids) -> str:
+    """The SHA-256 of the document's token ids (int64): the same document has the same id everywhere."""
+    return hashlib.sha256(array("q", token_ids).tobytes()).hexdigest()
+
+
+@dataclasses.dataclass(eq=False)
+class Installed:
+    """A document's place in the KV pool and the tree: its slots, its pinned node, and beta per layer."""
+
+    slots: torch.Tensor  # [t] KV-pool slot indices
+    node: object
+    pin: object
+    bias: list[torch.Tensor]  # per layer [H_kv, t] float32, on the pool's device
+    head_slots: list[list[int]]  # per layer, real slots per KV head (the rest is -inf padding)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.slots.numel())
+
+
+@dataclasses.dataclass(eq=False)
+class Document:
+    doc_id: str
+    index: int  # the virtual-id namespace and the bias-table key
+    tokens: array
+    method: str
+    config: dict
+    auto: bool  # proposed by the reuse tracker: counted in the automatic budget, evictable
+    state: DocState
+    timings: dict = dataclasses.field(default_factory=dict)
+    # While registering or loading (released by whoever ends that state):
+    capture: object = None  # capture.QueryCapture
+    source: object = None  # solve.SourceHold: the captured KV, locked in the tree
+    job: object = None  # jobs.Job: the solve or the store read in flight
+    plan: object = None  # core.plan.LayerPlan of a registration
+    salt: str = ""  # the capture requests' cache namespace
+    # Once ready:
+    installed: Installed | None = None
+    users: int = 0  # requests rewritten to it that have not ended
+    requests_served: int = 0
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.installed is None else self.installed.num_slots
+
+    @property
+    def origin(self) -> str:
+        return "auto" if self.auto else "explicit"
+
+    @property
+    def position_offset(self) -> int:
+        return self.length - self.num_slots
+
+    @functools.cached_property
+    def virtual_ids(self) -> array:
+        """Read once installed (every rewritten request prepends them)."""
+        return virtual_ids(self.index, self.num_slots)
+
+    def is_proper_prefix_of(self, token_ids) -> bool:
+        """Do ``token_ids`` start with this document and go on for at least one more token?"""
+        return len(token_ids) > self.length and array("q", token_ids[: self.length]) == self.tokens
+
+    def describe(self) -> dict:
+        head_slots = self.installed.head_slots if self.installed is not None else []
+        return {
+            "doc_id": self.doc_id,
+            "state": self.state.value,
+            "T": self.length,
+            "t": self.num_slots,
+            "slots": self.num_slots,
+            "ratio": round(self.num_slots / self.length, 6) if self.num_slots else None,
+            "wasted_slots": sum(self.num_slots - t for layer in head_slots for t in layer),
+            "method": self.method,
+            "origin": self.origin,
+            "config": self.config,
+            "timings": self.timings,
+            "requests_served": self.requests_served,
+            "requests_active": self.users,
+        }
+
+
+class DocumentRegistry:
+    """Documents by id, in any state; the reuse tracker and the counters of this scheduler."""
+
+    def __init__(self, policy: AutoPolicy | None):
+        self.documents: dict[str, Document] = {}
+        self._next_index = 1
+        self.stats = Stats()
+        self.policy = policy
+        self.tracker = ReuseTracker(policy) if policy is not None else None
+
+    def new_index(self) -> int:
+        index, self._next_index = self._next_index, self._next_index + 1
+        return index
+
+    def add(self, doc: Document) -> None:
+        self.documents[doc.doc_id] = doc
+
+    def remove(self, doc: Document) -> None:
+        if self.documents.get(doc.doc_id) is doc:
+            del self.documents[doc.doc_id]
+        self.update_gauges()
+
+    def get(self, doc_id: str) -> Document | None:
+        return self.documents.get(doc_id)
+
+    def ready(self, doc_id: str) -> Document | None:
+        doc = self.documents.get(doc_id)
+        return doc if doc is not None and doc.state is DocState.READY else None
+
+    def is_current(self, doc: Document) -> bool:
+        """Is ``doc`` still registered (not dropped, cancelled or replaced)?"""
+        return self.documents.get(doc.doc_id) is doc
+
+    def in_state(self, *states: DocState) -> list[Document]:
+        return [doc for doc in self.documents.values() if doc.state in states]
+
+    def longest_prefix(self, token_ids) -> Document | None:
+        """The longest document, in any state, whose ids are a proper prefix of ``token_ids``."""
+        best = None
+        for doc in self.documents.values():  # a document still loading has no tokens yet
+            if doc.length and (best is None or doc.length > best.length) and doc.is_proper_prefix_of(token_ids):
+                best = doc
+        return best
+
+    def pinned_slots(self) -> int:
+        return sum(doc.num_slots for doc in self.documents.values())
+
+    # ----- references held by requests -----
+
+    def acquire(self, doc: Document, req) -> None:
+        """``req`` was rewritten to ``doc``: it holds ``doc`` until ``release``."""
+        doc.users += 1
+        doc.requests_served += 1
+        doc.last_used = time.monotonic()
+        req.am_doc = doc
+        req.am_holds_document = True
+
+    @staticmethod
+    def release(req) -> None:
+        """``req`` ended (finished, aborted or rejected); idempotent."""
+        if getattr(req, "am_holds_document", False):
+            req.am_holds_document = False
+            req.am_doc.users -= 1
+
+    def update_gauges(self) -> None:
+        ready = self.in_state(DocState.READY)
+        self.stats.set(documents=len(ready), compacted_slots=sum(d.num_slots for d in ready),
+                       slots_saved=sum(d.length - d.num_slots for d in ready),
+                       auto_slots=sum(d.num_slots for d in ready if d.auto))

@@ -1,0 +1,58 @@
+"""The solve step: a document's KV in the pool and its captured queries become a ``CompactedPrefix``.
+
+It runs on the solver thread (``jobs``) while the scheduler keeps serving, so it only reads: the
+document's KV stays locked in the tree (``SourceHold``) until the scheduler has the result, and the
+captured queries belong to the registration. The per-layer work is the core's ``LayerPlan``, the same
+loop the transformers adapter runs; the result is the artifact that save, load and install all use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from ..core.plan import LayerPlan, assemble_layer, pad_layers
+from ..prefix import CompactedPrefix
+from . import faults
+from .capture import QueryCapture
+
+
+@dataclasses.dataclass(eq=False)
+class SourceHold:
+    """A registration's captured KV: the tree lock that keeps it and its pool slots ``[T]``."""
+
+    lock: object
+    slots: torch.Tensor
+
+
+def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: LayerPlan, token_ids: list[int],
+                   fingerprint: dict, config: dict) -> CompactedPrefix:
+    """Compact every layer of the document whose KV sits in pool ``source`` slots."""
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    length, kept = len(token_ids), plan.keep_first
+    clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
+    keys, values, betas = [], [], []
+    for layer in range(pool.layer_num):
+        faults.inject("solve")
+        faults.inject("solver_exit")
+        # In the pool's dtype: the solver computes in float32, and its GPU path runs FlashInfer in this dtype.
+        layer_keys = pool.k_buffer[layer][source].permute(1, 0, 2)  # [H_kv, T, D]
+        layer_values = pool.v_buffer[layer][source].permute(1, 0, 2)
+        queries = plan.reference_queries(capture.queries(layer), pool.head_num, generator)
+        result = plan.compact_span(layer_keys[:, kept:], layer_values[:, kept:], queries, length - kept,
+                                   range(length - kept), layer, pool.layer_num, capture.scales[layer])
+        for stage, seconds in result.timings.items():
+            clock[stage] += seconds
+        empty = layer_keys[:, :0], layer_values[:, :0]
+        layer_k, layer_v, layer_b = assemble_layer((layer_keys[:, :kept], layer_values[:, :kept]), [result], empty)
+        keys.append(layer_k)
+        values.append(layer_v)
+        betas.append(layer_b.float())
+    keys, values, betas = pad_layers(keys, values, betas)
+    timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
+    timings["solve_seconds"] = round(time.perf_counter() - started, 4)
+    return CompactedPrefix(keys=keys, values=values, beta=betas, logical_length=length, token_ids=list(token_ids),
+                           fingerprint=fingerprint, method=plan.method, config=config, timings=timings)
