@@ -101,7 +101,7 @@ def test_bad_registration_fields_are_refused_with_the_field_named(fields, reason
 
 
 def test_unknown_fields_are_refused():
-    with pytest.raises(TypeError, match="colour"):
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
         request(colour="red")
 
 
@@ -388,3 +388,11 @@ def test_cancelling_a_queued_job_ends_it_at_once():
     queued.cancel("dropped")
     assert queued.wait(0.1) and queued.done()
     gate.set()
+
+
+def test_the_radix_cache_refuses_overlap_scheduling_with_the_reason():
+    from sglang_am.server.plugin import _radix_cache
+
+    context = SimpleNamespace(server_args=SimpleNamespace(disable_overlap_schedule=False))
+    with pytest.raises(ValueError, match="--radix-cache-backend am needs --disable-overlap-schedule"):
+        _radix_cache(context)

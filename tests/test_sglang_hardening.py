@@ -437,8 +437,9 @@ def start(flags, env):
 
 
 def test_sigterm_mid_solve_stops_within_10_s_and_a_kill_mid_solve_leaves_the_store_intact(tokenizer, tmp_path):
+    # With automatic compaction's poller, whose scheduler calls must not hold up the stop.
     flags = ["--max-total-tokens", "8192", "--dtype", "float32", "--admin-api-key", ADMIN,
-             "--am-store-dir", str(tmp_path / "store")]
+             "--am-store-dir", str(tmp_path / "store"), "--am-auto", "--am-auto-poll-seconds", "0.2"]
     ids, prompts = ids_of(tokenizer, seed=40)
     slow_ids, _ = ids_of(tokenizer, seed=41, pairs=600)
     for stop in (signal.SIGTERM, signal.SIGKILL):

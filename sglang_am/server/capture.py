@@ -70,11 +70,14 @@ class QueryCapture:
                  longest: dict[str, int], group: int, num_layers: int, bytes_per_row: int, seed: int = 0):
         """``parts``: capture requests per source; ``longest``: the most positions one of them captures."""
         self.fractions, self.parts, self.num_layers = fractions, parts, num_layers
-        # Positions per capture request: the source's pooled-query cap over the GQA group, split over its parts,
-        # and never more than the request can have, so ``nbytes`` is what the buffers take at most.
-        self.keep = {source: min(longest[source], math.ceil(math.ceil(max(1, round(f * max_queries_per_head)) / group)
-                                                            / parts[source]))
-                     for source, f in fractions.items()}
+        def positions(source: str, fraction: float) -> int:
+            """Per capture request: the source's pooled-query cap over the GQA group (each position carries all
+            its query heads), split over its parts, and never more than the request has, so that ``nbytes`` is
+            what the buffers take at most."""
+            pooled = max(1, round(fraction * max_queries_per_head))
+            return min(longest[source], math.ceil(math.ceil(pooled / group) / parts[source]))
+
+        self.keep = {source: positions(source, fraction) for source, fraction in fractions.items()}
         self.nbytes = sum(self.keep[s] * parts[s] for s in fractions) * num_layers * bytes_per_row
         self.requests: dict[str, list[CaptureRows]] = {source: [] for source in fractions}
         self.scales: list[float | None] = [None] * num_layers  # each layer's softmax scale, as the model runs it

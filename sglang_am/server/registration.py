@@ -114,8 +114,12 @@ class RegistrationRequest:
     def from_client(cls, config: ServerConfig, text=None, input_ids=None, ratio=None, budget=None,
                     method: object = DEFAULT_METHOD, query_source: object = DEFAULT_QUERY_SOURCE, head_budgets=None,
                     max_queries_per_head: object = 5000, self_study_max_new_tokens: object = 64,
-                    keep_first: object = 0, options=None) -> RegistrationRequest:
-        """Validate a client's fields (``TypeError`` for an unknown one, ``ValueError`` naming a bad one)."""
+                    keep_first: object = 0, options=None, **unknown) -> RegistrationRequest:
+        """Validate a client's fields (``ValueError`` naming the bad or unknown one)."""
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; a registration takes text or input_ids, ratio or "
+                             "budget, method, query_source, head_budgets, max_queries_per_head, "
+                             "self_study_max_new_tokens, keep_first, options")
         longest = config.max_document_tokens
         if (text is None) == (input_ids is None):
             raise ValueError("give exactly one of text or input_ids (the document as it starts prompts)")

@@ -53,16 +53,19 @@ class SchedulerRPC:
         import zmq
         from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
 
-        with self._lock:
+        deadline = time.monotonic() + self.timeout  # waiting for the socket counts too
+        timed_out = DocumentError(HTTPStatus.GATEWAY_TIMEOUT,
+                                  f"the scheduler did not answer {op} within {self.timeout:g} s; it may be busy")
+        if not self._lock.acquire(timeout=self.timeout):
+            raise timed_out
+        try:
             seq = next(self._sequence)
             parameters = {"op": op, "payload": json.dumps(payload), "seq": seq}
             sock_send(self.socket, RpcReqInput(method=RPC_METHOD, parameters=parameters))
-            deadline = time.monotonic() + self.timeout
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.socket.poll(int(left * 1000) + 1, zmq.POLLIN):
-                    raise DocumentError(HTTPStatus.GATEWAY_TIMEOUT,
-                                        f"the scheduler did not answer {op} within {self.timeout:g} s; it may be busy")
+                    raise timed_out
                 output = sock_recv(self.socket)
                 try:
                     answer = json.loads(output.message)
@@ -70,6 +73,8 @@ class SchedulerRPC:
                     raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{op} failed: {output.message}") from None
                 if answer.get("seq") == seq:
                     break
+        finally:
+            self._lock.release()
         if output.success:
             return answer["result"]
         raise DocumentError(answer["status"], answer["error"])
@@ -81,7 +86,30 @@ class DocumentService:
         self._registrations: dict[str, asyncio.Task] = {}  # doc_id -> its capture and compaction in progress
 
     async def _call(self, op: str, **payload) -> dict:
-        return await asyncio.to_thread(self.rpc.call, op, **payload)
+        """One scheduler operation, waited for on a daemon thread: asyncio's own executor threads are joined
+        when the server stops, and a call to a scheduler that is already gone would hold the stop for the
+        whole RPC timeout."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+
+        def settle(result, error) -> None:
+            if answer.done():  # the caller was cancelled meanwhile
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(result)
+
+        def run() -> None:
+            try:
+                result, error = self.rpc.call(op, **payload), None
+            except Exception as failure:
+                result, error = None, failure
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=run, name="sglang-am-rpc", daemon=True).start()
+        return await answer
 
     async def register(self, **fields) -> dict:
         return await self._register(RegistrationRequest.from_client(self.config, **fields), auto=False)
