@@ -81,8 +81,9 @@ def am_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_am_flags(argv: Sequence[str]) -> tuple[list[str], ServerConfig, AutoPolicy | None]:
-    """``argv`` without this launcher's ``--am-*`` flags, the server config and the automatic policy they give."""
+def split_am_flags(argv: Sequence[str]) -> tuple[list[str], ServerConfig | None, AutoPolicy | None]:
+    """``argv`` without this launcher's ``--am-*`` flags, and the server config and automatic policy they give
+    (None where none of their flags is given)."""
     parser = am_parser()
     known, rest = parser.parse_known_args(list(argv))
     given = vars(known)
@@ -91,7 +92,7 @@ def split_am_flags(argv: Sequence[str]) -> tuple[list[str], ServerConfig, AutoPo
     if auto and not known.am_auto:
         parser.error(f"--am-auto-* flags need --am-auto (got {', '.join(sorted(auto))})")
     try:
-        return rest, ServerConfig(**config), AutoPolicy(**auto) if known.am_auto else None
+        return rest, ServerConfig(**config) if config else None, AutoPolicy(**auto) if known.am_auto else None
     except ValueError as error:
         parser.error(str(error))
 
@@ -110,7 +111,9 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         args.append("--disable-overlap-schedule")
     if "--attention-backend" not in given and has_cuda():  # on CPU, cpu_server_flags picks torch_native
         args += ["--attention-backend", DEFAULT_GPU_ATTENTION_BACKEND]
-    env = {**os.environ, ENABLE_VARIABLE: "1", CONFIG_VARIABLE: config.to_json()}
+    env = {**os.environ, ENABLE_VARIABLE: "1"}
+    if config is not None:
+        env[CONFIG_VARIABLE] = config.to_json()
     if policy is not None:
         env[POLICY_VARIABLE] = policy.to_json()
     if not has_cuda():

@@ -110,7 +110,7 @@ def test_launcher_turns_am_flags_into_the_config_and_policy_and_passes_the_rest_
     assert (policy["min_requests"], policy["budget"], policy["save_evicted"]) == (5, 4096, False)
     config = ServerConfig(**json.loads(env[CONFIG_VARIABLE]))
     assert (config.store_dir, config.store_quota_bytes, config.solve_timeout) == ("/tmp/am", 2 * GiB, 30.0)
-    assert split_am_flags(["--port", "1"]) == (["--port", "1"], ServerConfig(), None)
+    assert split_am_flags(["--port", "1"]) == (["--port", "1"], None, None)
     with pytest.raises(SystemExit):
         split_am_flags(["--am-auto-ratio", "0.2"])  # without --am-auto
     assert "need --am-auto" in capsys.readouterr().err
