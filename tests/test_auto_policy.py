@@ -115,7 +115,7 @@ def test_launcher_turns_am_flags_into_the_config_and_policy_and_passes_the_rest_
         split_am_flags(["--am-auto-ratio", "0.2"])  # without --am-auto
     assert "need --am-auto" in capsys.readouterr().err
     for flags, reason in ((["--am-auto", "--am-auto-ratio", "3"], "ratio must be in (0, 1)"),
-                          (["--am-max-registrations", "0"], "max_registrations must be a positive int"),
+                          (["--am-max-registrations", "0"], "max_registrations must be an int >= 1"),
                           (["--am-capture-memory-bytes", "lots"], "not a size"),
                           (["--am-rpc-timeout", "inf"], "rpc_timeout must be a positive number")):
         with pytest.raises(SystemExit):

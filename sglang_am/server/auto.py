@@ -25,7 +25,7 @@ from collections import OrderedDict, deque
 
 from ..core import get_method
 from ..core.plan import source_fractions
-from .config import from_environment
+from .config import check_int, from_environment
 from .registration import CAPTURED_SOURCES
 
 POLICY_VARIABLE = "SGLANG_AM_AUTO"
@@ -47,15 +47,9 @@ class AutoPolicy:
     poll_seconds: float = 0.5  # how often the HTTP process asks the scheduler for candidates
 
     def __post_init__(self):
-        def positive_int(name, minimum=1):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-        positive_int("min_tokens", 2)
-        positive_int("min_requests", 1)
-        positive_int("keep_first", 0)
-        positive_int("keep_last", 1)  # a request must go on after the document
+        for name, low in (("min_tokens", 2), ("min_requests", 1), ("keep_first", 0),
+                          ("keep_last", 1)):  # keep_last >= 1: a request must go on after the document
+            check_int(name, getattr(self, name), low)
         for name in ("window_seconds", "poll_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -26,6 +26,14 @@ def default_store_dir() -> str:
     return str(Path(cache) / "sglang-am" / "documents")
 
 
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]``; else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     store_dir: str = dataclasses.field(default_factory=default_store_dir)  # the only directory documents are written to
@@ -45,9 +53,7 @@ class ServerConfig:
             raise ValueError(f"store_dir must be a directory path, got {self.store_dir!r}")
         for name in ("store_quota_bytes", "max_registrations", "max_document_tokens", "max_self_study_tokens",
                      "max_queries_per_head", "capture_memory_bytes", "max_body_bytes", "bias_slots"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         for name in ("solve_timeout", "rpc_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):

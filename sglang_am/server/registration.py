@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from ..core import get_method
 from ..core.head_budgets import load_head_proportions
 from ..core.plan import QUERY_MIXTURES, source_fractions
-from .config import ServerConfig
+from .config import ServerConfig, check_int
 
 DEFAULT_METHOD = "AM-HighestAttnKeys"
 DEFAULT_QUERY_SOURCE = "repeat-prefill"
@@ -85,12 +85,6 @@ OPTION_BOUNDS = {
 }
 
 
-def _positive_int(name: str, value: object, high: int, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class RegistrationRequest:
     """One registration: the document (``text`` or ``input_ids``) and how to compact it.
@@ -138,7 +132,7 @@ class RegistrationRequest:
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
             raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
         if budget is not None:
-            _positive_int("budget", budget, longest)
+            check_int("budget", budget, 1, longest)
         if not isinstance(method, str):
             raise ValueError(f"method must be a string, got {method!r}")
         spec = get_method(method)
@@ -147,9 +141,9 @@ class RegistrationRequest:
         fractions = source_fractions(query_source)
         if not set(fractions) <= set(CAPTURED_SOURCES):
             raise ValueError(f"query_source for the server must use {CAPTURED_SOURCES}, got {query_source!r}")
-        _positive_int("max_queries_per_head", max_queries_per_head, config.max_queries_per_head)
-        _positive_int("self_study_max_new_tokens", self_study_max_new_tokens, config.max_self_study_tokens)
-        _positive_int("keep_first", keep_first, longest, low=0)
+        check_int("max_queries_per_head", max_queries_per_head, 1, config.max_queries_per_head)
+        check_int("self_study_max_new_tokens", self_study_max_new_tokens, 1, config.max_self_study_tokens)
+        check_int("keep_first", keep_first, 0, longest)
         if head_budgets is not None:
             if not isinstance(head_budgets, Mapping) or not 1 <= len(head_budgets) <= MAX_HEAD_BUDGET_ENTRIES:
                 raise ValueError('head_budgets must be the head-budget JSON object {"L{layer}H{head}": proportion}')
