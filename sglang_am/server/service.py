@@ -122,10 +122,9 @@ class DocumentService:
                 break
             if prepared["state"] == DocState.READY.value:
                 return prepared
-            existing = await self._wait_ready(prepared["doc_id"])
-            if existing is not None:
-                return existing
-            # The concurrent registration failed, or its document was dropped meanwhile: register anew.
+            # A concurrent registration or load of the same document: wait for it, then ask again, since it may
+            # have failed or been replaced meanwhile (an explicit request must find the ready one explicit).
+            await self._wait_settled(prepared["doc_id"])
         doc_id = prepared["doc_id"]
         work = asyncio.create_task(self._capture_and_compact(doc_id, prepared["salt"], ids, request))
         self._registrations[doc_id] = work
@@ -159,17 +158,17 @@ class DocumentService:
                 raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
             raise
 
-    async def _wait_ready(self, doc_id: str) -> dict | None:
-        """A concurrent registration of the same document: wait for it and return it (None if it is gone)."""
+    async def _wait_settled(self, doc_id: str) -> None:
+        """Until the document ``doc_id`` is ready or gone."""
         while True:
             try:
                 doc = await self._call("get", doc_id=doc_id)
             except DocumentError as error:
                 if error.status == HTTPStatus.NOT_FOUND:
-                    return None
+                    return
                 raise
             if doc["state"] == DocState.READY.value:
-                return {**doc, "existing": True}
+                return
             await asyncio.sleep(POLL_SECONDS * 4)
 
     async def _capture(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest) -> dict:
