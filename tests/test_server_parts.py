@@ -260,6 +260,22 @@ def test_a_full_pool_gives_503_and_a_failing_step_frees_its_slots(tree, monkeypa
     assert allocator.available_size() == 256 and cache.protected_size() == 0
 
 
+def test_a_captured_document_is_held_in_the_tree_only_when_all_of_it_is_cached(tree):
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache, _, allocator = tree
+    tokens = array("q", range(100, 140))
+    slots = allocator.alloc(30)
+    cache.insert(InsertParams(key=RadixKey(tokens[:30], cache_salt="s"), value=slots.to(torch.int64)))
+    assert cache.hold_prefix(tokens, "s") is None  # 30 of 40 tokens cached
+    assert cache.hold_prefix(tokens[:30], "other salt") is None
+    hold = cache.hold_prefix(tokens[:30], "s")
+    assert torch.equal(hold.slots, slots.to(torch.int64)) and cache.protected_size() == 30
+    cache.unlock(hold.lock)
+    assert cache.protected_size() == 0 and cache.evictable_size() == 30
+
+
 # ----- the registry: references and states -----
 
 def document(index=1, auto=False, slots=0, last_used=0.0) -> Document:

@@ -12,16 +12,25 @@ compaction is on.
 
 from __future__ import annotations
 
+import dataclasses
 from array import array
 from http import HTTPStatus
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from ..prefix import CompactedPrefix
 from .errors import DocumentError
 from .registry import DocumentRegistry, Installed
+
+
+@dataclasses.dataclass(eq=False)
+class SourceHold:
+    """A registration's captured KV: the tree lock that keeps it and its pool slots ``[T]``."""
+
+    lock: object
+    slots: torch.Tensor
 
 
 class AMRadixCache(RadixCache):
@@ -41,6 +50,13 @@ class AMRadixCache(RadixCache):
         ):
             tracker.observe(req.origin_input_ids, result.device_prefix_len, req.rid)
         return result
+
+    def hold_prefix(self, tokens: array, salt: str) -> SourceHold | None:
+        """Lock the cached KV of all of ``tokens`` under ``salt`` (None when part of it is not cached)."""
+        match = self.match_prefix(MatchPrefixParams(key=RadixKey(tokens, cache_salt=salt)))
+        if match.device_prefix_len < len(tokens):
+            return None
+        return SourceHold(self.lock(match.last_device_node), self.path_device_indices(match.last_device_node)[: len(tokens)])
 
     def install_document(self, prefix: CompactedPrefix, virtual_ids: array) -> Installed:
         """Write ``prefix`` into new slots under a pinned node keyed by ``virtual_ids`` (one per slot)."""

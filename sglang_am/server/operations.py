@@ -29,14 +29,14 @@ from ..prompts import SELF_STUDY_PROMPTS
 from . import faults
 from .admission import ServerRoom, admit
 from .auto import eviction_order
-from .cache import AMRadixCache
+from .cache import AMRadixCache, SourceHold
 from .capture import QueryCapture
 from .config import ServerConfig
 from .errors import DocumentError
 from .jobs import Job, QueueFull, Worker
 from .registration import RegistrationRequest
 from .registry import DocState, Document, document_id, virtual_ids
-from .solve import SourceHold, solve_document
+from .solve import solve_document
 from .store import DocumentStore, check_document_id
 
 logger = logging.getLogger(__name__)
@@ -166,15 +166,8 @@ class DocumentOperations:
     def hold_source(self, doc: Document, salt: str) -> None:
         """A capture request of ``doc`` finished: lock its KV in the tree (under the request's salt) until
         the solve has read it, so pool pressure cannot evict it in between."""
-        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-        from sglang.srt.mem_cache.radix_cache import RadixKey
-
-        if doc.source is not None or doc.state is not DocState.CAPTURING or not self.registry.is_current(doc):
-            return
-        match = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(doc.tokens, cache_salt=salt)))
-        if match.device_prefix_len >= doc.length:
-            lock = self.cache.lock(match.last_device_node)
-            doc.source = SourceHold(lock, self.cache.path_device_indices(match.last_device_node)[: doc.length])
+        if doc.source is None and doc.state is DocState.CAPTURING and self.registry.is_current(doc):
+            doc.source = self.cache.hold_prefix(doc.tokens, salt)
 
     def op_advance(self, scheduler, doc_id: str, timings: dict | None = None) -> dict:
         """Move a registration or a load on: start the solve once its captures are done, install once the

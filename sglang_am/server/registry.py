@@ -74,7 +74,7 @@ class Document:
     timings: dict = dataclasses.field(default_factory=dict)
     # While registering or loading (released by whoever ends that state):
     capture: object = None  # capture.QueryCapture
-    source: object = None  # solve.SourceHold: the captured KV, locked in the tree
+    source: object = None  # cache.SourceHold: the captured KV, locked in the tree
     job: object = None  # jobs.Job: the solve or the store read in flight
     plan: object = None  # core.plan.LayerPlan of a registration
     salt: str = ""  # the capture requests' cache namespace

@@ -1,14 +1,13 @@
 """The solve step: a document's KV in the pool and its captured queries become a ``CompactedPrefix``.
 
 It runs on the solver thread (``jobs``) while the scheduler keeps serving, so it only reads: the
-document's KV stays locked in the tree (``SourceHold``) until the scheduler has the result, and the
+document's KV stays locked in the tree (``cache.SourceHold``) until the scheduler has the result, and the
 captured queries belong to the registration. The per-layer work is the core's ``LayerPlan``, the same
 loop the transformers adapter runs; the result is the artifact that save, load and install all use.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -17,14 +16,6 @@ from ..core.plan import LayerPlan, assemble_layer, pad_layers
 from ..prefix import CompactedPrefix
 from . import faults
 from .capture import QueryCapture
-
-
-@dataclasses.dataclass(eq=False)
-class SourceHold:
-    """A registration's captured KV: the tree lock that keeps it and its pool slots ``[T]``."""
-
-    lock: object
-    slots: torch.Tensor
 
 
 def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: LayerPlan, token_ids: list[int],
