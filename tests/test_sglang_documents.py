@@ -170,7 +170,7 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer):
         ({"input_ids": ids[:5], "ratio": 0.5}, "input_ids must be a list of 16 to"),
         ({"input_ids": ids, "ratio": 0.0}, "ratio must be in (0, 1]"),
         ({"input_ids": ids, "ratio": 1.5}, "ratio must be in (0, 1]"),
-        ({"input_ids": ids, "budget": len(ids)}, "budget must be in [1, T - keep_first)"),
+        ({"input_ids": ids, "budget": len(ids) + 1}, "budget must be in [1, T - keep_first]"),
         ({"input_ids": ids}, "exactly one of ratio"),
         ({"input_ids": ids, "text": "x", "ratio": 0.1}, "exactly one of text or input_ids"),
         ({"input_ids": ["a"], "ratio": 0.1}, "input_ids must be"),

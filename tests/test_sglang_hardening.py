@@ -141,7 +141,7 @@ def test_malformed_bodies_paths_and_ids_get_a_4xx_with_the_reason(server, tokeni
         ("POST", "/am/documents", {"input_ids": ids, "ratio": 0.1, "self_study_max_new_tokens": 10**6}, 400, "self_study"),
         ("POST", "/am/documents", {"input_ids": ids, "ratio": 0.1, "max_queries_per_head": 10**9}, 400, "max_queries"),
         ("POST", "/am/documents", {"input_ids": other, "ratio": 0.1, "keep_first": len(other)}, 400, "keep_first"),
-        ("POST", "/am/documents", {"input_ids": other, "budget": len(other)}, 400, "budget must be in [1, T - keep_first)"),
+        ("POST", "/am/documents", {"input_ids": other, "budget": len(other) + 1}, 400, "budget must be in [1, T - keep_first]"),
         ("POST", "/am/documents", {"input_ids": other, "ratio": 0.1, "head_budgets": {"L0H0": 1.0}}, 400,
          "one proportion per (layer, KV head)"),
         ("POST", "/am/documents", {"text": "x" * 40000 + "y"}, 400, "exactly one of ratio"),

@@ -59,9 +59,9 @@ def admit(request: RegistrationRequest, length: int, room: ServerRoom, config: S
         raise DocumentError(HTTPStatus.BAD_REQUEST,
                             f"keep_first must be in [0, T - 2] = [0, {length - 2}], got {request.keep_first}")
     span = length - request.keep_first
-    if isinstance(request.budget, int) and not 1 <= request.budget < span:
+    if isinstance(request.budget, int) and not 1 <= request.budget <= span:
         raise DocumentError(HTTPStatus.BAD_REQUEST,
-                            f"budget must be in [1, T - keep_first) = [1, {span}), got {request.budget}")
+                            f"budget must be in [1, T - keep_first] = [1, {span}], got {request.budget}")
     if room.registrations_in_progress >= config.max_registrations:
         raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                             f"{room.registrations_in_progress} registrations are in progress, the server's limit "

@@ -116,10 +116,13 @@ class DocumentAware:
             part.capture.record(part.rows, index, rows[part.query_rows.to(rows.device)], part.slots, layer.scaling)
 
     def uses_documents(self, layer) -> bool:
-        if self.documents is None or not self.documents.has_documents:
+        """Does this forward need the documents' bias on ``layer``? Never on a sliding-window layer: its
+        document slots are the window's own tokens, right-aligned in the node (``layout``), so the
+        backend's stock sliding-window attention is exact there."""
+        if self.documents is None or not self.documents.has_documents or is_window_layer(layer):
             return False
-        if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
-            raise NotImplementedError("sglang-am serves compacted documents on full causal self-attention only")
+        if layer.is_cross_attention:
+            raise NotImplementedError("sglang-am serves compacted documents on causal self-attention only")
         return True
 
 
@@ -202,6 +205,10 @@ class DocumentBiasRows(DocumentAware):
                  for doc in batch.documents]
         slots = [0 if doc is None else doc.num_slots for doc in batch.documents]
         table.set_rows(bases, slots, batch.query_lens if self.ROWS_PER_TOKEN else [1] * len(bases))
+
+
+def is_window_layer(layer) -> bool:
+    return layer.sliding_window_size is not None and layer.sliding_window_size > -1
 
 
 def attention_mask(q_len: int, kv_len: int, bias: torch.Tensor | None, group: int, device) -> torch.Tensor:

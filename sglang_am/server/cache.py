@@ -22,6 +22,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from ..prefix import CompactedPrefix
 from .errors import DocumentError
+from .layout import check_layout
 from .registry import DocumentRegistry, Installed
 
 
@@ -34,11 +35,12 @@ class SourceHold:
 
 
 class AMRadixCache(RadixCache):
-    def __init__(self, params, registry: DocumentRegistry):
+    def __init__(self, params, registry: DocumentRegistry, windows: tuple[int | None, ...]):
         if params.page_size != 1:
             raise ValueError(f"--radix-cache-backend am needs --page-size 1, got {params.page_size}")
         super().__init__(params)
         self.registry = registry
+        self.windows = windows  # per layer: its sliding window (``layout.layer_windows``) or None
 
     def match_prefix(self, params):
         result = super().match_prefix(params)
@@ -59,12 +61,13 @@ class AMRadixCache(RadixCache):
         return SourceHold(self.lock(match.last_device_node), self.path_device_indices(match.last_device_node)[: len(tokens)])
 
     def install_document(self, prefix: CompactedPrefix, virtual_ids: array) -> Installed:
-        """Write ``prefix`` into new slots under a pinned node keyed by ``virtual_ids`` (one per slot)."""
+        """Write ``prefix`` into new slots under a pinned node keyed by ``virtual_ids`` (one per slot), each
+        layer placed as ``layout.NodeLayout`` says."""
         pool = self.token_to_kv_pool_allocator.get_kvcache()
-        check_layout(prefix, pool)
-        width = prefix.num_slots
+        layout = check_layout(prefix, pool, self.windows)
+        width = layout.width
         device = pool.k_buffer[0].device
-        bias = [b.to(device=device, dtype=torch.float32) for b in prefix.beta]
+        bias = [layout.bias(prefix, layer).to(device) for layer in range(pool.layer_num)]
         head_slots = [[int(n) for n in torch.isfinite(b).sum(dim=1)] for b in prefix.beta]
         slots = self.token_to_kv_pool_allocator.alloc(width)
         if slots is None:
@@ -75,8 +78,9 @@ class AMRadixCache(RadixCache):
                                 f"no room for {width} KV slots; drop documents or raise the KV pool size")
         try:
             for layer in range(pool.layer_num):
-                pool.k_buffer[layer][slots] = prefix.keys[layer].permute(1, 0, 2).to(device, pool.store_dtype)
-                pool.v_buffer[layer][slots] = prefix.values[layer].permute(1, 0, 2).to(device, pool.store_dtype)
+                for buffer, part in ((pool.k_buffer, prefix.keys), (pool.v_buffer, prefix.values)):
+                    placed = layout.place(part[layer].to(device, pool.store_dtype), layer, 0.0)
+                    buffer[layer][slots] = placed.permute(1, 0, 2)
             inserted = self.insert(InsertParams(key=RadixKey(virtual_ids), value=slots.to(torch.int64)))
         except BaseException:
             self.token_to_kv_pool_allocator.free(slots)
@@ -84,7 +88,8 @@ class AMRadixCache(RadixCache):
         if inserted.prefix_len:  # never: virtual ids are unique per document
             raise RuntimeError("a document's virtual ids were already in the tree")
         node = inserted.last_device_node
-        return Installed(slots, node, self.lock(node), bias, head_slots)
+        slot_bytes = pool.head_num * (pool.head_dim + pool.v_head_dim) * pool.store_dtype.itemsize
+        return Installed(slots, node, self.lock(node), bias, head_slots, layout, slot_bytes)
 
     def remove_document(self, installed: Installed) -> int:
         """Unpin a document; returns the slots freed (its own and unused suffixes cached beneath it)."""
@@ -104,16 +109,3 @@ class AMRadixCache(RadixCache):
             self.kv_events.record_remove(node)
         return freed
 
-
-def check_layout(prefix: CompactedPrefix, pool) -> None:
-    """Refuse (400) a prefix that does not fit ``pool``'s layout: layers, heads, head sizes, one width."""
-    expected = (pool.head_num, pool.head_dim, pool.v_head_dim)
-    width = prefix.num_slots
-    if prefix.num_layers != pool.layer_num:
-        raise DocumentError(HTTPStatus.BAD_REQUEST, f"the document has {prefix.num_layers} layers, this model {pool.layer_num}")
-    for layer, (keys, values, beta) in enumerate(zip(prefix.keys, prefix.values, prefix.beta)):
-        found = (keys.shape[0], keys.shape[2], values.shape[2])
-        if found != expected or keys.shape[1] != width or values.shape[:2] != keys.shape[:2] or beta.shape != keys.shape[:2]:
-            raise DocumentError(HTTPStatus.BAD_REQUEST,
-                                f"layer {layer} of the document (heads, key size, value size, slots) = "
-                                f"{(*found, keys.shape[1])} does not fit this model's KV pool {(*expected, width)}")

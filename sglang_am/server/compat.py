@@ -60,6 +60,16 @@ HOOKED_SIGNATURES = {
     f"{_TRITON}.init_forward_metadata": ("self", "forward_batch"),
     f"{_TRITON}.init_forward_metadata_out_graph": ("self", "forward_batch", "in_capture"),
     "sglang.kernels.ops.attention.score_mod.unpack_aux_tensors": ("score_mod", "aux_tensors"),
+    # The decode window the triton backend widens by one key (``triton_attention``).
+    "sglang.srt.layers.attention.triton_backend.update_sliding_window_buffer": (
+        "window_kv_indptr", "translator", "plan", "req_pool_indices", "sliding_window_size", "seq_lens", "bs",
+        "device", "token_to_kv_pool", "window_kv_indices",
+    ),
+    "sglang.srt.layers.radix_attention.RadixAttention.__init__": (
+        "self", "num_heads", "head_dim", "scaling", "num_kv_heads", "layer_id", "logit_cap", "v_head_dim",
+        "sliding_window_size", "is_cross_attention", "pos_encoding_mode", "logit_capping_method", "quant_config",
+        "attn_type", "use_irope", "prefix", "use_prefill_attention_wrapper",
+    ),
     f"{_FLASHINFER}.__init__": (
         "self", "model_runner", "skip_prefill", "kv_indptr_buf", "kv_last_page_len_buf", "init_new_workspace",
     ),

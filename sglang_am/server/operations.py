@@ -203,7 +203,8 @@ class DocumentOperations:
         capture, source, plan, tokens = doc.capture, doc.source.slots, doc.plan, list(doc.tokens)
 
         def work() -> CompactedPrefix:
-            return solve_document(pool, source, capture, plan, tokens, self._fingerprint_or_empty(), doc.config)
+            return solve_document(pool, source, capture, plan, tokens, self.cache.windows, self._fingerprint_or_empty(),
+                                  doc.config)
 
         try:
             doc.job = self.solver.submit(work, "the solve", timeout=self.config.solve_timeout)
@@ -338,11 +339,13 @@ class DocumentOperations:
     def _snapshot(self, scheduler, doc: Document) -> CompactedPrefix:
         """A ready document copied out of the pool (to the CPU), as the store writes it."""
         pool = scheduler.tp_worker.model_runner.token_to_kv_pool
-        slots = doc.installed.slots
+        installed = doc.installed
+        columns = [installed.slots[installed.layout.columns(layer)] for layer in range(pool.layer_num)]
         return CompactedPrefix(
-            keys=[pool.k_buffer[layer][slots].permute(1, 0, 2).cpu() for layer in range(pool.layer_num)],
-            values=[pool.v_buffer[layer][slots].permute(1, 0, 2).cpu() for layer in range(pool.layer_num)],
-            beta=[b.cpu() for b in doc.installed.bias], logical_length=doc.length, token_ids=list(doc.tokens),
+            keys=[pool.k_buffer[layer][slots].permute(1, 0, 2).cpu() for layer, slots in enumerate(columns)],
+            values=[pool.v_buffer[layer][slots].permute(1, 0, 2).cpu() for layer, slots in enumerate(columns)],
+            beta=[b[:, installed.layout.columns(layer)].cpu() for layer, b in enumerate(installed.bias)],
+            logical_length=doc.length, token_ids=list(doc.tokens),
             fingerprint=self.fingerprint(), method=doc.method, config=doc.config, timings=doc.timings,
         )
 
@@ -428,8 +431,11 @@ class DocumentOperations:
             check.update(leak=bool(leak), detail=list(messages) if leak else [])
         registry, policy = self.registry, self.registry.policy
         states = [doc.state for doc in registry.documents.values()]
+        ready = [doc for doc in registry.documents.values() if doc.state is DocState.READY]
+        held = [doc.installed.kv_bytes(doc.length) for doc in ready]
         return {
             **registry.stats.snapshot(),
+            "kv_bytes": {kind: sum(entry[kind] for entry in held) for kind in ("global", "sliding", "total", "uncompacted")},
             "documents": {"ready": states.count(DocState.READY), "registering": len(states) - states.count(DocState.READY),
                           "auto": sum(doc.auto and doc.state is DocState.READY for doc in registry.documents.values())},
             "pool": {"total": scheduler.max_total_num_tokens,
@@ -447,21 +453,18 @@ class DocumentOperations:
 
 
 def check_model(scheduler) -> None:
-    """Compacted slots count as positions only on full-attention layers in a plain KV layout."""
+    """Documents need a bias-aware backend and one plain KV pool for every layer (global and sliding-window
+    layers alike, see ``layout``)."""
     runner = scheduler.tp_worker.model_runner
     if not getattr(runner.attn_backend, "adds_document_bias", False):
         raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need a bias-aware attention backend: "
                             "--attention-backend triton, flashinfer or torch_native (CPU)")
     if not runner.spec_algorithm.is_none():
         raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents do not support speculative decoding yet")
-    config = runner.model_config.hf_config
-    kinds = getattr(config, "layer_types", None)
-    if kinds:
-        sliding = any(kind == "sliding_attention" for kind in kinds)
-    else:
-        sliding = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
-    if sliding:
-        raise DocumentError(HTTPStatus.BAD_REQUEST, "sliding-window models are not supported by the SGLang extension")
+    if runner.is_hybrid_swa or runner.model_config.attention_chunk_size is not None:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted documents need one KV pool for every layer; this model "
+                            "uses SGLang's hybrid sliding-window pool or chunked attention, which the extension does not "
+                            "support yet")
     pool = runner.token_to_kv_pool
     if not hasattr(pool, "k_buffer") or pool.store_dtype != pool.dtype:
         raise DocumentError(HTTPStatus.BAD_REQUEST, f"compacted documents need a plain {pool.dtype} KV pool (no fp8/fp4 cache)")

@@ -36,6 +36,7 @@ def _radix_cache(ctx):
     from .auto import policy_from_environment
     from .cache import AMRadixCache
     from .config import server_config
+    from .layout import layer_windows
     from .operations import DocumentOperations
     from .registry import DocumentRegistry
 
@@ -45,8 +46,9 @@ def _radix_cache(ctx):
     registry = DocumentRegistry(policy_from_environment())
     if ctx.server_args.enable_metrics and ctx.tp_rank == 0:  # rank 0 mirrors the counters to Prometheus
         registry.stats.enable_prometheus(ctx.server_args.served_model_name or ctx.server_args.model_path)
-    cache = AMRadixCache(ctx.params, registry)
-    pool = ctx.tp_worker.model_runner.token_to_kv_pool
+    runner = ctx.tp_worker.model_runner
+    pool = runner.token_to_kv_pool
+    cache = AMRadixCache(ctx.params, registry, layer_windows(runner.model, getattr(pool, "start_layer", 0), pool.layer_num))
     device = pool.k_buffer[0].device if getattr(pool, "k_buffer", None) else None
     cache.operations = DocumentOperations(cache, server_config(), ctx.server_args.model_path, device)
     return cache

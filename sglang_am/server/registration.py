@@ -128,7 +128,7 @@ class RegistrationRequest:
                 raise ValueError(f"input_ids must be token ids in [0, {MAX_TOKEN_ID}]")
             input_ids = tuple(input_ids)
         if (ratio is None) == (budget is None):
-            raise ValueError("give exactly one of ratio (in (0, 1]) or budget (slots, below the document length)")
+            raise ValueError("give exactly one of ratio (in (0, 1]) or budget (slots, at most the document length)")
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
             raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
         if budget is not None:

@@ -22,6 +22,7 @@ from array import array
 import torch
 
 from .auto import AutoPolicy, ReuseTracker
+from .layout import NodeLayout
 from .metrics import Stats
 
 # Virtual ids: -(1 + (index << 32) + slot). Negative, so they collide with no vocabulary id and no
@@ -55,7 +56,14 @@ class Installed:
     node: object
     pin: object
     bias: list[torch.Tensor]  # per layer [H_kv, t] float32, on the pool's device
-    head_slots: list[list[int]]  # per layer, real slots per KV head (the rest is -inf padding)
+    head_slots: list[list[int]]  # per layer, real slots per KV head (the rest is padding)
+    layout: NodeLayout  # where each layer's slots sit in the node
+    slot_bytes: int  # one slot of one layer in the pool (keys and values)
+
+    def kv_bytes(self, length: int) -> dict[str, int]:
+        """Pool bytes held, by layer type, and what the ``length`` tokens would hold uncompacted."""
+        held = self.layout.kv_bytes(self.slot_bytes)
+        return {**held, "total": sum(held.values()), "uncompacted": length * self.slot_bytes * len(self.layout.windows)}
 
     @property
     def num_slots(self) -> int:
@@ -119,6 +127,7 @@ class Document:
             "slots": self.num_slots,
             "ratio": round(self.num_slots / self.length, 6) if self.num_slots else None,
             "wasted_slots": sum(self.num_slots - t for layer in head_slots for t in layer),
+            "kv_bytes": self.installed.kv_bytes(self.length) if self.installed is not None else None,
             "method": self.method,
             "origin": self.origin,
             "config": self.config,

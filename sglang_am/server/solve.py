@@ -16,11 +16,13 @@ from ..core.plan import LayerPlan, assemble_layer, pad_layers
 from ..prefix import CompactedPrefix
 from . import faults
 from .capture import QueryCapture
+from .layout import window_slots
 
 
 def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: LayerPlan, token_ids: list[int],
-                   fingerprint: dict, config: dict) -> CompactedPrefix:
-    """Compact every layer of the document whose KV sits in pool ``source`` slots."""
+                   windows: tuple[int | None, ...], fingerprint: dict, config: dict) -> CompactedPrefix:
+    """Compact every global layer of the document whose KV sits in pool ``source`` slots; a sliding-window
+    layer (``windows``) keeps its window of the document verbatim, as the transformers adapter does."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
     length, kept = len(token_ids), plan.keep_first
@@ -32,6 +34,12 @@ def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: Laye
         # In the pool's dtype: the solver computes in float32, and its GPU path runs FlashInfer in this dtype.
         layer_keys = pool.k_buffer[layer][source].permute(1, 0, 2)  # [H_kv, T, D]
         layer_values = pool.v_buffer[layer][source].permute(1, 0, 2)
+        window = window_slots(windows[layer], length)
+        if window is not None:
+            keys.append(layer_keys[:, length - window :])
+            values.append(layer_values[:, length - window :])
+            betas.append(layer_keys.new_zeros(layer_keys.shape[0], window, dtype=torch.float32))
+            continue
         queries = plan.reference_queries(capture.queries(layer), pool.head_num, generator)
         result = plan.compact_span(layer_keys[:, kept:], layer_values[:, kept:], queries, length - kept,
                                    range(length - kept), layer, pool.layer_num, capture.scales[layer])
@@ -42,7 +50,7 @@ def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: Laye
         keys.append(layer_k)
         values.append(layer_v)
         betas.append(layer_b.float())
-    keys, values, betas = pad_layers(keys, values, betas)
+    keys, values, betas = pad_layers(keys, values, betas, fixed=[w is not None for w in windows])
     timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
     timings["solve_seconds"] = round(time.perf_counter() - started, 4)
     return CompactedPrefix(keys=keys, values=values, beta=betas, logical_length=length, token_ids=list(token_ids),

@@ -1,0 +1,95 @@
+"""How a ``CompactedPrefix`` sits in one radix node: every layer of a document shares the node's slots.
+
+A node has one width for every layer, the prefix's widest layer. A compacted (global) layer's slots
+come first and its padding after (``beta = -inf``). A sliding-window layer holds the last
+``min(T, W - 1)`` document tokens verbatim (``W - 1`` is SGLang's ``sliding_window_size``), *right-
+aligned* so that the node's last slot is the document's last token: requests take RoPE positions from
+``T - width``, so a window slot's physical distance to any later token equals the logical one, and the
+backend's own sliding-window mask on physical KV indices is exact. The slots left of a window lie
+outside every later token's window (they exist only when the node is wider than the window), so window
+layers need no bias: their beta is 0 everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from http import HTTPStatus
+
+import torch
+from sglang.srt.layers.radix_attention import RadixAttention
+
+from ..prefix import CompactedPrefix
+from .errors import DocumentError
+
+
+def layer_windows(model: torch.nn.Module, start_layer: int, num_layers: int) -> tuple[int | None, ...]:
+    """Per layer of this rank: its ``sliding_window_size`` (keys with ``q - k <= size`` are seen) or None."""
+    windows: list[int | None] = [None] * num_layers
+    for module in model.modules():
+        if isinstance(module, RadixAttention) and 0 <= module.layer_id - start_layer < num_layers:
+            size = module.sliding_window_size
+            windows[module.layer_id - start_layer] = size if size is not None and size > -1 else None
+    return tuple(windows)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeLayout:
+    """Where each layer of one document's prefix sits in its node."""
+
+    windows: tuple[int | None, ...]  # per layer, as ``layer_windows``
+    layer_slots: tuple[int, ...]  # per layer, the prefix's slots (compacted width, or window tokens)
+
+    @property
+    def width(self) -> int:
+        return max(self.layer_slots)
+
+    def columns(self, layer: int) -> slice:
+        """The node slots that hold ``layer``'s prefix slots."""
+        slots = self.layer_slots[layer]
+        return slice(self.width - slots, self.width) if self.windows[layer] is not None else slice(0, slots)
+
+    def place(self, tensor: torch.Tensor, layer: int, fill: float) -> torch.Tensor:
+        """``tensor`` ``[H, slots, ...]`` of ``layer`` widened to the node, ``fill`` elsewhere."""
+        out = tensor.new_full((tensor.shape[0], self.width, *tensor.shape[2:]), fill)
+        out[:, self.columns(layer)] = tensor
+        return out
+
+    def bias(self, prefix: CompactedPrefix, layer: int) -> torch.Tensor:
+        """``layer``'s beta over the node ``[H_kv, width]`` (float32)."""
+        beta = prefix.beta[layer].float()
+        if self.windows[layer] is not None:
+            return beta.new_zeros((beta.shape[0], self.width))
+        return self.place(beta, layer, float("-inf"))
+
+    def kv_bytes(self, bytes_per_slot: int) -> dict[str, int]:
+        """What the node holds in the pool, by layer type (every layer holds ``width`` slots)."""
+        held = {"global": 0, "sliding": 0}
+        for window in self.windows:
+            held["sliding" if window is not None else "global"] += self.width * bytes_per_slot
+        return held
+
+
+def window_slots(window: int | None, length: int) -> int | None:
+    """Tokens a window layer keeps of a ``length``-token document (None for a global layer)."""
+    return None if window is None else min(length, window)
+
+
+def check_layout(prefix: CompactedPrefix, pool, windows: tuple[int | None, ...]) -> NodeLayout:
+    """Refuse (400) a prefix that does not fit ``pool``'s layout: layers, heads, head sizes, each window
+    layer holding its window of the document verbatim."""
+    expected = (pool.head_num, pool.head_dim, pool.v_head_dim)
+    if prefix.num_layers != pool.layer_num:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, f"the document has {prefix.num_layers} layers, this model {pool.layer_num}")
+    for layer, (keys, values, beta) in enumerate(zip(prefix.keys, prefix.values, prefix.beta)):
+        found = (keys.shape[0], keys.shape[2], values.shape[2])
+        if found != expected:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"layer {layer} of the document (heads, key size, value size) = "
+                                f"{found} does not fit this model's KV pool {expected}")
+        window = window_slots(windows[layer], prefix.logical_length)
+        if window is not None and (keys.shape[1] != window or bool(beta.ne(0).any())):
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"layer {layer} is a sliding-window layer: the document must "
+                                f"hold its last {window} tokens with beta 0, it has {keys.shape[1]} slots")
+    compacted = {k.shape[1] for k, w in zip(prefix.keys, windows) if w is None}
+    if len(compacted) > 1:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, f"the document's compacted layers differ in width {sorted(compacted)}")
+    return NodeLayout(windows, tuple(prefix.layer_slots))
