@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 from common import RESULTS_DIR, environment, write_json
+from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import QARequest, ask_all, summarize
 from sglang_am.client import http_json
@@ -30,7 +31,9 @@ from sglang_am.serve import serving
 def workload(args) -> list[QARequest]:
     counts = [max(1, round(args.top_questions / (rank + 1))) for rank in range(args.documents)]
     documents = [recall_task(num_pairs=args.pairs, num_questions=n, seed=500 + i)[0] for i, n in enumerate(counts)]
-    questions = [QARequest(d, f"{doc.text}\n{q.question}", q.answer) for d, doc in enumerate(documents) for q in doc.questions]
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    questions = [QARequest(d, tokenizer.encode(f"{doc.text}\n{q.question}"), q.answer)
+                 for d, doc in enumerate(documents) for q in doc.questions]
     random.Random(args.seed).shuffle(questions)
     return questions
 

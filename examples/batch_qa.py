@@ -4,8 +4,10 @@ With no arguments it starts the extension's server on the embedded recall model 
 --documents recall documents with --questions questions each, asks them all concurrently through
 /v1/completions with the full documents as ordinary (radix-cached) prefixes, then registers every
 document at --ratio, asks again, drops the documents and prints accuracy and throughput side by side.
---url uses a running server instead (started with the extension, e.g. `python -m sglang_am.serve`);
---model-path starts one on another model (GPU or CPU).
+`--model gemma3-270m` serves the pretrained Gemma-3-270M on the real-text workload instead (natural
+sentences, facts with same-type distractors), where multiple-choice accuracy by answer likelihood is
+reported too. --url uses a running server instead (started with the extension, e.g.
+`python -m sglang_am.serve --model gemma3-270m`); --model-path starts one on another model (GPU or CPU).
 """
 
 from __future__ import annotations
@@ -14,21 +16,25 @@ import argparse
 import json
 
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
-from sglang_am.batch_qa import ask_all, documents_and_questions, summarize
+from sglang_am.batch_qa import WORKLOADS, ask_all, choice_accuracy, documents_and_questions, summarize
 from sglang_am.client import DocumentsClient
-from sglang_am.serve import serving
+from sglang_am.serve import MODELS, model_path, serving
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--url", help="a running server with the extension (default: start one)")
-    parser.add_argument("--model-path", help="model for the server this script starts (default: the embedded recall model)")
+    parser.add_argument("--model", choices=MODELS, default="recall", help="a model served by name")
+    parser.add_argument("--model-path", help="another model (a transformers directory) instead of --model")
+    parser.add_argument("--workload", choices=WORKLOADS, help="default: recall for the recall model, real-text otherwise")
     parser.add_argument("--api-key", help="the server's --api-key, if it has one")
     parser.add_argument("--documents", type=int, default=4, help="number of shared documents")
     parser.add_argument("--questions", type=int, default=16, help="questions per document")
-    parser.add_argument("--pairs", type=int, default=300, help="key-value pairs per document (2 tokens each)")
+    parser.add_argument("--size", type=int, help="key-value pairs per recall document (default 300, 2 tokens each) "
+                        "or sentences per real-text document (default 140, about 2k Gemma tokens)")
     parser.add_argument("--ratio", type=float, default=0.1, help="compaction ratio t/T")
     parser.add_argument("--method", default="AM-HighestAttnKeys", help="compaction method (see the README's Methods)")
     parser.add_argument("--query-source", default="repeat-prefill", help="reference queries for the solver")
@@ -41,24 +47,36 @@ def parse_args() -> argparse.Namespace:
 
 def run(url: str, args: argparse.Namespace) -> dict:
     client = DocumentsClient(url, api_key=args.api_key)
-    documents, questions = documents_and_questions(args.documents, args.questions, args.pairs, args.seed)
-    progress = None if args.json else "full prefix"
-    answers, wall = ask_all(url, questions, args.concurrency, args.max_tokens, args.api_key, progress)
-    full = summarize(questions, answers, wall)
-    registered = [client.register(text=d.text, ratio=args.ratio, method=args.method, query_source=args.query_source)
-                  for d in tqdm(documents, desc="registering", disable=args.json)]
-    try:
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path or model_path(args.model))
+    workload = args.workload or ("recall" if args.model == "recall" and not args.model_path else "real-text")
+    documents, document_ids, questions = documents_and_questions(tokenizer, args.documents, args.questions, workload,
+                                                                 args.size, args.seed)
+    scored = workload == "real-text"  # the recall model answers its questions only by completion
+
+    def ask(phase: str) -> dict:
         answers, wall = ask_all(url, questions, args.concurrency, args.max_tokens, args.api_key,
-                                None if args.json else f"compacted @ {args.ratio}")
-        compacted = summarize(questions, answers, wall)
+                                None if args.json else phase)
+        row = summarize(questions, answers, wall)
+        if scored:
+            row["choice_accuracy"] = choice_accuracy(url, questions, api_key=args.api_key,
+                                                     progress=None if args.json else f"{phase}: choices")
+        return row
+
+    full = ask("full prefix")
+    registered = [client.register(input_ids=ids, ratio=args.ratio, method=args.method, query_source=args.query_source)
+                  for ids in tqdm(document_ids, desc="registering", disable=args.json)]
+    try:
+        compacted = ask(f"compacted @ {args.ratio}")
         served = [client.get(doc["doc_id"])["requests_served"] for doc in registered]
     finally:
         for doc in registered:
             if not doc["existing"]:  # leave documents someone else registered
                 client.drop(doc["doc_id"])
     return {
+        "workload": workload,
         "full_prefix": {**full, "kv_slots_per_document": [doc["T"] for doc in registered]},
         "compacted": {**compacted, "kv_slots_per_document": [doc["t"] for doc in registered],
+                      "kv_bytes_per_document": [doc["kv_bytes"] for doc in registered],
                       "requests_served_compacted": sum(served),
                       "registration_timings": [doc["timings"] for doc in registered]},
         "arguments": vars(args),
@@ -67,11 +85,12 @@ def run(url: str, args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     rows = [("full prefix", result["full_prefix"]), (f"compacted @ {result['arguments']['ratio']}", result["compacted"])]
-    print(f"\n{'serving':<18}{'KV slots/doc':>13}{'accuracy':>10}{'req/s':>8}{'tok/s':>8}"
+    print(f"\n{'serving':<18}{'KV slots/doc':>13}{'answers':>9}{'choices':>9}{'req/s':>8}{'tok/s':>8}"
           f"{'TTFT p50':>10}{'lat p50':>9}{'lat p99':>9}")
     for name, row in rows:
         slots = sum(row["kv_slots_per_document"]) / len(row["kv_slots_per_document"])
-        print(f"{name:<18}{slots:>13.0f}{row['accuracy']:>10.2f}{row['request_throughput']:>8.2f}"
+        choices = f"{row['choice_accuracy']:.2f}" if "choice_accuracy" in row else "-"
+        print(f"{name:<18}{slots:>13.0f}{row['accuracy']:>9.2f}{choices:>9}{row['request_throughput']:>8.2f}"
               f"{row['output_tokens_per_second']:>8.1f}{row['ttft_p50']:>9.3f}s{row['latency_p50']:>8.3f}s{row['latency_p99']:>8.3f}s")
     compacted = result["compacted"]
     print(f"{compacted['requests_served_compacted']} of {compacted['requests']} compacted-phase requests were served "
@@ -83,7 +102,7 @@ def main() -> None:
     if args.url:
         result = run(args.url.rstrip("/"), args)
     else:
-        flags = ["--model-path", args.model_path] if args.model_path else []
+        flags = ["--model-path", args.model_path] if args.model_path else ["--model", args.model]
         if not args.json:
             print("starting the server (python -m sglang_am.serve) ...", flush=True)
         with serving(flags) as url:

@@ -1,8 +1,12 @@
-"""Many questions over a few shared documents, asked through a server's OpenAI-compatible API.
+"""Many questions over a few shared documents, asked through a server's API.
 
-Shared by ``examples/batch_qa.py`` and ``benchmarks/throughput.py``: seeded recall documents (plain
-``Kxxx: word`` lines any tokenizer reads), concurrent streaming ``/v1/completions`` requests with
-time to first token and end-to-end latency per request, and the summary statistics.
+Shared by ``examples/batch_qa.py`` and the benchmarks. Two workloads: ``recall`` (seeded ``Kxxx: word``
+documents for the embedded recall model, the fast default) and ``real-text`` (natural-language documents
+whose facts have same-type distractors, ``sglang_am.quality.real_text_qa``, for a pretrained model such
+as Gemma-3-270M). Prompts travel as token ids, the document's ids first, so a registered document (by
+the same ids) always matches: text prompts can tokenize the document's last token differently.
+Short answers are greedy streaming ``/v1/completions`` requests, with time to first token and latency;
+multiple-choice questions are scored by the likelihood of each choice (``/generate`` prompt log-probs).
 """
 
 from __future__ import annotations
@@ -18,15 +22,28 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from .client import http_json
+from .quality.real_text import choice_text, question_prompt, real_text_qa, short_answer_correct
 from .quality.tasks import Document
 from .recall_model import recall_task
+
+WORKLOADS = ("recall", "real-text")
 
 
 @dataclass
 class QARequest:
     document: int  # index into the documents
-    prompt: str
+    prompt: list[int]  # the document's token ids, then the question's
     answer: str
+    choices: tuple[list[int], ...] = ()  # each choice's token ids, scored after the prompt
+    answer_index: int | None = None
+    workload: str = "recall"
+
+    def is_correct(self, text: str) -> bool:
+        """Is the generated ``text`` the answer (recall: its first word; real text: its first words)?"""
+        if self.workload == "recall":
+            return (text.split() or [""])[0] == self.answer
+        return short_answer_correct(text, self.answer)
 
 
 @dataclass
@@ -38,22 +55,35 @@ class Answer:
     error: str | None = None
 
 
-def documents_and_questions(num_documents: int, questions_per_document: int, pairs: int, seed: int = 0
-                            ) -> tuple[list[Document], list[QARequest]]:
-    """Recall documents and their questions, interleaved across documents (the order a mixed workload
-    arrives in, which is what makes a cache hold every document at once)."""
-    if num_documents < 1 or questions_per_document < 1 or pairs < 1:
-        raise ValueError("num_documents, questions_per_document and pairs must be >= 1")
-    documents = [recall_task(num_pairs=pairs, num_questions=questions_per_document, seed=seed + i)[0]
-                 for i in range(num_documents)]
-    questions = [QARequest(d, f"{documents[d].text}\n{q.question}", q.answer)
-                 for j in range(questions_per_document) for d in range(num_documents)
-                 for q in [documents[d].questions[j]]]
-    return documents, questions
+def documents_and_questions(tokenizer, num_documents: int, questions_per_document: int, workload: str = "recall",
+                            size: int | None = None, seed: int = 0) -> tuple[list[Document], list[list[int]], list[QARequest]]:
+    """Documents, their token ids and their questions, interleaved across documents (the order a mixed
+    workload arrives in, which is what makes a cache hold every document at once). ``size``: key-value
+    pairs per recall document (default 300), or sentences per real-text document (default 140, ~2k tokens)."""
+    if num_documents < 1 or questions_per_document < 1 or (size is not None and size < 1):
+        raise ValueError("num_documents, questions_per_document and size must be >= 1")
+    if workload == "recall":
+        documents = [recall_task(num_pairs=size or 300, num_questions=questions_per_document, seed=seed + i)[0]
+                     for i in range(num_documents)]
+        suffix = lambda question: "\n" + question.question  # noqa: E731
+    elif workload == "real-text":
+        documents = real_text_qa(num_documents, num_sentences=size or 140, num_questions=questions_per_document,
+                                 seed=seed)
+        suffix = question_prompt
+    else:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+    document_ids = [tokenizer.encode(d.text) for d in documents]
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    questions = [
+        QARequest(d, document_ids[d] + encode(suffix(q)), q.answer,
+                  tuple(encode(choice_text(c)) for c in q.choices), q.answer_index, workload)
+        for j in range(questions_per_document) for d in range(num_documents) for q in [documents[d].questions[j]]
+    ]
+    return documents, document_ids, questions
 
 
-def complete(url: str, prompt: str, max_tokens: int, api_key: str | None = None, timeout: float = 600) -> Answer:
-    """One streaming ``/v1/completions`` request (greedy)."""
+def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None = None, timeout: float = 600) -> Answer:
+    """One streaming ``/v1/completions`` request (greedy) for a prompt of token ids."""
     body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     headers = {"Content-Type": "application/json"}
@@ -93,10 +123,33 @@ def ask_all(url: str, questions: Sequence[QARequest], concurrency: int, max_toke
     return answers, time.perf_counter() - start
 
 
+def choice_logprobs(url: str, question: QARequest, api_key: str | None = None) -> list[float]:
+    """The summed log-probability of each choice's tokens after the question's prompt (one batch request)."""
+    sampling = {"max_new_tokens": 1, "temperature": 0}
+    # SGLang gives no log-prob for the token at logprob_start_len itself: start one before the choice.
+    status, body = http_json("POST", f"{url}/generate", {
+        "input_ids": [question.prompt + choice for choice in question.choices], "sampling_params": sampling,
+        "return_logprob": True, "logprob_start_len": len(question.prompt) - 1,
+    }, api_key)
+    if status != 200:
+        raise RuntimeError(f"scoring the choices failed ({status}): {body}")
+    return [sum(value for value, _, _ in output["meta_info"]["input_token_logprobs"][1:]) for output in body]
+
+
+def choice_accuracy(url: str, questions: Sequence[QARequest], concurrency: int = 4, api_key: str | None = None,
+                    progress: str | None = None) -> float:
+    """Multiple-choice accuracy by answer likelihood (the choice with the highest summed log-prob)."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(choice_logprobs, url, q, api_key) for q in questions]
+        scores = [f.result() for f in tqdm(futures, desc=progress, disable=progress is None, unit="question")]
+    picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    return sum(pick == q.answer_index for pick, q in zip(picks, questions)) / len(questions)
+
+
 def summarize(questions: Sequence[QARequest], answers: Sequence[Answer], wall_seconds: float) -> dict:
-    """Accuracy (the first word of the answer against the gold value), throughput and latency percentiles."""
+    """Short-answer accuracy (``QARequest.is_correct``), throughput and latency percentiles."""
     done = [a for a in answers if a.error is None]
-    correct = sum(a.error is None and (a.text.split() or [""])[0] == q.answer for q, a in zip(questions, answers))
+    correct = sum(a.error is None and q.is_correct(a.text) for q, a in zip(questions, answers))
 
     def percentile(values: list[float], p: float) -> float | None:
         if not values:

@@ -150,7 +150,7 @@ def test_server_documents_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_batch_qa_example_smoke():
-    out = _run("examples/batch_qa.py", "--documents", "2", "--questions", "2", "--pairs", "60", "--ratio", "0.5", "--json")
+    out = _run("examples/batch_qa.py", "--documents", "2", "--questions", "2", "--size", "60", "--ratio", "0.5", "--json")
     result = json.loads(out.strip().splitlines()[-1])
     full, compacted = result["full_prefix"], result["compacted"]
     assert full["requests"] == compacted["requests"] == 4 and full["errors"] == compacted["errors"] == 0
@@ -163,7 +163,7 @@ def test_batch_qa_example_smoke():
 @pytest.mark.slow
 def test_throughput_benchmark_smoke(tmp_path):
     output = tmp_path / "throughput.json"
-    _run("benchmarks/throughput.py", "--documents", "2", "--questions", "2", "--pairs", "60", "--ratios", "0.5",
+    _run("benchmarks/throughput.py", "--documents", "2", "--questions", "2", "--size", "60", "--ratios", "0.5",
          "--capacity", "3", "--max-total-tokens", "1024", "--output", str(output))
     payload = json.loads(output.read_text())
     rows = {row["config"]: row for row in payload["rows"]}
