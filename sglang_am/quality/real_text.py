@@ -142,7 +142,7 @@ _SENTENCES = (
     "The meeting ended without a decision, as such meetings often did.",
     "Somewhere down the road a gate creaked in the wind.",
     "The council promised to fix the broken street lamps before autumn.",
-    "Snow fell overnight and covered the fields in a thin white layer.",
+    "Snow fell overnight and covered the fields in a thin, soft layer.",
     "The lights in the windows went out one by one.",
     "Everyone agreed that the summer had been unusually warm.",
     "A heavy cart rolled slowly over the cobblestones.",
