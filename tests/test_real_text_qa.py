@@ -134,3 +134,21 @@ def test_choices_count_and_fewer_questions():
 def test_rejects_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         real_text_qa(**kwargs)
+
+
+def test_batch_qa_prompts_start_with_the_document_ids_and_score_both_ways():
+    from transformers import AutoTokenizer
+
+    from sglang_am.batch_qa import documents_and_questions
+    from sglang_am.recall_model import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    documents, document_ids, questions = documents_and_questions(tokenizer, 2, 3, "real-text", size=30, seed=1)
+    assert len(questions) == 6 and [q.document for q in questions] == [0, 1, 0, 1, 0, 1]  # interleaved
+    for question in questions:
+        ids = document_ids[question.document]
+        assert question.prompt[: len(ids)] == ids and len(question.prompt) > len(ids)
+        assert len(question.choices) == 5 and question.answer_index is not None
+        assert question.is_correct(f" {question.answer}. And more") and not question.is_correct(" nothing")
+    with pytest.raises(ValueError, match="workload"):
+        documents_and_questions(tokenizer, 1, 1, "poetry")
