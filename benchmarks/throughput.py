@@ -4,7 +4,7 @@ Drives live servers over HTTP (streaming /v1/completions, like SGLang's serving 
 same workload: --documents documents, --questions each, interleaved across documents, at
 --concurrency, after one untimed warm-up request per document. --model recall (the default, fast)
 uses the recall documents; --model gemma3-270m the real-text documents (natural sentences whose facts
-have same-type distractors), where multiple-choice accuracy by answer likelihood is measured too.
+have same-type distractors), scored by greedy short answer (--choices: by answer likelihood too).
 Configurations, all with --max-total-tokens slots and the torch_native backend:
 (a) SGLang with the radix cache disabled, (b) stock SGLang (its own radix cache holds full documents),
 (c) the extension with every document registered at each --ratios. Per configuration: request
@@ -30,18 +30,16 @@ from sglang_am.batch_qa import ask_all, choice_accuracy, documents_and_questions
 from sglang_am.client import DocumentsClient, http_json
 from sglang_am.serve import MODELS, model_path, serving
 
-SERVER_FLAGS = ["--dtype", "float32"]  # this CPU has no fast bfloat16; the same for every configuration
 
-
-def stock_server(path: str, pool: int, extra: list[str]):
+def stock_server(path: str, pool: int, dtype: str, extra: list[str]):
     """SGLang itself, without the plugin."""
     flags = ["--model-path", path, "--max-total-tokens", str(pool), "--attention-backend", "torch_native",
-             *SERVER_FLAGS, *extra]
+             "--dtype", dtype, *extra]
     return serving(flags, stock=True)
 
 
-def extension_server(path: str, pool: int):
-    return serving(["--model-path", path, "--max-total-tokens", str(pool), *SERVER_FLAGS])
+def extension_server(path: str, pool: int, dtype: str):
+    return serving(["--model-path", path, "--max-total-tokens", str(pool), "--dtype", dtype])
 
 
 def resident(url: str, probes: list[list[int]], slots_per_document: list[int]) -> int:
@@ -83,24 +81,29 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per answer")
     parser.add_argument("--capacity", type=int, default=128, help="documents loaded in the capacity mode (0: skip it)")
+    parser.add_argument("--dtype", help="server dtype (default: auto for the recall model, float32 for Gemma: this "
+                        "CPU has no fast bfloat16)")
+    parser.add_argument("--choices", action="store_true", help="real-text: score multiple choice by likelihood too "
+                        "(slow where SGLang's CPU attention prefills whole documents)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "throughput.json"))
     args = parser.parse_args()
 
     path = str(model_path(args.model))
+    args.dtype = args.dtype or ("auto" if args.model == "recall" else "float32")
     tokenizer = AutoTokenizer.from_pretrained(path)
     workload = "recall" if args.model == "recall" else "real-text"
-    scored = workload == "real-text"
+    scored = workload == "real-text" and args.choices
     documents, document_ids, questions = documents_and_questions(tokenizer, args.documents, args.questions, workload,
                                                                  args.size)
     probes = [q.prompt for q in questions[: len(documents)]]  # one question per document, in the order of use
     lengths = [len(ids) for ids in document_ids]
     pool = args.max_total_tokens
     rows = []
-    with stock_server(path, pool, ["--disable-radix-cache"]) as url:
+    with stock_server(path, pool, args.dtype, ["--disable-radix-cache"]) as url:
         rows.append(workload_row("no radix cache", url, questions, probes, lengths, args, scored))
-    with stock_server(path, pool, []) as url:
+    with stock_server(path, pool, args.dtype, []) as url:
         rows.append(workload_row("radix cache, full documents", url, questions, probes, lengths, args, scored))
-    with extension_server(path, pool) as url:
+    with extension_server(path, pool, args.dtype) as url:
         client = DocumentsClient(url)
         for ratio in args.ratios:
             start = time.perf_counter()
@@ -126,13 +129,13 @@ def measure_capacity(args, tokenizer, path: str, workload: str) -> dict:
     probes = [q.prompt for q in questions]
     lengths = [len(ids) for ids in document_ids]
     result = {"documents": args.capacity, "max_total_tokens": args.max_total_tokens}
-    with stock_server(path, args.max_total_tokens, []) as url:
+    with stock_server(path, args.max_total_tokens, args.dtype, []) as url:
         for probe in probes:
             http_json("POST", f"{url}/generate", {"input_ids": probe, "sampling_params": {"max_new_tokens": 1}})
         result["radix cache, full documents"] = {"kv_slots_per_document": sum(lengths) / len(lengths),
                                                  "resident": resident(url, probes, lengths)}
     ratio = min(args.ratios)
-    with extension_server(path, args.max_total_tokens) as url:
+    with extension_server(path, args.max_total_tokens, args.dtype) as url:
         client = DocumentsClient(url)
         slots, refused = [], 0
         for ids in document_ids:
