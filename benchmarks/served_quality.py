@@ -6,8 +6,10 @@ One server with the extension (float32). The full-context reference is the same 
 question is scored twice: multiple choice by answer likelihood (the summed prompt log-probs of each
 choice's tokens) and short answer by greedy exact match. Methods use the query source the paper pairs
 with them (the server's own self-study generation for the AM methods); ``METHOD:SOURCE`` overrides it,
-e.g. ``AM-HighestAttnKeys:repeat-prefill``. Per question the JSON records where its fact sits in the
-document (the fraction of the text before it), so failures can be located. Writes JSON and a plot.
+e.g. ``AM-HighestAttnKeys:repeat-prefill``, and a ``+windows`` suffix compacts the sliding-window layers'
+windows too (``compact_windows``), e.g. ``AM-HighestAttnKeys+windows``. Per question the JSON records
+where its fact sits in the document (the fraction of the text before it), so failures can be located.
+Writes JSON and a plot.
 
     python benchmarks/served_quality.py               # about 30 min on a 2-core CPU
     python benchmarks/served_quality.py --documents 2 --questions 5 --ratios 0.1 --methods AM-HighestAttnKeys H2O+
@@ -64,7 +66,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=5)
     parser.add_argument("--questions", type=int, default=10, help="questions per document")
     parser.add_argument("--size", type=int, default=140, help="sentences per document (about 14 tokens each)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, help="METHOD or METHOD:QUERY_SOURCE")
+    parser.add_argument("--methods", nargs="+", default=METHODS, help="METHOD[:QUERY_SOURCE][+windows]")
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=6, help="tokens generated per short answer")
@@ -88,11 +90,12 @@ def main() -> None:
         print(f"full context: choices {results[-1]['choice_accuracy']:.2f}, answers {results[-1]['answer_accuracy']:.2f}",
               flush=True)
         for entry in args.methods:
-            method, _, source = entry.partition(":")
+            spec, windows, _ = entry.partition("+windows")
+            method, _, source = spec.partition(":")
             source = source or get_method(method).query_source
             for ratio in args.ratios:
                 start = time.perf_counter()
-                registered = [client.register(input_ids=ids, ratio=ratio, method=method,
+                registered = [client.register(input_ids=ids, ratio=ratio, method=method, compact_windows=bool(windows),
                                               **({"query_source": source} if source != "none" else {}))
                               for ids in document_ids]
                 seconds = time.perf_counter() - start
@@ -100,7 +103,8 @@ def main() -> None:
                 for doc in registered:
                     client.drop(doc["doc_id"])
                 results.append(summary(f"{entry} @ {ratio}", method, source, ratio, rows, {
-                    "registration_seconds": round(seconds, 2), "slots": [d["slots"] for d in registered],
+                    "compact_windows": bool(windows), "registration_seconds": round(seconds, 2),
+                    "slots": [d["slots"] for d in registered],
                     "timings": [d["timings"] for d in registered]}))
                 print(f"{entry} @ {ratio}: choices {results[-1]['choice_accuracy']:.2f}, "
                       f"answers {results[-1]['answer_accuracy']:.2f} ({seconds:.0f} s to register)", flush=True)

@@ -55,7 +55,7 @@ KEY = "soak-admin"  # the store's routes need the server's admin key
 SOLVE_TIMEOUT = 5  # seconds: the slow registrations run past it
 NASTY = [None, True, -1, 0, 2**63, 1e308, "", "x" * 3000, "../../etc", [], [[1]], {}, {"a": {"b": []}}, "AM-OMP", 0.5]
 FIELDS = ["text", "input_ids", "ratio", "budget", "method", "query_source", "head_budgets", "max_queries_per_head",
-          "self_study_max_new_tokens", "keep_first", "options"]
+          "self_study_max_new_tokens", "keep_first", "options", "compact_windows"]
 
 
 class Soak:

@@ -7,11 +7,12 @@ uses the recall documents; --model gemma3-270m the real-text documents (natural 
 have same-type distractors), scored by greedy short answer (--choices: by answer likelihood too).
 Configurations, all with --max-total-tokens slots and the torch_native backend:
 (a) SGLang with the radix cache disabled, (b) stock SGLang (its own radix cache holds full documents),
-(c) the extension with every document registered at each --ratios. Per configuration: request
+(c) the extension with every document registered at each --ratios (--compact-windows: sliding-window
+layers' windows compacted too, so a Gemma document is t slots wide, not max(t, 511)). Per configuration: request
 throughput, output tokens/s, TTFT and latency p50/p99, accuracy, KV slots and bytes per document and how
 many documents are still resident (a probe per document after the run: is its whole prefix a cache hit?).
---capacity N then loads N documents into (b) and into (c) at the smallest ratio and counts the
-resident ones, to show how many documents the pool holds.
+--capacity N then loads N documents into (b) and into (c) at --capacity-ratio and counts the resident
+ones, to show how many documents the pool holds.
 
     python benchmarks/throughput.py              # defaults run in a few minutes on a 2-core CPU
     python benchmarks/throughput.py --model gemma3-270m --documents 6 --questions 8 --max-total-tokens 8192
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per answer")
     parser.add_argument("--capacity", type=int, default=128, help="documents loaded in the capacity mode (0: skip it)")
+    parser.add_argument("--capacity-ratio", type=float, default=0.1, help="the compacted documents' ratio there")
+    parser.add_argument("--compact-windows", action="store_true", help="compact sliding-window layers' windows too")
     parser.add_argument("--dtype", help="server dtype (default: auto for the recall model, float32 for Gemma: this "
                         "CPU has no fast bfloat16)")
     parser.add_argument("--choices", action="store_true", help="real-text: score multiple choice by likelihood too "
@@ -107,7 +110,8 @@ def main() -> None:
         client = DocumentsClient(url)
         for ratio in args.ratios:
             start = time.perf_counter()
-            registered = [client.register(input_ids=ids, ratio=ratio, method=args.method) for ids in document_ids]
+            registered = [client.register(input_ids=ids, ratio=ratio, method=args.method,
+                                          compact_windows=args.compact_windows) for ids in document_ids]
             seconds = time.perf_counter() - start
             row = workload_row(f"compacted @ {ratio}", url, questions, probes, [d["slots"] for d in registered], args,
                                scored)
@@ -134,12 +138,13 @@ def measure_capacity(args, tokenizer, path: str, workload: str) -> dict:
             http_json("POST", f"{url}/generate", {"input_ids": probe, "sampling_params": {"max_new_tokens": 1}})
         result["radix cache, full documents"] = {"kv_slots_per_document": sum(lengths) / len(lengths),
                                                  "resident": resident(url, probes, lengths)}
-    ratio = min(args.ratios)
+    ratio = args.capacity_ratio
     with extension_server(path, args.max_total_tokens, args.dtype) as url:
         client = DocumentsClient(url)
         slots, refused = [], 0
         for ids in document_ids:
-            status, body = http_json("POST", f"{url}/am/documents", {"input_ids": ids, "ratio": ratio, "method": args.method})
+            status, body = http_json("POST", f"{url}/am/documents", {"input_ids": ids, "ratio": ratio, "method": args.method,
+                                                                     "compact_windows": args.compact_windows})
             if status == 200:
                 slots.append(body["slots"])
             else:

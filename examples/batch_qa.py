@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.1, help="compaction ratio t/T")
     parser.add_argument("--method", default="AM-HighestAttnKeys", help="compaction method (see the README's Methods)")
     parser.add_argument("--query-source", default="repeat-prefill", help="reference queries for the solver")
+    parser.add_argument("--compact-windows", action="store_true", help="compact sliding-window layers' windows too "
+                        "(Gemma: a document takes t slots per layer instead of max(t, 511); torch_native only)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per answer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the documents")
@@ -63,7 +65,8 @@ def run(url: str, args: argparse.Namespace) -> dict:
         return row
 
     full = ask("full prefix")
-    registered = [client.register(input_ids=ids, ratio=args.ratio, method=args.method, query_source=args.query_source)
+    registered = [client.register(input_ids=ids, ratio=args.ratio, method=args.method, query_source=args.query_source,
+                                  compact_windows=args.compact_windows)
                   for ids in tqdm(document_ids, desc="registering", disable=args.json)]
     try:
         compacted = ask(f"compacted @ {args.ratio}")

@@ -80,3 +80,33 @@ def test_off_policy_self_study_uses_the_documents_window(model, query_source):
     with torch.no_grad():
         window = model(torch.tensor([document]), use_cache=True).past_key_values.layers[0].keys[0]
     assert torch.equal(prefix.keys[0], window)  # the first copy's window, also with repeat-prefill
+
+
+def test_compacted_windows_take_the_span_budget_in_source_order(model):
+    document = _ids(40, 13)
+    prefix = compact_prefix(model, document, budget=0.1, compact_windows=True, progress=False)
+    assert prefix.layer_slots == [4, 4, 4, 4]
+    with torch.no_grad():
+        window = model(torch.tensor([document]), use_cache=True).past_key_values.layers[0].keys[0]  # [H, 7, D]
+    for head in range(window.shape[0]):  # selected window keys, in the order of the tokens they came from
+        matches = [int((window[head] == key).all(dim=1).nonzero()) for key in prefix.keys[0][head]]
+        assert matches == sorted(matches) and len(set(matches)) == 4
+    assert torch.isfinite(prefix.beta[0]).all() and bool(prefix.beta[0].ne(0).any())
+    # A budget at least the window keeps it verbatim, as without the option.
+    verbatim = compact_prefix(model, document, budget=0.25, compact_windows=True, progress=False)
+    assert verbatim.layer_slots == [WINDOW - 1, 10, WINDOW - 1, 10] and (verbatim.beta[0] == 0).all()
+
+
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_compacted_windows_decode_step_by_step_as_in_one_pass(model, on_policy):
+    """Decoding one token at a time, the window cache drops the compacted slots a window behind, and the
+    beta of the remaining ones must follow them (``_visible_beta``): the same logits as one forward."""
+    document, continuation = _ids(40, 14), _ids(14, 15)  # longer than the window
+    prefix = compact_prefix(model, document, budget=0.1, query_source="self-study", self_study_ids=[_ids(10, 16)],
+                            on_policy=on_policy, compact_windows=True, progress=False)
+    expected, _ = forward_after_prefix(model, prefix, torch.tensor([continuation]))
+    cache, steps = None, []
+    for token in continuation:
+        logits, cache = forward_after_prefix(model, prefix, torch.tensor([[token]]), cache)
+        steps.append(logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, dim=1), expected, rtol=1e-4, atol=1e-4)

@@ -29,6 +29,7 @@ from sglang_am.server.capture import CaptureTag, QueryCapture
 from sglang_am.server.config import ServerConfig
 from sglang_am.server.errors import DocumentError
 from sglang_am.server.jobs import QueueFull, Worker
+from sglang_am.server.operations import check_compacted_windows, check_model
 from sglang_am.server.registration import OPTION_BOUNDS, SERVER_SET_OPTIONS, RegistrationRequest
 from sglang_am.server.registry import DocState, Document, DocumentRegistry, document_id, virtual_ids
 
@@ -93,6 +94,8 @@ def request(**fields) -> RegistrationRequest:
     ({"method": "AM-OMP", "options": {"drop_rounds": 11}}, "options.drop_rounds must be a int in [0, 10]"),
     ({"options": {"beta_min": 3.0, "beta_max": 1.0}}, "must be below beta_max"),
     ({"options": {"stats_backend": "quantum"}}, "stats_backend must be one of"),
+    ({"compact_windows": 1}, "compact_windows must be true or false"),
+    ({"compact_windows": "yes"}, "compact_windows must be true or false"),
 ])
 def test_bad_registration_fields_are_refused_with_the_field_named(fields, reason):
     with pytest.raises(ValueError) as error:
@@ -235,7 +238,7 @@ def test_install_writes_the_slots_pins_the_node_and_remove_frees_everything(tree
 
 @pytest.mark.parametrize("tree", [(6, None)], indirect=True)
 @pytest.mark.parametrize("global_slots", [4, 12])
-def test_a_window_layer_sits_right_aligned_and_never_takes_bias(tree, global_slots):
+def test_a_verbatim_window_sits_right_aligned_and_needs_no_bias(tree, global_slots):
     """Layer 0 has a 6-token window: it holds the document's last 6 tokens at the node's last slots, so
     physical distances past the node are logical ones; the global layer's slots come first."""
     cache, pool, allocator = tree
@@ -249,7 +252,9 @@ def test_a_window_layer_sits_right_aligned_and_never_takes_bias(tree, global_slo
     node_keys = pool.k_buffer[0][installed.slots].permute(1, 0, 2)
     assert torch.equal(node_keys[:, width - 6 :], window_keys) and not node_keys[:, : width - 6].any()
     assert torch.equal(pool.k_buffer[1][installed.slots[:global_slots]].permute(1, 0, 2), made.keys[1])
-    assert torch.equal(installed.bias[0], torch.zeros(2, width))  # window layers: no bias, padding included
+    # The window's columns have beta 0; columns left of it (a window away from any later token) -inf.
+    assert torch.equal(installed.bias[0][:, width - 6 :], torch.zeros(2, 6))
+    assert installed.bias[0][:, : width - 6].eq(-math.inf).all() and not installed.layout.compacted_windows
     assert installed.bias[1][:, global_slots:].eq(-math.inf).all()
     assert [installed.slots[installed.layout.columns(layer)].numel() for layer in (0, 1)] == [6, global_slots]
     assert installed.kv_bytes(50) == {"global": width * 128, "sliding": width * 128, "total": 2 * width * 128,
@@ -258,9 +263,20 @@ def test_a_window_layer_sits_right_aligned_and_never_takes_bias(tree, global_slo
 
 
 @pytest.mark.parametrize("tree", [(6, None)], indirect=True)
-def test_a_window_layer_must_hold_its_window_verbatim(tree):
+def test_a_compacted_window_sits_right_aligned_with_its_bias(tree):
+    cache, pool, _ = tree
+    made = prefix(slots=4)  # layer 0 (window 6) holds 4 compacted slots, one of them padding
+    installed = cache.install_document(made, virtual_ids(1, made.num_slots))
+    assert installed.num_slots == 4 and installed.layout.compacted_windows
+    assert torch.equal(pool.k_buffer[0][installed.slots].permute(1, 0, 2), made.keys[0])
+    assert torch.equal(installed.bias[0], made.beta[0])
+    cache.remove_document(installed)
+
+
+@pytest.mark.parametrize("tree", [(6, None)], indirect=True)
+def test_a_window_layer_holds_its_window_verbatim_or_fewer_slots(tree):
     cache, _, allocator = tree
-    for made in (prefix(), dataclasses.replace(prefix(slots=6), beta=[torch.ones(2, 6), torch.zeros(2, 6)])):
+    for made in (prefix(slots=8), dataclasses.replace(prefix(slots=6), beta=[torch.ones(2, 6), torch.zeros(2, 6)])):
         with pytest.raises(DocumentError, match="sliding-window layer: the document must hold its last 6 tokens"):
             cache.install_document(made, virtual_ids(1, made.num_slots))
     assert allocator.available_size() == 256
@@ -446,3 +462,24 @@ def test_the_radix_cache_refuses_overlap_scheduling_with_the_reason():
     context = SimpleNamespace(server_args=SimpleNamespace(disable_overlap_schedule=False))
     with pytest.raises(ValueError, match="--radix-cache-backend am needs --disable-overlap-schedule"):
         _radix_cache(context)
+
+
+@pytest.mark.parametrize(("hybrid_pool", "chunk", "compacted_windows_served"), [(True, None, True), (False, 8192, True),
+                                                                                (False, None, False)])
+def test_models_the_layout_cannot_serve_are_refused_with_the_reason(hybrid_pool, chunk, compacted_windows_served):
+    """Models on SGLang's hybrid sliding-window pool (gpt-oss, Gemma-4, Llama-4) or with chunked attention,
+    whose weights cannot be had here: the runner's flags that SGLang sets for them, on a stand-in runner.
+    A backend without compacted-window support refuses those documents only."""
+    backend = SimpleNamespace(adds_document_bias=True, serves_compacted_windows=compacted_windows_served)
+    runner = SimpleNamespace(attn_backend=backend, spec_algorithm=SimpleNamespace(is_none=lambda: True),
+                             is_hybrid_swa=hybrid_pool, model_config=SimpleNamespace(attention_chunk_size=chunk),
+                             token_to_kv_pool=SimpleNamespace(k_buffer=[], store_dtype=torch.float32, dtype=torch.float32))
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=runner))
+    if compacted_windows_served:
+        with pytest.raises(DocumentError, match="hybrid sliding-window pool or chunked attention") as error:
+            check_model(scheduler)
+        assert error.value.status == 400
+    else:
+        check_model(scheduler)
+        with pytest.raises(DocumentError, match="torch_native only"):
+            check_compacted_windows(runner)

@@ -177,7 +177,7 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer):
         ({"input_ids": ids, "ratio": 0.1, "method": "nope"}, "nope"),
         ({"input_ids": ids, "ratio": 0.1, "query_source": "random"}, "query_source"),
         ({"input_ids": ids, "ratio": 0.1, "head_budgets": {"L0H0": 2.0}}, "sum"),
-        ({"input_ids": ids, "ratio": 0.1, "head_budgets": {"L0H0": 1.0}}, "one proportion per (layer, KV head)"),
+        ({"input_ids": ids, "ratio": 0.1, "head_budgets": {"L0H0": 1.0}}, "one proportion per (global layer, KV head)"),
         ({"input_ids": ids, "ratio": 0.1, "colour": "red"}, "colour"),
         ({"input_ids": ids, "ratio": 0.1, "options": {"scale": 2.0}}, "options.scale is set by the server"),
         ({"input_ids": ids, "ratio": 0.1, "options": {"nnls_iters": 100_000_000}}, "options.nnls_iters must be"),

@@ -143,7 +143,7 @@ def test_malformed_bodies_paths_and_ids_get_a_4xx_with_the_reason(server, tokeni
         ("POST", "/am/documents", {"input_ids": other, "ratio": 0.1, "keep_first": len(other)}, 400, "keep_first"),
         ("POST", "/am/documents", {"input_ids": other, "budget": len(other) + 1}, 400, "budget must be in [1, T - keep_first]"),
         ("POST", "/am/documents", {"input_ids": other, "ratio": 0.1, "head_budgets": {"L0H0": 1.0}}, 400,
-         "one proportion per (layer, KV head)"),
+         "one proportion per (global layer, KV head)"),
         ("POST", "/am/documents", {"text": "x" * 40000 + "y"}, 400, "exactly one of ratio"),
         ("POST", "/am/documents", {"input_ids": ids * 100, "ratio": 0.1}, 413, "limited to"),  # over the body limit
         ("POST", "/am/documents", {"input_ids": long, "ratio": 0.1, "max_queries_per_head": 20000}, 503,
@@ -168,7 +168,7 @@ def raw_call(server, method, path, data: bytes | None):
 NASTY = [None, True, -1, 0, 1, 2**63, -(2**63), 1e308, -1e-308, float("inf"), "", "x" * 5000, "../../etc", [], [[]],
          [1] * 20, {}, {"a": {"b": {"c": []}}}, "AM-OMP", "repeat-prefill", 0.5, [None], {"scale": 1}]
 FIELDS = ["text", "input_ids", "ratio", "budget", "method", "query_source", "head_budgets", "max_queries_per_head",
-          "self_study_max_new_tokens", "keep_first", "options"]
+          "self_study_max_new_tokens", "keep_first", "options", "compact_windows"]
 
 
 def test_random_registration_bodies_never_get_a_5xx_or_leave_anything_behind(server):

@@ -2,8 +2,8 @@
 its four layers global), float32, on ``torch_native`` and on ``triton`` (SGLang's kernels and our
 ``score_mod`` under Triton's interpreter). A document registered and saved by the server must give what
 the transformers adapter gives for the same ``CompactedPrefix``, also once the suffix and the answer have
-moved the window past the document; prompt log-probs line up with the client's tokens; the node's
-bytes are reported per layer type."""
+moved the window past the document, with the windows verbatim or compacted; prompt log-probs line up
+with the client's tokens; the node's bytes are reported per layer type."""
 
 import pytest
 import torch
@@ -57,15 +57,24 @@ def ids(length, seed):
     return torch.randint(5, 400, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("backend", ["torch_native", "triton"])
-def test_a_served_document_matches_the_transformers_adapter_past_the_window(model_dir, model, backend, tmp_path):
+@pytest.mark.parametrize(("backend", "compact_windows"), [("torch_native", False), ("triton", False),
+                                                          ("torch_native", True)])
+def test_a_served_document_matches_the_transformers_adapter_past_the_window(model_dir, model, backend,
+                                                                           compact_windows, tmp_path):
+    # Verbatim windows: 10 compacted slots, 7 window tokens. Compacted windows: 4 slots on every layer.
+    ratio, layer_slots = (0.1, [4, 4, 4, 4]) if compact_windows else (0.25, [WINDOW - 1, 10, WINDOW - 1, 10])
     document = ids(40, 1)
     suffixes = [ids(3, 2), ids(11, 3)]  # the second alone moves the window past the document
     flags = ["--model-path", str(model_dir), "--dtype", "float32", "--max-total-tokens", "4096",
              "--attention-backend", backend, "--admin-api-key", KEY, "--am-store-dir", str(tmp_path)]
     with serving(flags) as server:
-        registered = ok(server, "POST", "/am/documents", {"input_ids": document, "ratio": 0.25,
-                                                          "query_source": "context-prefill"})
+        registered = ok(server, "POST", "/am/documents", {"input_ids": document, "ratio": ratio,
+                                                          "query_source": "context-prefill",
+                                                          "compact_windows": compact_windows})
+        if backend == "triton":
+            status, body = http_json("POST", server + "/am/documents", {"input_ids": ids(40, 9), "ratio": 0.1,
+                                                                        "compact_windows": True}, KEY)
+            assert status == 400 and "torch_native only" in body["error"], body
         ok(server, "POST", f"/am/documents/{registered['doc_id']}/save")
         sampling = {"max_new_tokens": STEPS, "temperature": 0, "ignore_eos": True}
         outputs = ok(server, "POST", "/generate", {
@@ -78,12 +87,13 @@ def test_a_served_document_matches_the_transformers_adapter_past_the_window(mode
         ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
     (stored,) = tmp_path.glob(f"*/{registered['doc_id']}.safetensors")
     prefix = CompactedPrefix.load(stored)
-    assert prefix.layer_slots == [WINDOW - 1, 10, WINDOW - 1, 10]
+    assert prefix.layer_slots == layer_slots
+    assert bool(prefix.beta[0].ne(0).any()) == compact_windows  # a compacted window has its own beta
 
     # One node width for every layer (the widest), reported per layer type.
     slot_bytes = 2 * 2 * 16 * 4  # keys and values, 2 KV heads of 16, float32
     width = registered["slots"]
-    assert width == 10
+    assert width == max(layer_slots)
     assert registered["kv_bytes"] == {"global": 2 * width * slot_bytes, "sliding": 2 * width * slot_bytes,
                                       "total": 4 * width * slot_bytes, "uncompacted": 4 * 40 * slot_bytes}
     assert stats["kv_bytes"] == registered["kv_bytes"]

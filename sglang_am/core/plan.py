@@ -86,7 +86,8 @@ class LayerPlan:
     ``query_fractions`` comes from ``source_fractions``: each source gets that share of
     ``max_queries_per_head`` pooled queries per KV head. ``options`` are fields of the method's options
     dataclass; the model's attention scale and, for methods that take them, ``layer``/``num_layers``
-    are filled in per layer unless given.
+    are filled in per layer unless given. ``compact_windows``: sliding-window layers' windows are compacted
+    too (``compact_window``), not kept verbatim.
     """
 
     method: str
@@ -97,6 +98,7 @@ class LayerPlan:
     head_proportions: dict[tuple[int, int], float] | None = None
     max_ratio_per_head: float = 1.0
     options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    compact_windows: bool = False
 
     def reference_queries(self, queries: Mapping[str, torch.Tensor], num_kv_heads: int,
                           generator: torch.Generator) -> torch.Tensor:
@@ -113,13 +115,31 @@ class LayerPlan:
         share of the budget."""
         budgets = chunk_budgets(self.budget, span_length, chunk, layer, keys.shape[0], self.head_proportions,
                                 self.max_ratio_per_head)
+        return compact(keys, values, queries.to(keys), budgets, self.method, **self._options(layer, num_layers, scale))
+
+    def compact_window(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, span_length: int,
+                       layer: int, num_layers: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sliding-window layer's window ``[H_kv, w, D]`` (the document's last w tokens): kept verbatim
+        (beta 0), or with ``compact_windows`` compacted to the span's uniform per-head budget when that is
+        smaller than w. Compacted slots come in the order of the tokens they were selected from, padding
+        first: they stand at the window's last positions, so the earliest leaves a later query's window first."""
+        heads, window = keys.shape[:2]
+        slots = chunk_budgets(self.budget, span_length, range(span_length), layer, heads, None, 1.0)[0]
+        if not self.compact_windows or slots >= window:
+            return keys, values, keys.new_zeros((heads, window))
+        result = compact(keys, values, queries.to(keys), slots, self.method, **self._options(layer, num_layers, scale))
+        order = result.indices.argsort(dim=1)  # padding (index -1) first, then by source position
+        gather = lambda tensor: tensor.gather(1, order.view(*order.shape, *[1] * (tensor.ndim - 2)).expand_as(tensor))
+        return gather(result.keys), gather(result.values), gather(result.beta)
+
+    def _options(self, layer: int, num_layers: int, scale: float | None) -> dict[str, object]:
         options = dict(self.options)
         options.setdefault("scale", scale)
         fields = {field.name for field in dataclasses.fields(get_method(self.method).options_class)}
         if {"layer", "num_layers"} <= fields:
             options.setdefault("layer", layer)
             options.setdefault("num_layers", num_layers)
-        return compact(keys, values, queries.to(keys), budgets, self.method, **options)
+        return options
 
 
 def assemble_layer(head: tuple[torch.Tensor, torch.Tensor], pieces: Sequence[CompactedKV],

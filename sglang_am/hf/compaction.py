@@ -132,6 +132,22 @@ class _ChunkSource:
     self_study: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+def _reference_queries(model: PreTrainedModel, plan: LayerPlan, source: _ChunkSource, layer: int, chunk: range,
+                       on_policy: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """One layer's reference queries for one chunk, from each of the plan's sources, pooled per KV head."""
+    queries = {}
+    for kind, fraction in plan.query_fractions.items():
+        if kind == "random":
+            cap = max(1, round(fraction * plan.max_queries_per_head))
+            queries[kind] = _random_queries(model, layer, min(cap, len(chunk)), generator)
+        elif kind == "self-study":
+            queries[kind] = on_policy if on_policy is not None else source.self_study[layer]
+        else:
+            positions = torch.tensor(list(chunk), device=source.recorded[layer][0].device) + source.source_offsets[kind]
+            queries[kind] = source.recorded[layer][0][0][:, positions]
+    return plan.reference_queries(queries, model.config.num_key_value_heads, generator)
+
+
 def _prefill(
     model: PreTrainedModel, ids: list[int], repeat_ids: Sequence[int] | None
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[int, list[torch.Tensor]]]:
@@ -184,6 +200,7 @@ def compact_prefix(
     head_proportions: dict[tuple[int, int], float] | None = None,
     max_ratio_per_head: float = 1.0,
     max_queries_per_head: int = 5000,
+    compact_windows: bool = False,
     seed: int = 0,
     progress: bool = True,
     **options: object,
@@ -209,6 +226,10 @@ def compact_prefix(
         lost. Not for sliding-window models or on-policy runs.
     head_proportions: nonuniform budgets ``{(layer, kv_head): p}`` (see ``load_head_proportions``),
         applied per chunk with ``max_ratio_per_head``.
+    compact_windows: compact each sliding-window layer's window (the document's last W - 1 tokens) to the
+        span's per-head budget with the same method and reference queries, instead of keeping it verbatim.
+        Its slots then stand at the window's last positions: the model's sliding mask drops the earliest
+        first as later tokens move on.
     options: fields of the method's options dataclass; PyramidKV gets ``layer``/``num_layers`` here.
     """
     ids = [int(t) for t in (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)]
@@ -237,7 +258,6 @@ def compact_prefix(
     check_budget(budget)
     get_method(method)  # an unknown method fails before the prefill
     use_sglang_am_attention(model)
-    device = next(model.parameters()).device
     span = range(keep_first, length - keep_last)
     step = chunk_size or len(span)
     chunks = [span[i : i + step] for i in range(0, len(span), step)]
@@ -279,47 +299,41 @@ def compact_prefix(
     timings["self_study"] = time.perf_counter() - start
 
     generator = torch.Generator().manual_seed(seed)
-    num_layers, num_kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    num_layers = model.config.num_hidden_layers
     plan = LayerPlan(method, budget, fractions, max_queries_per_head, keep_first, head_proportions, max_ratio_per_head,
-                     options)
+                     options, compact_windows)
     keys, values, betas = [], [], []
     for layer in tqdm(range(num_layers), desc=f"compacting ({method})", disable=not progress):
-        if sliding[layer]:  # sliding-window layers are not compacted: they keep their window (KV chunking)
-            window_keys, window_values = sources[0].document_kv[layer]
-            keys.append(window_keys)
-            values.append(window_values)
-            betas.append(window_keys.new_zeros(window_keys.shape[:2]))
-            if policy is not None:
-                policy.advance(layer, keys[-1], values[-1], betas[-1])
-            continue
         # The model's own softmax scale (Gemma's query_pre_attn_scalar differs from 1/sqrt(head_dim)).
         scale = getattr(model.model.layers[layer].self_attn, "scaling", None)
-        if policy is not None:
+        on_policy_queries = None
+        if policy is not None and (compact_windows or not sliding[layer]):
             start = time.perf_counter()
             on_policy_queries = policy.queries(layer, *sources[0].document_kv[layer])
             timings["self_study"] += time.perf_counter() - start
-        pieces = []
-        for source in sources:
-            chunk = source.positions
-            queries = {}
-            for kind, fraction in fractions.items():
-                if kind == "random":
-                    cap = max(1, round(fraction * max_queries_per_head))
-                    queries[kind] = _random_queries(model, layer, min(cap, len(chunk)), generator)
-                elif kind == "self-study":
-                    queries[kind] = on_policy_queries if policy is not None else source.self_study[layer]
-                else:
-                    positions = torch.tensor(list(chunk), device=device) + source.source_offsets[kind]
-                    queries[kind] = source.recorded[layer][0][0][:, positions]
-            layer_keys, layer_values = source.document_kv[layer]
-            result = plan.compact_span(
-                layer_keys[:, chunk.start : chunk.stop], layer_values[:, chunk.start : chunk.stop],
-                plan.reference_queries(queries, num_kv_heads, generator), len(span), chunk, layer, num_layers, scale,
-            )
-            for stage, seconds in result.timings.items():
-                timings[stage] += seconds
-            pieces.append(dataclasses.replace(result, keys=_shift_rope(model, result.keys, source.rope_shift)))
-        layer_keys, layer_values, layer_beta = assemble_layer(head[layer], pieces, tail[layer])
+
+        if sliding[layer]:  # the window of the document's last tokens (KV chunking), verbatim or compacted
+            window_keys, window_values = sources[0].document_kv[layer]
+            window_queries = (_reference_queries(model, plan, sources[0], layer, span, on_policy_queries, generator)
+                              if compact_windows else None)
+            start = time.perf_counter()
+            layer_keys, layer_values, layer_beta = plan.compact_window(
+                window_keys, window_values, window_queries, len(span), layer, num_layers, scale)
+            timings["selection"] += time.perf_counter() - start
+        else:
+            pieces = []
+            for source in sources:
+                chunk = source.positions
+                layer_keys, layer_values = source.document_kv[layer]
+                result = plan.compact_span(
+                    layer_keys[:, chunk.start : chunk.stop], layer_values[:, chunk.start : chunk.stop],
+                    _reference_queries(model, plan, source, layer, chunk, on_policy_queries, generator), len(span),
+                    chunk, layer, num_layers, scale,
+                )
+                for stage, seconds in result.timings.items():
+                    timings[stage] += seconds
+                pieces.append(dataclasses.replace(result, keys=_shift_rope(model, result.keys, source.rope_shift)))
+            layer_keys, layer_values, layer_beta = assemble_layer(head[layer], pieces, tail[layer])
         keys.append(layer_keys)
         values.append(layer_values)
         betas.append(layer_beta)
@@ -341,7 +355,8 @@ def compact_prefix(
             "budget": budget, "query_source": fractions, "keep_first": keep_first, "keep_last": keep_last,
             "chunk_size": chunk_size, "chunking": chunking, "nonuniform_heads": head_proportions is not None,
             "self_study_sequences": len(self_study_ids or ()), "on_policy": on_policy,
-            "max_queries_per_head": max_queries_per_head, "seed": seed, "options": dict(options),
+            "max_queries_per_head": max_queries_per_head, "compact_windows": compact_windows, "seed": seed,
+            "options": dict(options),
         },
         timings={f"{stage}_seconds": seconds for stage, seconds in timings.items()},
     )
@@ -359,6 +374,16 @@ def prefix_cache(prefix: CompactedPrefix, model: PreTrainedModel, batch_size: in
         expand = lambda t: t.to(parameter).unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
         cache.update(expand(k), expand(v), layer)
     return cache
+
+
+def _visible_beta(layer, beta: torch.Tensor) -> torch.Tensor | None:
+    """The beta of the prefix slots still at the start of ``layer``'s attention this call: a sliding-window
+    cache layer has dropped the slots more than a window behind (transformers' sliding mask, on physical
+    cache positions as SGLang's, would hide them anyway), so its first columns are the later slots."""
+    if not getattr(layer, "is_sliding", False):
+        return beta
+    dropped = max(0, layer.cumulative_length - (layer.sliding_window - 1))
+    return beta[:, dropped:] if dropped < beta.shape[1] else None
 
 
 def forward_after_prefix(
@@ -383,8 +408,7 @@ def forward_after_prefix(
         start = prefix.logical_length + after
         position_ids = torch.arange(start, start + length, device=input_ids.device).expand(batch, length)
     device = next(model.parameters()).device
-    # Window layers hold original tokens (beta = 0): transformers' own sliding mask serves them.
-    betas = [None if window else b.to(device) for window, b in zip(_sliding_layers(model), prefix.beta)]
+    betas = [_visible_beta(layer, beta.to(device)) for layer, beta in zip(cache.layers, prefix.beta)]
     with torch.no_grad(), prefix_bias(betas):
         out = model(
             input_ids, attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids, use_cache=True

@@ -9,7 +9,7 @@ Heads are solved independently from the same reference queries, so one compactio
 serves every head: head h's slots are taken from the ratio-r prefix and spliced into the baseline.
 
 ``python -m sglang_am.hf.head_sensitivity --out proportions.json`` runs it on the embedded recall model;
-``--model-path`` and ``--task needle`` run it on any causal LM.
+``--model-path`` and ``--task needle`` (or ``real-text``) run it on any causal LM.
 """
 
 from __future__ import annotations
@@ -75,11 +75,12 @@ def _with_head(
     return dataclasses.replace(base, keys=keys, values=values, beta=beta)
 
 
-def _without_span(prefix: CompactedPrefix, keep_first: int) -> CompactedPrefix:
-    """Every head's compacted span masked (beta = -inf), kept head tokens untouched: ratio 0."""
+def _without_span(model: PreTrainedModel, prefix: CompactedPrefix, keep_first: int) -> CompactedPrefix:
+    """Every global head's compacted span masked (beta = -inf), kept head tokens and windows untouched: ratio 0."""
     beta = [b.clone() for b in prefix.beta]
-    for b in beta:
-        b[:, keep_first:] = float("-inf")
+    for b, window in zip(beta, _sliding_layers(model)):
+        if not window:
+            b[:, keep_first:] = float("-inf")
     return dataclasses.replace(prefix, beta=beta)
 
 
@@ -112,7 +113,9 @@ def head_sensitivity_curves(
     bar = tqdm(total=len(documents) * len(sweep) * (1 + len(heads)), desc="head sensitivity", disable=not progress)
     for document in documents:
         reference = full_prefix(model, document.input_ids)
-        answers = greedy_generate(model, reference, document.prompts, max_new_tokens, eos_token_id)
+        # One prompt at a time: a sliding-window model cannot batch prompts of different lengths.
+        answers = [greedy_generate(model, reference, [prompt], max_new_tokens, eos_token_id)[0]
+                   for prompt in document.prompts]
         samples = list(zip(document.prompts, answers))
         full_loss = reconstruction_log_perplexity(model, reference, samples)
         compact = lambda ratio, document=document: compact_prefix(
@@ -121,7 +124,7 @@ def head_sensitivity_curves(
         baseline = compact(baseline_ratio)
         for column, ratio in enumerate(sweep):
             if ratio == 0:
-                swept = _without_span(baseline, document.keep_first)
+                swept = _without_span(model, baseline, document.keep_first)
             else:  # compaction is seeded, so the baseline ratio's prefix is the baseline itself
                 swept = baseline if ratio == baseline_ratio else compact(ratio)
             bar.update(1)
@@ -137,6 +140,12 @@ def _documents(task: str, tokenizer, count: int, seed: int) -> list[SensitivityD
     from ..prompts import document_prompt, instruction_ids
     from ..quality import needle_in_document
 
+    if task == "real-text":  # as the batch-QA workload asks them: the document's ids, then the question
+        from ..quality.real_text import question_prompt, real_text_qa
+
+        encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        return [SensitivityDocument(tokenizer.encode(doc.text), 0, [encode(question_prompt(q)) for q in doc.questions])
+                for doc in real_text_qa(count, num_questions=8, seed=seed)]
     if task == "recall":
         from ..recall_model import recall_task
 
@@ -172,7 +181,7 @@ def _plot(curves: SensitivityCurves, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Measure per-head sensitivity curves and write head budgets.")
     parser.add_argument("--model-path", help="HF model directory (default: the embedded recall model)")
-    parser.add_argument("--task", choices=("recall", "needle"), help="documents to measure on "
+    parser.add_argument("--task", choices=("recall", "needle", "real-text"), help="documents to measure on "
                         "(default: recall for the embedded model, needle otherwise)")
     parser.add_argument("--documents", type=int, default=2, help="documents to average over")
     parser.add_argument("--method", default="AM-HighestAttnKeys")

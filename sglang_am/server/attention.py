@@ -116,10 +116,13 @@ class DocumentAware:
             part.capture.record(part.rows, index, rows[part.query_rows.to(rows.device)], part.slots, layer.scaling)
 
     def uses_documents(self, layer) -> bool:
-        """Does this forward need the documents' bias on ``layer``? Never on a sliding-window layer: its
-        document slots are the window's own tokens, right-aligned in the node (``layout``), so the
-        backend's stock sliding-window attention is exact there."""
-        if self.documents is None or not self.documents.has_documents or is_window_layer(layer):
+        """Does this forward need the documents' bias on ``layer``? On a sliding-window layer only when some
+        document compacted its window: a verbatim window is the window's own tokens, right-aligned in the
+        node (``layout``), so the backend's stock sliding-window attention is exact there."""
+        if self.documents is None or not self.documents.has_documents:
+            return False
+        if is_window_layer(layer) and not any(doc is not None and doc.installed.layout.compacted_windows
+                                              for doc in self.documents.documents):
             return False
         if layer.is_cross_attention:
             raise NotImplementedError("sglang-am serves compacted documents on causal self-attention only")
@@ -127,6 +130,8 @@ class DocumentAware:
 
 
 class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
+    serves_compacted_windows = True  # its per-request mask takes a window layer's bias (``attention_mask``)
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self.capture_queries(q, layer)
         if not self.uses_documents(layer):
@@ -156,7 +161,8 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
             values = value_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)
             query = queries[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H_q, L, D]
             bias = document.installed.bias[index] if document is not None else None
-            mask = attention_mask(q_len, kv_len, bias, heads // kv_heads, queries.device)
+            mask = attention_mask(q_len, kv_len, bias, heads // kv_heads, queries.device,
+                                  layer.sliding_window_size if is_window_layer(layer) else None)
             out = scaled_dot_product_attention(query, keys, values, attn_mask=mask.to(queries.dtype),
                                                scale=layer.scaling, enable_gqa=heads != kv_heads)
             output[start : start + q_len] = out[0].transpose(0, 1)
@@ -211,12 +217,18 @@ def is_window_layer(layer) -> bool:
     return layer.sliding_window_size is not None and layer.sliding_window_size > -1
 
 
-def attention_mask(q_len: int, kv_len: int, bias: torch.Tensor | None, group: int, device) -> torch.Tensor:
+def attention_mask(q_len: int, kv_len: int, bias: torch.Tensor | None, group: int, device,
+                   window: int | None = None) -> torch.Tensor:
     """Additive mask ``[1, H_q or 1, q_len, kv_len]`` for the last ``q_len`` of ``kv_len`` positions:
-    ``-inf`` above the causal diagonal, and ``bias`` ``[H_kv, t]`` (repeated over each GQA group) on the
-    first t KV positions."""
+    ``-inf`` above the causal diagonal and, on a sliding-window layer, more than ``window`` positions
+    below it (SGLang's ``sliding_window_size``), and ``bias`` ``[H_kv, t]`` (repeated over each GQA
+    group) on the first t KV positions."""
     query_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
-    causal = torch.zeros(q_len, kv_len, device=device).masked_fill(torch.arange(kv_len, device=device) > query_pos, float("-inf"))
+    key_pos = torch.arange(kv_len, device=device)
+    hidden = key_pos > query_pos
+    if window is not None:
+        hidden |= key_pos < query_pos - window
+    causal = torch.zeros(q_len, kv_len, device=device).masked_fill(hidden, float("-inf"))
     if bias is None:
         return causal[None, None]
     per_head = causal.expand(bias.shape[0] * group, q_len, kv_len).clone()

@@ -29,7 +29,8 @@ class EngineDocuments:
 
     def register(self, **arguments) -> dict:
         """See ``POST /am/documents``: ``text`` or ``input_ids``, ``ratio`` or ``budget``, ``method``,
-        ``query_source``, ``head_budgets``, ``max_queries_per_head``, ``keep_first``, ``options``."""
+        ``query_source``, ``head_budgets``, ``max_queries_per_head``, ``keep_first``, ``options``,
+        ``compact_windows``."""
         return self._run(self._service.register(**arguments))
 
     def list(self) -> list[dict]:

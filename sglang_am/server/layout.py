@@ -1,13 +1,14 @@
 """How a ``CompactedPrefix`` sits in one radix node: every layer of a document shares the node's slots.
 
 A node has one width for every layer, the prefix's widest layer. A compacted (global) layer's slots
-come first and its padding after (``beta = -inf``). A sliding-window layer holds the last
-``min(T, W - 1)`` document tokens verbatim (``W - 1`` is SGLang's ``sliding_window_size``), *right-
-aligned* so that the node's last slot is the document's last token: requests take RoPE positions from
-``T - width``, so a window slot's physical distance to any later token equals the logical one, and the
-backend's own sliding-window mask on physical KV indices is exact. The slots left of a window lie
-outside every later token's window (they exist only when the node is wider than the window), so window
-layers need no bias: their beta is 0 everywhere.
+come first and its padding after (``beta = -inf``). A sliding-window layer holds its window of the
+document, the last ``min(T, W - 1)`` tokens (``W - 1`` is SGLang's ``sliding_window_size``), verbatim or
+compacted (``LayerPlan.compact_window``), *right-aligned* so that the node's last slot stands for the
+document's last token: requests take RoPE positions from ``T - width``, so a verbatim window slot's
+physical distance to any later token equals the logical one, and the backend's own sliding-window mask on
+physical KV indices is exact. A compacted window's slots stand at the window's last positions, as in the
+transformers adapter. Columns left of a window layer's slots get ``beta = -inf``: they are outside every
+later token's window when the window is verbatim, so only compacted windows need the bias there.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class NodeLayout:
 
     windows: tuple[int | None, ...]  # per layer, as ``layer_windows``
     layer_slots: tuple[int, ...]  # per layer, the prefix's slots (compacted width, or window tokens)
+    compacted_windows: bool = False  # window layers hold compacted slots: attention needs their bias
 
     @property
     def width(self) -> int:
@@ -55,11 +57,8 @@ class NodeLayout:
         return out
 
     def bias(self, prefix: CompactedPrefix, layer: int) -> torch.Tensor:
-        """``layer``'s beta over the node ``[H_kv, width]`` (float32)."""
-        beta = prefix.beta[layer].float()
-        if self.windows[layer] is not None:
-            return beta.new_zeros((beta.shape[0], self.width))
-        return self.place(beta, layer, float("-inf"))
+        """``layer``'s beta over the node ``[H_kv, width]`` (float32), ``-inf`` on columns it does not use."""
+        return self.place(prefix.beta[layer].float(), layer, float("-inf"))
 
     def kv_bytes(self, bytes_per_slot: int) -> dict[str, int]:
         """What the node holds in the pool, by layer type (every layer holds ``width`` slots)."""
@@ -74,9 +73,15 @@ def window_slots(window: int | None, length: int) -> int | None:
     return None if window is None else min(length, window)
 
 
+def compacts_windows(prefix: CompactedPrefix, windows: tuple[int | None, ...]) -> bool:
+    """Does ``prefix`` hold some sliding-window layer's window in fewer slots than its tokens?"""
+    return any(window is not None and slots < window_slots(window, prefix.logical_length)
+               for window, slots in zip(windows, prefix.layer_slots))
+
+
 def check_layout(prefix: CompactedPrefix, pool, windows: tuple[int | None, ...]) -> NodeLayout:
     """Refuse (400) a prefix that does not fit ``pool``'s layout: layers, heads, head sizes, each window
-    layer holding its window of the document verbatim."""
+    layer holding at most its window of the document (beta 0 where it holds it verbatim)."""
     expected = (pool.head_num, pool.head_dim, pool.v_head_dim)
     if prefix.num_layers != pool.layer_num:
         raise DocumentError(HTTPStatus.BAD_REQUEST, f"the document has {prefix.num_layers} layers, this model {pool.layer_num}")
@@ -86,10 +91,11 @@ def check_layout(prefix: CompactedPrefix, pool, windows: tuple[int | None, ...])
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"layer {layer} of the document (heads, key size, value size) = "
                                 f"{found} does not fit this model's KV pool {expected}")
         window = window_slots(windows[layer], prefix.logical_length)
-        if window is not None and (keys.shape[1] != window or bool(beta.ne(0).any())):
+        if window is not None and (keys.shape[1] > window or (keys.shape[1] == window and bool(beta.ne(0).any()))):
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"layer {layer} is a sliding-window layer: the document must "
-                                f"hold its last {window} tokens with beta 0, it has {keys.shape[1]} slots")
+                                f"hold its last {window} tokens with beta 0, or fewer compacted slots; it has "
+                                f"{keys.shape[1]} slots")
     compacted = {k.shape[1] for k, w in zip(prefix.keys, windows) if w is None}
     if len(compacted) > 1:
         raise DocumentError(HTTPStatus.BAD_REQUEST, f"the document's compacted layers differ in width {sorted(compacted)}")
-    return NodeLayout(windows, tuple(prefix.layer_slots))
+    return NodeLayout(windows, tuple(prefix.layer_slots), compacts_windows(prefix, windows))

@@ -34,6 +34,7 @@ from .capture import QueryCapture
 from .config import ServerConfig
 from .errors import DocumentError
 from .jobs import Job, QueueFull, Worker
+from .layout import compacts_windows
 from .registration import RegistrationRequest
 from .registry import DocState, Document, document_id, virtual_ids
 from .solve import solve_document
@@ -123,12 +124,15 @@ class DocumentOperations:
             return {**existing.describe(), "existing": True}
         check_model(scheduler)
         runner = scheduler.tp_worker.model_runner
+        if registration.compact_windows:
+            check_compacted_windows(runner)
         pool = runner.token_to_kv_pool
         proportions = registration.head_proportions
-        heads = {(layer, head) for layer in range(pool.layer_num) for head in range(pool.head_num)}
+        global_layers = [layer for layer, window in enumerate(self.cache.windows) if window is None]
+        heads = {(layer, head) for layer in global_layers for head in range(pool.head_num)}
         if proportions is not None and set(proportions) != heads:
-            raise DocumentError(HTTPStatus.BAD_REQUEST, "head_budgets must give one proportion per (layer, KV head) of "
-                                f"this model: L0H0 .. L{pool.layer_num - 1}H{pool.head_num - 1}")
+            raise DocumentError(HTTPStatus.BAD_REQUEST, "head_budgets must give one proportion per (global layer, KV "
+                                f"head) of this model: layers {global_layers}, heads 0 .. {pool.head_num - 1}")
         config = runner.model_config
         q_heads = config.num_attention_heads // scheduler.tp_size
         sources = registration.query_source
@@ -143,7 +147,7 @@ class DocumentOperations:
         admit(registration, len(input_ids), room, self.config, capture.nbytes, len(SELF_STUDY_PROMPTS))
         plan = LayerPlan(registration.method, registration.budget, dict(registration.query_source),
                          registration.max_queries_per_head, registration.keep_first, proportions,
-                         options=dict(registration.options))
+                         options=dict(registration.options), compact_windows=registration.compact_windows)
         doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method,
                        _describe_config(registration), auto, DocState.CAPTURING, capture=capture, plan=plan,
                        salt=f"sglang-am-capture-{uuid.uuid4().hex}")
@@ -233,6 +237,8 @@ class DocumentOperations:
                                 "too long for this server")
         if doc.state is DocState.LOADING:
             doc.tokens, doc.method, doc.config = array("q", prefix.token_ids), prefix.method, prefix.config
+        if compacts_windows(prefix, self.cache.windows):
+            check_compacted_windows(scheduler.tp_worker.model_runner)
         if doc.auto:
             self._make_room_for_auto(scheduler, prefix.num_slots)
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
@@ -470,6 +476,13 @@ def check_model(scheduler) -> None:
         raise DocumentError(HTTPStatus.BAD_REQUEST, f"compacted documents need a plain {pool.dtype} KV pool (no fp8/fp4 cache)")
 
 
+def check_compacted_windows(runner) -> None:
+    if not getattr(runner.attn_backend, "serves_compacted_windows", False):
+        raise DocumentError(HTTPStatus.BAD_REQUEST, "compacted sliding-window layers are served on --attention-backend "
+                            "torch_native only: the Triton and FlashInfer kernels gather a decode query's window from "
+                            "its start, where the bias hook would need each slot's place in the node")
+
+
 def _single_rank(scheduler, what: str) -> None:
     if scheduler.tp_size > 1:
         raise DocumentError(HTTPStatus.NOT_IMPLEMENTED, f"{what} with tensor parallelism is not supported yet")
@@ -479,5 +492,6 @@ def _describe_config(registration: RegistrationRequest) -> dict:
     """What ``describe`` and the saved artifact record of how the document was compacted."""
     return {"budget": registration.budget, "query_source": dict(registration.query_source),
             "head_budgets": registration.head_budgets is not None, "max_queries_per_head": registration.max_queries_per_head,
-            "keep_first": registration.keep_first, "options": dict(registration.options)}
+            "keep_first": registration.keep_first, "options": dict(registration.options),
+            "compact_windows": registration.compact_windows}
 

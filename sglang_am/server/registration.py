@@ -103,17 +103,18 @@ class RegistrationRequest:
     self_study_max_new_tokens: int = 64
     keep_first: int = 0
     options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    compact_windows: bool = False  # sliding-window layers' windows compacted too (``LayerPlan.compact_window``)
 
     @classmethod
     def from_client(cls, config: ServerConfig, text=None, input_ids=None, ratio=None, budget=None,
                     method: object = DEFAULT_METHOD, query_source: object = DEFAULT_QUERY_SOURCE, head_budgets=None,
                     max_queries_per_head: object = 5000, self_study_max_new_tokens: object = 64,
-                    keep_first: object = 0, options=None, **unknown) -> RegistrationRequest:
+                    keep_first: object = 0, options=None, compact_windows: object = False, **unknown) -> RegistrationRequest:
         """Validate a client's fields (``ValueError`` naming the bad or unknown one)."""
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)}; a registration takes text or input_ids, ratio or "
                              "budget, method, query_source, head_budgets, max_queries_per_head, "
-                             "self_study_max_new_tokens, keep_first, options")
+                             "self_study_max_new_tokens, keep_first, options, compact_windows")
         longest = config.max_document_tokens
         if (text is None) == (input_ids is None):
             raise ValueError("give exactly one of text or input_ids (the document as it starts prompts)")
@@ -149,9 +150,11 @@ class RegistrationRequest:
                 raise ValueError('head_budgets must be the head-budget JSON object {"L{layer}H{head}": proportion}')
             load_head_proportions(head_budgets)
         options = _checked_options(spec, options)
+        if not isinstance(compact_windows, bool):
+            raise ValueError(f"compact_windows must be true or false, got {compact_windows!r}")
         return cls(text, input_ids, float(ratio) if ratio is not None else budget, method, fractions,
                    None if head_budgets is None else dict(head_budgets), max_queries_per_head,
-                   self_study_max_new_tokens, keep_first, options)
+                   self_study_max_new_tokens, keep_first, options, compact_windows)
 
     def to_payload(self) -> dict:
         """JSON-ready fields (the scheduler rebuilds the request with ``from_payload``)."""

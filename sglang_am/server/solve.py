@@ -22,7 +22,8 @@ from .layout import window_slots
 def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: LayerPlan, token_ids: list[int],
                    windows: tuple[int | None, ...], fingerprint: dict, config: dict) -> CompactedPrefix:
     """Compact every global layer of the document whose KV sits in pool ``source`` slots; a sliding-window
-    layer (``windows``) keeps its window of the document verbatim, as the transformers adapter does."""
+    layer (``windows``) keeps its window of the document, verbatim or compacted (``plan.compact_windows``),
+    as the transformers adapter does."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
     length, kept = len(token_ids), plan.keep_first
@@ -36,9 +37,13 @@ def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: Laye
         layer_values = pool.v_buffer[layer][source].permute(1, 0, 2)
         window = window_slots(windows[layer], length)
         if window is not None:
-            keys.append(layer_keys[:, length - window :])
-            values.append(layer_values[:, length - window :])
-            betas.append(layer_keys.new_zeros(layer_keys.shape[0], window, dtype=torch.float32))
+            queries = plan.reference_queries(capture.queries(layer), pool.head_num, generator) if plan.compact_windows else None
+            window_kv = layer_keys[:, length - window :], layer_values[:, length - window :]
+            layer_k, layer_v, layer_b = plan.compact_window(*window_kv, queries, length - kept, layer, pool.layer_num,
+                                                            capture.scales[layer])
+            keys.append(layer_k)
+            values.append(layer_v)
+            betas.append(layer_b.float())
             continue
         queries = plan.reference_queries(capture.queries(layer), pool.head_num, generator)
         result = plan.compact_span(layer_keys[:, kept:], layer_values[:, kept:], queries, length - kept,
