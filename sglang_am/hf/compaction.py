@@ -377,13 +377,14 @@ def prefix_cache(prefix: CompactedPrefix, model: PreTrainedModel, batch_size: in
 
 
 def _visible_beta(layer, beta: torch.Tensor) -> torch.Tensor | None:
-    """The beta of the prefix slots still at the start of ``layer``'s attention this call: a sliding-window
-    cache layer has dropped the slots more than a window behind (transformers' sliding mask, on physical
-    cache positions as SGLang's, would hide them anyway), so its first columns are the later slots."""
-    if not getattr(layer, "is_sliding", False):
-        return beta
-    dropped = max(0, layer.cumulative_length - (layer.sliding_window - 1))
-    return beta[:, dropped:] if dropped < beta.shape[1] else None
+    """The beta of the prefix slots still at the start of ``layer``'s attention this call, None when there
+    is none to add (a verbatim window: transformers' own mask serves it). A sliding-window cache layer has
+    dropped the slots more than a window behind (transformers' sliding mask, on physical cache positions
+    as SGLang's, would hide them anyway), so its first columns are the later slots."""
+    if getattr(layer, "is_sliding", False):
+        beta = beta[:, max(0, layer.cumulative_length - (layer.sliding_window - 1)) :]
+        return beta if bool(beta.ne(0).any()) else None
+    return beta
 
 
 def forward_after_prefix(
