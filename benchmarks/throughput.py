@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per answer")
     parser.add_argument("--capacity", type=int, default=128, help="documents loaded in the capacity mode (0: skip it)")
-    parser.add_argument("--capacity-ratio", type=float, default=0.1, help="the compacted documents' ratio there")
+    parser.add_argument("--capacity-ratio", type=float, help="the compacted documents' ratio there (default: the "
+                        "smallest --ratios)")
     parser.add_argument("--compact-windows", action="store_true", help="compact sliding-window layers' windows too")
     parser.add_argument("--dtype", help="server dtype (default: auto for the recall model, float32 for Gemma: this "
                         "CPU has no fast bfloat16)")
@@ -138,7 +139,7 @@ def measure_capacity(args, tokenizer, path: str, workload: str) -> dict:
             http_json("POST", f"{url}/generate", {"input_ids": probe, "sampling_params": {"max_new_tokens": 1}})
         result["radix cache, full documents"] = {"kv_slots_per_document": sum(lengths) / len(lengths),
                                                  "resident": resident(url, probes, lengths)}
-    ratio = args.capacity_ratio
+    ratio = args.capacity_ratio or min(args.ratios)
     with extension_server(path, args.max_total_tokens, args.dtype) as url:
         client = DocumentsClient(url)
         slots, refused = [], 0
