@@ -17,6 +17,7 @@ first t KV positions).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -45,6 +46,11 @@ class DocumentBatch:
     @property
     def has_documents(self) -> bool:
         return any(doc is not None for doc in self.documents)
+
+    @functools.cached_property
+    def compacts_windows(self) -> bool:
+        """Does some document hold compacted windows? Asked once per window layer: computed once per forward."""
+        return any(doc is not None and doc.installed.layout.compacted_windows for doc in self.documents)
 
 
 class DocumentRows:
@@ -121,8 +127,7 @@ class DocumentAware:
         node (``layout``), so the backend's stock sliding-window attention is exact there."""
         if self.documents is None or not self.documents.has_documents:
             return False
-        if is_window_layer(layer) and not any(doc is not None and doc.installed.layout.compacted_windows
-                                              for doc in self.documents.documents):
+        if is_window_layer(layer) and not self.documents.compacts_windows:
             return False
         if layer.is_cross_attention:
             raise NotImplementedError("sglang-am serves compacted documents on causal self-attention only")
