@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .server.auto import POLICY_VARIABLE, AutoPolicy
 from .server.config import CONFIG_VARIABLE, ServerConfig
-from .server.cpu import cpu_environment, cpu_server_flags, given_flags, has_cuda
+from .server.cpu import bind_rank_threads, cpu_environment, cpu_server_flags, given_flags, has_cuda
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
 
 DEFAULT_GPU_ATTENTION_BACKEND = "triton"
@@ -125,7 +125,7 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if policy is not None:
         env[POLICY_VARIABLE] = policy.to_json()
     if not has_cuda():
-        args, env = cpu_server_flags(args), cpu_environment(env)
+        args, env = cpu_server_flags(args), bind_rank_threads(args, cpu_environment(env))
     return [sys.executable, "-m", "sglang.launch_server", *args], env
 
 
@@ -165,8 +165,69 @@ def stock_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     CUDA: the baseline the extension is compared against."""
     args, env = list(argv), {k: v for k, v in os.environ.items() if k != ENABLE_VARIABLE}
     if not has_cuda():
-        args, env = cpu_server_flags(args), cpu_environment(env)
+        args, env = cpu_server_flags(args), bind_rank_threads(args, cpu_environment(env))
     return [sys.executable, "-m", "sglang.launch_server", *args], env
+
+
+class ServerProcess:
+    """One server (or router) process group on loopback, its output in a temporary log file (a pipe could fill up)."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], url: str):
+        self.argv, self.env, self.url = list(argv), dict(env), url
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, startup_seconds: float = 300, ready=None) -> ServerProcess:
+        """Start it and wait until ``ready(url)`` (default: ``healthy``); ``RuntimeError`` with the end of its log
+        when it exits or is not ready in time."""
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log")
+        self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True, env=self.env)
+        try:
+            deadline = time.monotonic() + startup_seconds
+            while not (ready or healthy)(self.url):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    state = f"exited with {self.process.returncode}" if self.process.poll() is not None else "is not ready"
+                    raise RuntimeError(f"{self.argv[2]} {state}:\n{self.log()[-4000:]}")
+                time.sleep(1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+        except ProcessLookupError:  # already gone
+            self.process.wait()
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._log.close()
+
+
+def server_process(flags: Sequence[str] = (), env: Mapping[str, str] | None = None, stock: bool = False,
+                   port: int | None = None) -> ServerProcess:
+    """This launcher (``python -m sglang_am.serve``) with ``flags``, or stock SGLang (``stock_command``; give
+    ``--model-path``), on ``port`` (a free one by default) of the loopback; ``env`` is added to the environment."""
+    loopback = ["--host", "127.0.0.1", "--port", str(port or free_port())]
+    if stock:
+        argv, base_env = stock_command([*loopback, *flags])
+    else:
+        argv, base_env = [sys.executable, "-m", "sglang_am.serve", *loopback, *flags], dict(os.environ)
+    return ServerProcess(argv, {**base_env, **(env or {})}, f"http://127.0.0.1:{loopback[-1]}")
 
 
 @contextlib.contextmanager
@@ -176,42 +237,14 @@ def serving(
     stock: bool = False,
     startup_seconds: float = 300,
 ) -> Iterator[str]:
-    """A server on a free loopback port for the duration of a ``with`` block; yields its URL.
-
-    This launcher (``python -m sglang_am.serve``) with ``flags``, or stock SGLang (``stock_command``; give
-    ``--model-path``); ``env`` is added to the environment. The whole process group is stopped on exit.
-    A server that exits or stays unhealthy raises ``RuntimeError`` with the end of its log."""
-    loopback = ["--host", "127.0.0.1", "--port", str(free_port())]
-    if stock:
-        argv, base_env = stock_command([*loopback, *flags])
-    else:
-        argv, base_env = [sys.executable, "-m", "sglang_am.serve", *loopback, *flags], dict(os.environ)
-    url = f"http://127.0.0.1:{loopback[-1]}"
-    with tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log") as log:  # a pipe could fill up
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                   env={**base_env, **(env or {})})
-        try:
-            deadline = time.monotonic() + startup_seconds
-            while not healthy(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    state = f"exited with {process.returncode}" if process.poll() is not None else "is not healthy"
-                    raise RuntimeError(f"server {state}:\n{log.read()[-4000:]}")
-                time.sleep(2)
-            yield url
-        finally:
-            _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
+    """A server (``server_process``) for the duration of a ``with`` block; yields its URL. The whole process
+    group is stopped on exit. A server that exits or stays unhealthy raises ``RuntimeError`` with the end of
+    its log."""
+    server = server_process(flags, env, stock).start(startup_seconds)
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    except ProcessLookupError:  # already gone
-        process.wait()
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        yield server.url
+    finally:
+        server.stop()
 
 
 def healthy(url: str) -> bool:

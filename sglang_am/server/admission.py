@@ -49,8 +49,9 @@ def capture_slots(request: RegistrationRequest, length: int, self_study_prompts:
 
 
 def admit(request: RegistrationRequest, length: int, room: ServerRoom, config: ServerConfig, capture_bytes: int,
-          self_study_prompts: int) -> int:
-    """The slots the document will take; ``DocumentError`` when it cannot be registered now."""
+          self_study_prompts: int, captures: bool = True) -> int:
+    """The slots the document will take; ``DocumentError`` when it cannot be registered now. A data-parallel
+    rank that installs another rank's compaction (``captures`` false) needs room for the document only."""
     longest = min(config.max_document_tokens, room.max_prompt_tokens - 1)
     if not MIN_DOCUMENT_TOKENS <= length <= longest:
         raise DocumentError(HTTPStatus.BAD_REQUEST,
@@ -74,7 +75,7 @@ def admit(request: RegistrationRequest, length: int, room: ServerRoom, config: S
                             f"the bias table has room for {room.bias_slots_free} more compacted slots and this document "
                             f"needs about {slots}; drop documents or raise --am-bias-slots")
     free = room.pool_slots - room.pinned_slots  # slots other requests hold now come back; pinned ones do not
-    needed = capture_slots(request, length, self_study_prompts) + slots
+    needed = (capture_slots(request, length, self_study_prompts) if captures else 0) + slots
     if free < needed:  # the capture prefill could never be scheduled: refuse instead of waiting forever
         raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                             f"the KV pool has {free} slots besides compacted documents and registering this document "

@@ -83,6 +83,13 @@ HOOKED_SIGNATURES = {
     f"{_FLASHINFER}.init_forward_metadata_out_graph": ("self", "forward_batch", "in_capture"),
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
     "is_request_level_customized_info_key": ("self", "key"),
+    # The control path document operations travel (``channel``).
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._dispatch_to_scheduler": ("self", "obj"),
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.auto_create_handle_loop": ("self",),
+    "sglang.srt.managers.io_struct.hook_custom_types": ("new_types",),
+    "sglang.utils.TypeBasedDispatcher.__iadd__": ("self", "other"),
+    "sglang.srt.managers.data_parallel_controller.DataParallelController.send_control_message": ("self", "obj"),
+    f"{_SCHEDULER}.send_control_output": ("self", "output", "recv_req"),
     "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
         "server_args", "tokenizer_manager", "template_manager", "port_args", "scheduler_infos",
         "subprocess_watchdog", "execute_warmup_func", "launch_callback",

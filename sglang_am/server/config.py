@@ -47,6 +47,7 @@ class ServerConfig:
     rpc_timeout: float = 120.0  # seconds the HTTP process waits for one scheduler operation
     max_body_bytes: int = 8 * MiB  # request bodies of the /am/ routes
     bias_slots: int = 1 << 17  # compacted slots the GPU backends' bias table holds (at most the KV pool)
+    load_store: bool = False  # install every stored document of the served model at start-up (a shared store)
 
     def __post_init__(self) -> None:
         if not isinstance(self.store_dir, str) or not self.store_dir:
@@ -54,6 +55,8 @@ class ServerConfig:
         for name in ("store_quota_bytes", "max_registrations", "max_document_tokens", "max_self_study_tokens",
                      "max_queries_per_head", "capture_memory_bytes", "max_body_bytes", "bias_slots"):
             check_int(name, getattr(self, name), 1)
+        if not isinstance(self.load_store, bool):
+            raise ValueError(f"load_store must be true or false, got {self.load_store!r}")
         for name in ("solve_timeout", "rpc_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):

@@ -1,8 +1,8 @@
 """What SGLang 0.5.23 needs to serve on a machine without CUDA (see the project's CPU notes).
 
 ``cpu_environment`` turns on SGLang's CPU engine and puts the ``sgl_kernel`` stand-in first on the
-import path; ``cpu_server_flags`` adds the flags a CPU server needs unless the user already gave them.
-Both are no-ops where a CUDA device is present.
+import path; ``cpu_server_flags`` adds the flags a CPU server needs unless the user already gave them;
+``bind_rank_threads`` gives each of several ranks (``--dp-size``, ``--tp-size``) its own cores.
 """
 
 from __future__ import annotations
@@ -34,6 +34,33 @@ def cpu_environment(environ: Mapping[str, str]) -> dict[str, str]:
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != SHIM_DIR]
     env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *paths])
+    return env
+
+
+THREADS_BIND_VARIABLE = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def _flag_value(argv: Sequence[str], names: tuple[str, ...], default: str) -> str:
+    for index, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in names:
+            return value or (argv[index + 1] if index + 1 < len(argv) else default)
+    return default
+
+
+def bind_rank_threads(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with ``SGLANG_CPU_OMP_THREADS_BIND`` splitting this process's cores evenly over the ranks
+    (data-parallel times tensor-parallel) when there are several: SGLang's CPU engine otherwise binds one rank
+    per NUMA node and refuses more ranks than nodes. A value the user set is kept."""
+    env = dict(environ)
+    ranks = int(_flag_value(argv, ("--dp-size", "--dp"), "1")) * int(_flag_value(argv, ("--tp-size", "--tp"), "1"))
+    if ranks <= 1 or THREADS_BIND_VARIABLE in env:
+        return env
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise SystemExit(f"{ranks} ranks need at least {ranks} CPU cores; this machine gives {len(cores)}")
+    share = len(cores) // ranks
+    env[THREADS_BIND_VARIABLE] = "|".join(",".join(map(str, cores[r * share:(r + 1) * share])) for r in range(ranks))
     return env
 
 

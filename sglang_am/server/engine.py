@@ -12,17 +12,17 @@ operations need no admin key here.
 
 from __future__ import annotations
 
+from .channel import SchedulerChannel
 from .config import server_config
-from .service import DocumentService, SchedulerRPC
+from .service import DocumentService
 
 
 class EngineDocuments:
     def __init__(self, engine):
-        if getattr(engine, "send_to_rpc", None) is None:
-            raise ValueError("this engine has no scheduler RPC socket (only node 0 of a multi-node engine has one)")
         config = server_config()
         self._engine = engine
-        self._service = DocumentService(engine.tokenizer_manager, SchedulerRPC(engine.send_to_rpc, config.rpc_timeout), config)
+        manager = engine.tokenizer_manager
+        self._service = DocumentService(manager, SchedulerChannel(manager, config.rpc_timeout), config)
 
     def _run(self, operation):
         return self._engine.loop.run_until_complete(operation)

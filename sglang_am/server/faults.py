@@ -5,7 +5,8 @@ server fails on purpose, so the tests can check that every failure path releases
 rewrites the file to switch faults on and off while the server runs. Points: ``solve`` (the solver
 raises), ``solver_exit`` (the solver thread gets ``SystemExit``), ``capture`` (recording queries fails
 inside the forward pass), ``store_write`` (the disk fills up halfway through a save), ``store_slow``
-(a save takes 3 s), ``rpc_slow`` (a stats call takes 3 s). Unset, ``inject`` does nothing.
+(a save takes 3 s), ``rpc_slow`` (a stats call takes 3 s), ``prepare_rank_1`` (data-parallel rank 1
+refuses registrations as if its pool were full). Unset, ``inject`` does nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from __future__ import annotations
 import errno
 import os
 import time
+from http import HTTPStatus
+
+from .errors import DocumentError
 
 FAULTS_VARIABLE = "SGLANG_AM_TEST_FAULTS"
 SLOW_SECONDS = 3.0
@@ -32,6 +36,8 @@ _FAULTS = {
     "store_write": _raise(OSError(errno.ENOSPC, "No space left on device (injected)")),
     "store_slow": lambda: time.sleep(SLOW_SECONDS),
     "rpc_slow": lambda: time.sleep(SLOW_SECONDS),
+    "prepare_rank_1": _raise(DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the KV pool has no room for this document "
+                                                                          "(injected)")),
 }
 
 

@@ -11,9 +11,10 @@
   prompt; clamp again with the logical length so positions stay inside the model's context.
 - ``after_init_new`` (``ForwardBatch.init_new``): tokens after a document take RoPE positions from T
   (``+ T - t``), and the attention backend learns which request-pool rows serve which document.
-- ``around_rpc`` (``Scheduler.handle_rpc_request``): the document operations (method ``am_call``)
-  return their JSON result in the RPC message (SGLang's RPC otherwise returns only success and an
-  error text), and are logged by name only (SGLang logs every call with its parameters).
+- ``around_rpc`` (``Scheduler.handle_rpc_request``): the document operations (method ``am_call``, see
+  ``channel``) answer with their JSON result and this DP rank in a ``DocumentCallReqOutput``, which SGLang
+  sends back to the tokenizer manager like its own control outputs; they are logged by name only (SGLang
+  logs every call with its parameters).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import torch
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
 from .capture import CaptureTag, capture_salt
+from .channel import RPC_METHOD, DocumentCallReqOutput
 from .errors import DocumentError
 from .registry import DocState, DocumentRegistry
 
-RPC_METHOD = "am_call"
 DOCUMENT_INFO_KEY = "am_document"
 QUIET_OPERATIONS = ("auto_poll", "stats", "get", "list", "advance", "job")  # polled: logged at debug level
 logger = logging.getLogger(__name__)
@@ -177,25 +178,27 @@ def after_init_new(forward_batch, cls, batch, model_runner, *args, **kwargs):
 def around_rpc(original, scheduler, recv_req):
     if recv_req.method != RPC_METHOD:
         return original(scheduler, recv_req)
-    from sglang.srt.managers.io_struct import RpcReqOutput
+    from sglang.srt.runtime_context import get_parallel
     from torch.distributed import barrier
 
     parameters = recv_req.parameters
-    op = parameters["op"]
-    (logger.debug if op in QUIET_OPERATIONS else logger.info)("sglang-am: document operation %s", op)
-    try:
-        payload = json.loads(parameters["payload"])
-        result = scheduler.tree_cache.operations.call(scheduler, op, payload)
-        success, message = True, json.dumps({"seq": parameters["seq"], "result": result})
-    except Exception as error:  # the HTTP layer turns it into a status and a reason
-        if isinstance(error, DocumentError):
-            status, text = error.status, error.message
-        else:
-            logger.exception("sglang-am: document operation %s failed", op)
-            status, text = HTTPStatus.INTERNAL_SERVER_ERROR, f"{op} failed: {error!r}"
-        success, message = False, json.dumps({"seq": parameters["seq"], "status": int(status), "error": text})
+    op, dp_rank = parameters["op"], get_parallel().dp_rank or 0
+    ranks = json.loads(parameters["ranks"])
+    success, message = True, "null"
+    if ranks is None or dp_rank in ranks:
+        (logger.debug if op in QUIET_OPERATIONS else logger.info)("sglang-am: document operation %s", op)
+        try:
+            payload = json.loads(parameters["payload"])
+            message = json.dumps(scheduler.tree_cache.operations.call(scheduler, op, payload))
+        except Exception as error:  # the HTTP layer turns it into a status and a reason
+            if isinstance(error, DocumentError):
+                status, text = error.status, error.message
+            else:
+                logger.exception("sglang-am: document operation %s failed", op)
+                status, text = HTTPStatus.INTERNAL_SERVER_ERROR, f"{op} failed: {error!r}"
+            success, message = False, json.dumps({"status": int(status), "error": text})
     barrier(group=scheduler.tp_group.cpu_group)  # as SGLang's own handler: every TP rank answered
-    return RpcReqOutput(success=success, message=message)
+    return DocumentCallReqOutput(seq=parameters["seq"], dp_rank=dp_rank, success=success, message=message)
 
 
 def request_level_info_key(result, streamer, key):

@@ -14,6 +14,7 @@ COUNTERS = {
     "compactions": ("Documents compacted and installed, by origin (explicit or auto).", ("origin",)),
     "compaction_seconds": ("Seconds spent solving compactions.", ()),
     "loads": ("Documents installed from the store, by origin (explicit or auto).", ("origin",)),
+    "handoffs": ("Documents installed from another data-parallel rank's compaction, by origin.", ("origin",)),
     "compaction_failures": ("Registrations abandoned, refused or failed after prepare (capture or solve), by origin.",
                             ("origin",)),
     "hits": ("Requests served from a compacted document.", ()),

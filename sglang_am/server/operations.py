@@ -3,11 +3,13 @@
 The HTTP process (``service``) drives a registration: ``prepare`` (validate, admit, reserve the id),
 the capture requests (ordinary prefills through the server, tagged by ``hooks``), then ``advance``
 until the document is ready: the first call hands the solve to the solver thread, a later one installs
-its result. ``load`` reads a stored document on the store's I/O thread and ``advance`` installs it the
-same way. ``save`` copies a document out of the pool here and writes it on the I/O thread; the HTTP
-process polls ``job``. ``drop`` removes a document in any state, cancelling its solve. Each step
-releases what the previous one took when it fails, and ``reap`` releases what a cancelled solve still
-held once it has stopped.
+its result. With ``--dp-size N`` every rank runs ``prepare``; only the ``primary`` rank captures and
+solves, the others wait (``DocState.WAITING``) until ``export`` has written the primary's copy as a
+handoff, which ``advance`` then reads and installs on them as a load. ``load`` reads a stored document
+on the store's I/O thread and ``advance`` installs it the same way. ``save`` copies a document out of
+the pool here and writes it on the I/O thread; the HTTP process polls ``job``. ``drop`` removes a
+document in any state, cancelling its solve. Each step releases what the previous one took when it
+fails, and ``reap`` releases what a cancelled solve still held once it has stopped.
 """
 
 from __future__ import annotations
@@ -38,18 +40,19 @@ from .layout import compacts_windows
 from .registration import RegistrationRequest
 from .registry import DocState, Document, document_id, virtual_ids
 from .solve import solve_document
-from .store import DocumentStore, check_document_id
+from .store import DocumentStore, Handoffs, check_document_id
 
 logger = logging.getLogger(__name__)
+IN_PROGRESS = (DocState.CAPTURING, DocState.SOLVING, DocState.LOADING, DocState.WAITING)
 # How long a drop waits for a cancelled solve to stop (one loop step) before leaving its KV lock to ``reap``.
 CANCEL_WAIT_SECONDS = 0.5
 MAX_FINISHED_JOBS = 256  # finished save/store jobs kept for their poller
 
 
 class DocumentOperations:
-    def __init__(self, cache: AMRadixCache, config: ServerConfig, model_path: str, device):
+    def __init__(self, cache: AMRadixCache, config: ServerConfig, model_path: str, device, dp_rank: int = 0):
         self.cache, self.registry, self.config = cache, cache.registry, config
-        self.model_path = model_path
+        self.model_path, self.dp_rank = model_path, dp_rank
         self.solver = Worker("solver", max_queued=config.max_registrations, device=device)
         self.io = Worker("store", max_queued=64)
         self.jobs: dict[str, Job] = {}  # save and store jobs the HTTP process polls
@@ -57,6 +60,7 @@ class DocumentOperations:
         self._identity_lock = threading.Lock()
         self._fingerprint: dict | None = None
         self._store: DocumentStore | None = None
+        self._handoffs: Handoffs | None = None
 
     # ----- entry point -----
 
@@ -96,6 +100,13 @@ class DocumentOperations:
                 self._store = DocumentStore(Path(self.config.store_dir) / key, self.config.store_quota_bytes)
             return self._store
 
+    def handoffs(self) -> Handoffs:
+        store = self.store()
+        with self._identity_lock:
+            if self._handoffs is None:
+                self._handoffs = Handoffs(store.root, self.config.store_quota_bytes)
+            return self._handoffs
+
     # ----- reading -----
 
     def _get(self, doc_id: str) -> Document:
@@ -112,8 +123,9 @@ class DocumentOperations:
 
     # ----- registration -----
 
-    def op_prepare(self, scheduler, request: dict, input_ids: list[int], auto: bool = False) -> dict:
-        """Validate and admit a registration and reserve its id; an existing document is returned as it is."""
+    def op_prepare(self, scheduler, request: dict, input_ids: list[int], auto: bool = False, primary: int = 0) -> dict:
+        """Validate and admit a registration and reserve its id; an existing document is returned as it is.
+        Ranks other than ``primary`` wait for its compaction instead of capturing."""
         registration = RegistrationRequest.from_payload(request)
         doc_id = document_id(input_ids)
         existing = self.registry.get(doc_id)
@@ -139,18 +151,26 @@ class DocumentOperations:
         parts = {s: len(SELF_STUDY_PROMPTS) if s == "self-study" else 1 for s in sources}
         # Self-study captures an instruction (64 positions allowed for it) and its answer.
         longest = {s: registration.self_study_max_new_tokens + 64 if s == "self-study" else len(input_ids) for s in sources}
+        if self.dp_rank == 1:
+            faults.inject("prepare_rank_1")
+        captures = self.dp_rank == primary
         capture = QueryCapture(dict(sources), registration.max_queries_per_head, parts, longest,
                                max(1, q_heads // pool.head_num), pool.layer_num,
-                               q_heads * pool.head_dim * pool.store_dtype.itemsize)
-        in_progress = self.registry.in_state(DocState.CAPTURING, DocState.SOLVING, DocState.LOADING)
-        room = self._room(scheduler, in_progress, auto)
-        admit(registration, len(input_ids), room, self.config, capture.nbytes, len(SELF_STUDY_PROMPTS))
+                               q_heads * pool.head_dim * pool.store_dtype.itemsize) if captures else None
+        room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
+        admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0, len(SELF_STUDY_PROMPTS),
+              captures)
+        config = _describe_config(registration)
+        if not captures:
+            doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
+                           DocState.WAITING)
+            self.registry.add(doc)
+            return {**doc.describe(), "existing": False}
         plan = LayerPlan(registration.method, registration.budget, dict(registration.query_source),
                          registration.max_queries_per_head, registration.keep_first, proportions,
                          options=dict(registration.options), compact_windows=registration.compact_windows)
-        doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method,
-                       _describe_config(registration), auto, DocState.CAPTURING, capture=capture, plan=plan,
-                       salt=f"sglang-am-capture-{uuid.uuid4().hex}")
+        doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
+                       DocState.CAPTURING, capture=capture, plan=plan, salt=f"sglang-am-capture-{uuid.uuid4().hex}")
         self.registry.add(doc)
         return {**doc.describe(), "existing": False, "salt": doc.salt}
 
@@ -173,11 +193,14 @@ class DocumentOperations:
         if doc.source is None and doc.state is DocState.CAPTURING and self.registry.is_current(doc):
             doc.source = self.cache.hold_prefix(doc.tokens, salt)
 
-    def op_advance(self, scheduler, doc_id: str, timings: dict | None = None) -> dict:
-        """Move a registration or a load on: start the solve once its captures are done, install once the
-        solve or the read is done. Call until ``state`` is "ready"."""
+    def op_advance(self, scheduler, doc_id: str, timings: dict | None = None, handoff: str | None = None) -> dict:
+        """Move a registration or a load on: start the solve once its captures are done, start reading the
+        primary rank's ``handoff`` on a waiting rank, install once the solve or the read is done. Call until
+        ``state`` is "ready"."""
         doc = self._get(doc_id)
         try:
+            if doc.state is DocState.WAITING and handoff is not None:
+                self._start_handoff_read(doc, handoff)
             if doc.state is DocState.CAPTURING:
                 doc.timings.update(timings or {})
                 self._start_solve(scheduler, doc)
@@ -216,6 +239,13 @@ class DocumentOperations:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the solver queue is full; retry later") from None
         doc.state = DocState.SOLVING
 
+    def _start_handoff_read(self, doc: Document, handoff: str) -> None:
+        try:
+            doc.job = self.io.submit(lambda: self.handoffs().read(handoff, doc.doc_id, self.fingerprint()), "the handoff")
+        except QueueFull:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the store's queue is full; retry later") from None
+        doc.state, doc.handoff = DocState.LOADING, True
+
     def _fingerprint_or_empty(self) -> dict:
         """Serving needs no fingerprint; only save and load refuse without one."""
         try:
@@ -248,7 +278,9 @@ class DocumentOperations:
         doc.installed = self.cache.install_document(prefix, virtual_ids(doc.index, prefix.num_slots))
         if table is not None:  # placed now, so the table's free room counts every installed document
             table.base_of(doc.index, lambda: doc.installed.bias)
-        if doc.state is DocState.LOADING:
+        if doc.handoff:
+            self.registry.stats.add("handoffs", origin=doc.origin)
+        elif doc.state is DocState.LOADING:
             self.registry.stats.add("loads", origin=doc.origin)
         else:
             self.registry.stats.add("compactions", origin=doc.origin)
@@ -278,15 +310,19 @@ class DocumentOperations:
         doc.source, doc.capture, doc.job, doc.installed = None, None, None, None
         if self.registry.is_current(doc):
             self.registry.remove(doc)
-            if doc.state is not DocState.LOADING:  # a load that finds nothing stored is no failure
+            # A load that finds nothing stored is no failure; a waiting rank's is counted by its primary.
+            if doc.state is not DocState.LOADING and doc.state is not DocState.WAITING:
                 self.registry.stats.add("compaction_failures", origin=doc.origin)
 
-    def op_abandon(self, scheduler, doc_id: str) -> dict:
+    def op_abandon(self, scheduler, doc_id: str, ready_too: bool = False) -> dict:
         """The HTTP process gave up a registration or a load (its client left, or it failed): forget what
-        is left of it; a ready document is left alone."""
+        is left of it. A ready document is left alone unless ``ready_too`` (it became ready here while
+        another data-parallel rank failed) and no request uses it yet."""
         doc = self.registry.get(check_document_id(doc_id))
         if doc is not None and doc.state is not DocState.READY:
             self._discard(doc)
+        elif doc is not None and ready_too and not doc.users:
+            self._remove_ready(scheduler, doc)
         return {"doc_id": doc_id}
 
     # ----- drop -----
@@ -403,7 +439,7 @@ class DocumentOperations:
         if existing is not None:
             return {**existing.describe(), "existing": True}
         check_model(scheduler)
-        in_progress = self.registry.in_state(DocState.CAPTURING, DocState.SOLVING, DocState.LOADING)
+        in_progress = self.registry.in_state(*IN_PROGRESS)
         if len(in_progress) >= self.config.max_registrations:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{len(in_progress)} registrations are in progress, "
                                 "the server's limit (--am-max-registrations); retry when one finishes")
@@ -414,6 +450,18 @@ class DocumentOperations:
         doc = Document(doc_id, self.registry.new_index(), array("q"), "", {}, auto, DocState.LOADING, job=job)
         self.registry.add(doc)
         return {**doc.describe(), "existing": False}
+
+    def op_export(self, scheduler, doc_id: str) -> dict:
+        """Write a ready document as a handoff for the other data-parallel ranks (a job: its result names it)."""
+        doc = self._get(doc_id)
+        if doc.state is not DocState.READY:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
+        prefix = self._snapshot(scheduler, doc)
+        return self._track(self.io.submit(lambda: {"handoff": self.handoffs().write(doc_id, prefix)}, "the handoff"))
+
+    def op_release_handoff(self, scheduler, handoff: str) -> dict:
+        self.handoffs().remove(handoff)
+        return {"handoff": handoff}
 
     def op_store_list(self, scheduler) -> dict:
         return self._track(self.io.submit(lambda: {"documents": self.store().list(), **self._store_usage()}, "the listing"))
@@ -440,6 +488,7 @@ class DocumentOperations:
         ready = [doc for doc in registry.documents.values() if doc.state is DocState.READY]
         held = [doc.installed.kv_bytes(doc.length) for doc in ready]
         return {
+            "dp_rank": self.dp_rank,
             **registry.stats.snapshot(),
             "kv_bytes": {kind: sum(entry[kind] for entry in held) for kind in ("global", "sliding", "total", "uncompacted")},
             "documents": {"ready": states.count(DocState.READY), "registering": len(states) - states.count(DocState.READY),

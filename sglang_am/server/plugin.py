@@ -33,6 +33,8 @@ def enabled() -> bool:
 
 
 def _radix_cache(ctx):
+    from sglang.srt.runtime_context import get_parallel
+
     from .auto import policy_from_environment
     from .cache import AMRadixCache
     from .config import server_config
@@ -50,7 +52,8 @@ def _radix_cache(ctx):
     pool = runner.token_to_kv_pool
     cache = AMRadixCache(ctx.params, registry, layer_windows(runner.model, getattr(pool, "start_layer", 0), pool.layer_num))
     device = pool.k_buffer[0].device if getattr(pool, "k_buffer", None) else None
-    cache.operations = DocumentOperations(cache, server_config(), ctx.server_args.model_path, device)
+    cache.operations = DocumentOperations(cache, server_config(), ctx.server_args.model_path, device,
+                                          get_parallel().dp_rank or 0)
     return cache
 
 
@@ -77,21 +80,22 @@ def _flashinfer_backend(runner):
 
 
 def _before_http_server(*args, **kwargs):
-    """Open the RPC socket to the scheduler and add the document routes before uvicorn starts."""
-    import zmq
+    """Open the document channel to the schedulers and add the document routes before uvicorn starts."""
     from sglang.srt.entrypoints import http_server
-    from sglang.srt.utils.network import get_zmq_socket
 
     from .auto import policy_from_environment
+    from .channel import SchedulerChannel
     from .config import server_config
     from .routes import install_routes
-    from .service import AutoCompactor, DocumentService, SchedulerRPC, run_during_lifespan
+    from .service import AutoCompactor, DocumentService, load_store_at_start, run_during_lifespan
 
     bound = inspect.signature(http_server._setup_and_run_http_server).bind(*args, **kwargs).arguments
     config = server_config()
-    socket = get_zmq_socket(zmq.Context(1), zmq.DEALER, bound["port_args"].rpc_ipc_name, True)
-    service = DocumentService(bound["tokenizer_manager"], SchedulerRPC(socket, config.rpc_timeout), config)
+    manager = bound["tokenizer_manager"]
+    service = DocumentService(manager, SchedulerChannel(manager, config.rpc_timeout), config)
     install_routes(http_server.app, service, config, admin_key_set=bool(bound["server_args"].admin_api_key))
+    if config.load_store:
+        run_during_lifespan(http_server.app, lambda: load_store_at_start(service))
     policy = policy_from_environment()
     if policy is not None:
         run_during_lifespan(http_server.app, AutoCompactor(service, policy).run)

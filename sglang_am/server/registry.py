@@ -34,6 +34,7 @@ class DocState(enum.Enum):
     CAPTURING = "capturing"
     SOLVING = "solving"
     LOADING = "loading"
+    WAITING = "waiting"  # on a data-parallel rank, for the rank that compacts it
     READY = "ready"
 
 
@@ -86,6 +87,7 @@ class Document:
     job: object = None  # jobs.Job: the solve or the store read in flight
     plan: object = None  # core.plan.LayerPlan of a registration
     salt: str = ""  # the capture requests' cache namespace
+    handoff: bool = False  # loading another data-parallel rank's compaction
     # Once ready:
     installed: Installed | None = None
     users: int = 0  # requests rewritten to it that have not ended

@@ -8,6 +8,7 @@
 | ``POST /am/documents/{id}/save`` | write it to the server's document store (file route) |
 | ``POST /am/documents/{id}/load`` | install it from the store (file route) |
 | ``GET /am/store``, ``DELETE /am/store/{id}`` | list, delete stored documents (file routes) |
+| ``POST /am/store/load`` | install every stored document not held yet (file route) |
 | ``GET /am/stats`` | counters, gauges, the KV pool and SGLang's idle leak check |
 
 Every route is ``ADMIN_OPTIONAL``, like SGLang's own admin routes: with ``--api-key`` or ``--admin-api-key``
@@ -130,6 +131,15 @@ def install_routes(app, service: DocumentService, config: ServerConfig, admin_ke
         return await answer(run())
 
     @auth_level(AuthLevel.ADMIN_OPTIONAL)
+    async def load_stored(request: Request):
+        async def run():
+            require_admin_key()
+            await no_fields(request)
+            return await service.load_store()
+
+        return await answer(run())
+
+    @auth_level(AuthLevel.ADMIN_OPTIONAL)
     async def delete_stored(doc_id: str):
         async def run():
             require_admin_key()
@@ -149,4 +159,5 @@ def install_routes(app, service: DocumentService, config: ServerConfig, admin_ke
     app.add_api_route(DOCUMENTS + "/{doc_id}/save", save_document, methods=["POST"])
     app.add_api_route(DOCUMENTS + "/{doc_id}/load", load_document, methods=["POST"])
     app.add_api_route(STORE, list_stored, methods=["GET"])
+    app.add_api_route(STORE + "/load", load_stored, methods=["POST"])
     app.add_api_route(STORE + "/{doc_id}", delete_stored, methods=["DELETE"])

@@ -6,8 +6,14 @@ server's own generation path (context-prefill: the document itself; repeat-prefi
 instruction + document; self-study: the server samples answers to the self-study prompts, which are
 then teacher-forced), then ``advance`` until the scheduler reports the document ready (the solve runs
 on a scheduler worker thread). A drop while that runs cancels it: its capture requests are aborted and
-the registration answers 409. Every scheduler operation is one JSON RPC over SGLang's RPC socket, and
-none waits longer than the configured RPC timeout.
+the registration answers 409. Every scheduler operation is one call on the ``channel``, and none waits
+longer than the configured RPC timeout.
+
+With ``--dp-size N`` every operation acts on every data-parallel rank. A registration is prepared (and
+admitted) on all of them first, so that one rank without room refuses it with nothing left behind on
+the others; then one rank, the primary (the ranks take turns by document id), captures and compacts,
+and the others install its copy from a handoff file: compacted once, the same slots on every rank.
+Loads read the store on every rank; a document is ready when every rank holds it.
 
 ``AutoCompactor`` is the HTTP process's side of automatic compaction: it polls the scheduler for the
 prefixes its reuse tracker proposes and loads (from the store) or registers them, one at a time.
@@ -17,116 +23,89 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import logging
-import threading
 import time
 from http import HTTPStatus
 
 from ..prompts import SELF_STUDY_PROMPTS, instruction_ids, repeat_ids
 from .auto import AutoPolicy
 from .capture import capture_salt
+from .channel import SchedulerChannel
 from .config import ServerConfig
 from .errors import DocumentError
-from .hooks import RPC_METHOD
 from .registration import RegistrationRequest
-from .registry import DocState
+from .registry import DocState, document_id
 
 logger = logging.getLogger(__name__)
 SELF_STUDY_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 POLL_SECONDS = 0.05
 
 
-class SchedulerRPC:
-    """JSON document operations over SGLang's RPC socket, one at a time, each waiting at most ``timeout``.
-
-    Every call carries a sequence number that the scheduler echoes, so the late answer to a call that
-    timed out is recognised and dropped instead of being taken for the next call's answer."""
-
-    def __init__(self, socket, timeout: float):
-        self.socket, self.timeout = socket, timeout
-        self._lock = threading.Lock()
-        self._sequence = itertools.count()
-
-    def call(self, op: str, **payload) -> dict:
-        import zmq
-        from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
-
-        deadline = time.monotonic() + self.timeout  # waiting for the socket counts too
-        timed_out = DocumentError(HTTPStatus.GATEWAY_TIMEOUT,
-                                  f"the scheduler did not answer {op} within {self.timeout:g} s; it may be busy")
-        if not self._lock.acquire(timeout=self.timeout):
-            raise timed_out
-        try:
-            seq = next(self._sequence)
-            parameters = {"op": op, "payload": json.dumps(payload), "seq": seq}
-            sock_send(self.socket, RpcReqInput(method=RPC_METHOD, parameters=parameters))
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.socket.poll(int(left * 1000) + 1, zmq.POLLIN):
-                    raise timed_out
-                output = sock_recv(self.socket)
-                try:
-                    answer = json.loads(output.message)
-                except (TypeError, ValueError):
-                    raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{op} failed: {output.message}") from None
-                if answer.get("seq") == seq:
-                    break
-        finally:
-            self._lock.release()
-        if output.success:
-            return answer["result"]
-        raise DocumentError(answer["status"], answer["error"])
-
-
 class DocumentService:
-    def __init__(self, tokenizer_manager, rpc: SchedulerRPC, config: ServerConfig):
-        self.tokenizer_manager, self.rpc, self.config = tokenizer_manager, rpc, config
+    """Every document operation, on every data-parallel rank (one rank without ``--dp-size``)."""
+
+    def __init__(self, tokenizer_manager, channel: SchedulerChannel, config: ServerConfig):
+        self.tokenizer_manager, self.channel, self.config = tokenizer_manager, channel, config
         self._registrations: dict[str, asyncio.Task] = {}  # doc_id -> its capture and compaction in progress
 
-    async def _call(self, op: str, **payload) -> dict:
-        """One scheduler operation, waited for on a daemon thread: asyncio's own executor threads are joined
-        when the server stops, and a call to a scheduler that is already gone would hold the stop for the
-        whole RPC timeout."""
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
+    # ----- calls to the ranks -----
 
-        def settle(result, error) -> None:
-            if answer.done():  # the caller was cancelled meanwhile
-                return
-            if error is not None:
-                answer.set_exception(error)
-            else:
-                answer.set_result(result)
+    def _failure(self, rank: int, error: DocumentError) -> DocumentError:
+        """``error``, naming its rank when there are several."""
+        if self.channel.num_ranks == 1:
+            return error
+        return DocumentError(error.status, f"DP rank {rank}: {error.message}")
 
-        def run() -> None:
-            try:
-                result, error = self.rpc.call(op, **payload), None
-            except Exception as failure:
-                result, error = None, failure
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-                loop.call_soon_threadsafe(settle, result, error)
+    async def _on(self, rank: int, op: str, **payload) -> dict:
+        """``op`` on one rank; its error raised."""
+        answer = (await self.channel.call(op, ranks=[rank], **payload))[rank]
+        if isinstance(answer, DocumentError):
+            raise self._failure(rank, answer)
+        return answer
 
-        threading.Thread(target=run, name="sglang-am-rpc", daemon=True).start()
-        return await answer
+    async def _on_each(self, op: str, ranks: list[int] | None = None, **payload) -> list:
+        """``op`` on ``ranks`` (all by default); each rank's result or error, None for the others."""
+        return await self.channel.call(op, ranks=ranks, **payload)
+
+    async def _on_all(self, op: str, ranks: list[int] | None = None, **payload) -> list:
+        """``op`` on ``ranks`` (all by default); the first error raised."""
+        answers = await self._on_each(op, ranks, **payload)
+        for rank, answer in enumerate(answers):
+            if isinstance(answer, DocumentError):
+                raise self._failure(rank, answer)
+        return answers
+
+    # ----- registration -----
 
     async def register(self, **fields) -> dict:
         return await self._register(RegistrationRequest.from_client(self.config, **fields), auto=False)
 
     async def _register(self, request: RegistrationRequest, auto: bool) -> dict:
         ids = list(request.input_ids) if request.input_ids is not None else self._encode(request.text)
+        doc_id = document_id(ids)
         while True:
-            prepared = await self._call("prepare", request=request.to_payload(), input_ids=ids, auto=auto)
-            if not prepared["existing"]:
-                break
-            if prepared["state"] == DocState.READY.value:
-                return prepared
-            # A concurrent registration or load of the same document: wait for it, then ask again, since it may
-            # have failed or been replaced meanwhile (an explicit request must find the ready one explicit).
-            await self._wait_settled(prepared["doc_id"])
-        doc_id = prepared["doc_id"]
-        work = asyncio.create_task(self._capture_and_compact(doc_id, prepared["salt"], ids, request))
+            held = await self._held(doc_id)
+            ready = [rank for rank, doc in enumerate(held) if doc is not None and doc["state"] == DocState.READY.value]
+            # A rank that holds it already hands it to the others; else the ranks take turns compacting.
+            primary = ready[0] if ready else int(doc_id, 16) % self.channel.num_ranks
+            answers = await self._on_each("prepare", request=request.to_payload(), input_ids=ids, auto=auto,
+                                          primary=primary)
+            new = [rank for rank, answer in enumerate(answers) if isinstance(answer, dict) and not answer["existing"]]
+            failed = next(((rank, answer) for rank, answer in enumerate(answers) if isinstance(answer, DocumentError)), None)
+            busy = [answer for answer in answers if isinstance(answer, dict) and answer["existing"]
+                    and answer["state"] != DocState.READY.value]
+            if failed is not None or busy:
+                await self._abandon(doc_id, new)
+                if failed is not None:  # nothing is left behind on the ranks that could take it
+                    raise self._failure(*failed)
+                # A concurrent registration or load of the same document: wait for it, then ask again, since it may
+                # have failed or been replaced meanwhile (an explicit request must find the ready one explicit).
+                await self._wait_settled(doc_id)
+                continue
+            if not new:
+                return {**self._merge(answers), "existing": True}
+            break
+        work = asyncio.create_task(self._capture_and_compact(doc_id, answers, primary, new, ids, request))
         self._registrations[doc_id] = work
         try:
             return {**await work, "existing": False}
@@ -146,32 +125,56 @@ class DocumentService:
             raise ValueError(f"text has {len(ids)} tokens; this server takes at most {self.config.max_document_tokens}")
         return ids
 
-    async def _capture_and_compact(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest) -> dict:
+    async def _held(self, doc_id: str) -> list[dict | None]:
+        """Each rank's description of ``doc_id``, None where it has none."""
+        answers = await self._on_each("get", doc_id=doc_id)
+        for rank, answer in enumerate(answers):
+            if isinstance(answer, DocumentError) and answer.status != HTTPStatus.NOT_FOUND:
+                raise self._failure(rank, answer)
+        return [answer if isinstance(answer, dict) else None for answer in answers]
+
+    async def _abandon(self, doc_id: str, ranks: list[int], ready_too: bool = False) -> None:
+        if ranks:
+            with contextlib.suppress(DocumentError):  # whatever was left of it on those ranks
+                await self._on_each("abandon", ranks, doc_id=doc_id, ready_too=ready_too)
+
+    async def _capture_and_compact(self, doc_id: str, prepared: list, primary: int, new: list[int], ids: list[int],
+                                   request: RegistrationRequest) -> dict:
         try:
-            timings = await self._capture(doc_id, salt, ids, request)
-            return await self._until_ready(await self._call("advance", doc_id=doc_id, timings=timings))
+            if primary in new:
+                timings = await self._capture(doc_id, prepared[primary]["salt"], ids, request, primary)
+                await self._until_ready(primary, await self._on(primary, "advance", doc_id=doc_id, timings=timings))
+            waiting = [rank for rank in new if rank != primary]
+            if waiting:
+                await self._hand_off(doc_id, primary, waiting)
+            return self._merge(await self._held(doc_id))
         except BaseException as error:
-            with contextlib.suppress(DocumentError):  # whatever was left of it on the scheduler
-                await self._call("abandon", doc_id=doc_id)
+            await self._abandon(doc_id, new, ready_too=True)
             if isinstance(error, DocumentError) and error.status == HTTPStatus.NOT_FOUND:
                 # A registering document disappears only when it is dropped.
                 raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
             raise
 
+    async def _hand_off(self, doc_id: str, source: int, ranks: list[int]) -> None:
+        """Install the ready copy of rank ``source`` on the waiting ``ranks``: written once, read by each."""
+        start = time.perf_counter()
+        handoff = (await self._until_done(source, await self._on(source, "export", doc_id=doc_id)))["handoff"]
+        try:
+            answers = await self._on_all("advance", ranks, doc_id=doc_id, handoff=handoff)
+            for rank in ranks:
+                await self._until_ready(rank, answers[rank])
+        finally:
+            with contextlib.suppress(DocumentError):
+                await self._on(source, "release_handoff", handoff=handoff)
+        logger.info("sglang-am: document %s handed from DP rank %d to %s in %.3f s", doc_id, source, ranks,
+                    time.perf_counter() - start)
+
     async def _wait_settled(self, doc_id: str) -> None:
-        """Until the document ``doc_id`` is ready or gone."""
-        while True:
-            try:
-                doc = await self._call("get", doc_id=doc_id)
-            except DocumentError as error:
-                if error.status == HTTPStatus.NOT_FOUND:
-                    return
-                raise
-            if doc["state"] == DocState.READY.value:
-                return
+        """Until no rank is registering or loading ``doc_id``."""
+        while any(doc is not None and doc["state"] != DocState.READY.value for doc in await self._held(doc_id)):
             await asyncio.sleep(POLL_SECONDS * 4)
 
-    async def _capture(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest) -> dict:
+    async def _capture(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest, rank: int) -> dict:
         tokenizer = self.tokenizer_manager.tokenizer
         length, sources = len(ids), request.query_source
         if tokenizer is None and {"repeat-prefill", "self-study"} & set(sources):
@@ -180,11 +183,11 @@ class DocumentService:
         start = time.perf_counter()
         captures = []
         if "context-prefill" in sources:
-            captures.append(self._capture_one(doc_id, salt, "context-prefill", ids, 0, length))
+            captures.append(self._capture_one(doc_id, salt, "context-prefill", ids, 0, length, rank))
         if "repeat-prefill" in sources:
             between = repeat_ids(tokenizer)
             captures.append(self._capture_one(doc_id, salt, "repeat-prefill", ids + between + ids,
-                                              length + len(between), 2 * length + len(between)))
+                                              length + len(between), 2 * length + len(between), rank))
         await asyncio.gather(*captures)
         timings["prefill_seconds"] = round(time.perf_counter() - start, 4)
         if "self-study" in sources:
@@ -193,15 +196,18 @@ class DocumentService:
             answers = await asyncio.gather(*(self._sample(ids + starter, request.self_study_max_new_tokens)
                                              for starter in starters))
             sequences = [ids + starter + answer for starter, answer in zip(starters, answers)]
-            await asyncio.gather(*(self._capture_one(doc_id, salt, "self-study", sequence, length, len(sequence))
+            await asyncio.gather(*(self._capture_one(doc_id, salt, "self-study", sequence, length, len(sequence), rank)
                                    for sequence in sequences))
             timings["self_study_seconds"] = round(time.perf_counter() - start, 4)
         return timings
 
-    async def _generate(self, input_ids: list[int], sampling_params: dict, cache_salt: str | None = None) -> dict:
+    async def _generate(self, input_ids: list[int], sampling_params: dict, cache_salt: str | None = None,
+                        rank: int | None = None) -> dict:
         from sglang.srt.managers.io_struct import GenerateReqInput
 
-        obj = GenerateReqInput(input_ids=input_ids, sampling_params=sampling_params, cache_salt=cache_salt)
+        routed = rank if self.channel.num_ranks > 1 else None
+        obj = GenerateReqInput(input_ids=input_ids, sampling_params=sampling_params, cache_salt=cache_salt,
+                               routed_dp_rank=routed)
         output = None
         async for item in self.tokenizer_manager.generate_request(obj, None):
             output = item  # the last one carries the finish reason
@@ -210,68 +216,151 @@ class DocumentService:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"capture request failed: {reason.get('message')}")
         return output
 
-    async def _capture_one(self, doc_id: str, salt: str, source: str, input_ids: list[int], start: int, stop: int) -> None:
+    async def _capture_one(self, doc_id: str, salt: str, source: str, input_ids: list[int], start: int, stop: int,
+                           rank: int) -> None:
+        """One capture request, on the rank that compacts the document."""
         params = {"am_op": "capture", "am_doc_id": doc_id, "am_source": source, "am_from": start, "am_to": stop}
         await self._generate(input_ids, {"max_new_tokens": 1, "temperature": 0.0, "custom_params": params},
-                             cache_salt=capture_salt(salt, source))
+                             cache_salt=capture_salt(salt, source), rank=rank)
 
     async def _sample(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
         params = {"max_new_tokens": max_new_tokens, "custom_params": {"am_op": "sample"}, **SELF_STUDY_SAMPLING}
         output = await self._generate(input_ids, params)
         return list(output["output_ids"])
 
-    async def _until_ready(self, described: dict) -> dict:
-        """Poll ``advance`` until the document is ready (a failure raises its error)."""
+    async def _until_ready(self, rank: int, described: dict) -> dict:
+        """Poll ``advance`` on ``rank`` until the document is ready there (a failure raises its error)."""
         while described["state"] != DocState.READY.value:
             await asyncio.sleep(POLL_SECONDS)
-            described = await self._call("advance", doc_id=described["doc_id"])
+            described = await self._on(rank, "advance", doc_id=described["doc_id"])
         return described
 
-    async def _until_done(self, started: dict) -> dict:
-        """Poll a save or store job until it is done; its result, or its error raised."""
+    async def _until_done(self, rank: int, started: dict) -> dict:
+        """Poll a job of ``rank`` until it is done; its result, or its error raised."""
         result = {"done": False}
         while not result["done"]:
             await asyncio.sleep(POLL_SECONDS)
-            result = await self._call("job", job=started["job"])
+            result = await self._on(rank, "job", job=started["job"])
         del result["done"]
         return result
 
+    # ----- the other operations -----
+
+    def _merge(self, described: list[dict | None]) -> dict:
+        """One document as the ranks describe it (None where a rank has none): ready when every rank has it
+        ready, "partial" when only some have; requests counted over the ranks, and each rank's state."""
+        held = {rank: doc for rank, doc in enumerate(described) if doc is not None}
+        states = {str(rank): doc["state"] for rank, doc in held.items()}
+        ready = [doc for doc in held.values() if doc["state"] == DocState.READY.value]
+        merged = {**(ready[0] if ready else next(iter(held.values()))), "ranks": states}
+        if len(ready) != len(held):
+            merged["state"] = next(doc["state"] for doc in held.values() if doc["state"] != DocState.READY.value)
+        elif len(held) < self.channel.num_ranks:
+            merged["state"] = "partial"
+        merged["requests_served"] = sum(doc["requests_served"] for doc in held.values())
+        merged["requests_active"] = sum(doc["requests_active"] for doc in held.values())
+        return merged
+
     async def list(self) -> dict:
-        return await self._call("list")
+        per_rank: dict[str, list[dict | None]] = {}
+        for rank, answer in enumerate(await self._on_all("list")):
+            for doc in answer["documents"]:
+                per_rank.setdefault(doc["doc_id"], [None] * self.channel.num_ranks)[rank] = doc
+        return {"documents": [self._merge(described) for described in per_rank.values()]}
 
     async def get(self, doc_id: str) -> dict:
-        return await self._call("get", doc_id=doc_id)
+        held = await self._held(doc_id)
+        if not any(held):
+            raise DocumentError(HTTPStatus.NOT_FOUND, f"no document {doc_id}")
+        return self._merge(held)
 
     async def drop(self, doc_id: str) -> dict:
-        """Drop a document in any state; a registration in progress is cancelled."""
-        result = await self._call("drop", doc_id=doc_id)
+        """Drop a document in any state, on every rank; a registration in progress is cancelled. Ranks where
+        requests use it keep it (409, naming them); the others drop it."""
+        answers = await self._on_each("drop", doc_id=doc_id)
         registration = self._registrations.get(doc_id)
         if registration is not None:
             registration.cancel()
+        dropped = [answer for answer in answers if isinstance(answer, dict)]
+        errors = [(rank, answer) for rank, answer in enumerate(answers)
+                  if isinstance(answer, DocumentError) and answer.status != HTTPStatus.NOT_FOUND]
+        if errors:
+            if not dropped:
+                raise self._failure(*errors[0])
+            ranks = ", ".join(str(rank) for rank, _ in errors)
+            raise DocumentError(errors[0][1].status, f"document {doc_id} was dropped on {len(dropped)} DP rank(s) but not "
+                                f"on rank {ranks}: {errors[0][1].message}")
+        if not dropped:
+            raise DocumentError(HTTPStatus.NOT_FOUND, f"no document {doc_id}")
+        result = {**dropped[0], "freed_slots": sum(answer["freed_slots"] for answer in dropped)}
         return result
 
     async def save(self, doc_id: str) -> dict:
-        return await self._until_done(await self._call("save", doc_id=doc_id))
+        """Write the document to the store, from a rank that holds it ready (every rank holds the same copy)."""
+        held = await self._held(doc_id)
+        source = next((rank for rank, doc in enumerate(held) if doc is not None and doc["state"] == DocState.READY.value),
+                      next((rank for rank, doc in enumerate(held) if doc is not None), 0))  # that rank says what is wrong
+        return await self._until_done(source, await self._on(source, "save", doc_id=doc_id))
 
     async def load(self, doc_id: str, auto: bool = False) -> dict:
-        loaded = await self._call("load", doc_id=doc_id, auto=auto)
-        if loaded["existing"]:
-            return loaded
+        """Install a stored document on every rank that lacks it (each reads the store); if one cannot, none keeps it."""
+        answers = await self._on_each("load", doc_id=doc_id, auto=auto)
+        started = [rank for rank, answer in enumerate(answers) if isinstance(answer, dict) and not answer["existing"]]
         try:
-            return {**await self._until_ready(loaded), "existing": False}
+            for rank, answer in enumerate(answers):
+                if isinstance(answer, DocumentError):
+                    raise self._failure(rank, answer)
+            for rank in started:
+                await self._until_ready(rank, answers[rank])
         except BaseException:
-            with contextlib.suppress(DocumentError):
-                await self._call("abandon", doc_id=doc_id)
+            await self._abandon(doc_id, started, ready_too=True)
             raise
+        return {**self._merge(await self._held(doc_id)), "existing": not started}
+
+    async def load_store(self) -> dict:
+        """Install every stored document this server does not hold yet; each document's outcome."""
+        outcomes = []
+        for entry in (await self.stored())["documents"]:
+            try:
+                loaded = await self.load(entry["doc_id"])
+                outcomes.append({"doc_id": entry["doc_id"], "loaded": not loaded["existing"], "error": None})
+            except DocumentError as error:
+                outcomes.append({"doc_id": entry["doc_id"], "loaded": False, "error": error.message})
+        return {"documents": outcomes}
 
     async def stored(self) -> dict:
-        return await self._until_done(await self._call("store_list"))
+        """The store is shared by the ranks: rank 0 lists it."""
+        return await self._until_done(0, await self._on(0, "store_list"))
 
     async def delete_stored(self, doc_id: str) -> dict:
-        return await self._until_done(await self._call("store_delete", doc_id=doc_id))
+        return await self._until_done(0, await self._on(0, "store_delete", doc_id=doc_id))
 
     async def stats(self) -> dict:
-        return await self._call("stats")
+        """Totals over the ranks (a document every rank holds counts once per rank) and each rank's figures."""
+        ranks = await self._on_all("stats")
+        first = ranks[0]
+        totals = {key: _sum_figures([rank[key] for rank in ranks])
+                  for key in ("counters", "gauges", "kv_bytes", "documents", "pool")}
+        idle = [rank["idle_check"] for rank in ranks]
+        check = {"idle": all(c["idle"] for c in idle), "leak": None if any(c["leak"] is None for c in idle)
+                 else any(c["leak"] for c in idle), "detail": [line for c in idle for line in c["detail"]]}
+        shared = {key: value for key, value in first.items() if key != "dp_rank"}
+        return {**shared, **totals, "idle_check": check, "dp_size": len(ranks), "ranks": ranks}
+
+    async def auto_candidates(self) -> list[dict]:
+        """Prefixes the ranks' reuse trackers propose, each once."""
+        candidates: dict[str, dict] = {}
+        for answer in await self._on_all("auto_poll"):
+            for candidate in answer["candidates"]:
+                candidates.setdefault(candidate["doc_id"], candidate)
+        return list(candidates.values())
+
+
+def _sum_figures(values: list):
+    """Numbers summed, dicts of them summed key by key."""
+    if isinstance(values[0], dict):
+        return {key: _sum_figures([value[key] for value in values if key in value]) for key in values[0]}
+    return sum(values)
 
 
 class AutoCompactor:
@@ -282,7 +371,7 @@ class AutoCompactor:
         while True:
             await asyncio.sleep(self.policy.poll_seconds)
             try:
-                for candidate in (await self.service._call("auto_poll"))["candidates"]:
+                for candidate in await self.service.auto_candidates():
                     await self.compact(candidate["doc_id"], candidate["input_ids"])
             except Exception:  # keep polling: one bad candidate must not stop automatic compaction
                 logger.exception("sglang-am: automatic compaction failed")
@@ -303,6 +392,21 @@ class AutoCompactor:
             logger.warning("sglang-am: automatic compaction of a %d-token prefix refused: %s", len(input_ids), error.message)
             return
         logger.info("sglang-am: automatic document %s: T=%d -> t=%d slots", result["doc_id"], result["T"], result["t"])
+
+
+async def load_store_at_start(service: DocumentService) -> None:
+    """The start-up load of ``--am-load-store``: a worker joining a cluster serves the stored documents."""
+    start = time.perf_counter()
+    try:
+        outcomes = (await service.load_store())["documents"]
+    except DocumentError as error:
+        logger.warning("sglang-am: the start-up load of the store failed: %s", error.message)
+        return
+    for outcome in outcomes:
+        if outcome["error"] is not None:
+            logger.warning("sglang-am: stored document %s not loaded: %s", outcome["doc_id"], outcome["error"])
+    logger.info("sglang-am: loaded %d of %d stored documents in %.2f s", sum(o["loaded"] for o in outcomes), len(outcomes),
+                time.perf_counter() - start)
 
 
 def run_during_lifespan(app, task) -> None:

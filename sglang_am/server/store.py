@@ -5,6 +5,9 @@ write anywhere else; files are ``<root>/<doc_id>.safetensors`` in the ``Compacte
 Several server processes may share a root: every write goes to a fresh temporary file renamed over the
 old one (``write_atomically``), so concurrent writers and crashes leave either copy whole, never a mix.
 Errors are ``StoreError`` with an HTTP status and a message that names the document, not the root.
+
+``Handoffs`` is the same format under ``<root>/handoff/<nonce>/``: with ``--dp-size N`` the rank that
+compacted a document writes it there once, and the other ranks install it from there.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import stat
 import time
+import uuid
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -25,6 +30,8 @@ from . import faults
 from .errors import DocumentError
 
 DOCUMENT_ID = re.compile(r"[0-9a-f]{64}")
+HANDOFF_NONCE = re.compile(r"[0-9a-f]{32}")
+HANDOFF_DIRECTORY = "handoff"
 SUFFIX = ".safetensors"
 # A writer keeps its temporary file's mtime fresh; one untouched this long was left by a crash.
 STALE_TEMPORARY_SECONDS = 3600
@@ -190,6 +197,41 @@ class DocumentStore:
                     info = entry.stat(follow_symlinks=False)
                     if stat.S_ISREG(info.st_mode) and now - info.st_mtime > STALE_TEMPORARY_SECONDS:
                         os.unlink(entry.path)
+
+
+class Handoffs:
+    """Documents passed from one data-parallel rank to the others: each in a directory of its own, named by a
+    nonce the writer draws, removed once every rank has read it (or, after a crash, when stale)."""
+
+    def __init__(self, store_root: Path, quota_bytes: int):
+        self.root, self.quota_bytes = Path(store_root) / HANDOFF_DIRECTORY, quota_bytes
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        now = time.time()
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):  # another process may remove it first
+                    if entry.is_dir(follow_symlinks=False) and now - entry.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                        shutil.rmtree(entry.path)
+
+    def _directory(self, nonce: str) -> Path:
+        if not isinstance(nonce, str) or not HANDOFF_NONCE.fullmatch(nonce):
+            raise StoreError(HTTPStatus.BAD_REQUEST, f"handoff must be 32 lowercase hex characters, not {nonce!r:.80}")
+        return self.root / nonce
+
+    def _store(self, nonce: str) -> DocumentStore:
+        return DocumentStore(self._directory(nonce), self.quota_bytes)
+
+    def write(self, doc_id: str, prefix: CompactedPrefix) -> str:
+        """Write ``prefix``; returns the nonce the readers name it by."""
+        nonce = uuid.uuid4().hex
+        self._store(nonce).save(doc_id, prefix)
+        return nonce
+
+    def read(self, nonce: str, doc_id: str, expected_fingerprint: dict | None) -> CompactedPrefix:
+        return self._store(nonce).load(doc_id, expected_fingerprint)
+
+    def remove(self, nonce: str) -> None:
+        shutil.rmtree(self._directory(nonce), ignore_errors=True)
 
 
 def _not_regular(doc_id: str) -> StoreError:
