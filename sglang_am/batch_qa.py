@@ -16,7 +16,7 @@ import statistics
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -53,6 +53,10 @@ class Answer:
     latency: float  # seconds to the last one
     completion_tokens: int
     error: str | None = None
+    # From SGLang's own meta_info (the native API only): prompt tokens served from the cache, and the compacted
+    # document that served the request, if one did.
+    cached_tokens: int | None = None
+    document: str | None = None
 
 
 def documents_and_questions(tokenizer, num_documents: int, questions_per_document: int, workload: str = "recall",
@@ -82,43 +86,63 @@ def documents_and_questions(tokenizer, num_documents: int, questions_per_documen
     return documents, document_ids, questions
 
 
-def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None = None, timeout: float = 600) -> Answer:
-    """One streaming ``/v1/completions`` request (greedy) for a prompt of token ids."""
-    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    headers = {"Content-Type": "application/json"}
+APIS = ("openai", "native")
+
+
+def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None = None, timeout: float = 600,
+             headers: Mapping[str, str] | None = None, api: str = "openai") -> Answer:
+    """One streaming greedy request for a prompt of token ids: ``/v1/completions`` (``api="openai"``) or
+    SGLang's ``/generate`` (``"native"``: sglang-router's completions route takes text prompts only);
+    ``headers`` are added (a router's routing key, for example)."""
+    if api == "openai":
+        path, body = "/v1/completions", {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                         "stream": True, "stream_options": {"include_usage": True}}
+    elif api == "native":
+        path, body = "/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0},
+                                   "stream": True}
+    else:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     start = time.perf_counter()
-    first, pieces, tokens = None, [], 0
+    first, text, tokens, meta = None, "", 0, {}
     try:
-        request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), headers)
+        request = urllib.request.Request(f"{url}{path}", json.dumps(body).encode(), headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             for line in response:
                 line = line.strip()
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
-                text = "".join(choice.get("text") or "" for choice in chunk.get("choices", []))
-                if text:
-                    first = first if first is not None else time.perf_counter() - start
-                    pieces.append(text)
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    except (urllib.error.URLError, OSError, ValueError) as error:
+                if api == "openai":
+                    text += "".join(choice.get("text") or "" for choice in chunk.get("choices", []))
+                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+                else:  # the whole text so far, in every chunk
+                    text, meta = chunk["text"], chunk["meta_info"]
+                    tokens = meta["completion_tokens"]
+                if text and first is None:
+                    first = time.perf_counter() - start
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
         return Answer("", 0.0, time.perf_counter() - start, 0, error=str(error))
     latency = time.perf_counter() - start
-    return Answer("".join(pieces), first if first is not None else latency, latency, tokens)
+    document = (meta.get("am_document") or [{}])[0].get("doc_id")
+    return Answer(text, first if first is not None else latency, latency, tokens, cached_tokens=meta.get("cached_tokens"),
+                  document=document)
 
 
 def ask_all(url: str, questions: Sequence[QARequest], concurrency: int, max_tokens: int,
-            api_key: str | None = None, progress: str | None = None) -> tuple[list[Answer], float]:
-    """Every question, ``concurrency`` at a time; the answers in order and the wall-clock seconds."""
+            api_key: str | None = None, progress: str | None = None,
+            route: Callable[[QARequest], Mapping[str, str]] | None = None, api: str = "openai",
+            ) -> tuple[list[Answer], float]:
+    """Every question, ``concurrency`` at a time (``complete``); the answers in order and the wall-clock seconds.
+    ``route`` gives each question's extra headers (a router's routing key)."""
     if concurrency < 1 or max_tokens < 1:
         raise ValueError("concurrency and max_tokens must be >= 1")
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(complete, url, q.prompt, max_tokens, api_key) for q in questions]
+        futures = [pool.submit(complete, url, q.prompt, max_tokens, api_key, headers=route(q) if route else None, api=api)
+                   for q in questions]
         answers = [f.result() for f in tqdm(futures, desc=progress, disable=progress is None, unit="req")]
     return answers, time.perf_counter() - start
 

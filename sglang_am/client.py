@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 
 from .server.errors import DocumentError
 
 
-def http_json(method: str, url: str, payload: object = None, api_key: str | None = None, timeout: float = 600):
+def http_json(method: str, url: str, payload: object = None, api_key: str | None = None, timeout: float = 600,
+              headers: Mapping[str, str] | None = None):
     """``(status, decoded JSON body)`` of one call (the raw text when the body is not JSON). ``payload`` is
-    sent as JSON, or as it is when it is ``bytes``."""
-    headers = {"Content-Type": "application/json"}
+    sent as JSON, or as it is when it is ``bytes``; ``headers`` are added."""
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     data = payload if isinstance(payload, bytes) or payload is None else json.dumps(payload).encode()
@@ -78,3 +80,76 @@ class DocumentsClient:
     def generate(self, **request) -> dict | list[dict]:
         """SGLang's native ``POST /generate``."""
         return self._call("POST", "/generate", request)
+
+    def delete_stored(self, doc_id: str) -> dict:
+        """``DELETE /am/store/{id}``: remove the stored copy (the server keeps serving an installed one)."""
+        return self._call("DELETE", f"/am/store/{doc_id}")
+
+    def load_store(self) -> dict:
+        """``POST /am/store/load``: install every stored document the server does not hold yet."""
+        return self._call("POST", "/am/store/load")
+
+
+# The header sglang-router's ``manual`` policy routes by: requests with the same key go to the same worker.
+ROUTING_HEADER = "x-smg-routing-key"
+
+
+class ClusterDocuments:
+    """Document operations on every worker behind an sglang-router (``python -m sglang_am.cluster``).
+
+    The workers share one store and one admin key. ``register`` compacts a document on one worker, saves
+    it and loads it on the others; ``drop`` deletes the stored copy first, so that a worker that was down
+    cannot bring it back when it restarts and loads the store, then drops it from every worker."""
+
+    def __init__(self, router_url: str, admin_key: str, timeout: float = 600):
+        self.router_url, self.admin_key, self.timeout = router_url.rstrip("/"), admin_key, timeout
+
+    def workers(self) -> list[str]:
+        """The healthy workers the router lists."""
+        status, body = http_json("GET", f"{self.router_url}/workers", timeout=self.timeout)
+        if status != 200:
+            raise DocumentError(status, f"the router did not list its workers: {body}")
+        return [worker["url"] for worker in body["workers"] if worker.get("is_healthy", True)]
+
+    def worker(self, url: str) -> DocumentsClient:
+        return DocumentsClient(url, self.admin_key, self.timeout)
+
+    def register(self, **arguments) -> dict:
+        """Register on the first worker, then load its copy on the others; if one cannot take it, no worker
+        and not the store keeps it. The first worker's answer, with ``workers``: each worker's state."""
+        first, *others = self.workers()
+        registered = self.worker(first).register(**arguments)
+        doc_id = registered["doc_id"]
+        try:
+            self.worker(first).save(doc_id)
+            states = {first: registered["state"], **{url: self.worker(url).load(doc_id)["state"] for url in others}}
+        except DocumentError:
+            self.drop(doc_id)
+            raise
+        return {**registered, "workers": states}
+
+    def drop(self, doc_id: str) -> dict:
+        """Delete the stored copy, then drop the document from every worker that holds it."""
+        workers = self.workers()
+        deleted = self.worker(workers[0]).delete_stored(doc_id)["deleted"] if workers else False
+        dropped = {}
+        for url in workers:
+            try:
+                dropped[url] = self.worker(url).drop(doc_id)["dropped"]
+            except DocumentError as error:
+                if error.status != 404:
+                    raise
+                dropped[url] = False
+        return {"doc_id": doc_id, "deleted_stored": deleted, "dropped": dropped}
+
+    def sync(self) -> dict:
+        """Every worker installs the stored documents it lacks (a worker that joined later, for example)."""
+        return {url: self.worker(url).load_store()["documents"] for url in self.workers()}
+
+    def list(self) -> dict[str, list[dict]]:
+        return {url: self.worker(url).list() for url in self.workers()}
+
+    @staticmethod
+    def route(doc_id: str) -> dict[str, str]:
+        """Headers that keep a document's requests on one worker under the router's ``manual`` policy."""
+        return {ROUTING_HEADER: doc_id}

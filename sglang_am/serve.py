@@ -178,11 +178,19 @@ class ServerProcess:
         self._log = None
 
     def start(self, startup_seconds: float = 300, ready=None) -> ServerProcess:
-        """Start it and wait until ``ready(url)`` (default: ``healthy``); ``RuntimeError`` with the end of its log
-        when it exits or is not ready in time."""
+        """``launch``, then ``wait_ready``."""
+        self.launch()
+        return self.wait_ready(startup_seconds, ready)
+
+    def launch(self) -> ServerProcess:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log")
         self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, text=True,
                                         start_new_session=True, env=self.env)
+        return self
+
+    def wait_ready(self, startup_seconds: float = 300, ready=None) -> ServerProcess:
+        """Wait until ``ready(url)`` (default: ``healthy``); ``RuntimeError`` with the end of its log (and the
+        process stopped) when it exits or is not ready in time."""
         try:
             deadline = time.monotonic() + startup_seconds
             while not (ready or healthy)(self.url):

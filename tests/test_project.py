@@ -178,6 +178,24 @@ def test_throughput_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_scale_out_benchmark_smoke(tmp_path):
+    output = tmp_path / "scale_out.json"
+    _run("benchmarks/scale_out.py", "--documents", "2", "--questions", "2", "--size", "60", "--policies", "manual",
+         "--max-total-tokens", "2048", "--output", str(output))
+    payload = json.loads(output.read_text())
+    rows = {row["config"]: row for row in payload["rows"]}
+    assert list(rows) == ["1 server, stock", "1 server, compacted @ 0.1", "1 server --dp-size 2, compacted @ 0.1",
+                          "2 workers (manual), stock", "2 workers (manual), compacted @ 0.1"]
+    assert all(row["errors"] == 0 and row["request_throughput"] > 0 for row in rows.values())
+    assert all(row["hit_rate"] == 1.0 for name, row in rows.items() if "compacted" in name)
+    assert rows["2 workers (manual), compacted @ 0.1"]["resident_copies"] == 4  # both documents on both workers
+    assert rows["1 server --dp-size 2, compacted @ 0.1"]["handoff_seconds_mean"] > 0
+    comparison = payload["registration_comparison"]
+    assert comparison["documents"] == 2 and comparison["compact_once_max_logprob_gap"] == 0.0
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_soak_runs_clean_for_two_minutes(tmp_path):
     output = tmp_path / "soak.json"
     _run("benchmarks/soak.py", "--minutes", "2", "--quiet-every", "30", "--out", str(output))  # exits 1 on any problem

@@ -13,7 +13,7 @@ from sglang_am.client import http_json
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.serve import launch_command, serving
 from sglang_am.server.compat import check_sglang
-from sglang_am.server.cpu import SHIM_DIR, cpu_environment, cpu_server_flags
+from sglang_am.server.cpu import SHIM_DIR, bind_rank_threads, cpu_environment, cpu_server_flags
 
 
 def _standin():
@@ -73,6 +73,16 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
     flags = cpu_server_flags(["--attention-backend=triton", "--mem-fraction-static", "0.1"])
     assert "torch_native" not in flags and "--max-total-tokens" not in flags and "--device" in flags
     assert cpu_environment({"PYTHONPATH": "/x"})["PYTHONPATH"] == os.pathsep.join([str(SHIM_DIR), "/x"])
+
+
+def test_several_cpu_ranks_get_their_own_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in bind_rank_threads(["--dp-size", "1"], {})
+    assert bind_rank_threads(["--dp-size", "2"], {})["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert bind_rank_threads(["--dp=2", "--tp-size", "2"], {})["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1|2|3"
+    assert bind_rank_threads(["--dp-size", "2"], {"SGLANG_CPU_OMP_THREADS_BIND": "4|3"})["SGLANG_CPU_OMP_THREADS_BIND"] == "4|3"
+    with pytest.raises(SystemExit, match="at least 6 CPU cores"):
+        bind_rank_threads(["--dp-size", "6"], {})
 
 
 def test_launcher_picks_the_attention_backend_by_device_unless_forced(monkeypatch):

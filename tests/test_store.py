@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.server.store import DocumentStore, StoreError, check_document_id
+from sglang_am.server.store import DocumentStore, Handoffs, StoreError, check_document_id
 
 FINGERPRINT = {"model_type": "llama", "weights": "abc123"}
 A, B, C = "a" * 64, "0123456789abcdef" * 4, "c" * 64
@@ -234,3 +234,49 @@ def test_writer_killed_mid_save_never_leaves_a_corrupt_copy(tmp_path):
             assert saves_completed == 0
     assert saves_completed > 0
     assert all(name == f"{A}.safetensors" or name.startswith(".tmp-") for name in os.listdir(root))
+
+
+def test_concurrent_writers_of_one_id_leave_a_whole_copy_readers_always_see(tmp_path):
+    root = tmp_path / "store"
+    versions = [_crash_version(v) for v in range(CRASH_VERSIONS)]
+    child_code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import test_store; test_store._save_forever({str(root)!r}, {A!r})"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", child_code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for writer in writers:
+            assert writer.stdout.readline() == "ready\n"
+        store = DocumentStore(root, quota_bytes=QUOTA)
+        reads, deadline = 0, time.monotonic() + 3
+        while time.monotonic() < deadline:  # both write the same id all along
+            if store.exists(A):
+                loaded = store.load(A, FINGERPRINT)
+                _assert_same(versions[loaded.config["version"]], loaded)
+                reads += 1
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+            writer.stdout.close()
+    assert reads > 0
+    assert all(name == f"{A}.safetensors" or name.startswith(".tmp-") for name in os.listdir(root))
+
+
+def test_handoffs_live_in_their_own_directories_and_stale_ones_are_removed(tmp_path):
+    store = DocumentStore(tmp_path / "store", quota_bytes=QUOTA)
+    handoffs = Handoffs(store.root, QUOTA)
+    nonce = handoffs.write(A, _prefix(seed=3))
+    _assert_same(_prefix(seed=3), handoffs.read(nonce, A, FINGERPRINT))
+    assert store.list() == [] and store.used_bytes() == 0  # not a stored document
+    for bad in ("../store", "a" * 31, A):
+        with pytest.raises(StoreError, match="handoff must be") as raised:
+            handoffs.read(bad, A, FINGERPRINT)
+        assert raised.value.status == 400
+    stale = handoffs.write(B, _prefix(seed=4))
+    hour_and_a_bit_ago = time.time() - 3700
+    os.utime(handoffs.root / stale, (hour_and_a_bit_ago, hour_and_a_bit_ago))
+    Handoffs(store.root, QUOTA)  # a server starting on this store
+    assert sorted(os.listdir(handoffs.root)) == [nonce]
+    handoffs.remove(nonce)
+    assert os.listdir(handoffs.root) == []

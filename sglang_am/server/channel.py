@@ -36,6 +36,14 @@ class DocumentCallReqOutput(BaseReq, kw_only=True):
     message: str
 
 
+def channel_for(tokenizer_manager, timeout: float) -> SchedulerChannel:
+    """The tokenizer manager's one channel (its result dispatcher takes one handler per answer type)."""
+    channel = getattr(tokenizer_manager, "am_channel", None)
+    if channel is None:
+        channel = tokenizer_manager.am_channel = SchedulerChannel(tokenizer_manager, timeout)
+    return channel
+
+
 class SchedulerChannel:
     def __init__(self, tokenizer_manager, timeout: float):
         from sglang.srt.managers.io_struct import hook_custom_types

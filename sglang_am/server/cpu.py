@@ -48,19 +48,23 @@ def _flag_value(argv: Sequence[str], names: tuple[str, ...], default: str) -> st
     return default
 
 
+def core_shares(parts: int) -> list[str]:
+    """This process's cores split evenly into ``parts`` lists (``"0,1"``), in SGLang's binding syntax."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < parts:
+        raise SystemExit(f"{parts} ranks or servers need at least {parts} CPU cores; this machine gives {len(cores)}")
+    share = len(cores) // parts
+    return [",".join(map(str, cores[r * share:(r + 1) * share])) for r in range(parts)]
+
+
 def bind_rank_threads(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` with ``SGLANG_CPU_OMP_THREADS_BIND`` splitting this process's cores evenly over the ranks
     (data-parallel times tensor-parallel) when there are several: SGLang's CPU engine otherwise binds one rank
     per NUMA node and refuses more ranks than nodes. A value the user set is kept."""
     env = dict(environ)
     ranks = int(_flag_value(argv, ("--dp-size", "--dp"), "1")) * int(_flag_value(argv, ("--tp-size", "--tp"), "1"))
-    if ranks <= 1 or THREADS_BIND_VARIABLE in env:
-        return env
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < ranks:
-        raise SystemExit(f"{ranks} ranks need at least {ranks} CPU cores; this machine gives {len(cores)}")
-    share = len(cores) // ranks
-    env[THREADS_BIND_VARIABLE] = "|".join(",".join(map(str, cores[r * share:(r + 1) * share])) for r in range(ranks))
+    if ranks > 1 and THREADS_BIND_VARIABLE not in env:
+        env[THREADS_BIND_VARIABLE] = "|".join(core_shares(ranks))
     return env
 
 

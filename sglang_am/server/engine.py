@@ -12,7 +12,7 @@ operations need no admin key here.
 
 from __future__ import annotations
 
-from .channel import SchedulerChannel
+from .channel import channel_for
 from .config import server_config
 from .service import DocumentService
 
@@ -22,7 +22,7 @@ class EngineDocuments:
         config = server_config()
         self._engine = engine
         manager = engine.tokenizer_manager
-        self._service = DocumentService(manager, SchedulerChannel(manager, config.rpc_timeout), config)
+        self._service = DocumentService(manager, channel_for(manager, config.rpc_timeout), config)
 
     def _run(self, operation):
         return self._engine.loop.run_until_complete(operation)

@@ -162,6 +162,7 @@ class DocumentOperations:
               captures)
         config = _describe_config(registration)
         if not captures:
+            _single_rank(scheduler, "installing another data-parallel rank's compaction")
             doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
                            DocState.WAITING)
             self.registry.add(doc)
@@ -454,6 +455,7 @@ class DocumentOperations:
     def op_export(self, scheduler, doc_id: str) -> dict:
         """Write a ready document as a handoff for the other data-parallel ranks (a job: its result names it)."""
         doc = self._get(doc_id)
+        _single_rank(scheduler, "handing a document to other data-parallel ranks")
         if doc.state is not DocState.READY:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
         prefix = self._snapshot(scheduler, doc)

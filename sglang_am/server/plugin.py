@@ -84,7 +84,7 @@ def _before_http_server(*args, **kwargs):
     from sglang.srt.entrypoints import http_server
 
     from .auto import policy_from_environment
-    from .channel import SchedulerChannel
+    from .channel import channel_for
     from .config import server_config
     from .routes import install_routes
     from .service import AutoCompactor, DocumentService, load_store_at_start, run_during_lifespan
@@ -92,7 +92,7 @@ def _before_http_server(*args, **kwargs):
     bound = inspect.signature(http_server._setup_and_run_http_server).bind(*args, **kwargs).arguments
     config = server_config()
     manager = bound["tokenizer_manager"]
-    service = DocumentService(manager, SchedulerChannel(manager, config.rpc_timeout), config)
+    service = DocumentService(manager, channel_for(manager, config.rpc_timeout), config)
     install_routes(http_server.app, service, config, admin_key_set=bool(bound["server_args"].admin_api_key))
     if config.load_store:
         run_during_lifespan(http_server.app, lambda: load_store_at_start(service))

@@ -145,9 +145,11 @@ class DocumentService:
                 timings = await self._capture(doc_id, prepared[primary]["salt"], ids, request, primary)
                 await self._until_ready(primary, await self._on(primary, "advance", doc_id=doc_id, timings=timings))
             waiting = [rank for rank in new if rank != primary]
-            if waiting:
-                await self._hand_off(doc_id, primary, waiting)
-            return self._merge(await self._held(doc_id))
+            handoff_seconds = await self._hand_off(doc_id, primary, waiting) if waiting else None
+            merged = self._merge(await self._held(doc_id))
+            if handoff_seconds is not None:
+                merged["timings"] = {**merged["timings"], "handoff_seconds": handoff_seconds}
+            return merged
         except BaseException as error:
             await self._abandon(doc_id, new, ready_too=True)
             if isinstance(error, DocumentError) and error.status == HTTPStatus.NOT_FOUND:
@@ -155,8 +157,9 @@ class DocumentService:
                 raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
             raise
 
-    async def _hand_off(self, doc_id: str, source: int, ranks: list[int]) -> None:
-        """Install the ready copy of rank ``source`` on the waiting ``ranks``: written once, read by each."""
+    async def _hand_off(self, doc_id: str, source: int, ranks: list[int]) -> float:
+        """Install the ready copy of rank ``source`` on the waiting ``ranks``: written once, read by each;
+        the seconds it took."""
         start = time.perf_counter()
         handoff = (await self._until_done(source, await self._on(source, "export", doc_id=doc_id)))["handoff"]
         try:
@@ -166,8 +169,9 @@ class DocumentService:
         finally:
             with contextlib.suppress(DocumentError):
                 await self._on(source, "release_handoff", handoff=handoff)
-        logger.info("sglang-am: document %s handed from DP rank %d to %s in %.3f s", doc_id, source, ranks,
-                    time.perf_counter() - start)
+        seconds = round(time.perf_counter() - start, 4)
+        logger.info("sglang-am: document %s handed from DP rank %d to %s in %.3f s", doc_id, source, ranks, seconds)
+        return seconds
 
     async def _wait_settled(self, doc_id: str) -> None:
         """Until no rank is registering or loading ``doc_id``."""
