@@ -1,16 +1,25 @@
-"""Time every compaction method batched over heads against a per-head loop.
+"""Time every compaction method batched over heads against a per-head loop, and against the machine's limit.
 
-Default inputs follow the issue: H=8 heads, D=128, T in {2048, 8192}, n=4096 reference queries, on a
-clustered synthetic block (sglang_am.core.synthetic). Writes JSON (inputs, machine, versions, seconds,
-errors) and a PNG bar chart under benchmarks/results/.
+Default inputs: H=8 heads, D=128, T in {2048, 8192}, n=4096 reference queries, on a clustered synthetic
+block (sglang_am.core.synthetic). Each method's time is also given as a multiple of one score pass (the
+n x T matmul and one exp over the scores, streamed as the methods stream them: every method spends at
+least that), with the peak memory the batched call added to the process. With ``--official PATH`` (a
+checkout of github.com/adamzweiger/compaction, which is never part of this project) the official per-head
+code runs AM-HighestAttnKeys and AM-OMP-fast on the same inputs, side by side. Writes JSON (inputs,
+machine, versions, seconds, errors) and a PNG bar chart under benchmarks/results/.
 
     python benchmarks/solver_speed.py                 # full run
+    python benchmarks/solver_speed.py --official ~/src/compaction --methods AM-HighestAttnKeys AM-OMP-fast
     python benchmarks/solver_speed.py --smoke         # seconds-long sanity run
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +32,7 @@ from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from sglang_am import compact, evaluate  # noqa: E402
+from sglang_am.core.block import query_chunk_for  # noqa: E402
 from sglang_am.core.synthetic import clustered_block  # noqa: E402
 
 METHODS = ["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "PyramidKV", "KVzip-uniform", "KVzip"]
@@ -33,6 +43,79 @@ def timed(fn):
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn):
+    """``fn()``'s result and the most resident memory it added to the process (sampled every 2 ms)."""
+    baseline, peak, running = _rss_bytes(), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        running[0] = False
+        sampler.join()
+    return result, max(0, max(peak[0], _rss_bytes()) - baseline)
+
+
+def score_pass_seconds(block, repeats: int) -> float:
+    """One pass over the n x T scores: the matmul and one exp, in the query chunks the methods stream."""
+    heads, length, dim = block.keys.shape
+    queries, keys = block.queries.float(), block.keys.float()
+    chunk = query_chunk_for(heads, length, None)
+    scale = 1 / math.sqrt(dim)
+
+    def one_pass() -> None:
+        for start in range(0, queries.shape[1], chunk):
+            torch.bmm(queries[:, start : start + chunk], keys.transpose(1, 2)).mul_(scale).exp_()
+
+    return min(timed(one_pass)[1] for _ in range(max(1, repeats)))
+
+
+OFFICIAL = {  # the paper's configurations (evaluation/configs/algorithms/default.py), per head
+    "AM-HighestAttnKeys": ("HighestAttentionKeysCompaction", {"score_method": "rms", "nnls_iters": 2,
+                                                              "nnls_lower_bound": math.exp(-3),
+                                                              "nnls_upper_bound": math.exp(3), "c2_method": "lsq"}),
+    "AM-OMP-fast": ("OMPCompaction", {"nnls_iters": 0, "nnls_upper_bound": math.exp(7), "drop_key_beta_cutoff": -7,
+                                      "c2_method": "lsq", "k_choice": 4, "nnls_interval": 2}),
+}
+
+
+def run_official(block, method: str, budget: int) -> dict | None:
+    """The official per-head code on the same inputs: seconds and held-out errors (None for other methods)."""
+    if method not in OFFICIAL:
+        return None
+    import compaction.algorithms as official
+
+    name, settings = OFFICIAL[method]
+    algorithm = getattr(official, name)(**settings)
+    heads = block.keys.shape[0]
+
+    def per_head():
+        return [algorithm.compute_compacted_cache(block.keys[h], block.values[h], block.queries[h], budget)
+                for h in range(heads)]
+
+    solved, seconds = timed(per_head)
+    width = max(len(beta) for _, beta, _, _ in solved)
+
+    def padded(tensor, fill):
+        return torch.cat([tensor.float(), tensor.new_full((width - tensor.shape[0], *tensor.shape[1:]), fill).float()])
+
+    result = (torch.stack([padded(keys, 0.0) for keys, _, _, _ in solved]),
+              torch.stack([padded(values, 0.0) for _, _, values, _ in solved]),
+              torch.stack([padded(beta, -math.inf) for _, beta, _, _ in solved]))
+    return {"seconds": seconds, "heldout_errors": heldout_errors(block, result, range(heads))}
 
 
 def run_case(block, method: str, budget: int, repeats: int) -> dict:
@@ -49,12 +132,16 @@ def run_case(block, method: str, budget: int, repeats: int) -> dict:
         ]
 
     batched_times, loop_times = [], []
-    for _ in range(repeats):
-        result, seconds = timed(batched)
-        batched_times.append(seconds)
+    (result, seconds), added_bytes = peak_memory(lambda: timed(batched))
+    batched_times.append(seconds)
+    for repeat in range(repeats):
+        if repeat:
+            result, seconds = timed(batched)
+            batched_times.append(seconds)
         loop_results, seconds = timed(per_head)
         loop_times.append(seconds)
     return {
+        "peak_added_mib": round(added_bytes / 2**20, 1),
         "method": method,
         "options": options,
         "budget": budget,
@@ -129,7 +216,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "solver_speed.json", help="JSON path")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
+    parser.add_argument("--official", type=Path, help="a checkout of adamzweiger/compaction: run its per-head code "
+                        "side by side (AM-HighestAttnKeys, AM-OMP-fast)")
     args = parser.parse_args()
+    if args.official is not None:
+        if not (args.official / "compaction" / "algorithms").is_dir():
+            parser.error(f"--official {args.official} is not a checkout of adamzweiger/compaction")
+        sys.path.insert(0, str(args.official))
+        print(f"running the official code from {args.official} side by side (not part of this project)", flush=True)
     if args.smoke:
         args.heads, args.head_dim, args.lengths, args.queries = 2, 16, [128], 64
     if not 0 < args.ratio <= 1:
@@ -137,7 +231,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rows = []
+    rows, score_pass = [], {}
     cases = [(length, method) for length in args.lengths for method in args.methods]
     blocks = {}
     for length, method in tqdm(cases, desc="solver_speed", unit="case"):
@@ -146,17 +240,28 @@ def main() -> None:
                 heads=args.heads, length=length, head_dim=args.head_dim, num_queries=args.queries,
                 num_heldout=512, num_clusters=max(8, length // 64), seed=0,
             )
+            score_pass[length] = score_pass_seconds(blocks[length], args.repeats)
+            tqdm.write(f"T={length:>5} one score pass {score_pass[length]:.3f}s")
         budget = max(1, int(args.ratio * length))
-        rows.append({"T": length, **run_case(blocks[length], method, budget, args.repeats)})
+        row = {"T": length, **run_case(blocks[length], method, budget, args.repeats), "score_pass_seconds": score_pass[length]}
+        row["score_passes"] = row["batched_seconds"] / score_pass[length]
+        if args.official is not None:
+            row["official"] = run_official(blocks[length], method, budget)
+        rows.append(row)
+        official = row.get("official")
         tqdm.write(
-            f"T={length:>5} {method:<20} batched {rows[-1]['batched_seconds']:8.3f}s  "
-            f"loop {rows[-1]['per_head_loop_seconds']:8.3f}s  rel_l2 {rows[-1]['heldout_errors']['relative_l2']:.4f}"
+            f"T={length:>5} {method:<20} batched {row['batched_seconds']:8.3f}s ({row['score_passes']:.2f} passes, "
+            f"+{row['peak_added_mib']} MiB)  loop {row['per_head_loop_seconds']:8.3f}s  "
+            f"rel_l2 {row['heldout_errors']['relative_l2']:.4f}"
+            + (f"  official {official['seconds']:.3f}s rel_l2 {official['heldout_errors']['relative_l2']:.4f}"
+               if official else "")
         )
     payload = {
         "benchmark": "solver_speed",
         "inputs": {
             "heads": args.heads, "head_dim": args.head_dim, "lengths": args.lengths, "queries": args.queries,
             "heldout_queries": 512, "ratio": args.ratio, "repeats": args.repeats, "data": "clustered_block(seed=0)",
+            "official": str(args.official) if args.official else None,
         },
         **environment(),
         "results": rows,

@@ -90,13 +90,13 @@ def _plain_omp(q, k, t, keys_per_step, refit_every, drop_below=-7.0):
     mass = phi.sum(dim=1)
     lo, hi = 1e-12, math.exp(7)
     selected, excluded, weights = [], set(), torch.zeros(0)
-    iteration = 0
+    iteration, refit_next = 0, False
 
     def refit():
         return _plain_nnls(phi[:, selected], mass, lo, hi, 0)
 
     def greedy():
-        nonlocal weights, iteration
+        nonlocal weights, iteration, refit_next
         while len(selected) < t and len(selected) + len(excluded) < k.shape[0]:
             residual = mass - phi[:, selected] @ weights
             correlation = phi.T @ residual
@@ -104,9 +104,9 @@ def _plain_omp(q, k, t, keys_per_step, refit_every, drop_below=-7.0):
             new = correlation.topk(min(keys_per_step, t - len(selected))).indices.tolist()
             selected.extend(new)
             weights = torch.cat([weights, torch.full((len(new),), lo)])
-            iteration += 1
-            if iteration % refit_every == 0:
+            if iteration % refit_every == 0 or refit_next:  # steps 1, 1 + tau, ...; and right after a drop
                 weights = refit()
+            iteration, refit_next = iteration + 1, False
 
     greedy()
     weights = refit()
@@ -117,6 +117,7 @@ def _plain_omp(q, k, t, keys_per_step, refit_every, drop_below=-7.0):
         keep = [i for i, j in enumerate(selected) if j not in bad]
         selected[:] = [selected[i] for i in keep]
         excluded.update(bad)
+        iteration, refit_next = iteration + 1, True
         weights = refit()
         greedy()
         weights = refit()

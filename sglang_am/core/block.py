@@ -1,8 +1,8 @@
 """One compaction problem in float32, and the attention statistics the methods share.
 
 Everything that touches the full ``n x T`` score matrix streams over query chunks, so peak memory is
-``H x query_chunk x T`` floats (AM-OMP is the exception: its greedy loop needs the whole mass-feature
-matrix, see ``mass_features``).
+``H x query_chunk x T`` floats (AM-OMP's greedy loop holds mass-feature matrices, ``mass_features``, for as
+many heads and candidate keys as its ``memory_bytes`` allows).
 """
 
 from __future__ import annotations
@@ -181,14 +181,34 @@ class Block:
             return F.avg_pool1d(scores.unsqueeze(1), pool_kernel, stride=1, padding=pool_kernel // 2).squeeze(1)
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
-    def mass_features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Phi = exp(s - c)`` ``[H, n, T]`` (materialised) and its row sums, the mass targets ``[H, n]``."""
-        phi = self.keys.new_empty(self.num_heads, self.num_queries, self.length)
+    def mass_features(self, heads: torch.Tensor, candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Phi = exp(s - c)`` ``[h, n, C]`` (materialised) of the ``heads`` (indices ``[h]``) over their
+        ``candidates`` (key indices ``[h, C]``; every key when None), and the mass targets ``[h, n]``, always
+        over every key."""
+        keys = self.keys[heads] if candidates is None else self.keys[heads].gather(
+            1, candidates.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1]))
+        bias = None if self.key_bias is None else self.key_bias[heads]
+        if bias is not None and candidates is not None:
+            bias = bias.gather(1, candidates)
+        shift = self.stats.max_logit[heads]
+        phi = keys.new_empty(len(heads), self.num_queries, keys.shape[1])
+        for start in self.chunk_starts():
+            stop = start + self.query_chunk
+            logits = torch.bmm(self.queries[heads, start:stop], keys.transpose(1, 2)).mul_(self.scale)
+            if bias is not None:
+                logits.add_(bias.unsqueeze(1))
+            phi[:, start:stop] = logits.sub_(shift[:, start:stop].unsqueeze(-1)).exp_()
+        return phi, self.stats.mass[heads]
+
+    def first_correlation(self) -> torch.Tensor:
+        """``Phi^T m`` ``[H, T]``: each key's correlation with the mass targets, the score of OMP's first step
+        (one more streamed pass over the scores)."""
+        correlation = self.keys.new_zeros(self.num_heads, self.length)
         for start in self.chunk_starts():
             logits = self.logits(start)
-            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-            phi[:, start : start + logits.shape[1]] = logits
-        return phi, phi.sum(dim=-1)
+            phi = logits.sub_(self.stats.max_logit[:, start : start + logits.shape[1]].unsqueeze(-1)).exp_()
+            correlation += torch.bmm(self.stats.mass[:, start : start + logits.shape[1]].unsqueeze(1), phi).squeeze(1)
+        return correlation
 
     def shifted_exp(self, selected_keys: torch.Tensor) -> torch.Tensor:
         """``exp(q C_kᵀ · scale - c)`` ``[H, n, t]``: the mass features of the selected keys."""

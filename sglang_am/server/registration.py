@@ -81,6 +81,7 @@ OPTION_BOUNDS = {
     "schedule": Bound("schedule", optional=True),
     "drop_below": Bound("float", -50.0, 50.0),
     "drop_rounds": Bound("int", 0, 10),
+    "memory_bytes": Bound("int", 1 << 20, 1 << 32),
     "pyramid_beta": Bound("float", 1.0, 1e4),
 }
 

@@ -33,6 +33,10 @@ class OMPOptions(CompactionOptions):
         e.g. ``PROGRESSIVE_SCHEDULE``.
     drop_below, drop_rounds: after the loop, keys with ``beta < drop_below`` are dropped, excluded for good
         and their slots refilled, at most ``drop_rounds`` times.
+    memory_bytes: what the greedy loop may hold: the mass features (n x T floats per head), the selected
+        columns and their factorisation (2 x n x t). Heads are solved in groups that fit; when one head does
+        not fit with every key, its candidates are the keys with the largest first-step correlation
+        (``Phi^T m``) that do, which may change the selection.
     The NNLS box defaults to ``w in [1e-12, e^7]`` with no gradient steps (lstsq + clamp)."""
 
     beta_min: float = math.log(1e-12)
@@ -43,9 +47,12 @@ class OMPOptions(CompactionOptions):
     schedule: tuple[tuple[int | None, int, int], ...] | None = None
     drop_below: float = -7.0
     drop_rounds: int = 3
+    memory_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.memory_bytes < 1:
+            raise ValueError(f"memory_bytes must be >= 1, got {self.memory_bytes}")
         if self.keys_per_step < 1 or self.refit_every < 1:
             raise ValueError(
                 f"keys_per_step and refit_every must be >= 1, got {self.keys_per_step}, {self.refit_every}"
@@ -78,6 +85,7 @@ class _GreedyState:
         self.count = torch.zeros(heads, dtype=torch.long, device=device)
         self.taken = torch.zeros(heads, length, dtype=torch.bool, device=device)  # selected or excluded
         self.iteration = torch.zeros(heads, dtype=torch.long, device=device)
+        self.refit_next = torch.zeros(heads, dtype=torch.bool, device=device)  # whatever the interval says
         self.residual = mass.clone()
         self.factorization = IncrementalQR(mass, width) if num_queries >= width else None
 
@@ -136,8 +144,12 @@ class _GreedyState:
         self.weights[rows, slots] = self.lo  # placeholder until the next refit
         self.taken[rows, chosen] = True
         self.count += take.sum(dim=1)
+        # The reference tests the count before it grows: steps 1, 1 + tau, ... refit, so the second step
+        # already sees the first step's residual.
+        due = active & ((self.iteration % taus == 0) | self.refit_next)
+        self.refit_next &= ~active
         self.iteration += active.long()
-        self.refit(active & (self.iteration % taus == 0))
+        self.refit(due)
         return True
 
     def run_greedy(self) -> None:
@@ -153,12 +165,16 @@ class _GreedyState:
         self.weights = self.weights.gather(1, order) * keep
         self.columns = self.columns.gather(2, order.unsqueeze(1).expand_as(self.columns)) * keep.unsqueeze(1)
         self.count = keep.sum(dim=1)
+        changed = bad.any(dim=1)
         if self.factorization is not None:
-            self.factorization.rebuild(bad.any(dim=1), self.columns, self.count)
+            self.factorization.rebuild(changed, self.columns, self.count)
+        # As the reference: a drop counts as a step, and the first refill step refits.
+        self.iteration += changed.long()
+        self.refit_next |= changed
 
 
-def _select_omp(block: Block, budgets: torch.Tensor, options: OMPOptions) -> Selection:
-    phi, mass = block.mass_features()
+def _greedy(phi: torch.Tensor, mass: torch.Tensor, budgets: torch.Tensor, options: OMPOptions) -> Selection:
+    """OMP over the columns of ``phi`` ``[h, n, C]``: their indices and log mass weights."""
     state = _GreedyState(phi, mass, budgets, options)
     state.run_greedy()
     state.refit(state.count > 0)  # always refit at the end (the reference skips this when tau == 1)
@@ -175,6 +191,35 @@ def _select_omp(block: Block, budgets: torch.Tensor, options: OMPOptions) -> Sel
     valid = state.selected >= 0
     log_weights = state.weights.clamp(min=state.lo).log().masked_fill(~valid, -math.inf)
     return Selection(state.selected, log_weights)
+
+
+def memory_plan(heads: int, queries: int, length: int, width: int, memory_bytes: int) -> tuple[int, int]:
+    """Heads per group and candidate keys per head such that the greedy state, ``n x (C + 2t)`` floats per
+    head, fits ``memory_bytes`` (at least one head, and at least ``2t`` candidates, whatever the bound)."""
+    per_key = queries * 4
+    candidates = min(length, max(2 * width, memory_bytes // per_key - 2 * width))
+    per_head = per_key * (candidates + 2 * width)
+    return max(1, min(heads, memory_bytes // per_head)), candidates
+
+
+def _select_omp(block: Block, budgets: torch.Tensor, options: OMPOptions) -> Selection:
+    width = int(budgets.max())
+    group, count = memory_plan(block.num_heads, block.num_queries, block.length, width, options.memory_bytes)
+    candidates = None if count == block.length else block.first_correlation().topk(count, dim=1).indices
+    indices = torch.full((block.num_heads, width), -1, dtype=torch.long, device=budgets.device)
+    log_weights = torch.full((block.num_heads, width), -math.inf, device=budgets.device)
+    for start in range(0, block.num_heads, group):
+        heads = torch.arange(start, min(start + group, block.num_heads), device=budgets.device)
+        chosen = None if candidates is None else candidates[heads]
+        phi, mass = block.mass_features(heads, chosen)
+        selection = _greedy(phi, mass, budgets[heads], options)
+        del phi
+        picked = selection.indices
+        if chosen is not None:  # candidate positions back to key indices
+            picked = chosen.gather(1, picked.clamp(min=0)).masked_fill(picked < 0, -1)
+        indices[heads, : picked.shape[1]] = picked
+        log_weights[heads, : picked.shape[1]] = selection.log_weights
+    return Selection(indices, log_weights)
 
 
 register_method(
