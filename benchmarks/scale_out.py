@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=["manual", "cache_aware"])
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per answer")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock SGLang configurations")
     parser.add_argument("--output", default=str(RESULTS_DIR / "scale_out.json"))
     args = parser.parse_args()
 
@@ -136,9 +137,10 @@ def main() -> None:
         registered = [client.register(input_ids=ids, ratio=args.ratio) for ids in documents]
         return round(time.perf_counter() - start, 3), [doc["timings"] for doc in registered]
 
-    with serving(flags, stock=True) as url:
-        row = run_workload("1 server, stock", url, questions, documents, args)
-        rows.append({**row, "resident_copies": resident_copies([url], questions, documents)})
+    if not args.no_stock:
+        with serving(flags, stock=True) as url:
+            row = run_workload("1 server, stock", url, questions, documents, args)
+            rows.append({**row, "resident_copies": resident_copies([url], questions, documents)})
     with serving(flags) as url:
         seconds, _ = register_all(DocumentsClient(url))
         row = run_workload(f"1 server, compacted @ {args.ratio}", url, questions, documents, args)
@@ -151,9 +153,10 @@ def main() -> None:
                      "resident_copies": resident_copies([url], questions, documents)})
     comparison = None
     for policy in args.policies:
-        with cluster(2, policy, flags, stock=True) as running:
-            row = run_workload(f"2 workers ({policy}), stock", running.url, questions, documents, args, route)
-            rows.append({**row, "resident_copies": resident_copies(running.worker_urls, questions, documents)})
+        if not args.no_stock:
+            with cluster(2, policy, flags, stock=True) as running:
+                row = run_workload(f"2 workers ({policy}), stock", running.url, questions, documents, args, route)
+                rows.append({**row, "resident_copies": resident_copies(running.worker_urls, questions, documents)})
         with cluster(2, policy, flags) as running:
             if comparison is None:
                 prompts = [q.prompt for q in questions if q.document == 0]

@@ -85,7 +85,7 @@ class _GreedyState:
         self.count = torch.zeros(heads, dtype=torch.long, device=device)
         self.taken = torch.zeros(heads, length, dtype=torch.bool, device=device)  # selected or excluded
         self.iteration = torch.zeros(heads, dtype=torch.long, device=device)
-        self.refit_next = torch.zeros(heads, dtype=torch.bool, device=device)  # whatever the interval says
+        self.refit_next = torch.zeros(heads, dtype=torch.bool, device=device)  # set by a drop: refit whatever tau says
         self.residual = mass.clone()
         self.factorization = IncrementalQR(mass, width) if num_queries >= width else None
 
