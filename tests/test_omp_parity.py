@@ -120,7 +120,7 @@ def test_candidate_keys_keep_the_error_within_10_percent(ratio):
     block = clustered_block(heads=2, length=2048, head_dim=64, num_queries=512, seed=3)
     budget = round(ratio * 2048)
     whole = compact(block.keys, block.values, block.queries, budget=budget, method="AM-OMP-fast")
-    quarter = 4 * 512 * (512 + 2 * budget)  # a quarter of the keys as candidates
-    narrowed = compact(block.keys, block.values, block.queries, budget=budget, method="AM-OMP-fast", memory_bytes=quarter)
+    half = 4 * 512 * (1024 + 2 * budget)  # half of the keys as candidates
+    narrowed = compact(block.keys, block.values, block.queries, budget=budget, method="AM-OMP-fast", memory_bytes=half)
     errors = [evaluate(block.keys, block.values, result, block.heldout_queries).relative_l2 for result in (whole, narrowed)]
     assert (errors[1] <= 1.10 * errors[0]).all(), errors
