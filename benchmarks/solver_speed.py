@@ -5,11 +5,14 @@ block (sglang_am.core.synthetic). Each method's time is also given as a multiple
 n x T matmul and one exp over the scores, streamed as the methods stream them: every method spends at
 least that), with the peak memory the batched call added to the process. With ``--official PATH`` (a
 checkout of github.com/adamzweiger/compaction, which is never part of this project) the official per-head
-code runs AM-HighestAttnKeys and AM-OMP-fast on the same inputs, side by side. Writes JSON (inputs,
+code runs AM-HighestAttnKeys and AM-OMP-fast on the same inputs, side by side. ``--score-dtype bfloat16``
+runs the n x T products (and the score pass they are measured against) in bfloat16. Writes JSON (inputs,
 machine, versions, seconds, errors) and a PNG bar chart under benchmarks/results/.
 
     python benchmarks/solver_speed.py                 # full run
     python benchmarks/solver_speed.py --official ~/src/compaction --methods AM-HighestAttnKeys AM-OMP-fast
+    python benchmarks/solver_speed.py --lengths 32768 --queries 5000 --ratio 0.1 --no-loop \
+        --methods AM-HighestAttnKeys AM-OMP-fast --output benchmarks/results/solver_speed_32k.json
     python benchmarks/solver_speed.py --smoke         # seconds-long sanity run
 """
 
@@ -32,7 +35,7 @@ from common import RESULTS_DIR, environment, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from sglang_am import compact, evaluate  # noqa: E402
-from sglang_am.core.block import query_chunk_for  # noqa: E402
+from sglang_am.core.block import SCORE_DTYPES, query_chunk_for  # noqa: E402
 from sglang_am.core.synthetic import clustered_block  # noqa: E402
 
 METHODS = ["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "PyramidKV", "KVzip-uniform", "KVzip"]
@@ -69,16 +72,17 @@ def peak_memory(fn):
     return result, max(0, max(peak[0], _rss_bytes()) - baseline)
 
 
-def score_pass_seconds(block, repeats: int) -> float:
-    """One pass over the n x T scores: the matmul and one exp, in the query chunks the methods stream."""
+def score_pass_seconds(block, repeats: int, score_dtype: torch.dtype) -> float:
+    """One pass over the n x T scores: the matmul (in ``score_dtype``) and one float32 exp, in the query chunks
+    the methods stream."""
     heads, length, dim = block.keys.shape
-    queries, keys = block.queries.float(), block.keys.float()
+    queries, keys = block.queries.to(score_dtype), block.keys.to(score_dtype)
     chunk = query_chunk_for(heads, length, None)
     scale = 1 / math.sqrt(dim)
 
     def one_pass() -> None:
         for start in range(0, queries.shape[1], chunk):
-            torch.bmm(queries[:, start : start + chunk], keys.transpose(1, 2)).mul_(scale).exp_()
+            torch.bmm(queries[:, start : start + chunk], keys.transpose(1, 2)).float().mul_(scale).exp_()
 
     return min(timed(one_pass)[1] for _ in range(max(1, repeats)))
 
@@ -118,8 +122,8 @@ def run_official(block, method: str, budget: int) -> dict | None:
     return {"seconds": seconds, "heldout_errors": heldout_errors(block, result, range(heads))}
 
 
-def run_case(block, method: str, budget: int, repeats: int) -> dict:
-    options = EXTRA_OPTIONS.get(method, {})
+def run_case(block, method: str, budget: int, repeats: int, score_dtype: str, loop: bool) -> dict:
+    options = {**EXTRA_OPTIONS.get(method, {}), "score_dtype": score_dtype}
     heads = block.keys.shape[0]
 
     def batched():
@@ -138,20 +142,21 @@ def run_case(block, method: str, budget: int, repeats: int) -> dict:
         if repeat:
             result, seconds = timed(batched)
             batched_times.append(seconds)
-        loop_results, seconds = timed(per_head)
-        loop_times.append(seconds)
+        if loop:
+            loop_results, seconds = timed(per_head)
+            loop_times.append(seconds)
     return {
         "peak_added_mib": round(added_bytes / 2**20, 1),
         "method": method,
         "options": options,
         "budget": budget,
         "batched_seconds": min(batched_times),
-        "per_head_loop_seconds": min(loop_times),
-        "speedup": min(loop_times) / min(batched_times),
+        "per_head_loop_seconds": min(loop_times) if loop else None,
+        "speedup": min(loop_times) / min(batched_times) if loop else None,
         "heldout_errors": heldout_errors(block, result, range(heads)),
         "kept_slots_per_head": result.lengths.tolist(),
         # KVzip's global top-k is not separable by head, so its per-head loop solves another problem.
-        "loop_agreement": None if method == "KVzip" else loop_agreement(block, result, loop_results),
+        "loop_agreement": None if method == "KVzip" or not loop else loop_agreement(block, result, loop_results),
     }
 
 
@@ -192,7 +197,7 @@ def plot(rows: list[dict], path: Path) -> None:
         names = [row["method"] for row in subset]
         xs = range(len(subset))
         ax.bar([x - 0.2 for x in xs], [row["batched_seconds"] for row in subset], 0.4, label="batched")
-        ax.bar([x + 0.2 for x in xs], [row["per_head_loop_seconds"] for row in subset], 0.4, label="per-head loop")
+        ax.bar([x + 0.2 for x in xs], [row["per_head_loop_seconds"] or 0 for row in subset], 0.4, label="per-head loop")
         ax.set_yscale("log")
         ax.set_xticks(list(xs), names, rotation=35, ha="right")
         ax.set_ylabel("seconds (log)")
@@ -215,6 +220,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timing repeats; the minimum is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "solver_speed.json", help="JSON path")
+    parser.add_argument("--score-dtype", choices=sorted(SCORE_DTYPES), default="float32",
+                        help="precision of the n x T products (the methods' score_dtype option) and of the score pass")
+    parser.add_argument("--no-loop", action="store_true", help="skip the per-head loop (long documents)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
     parser.add_argument("--official", type=Path, help="a checkout of adamzweiger/compaction: run its per-head code "
                         "side by side (AM-HighestAttnKeys, AM-OMP-fast)")
@@ -240,10 +248,11 @@ def main() -> None:
                 heads=args.heads, length=length, head_dim=args.head_dim, num_queries=args.queries,
                 num_heldout=512, num_clusters=max(8, length // 64), seed=0,
             )
-            score_pass[length] = score_pass_seconds(blocks[length], args.repeats)
+            score_pass[length] = score_pass_seconds(blocks[length], args.repeats, SCORE_DTYPES[args.score_dtype])
             tqdm.write(f"T={length:>5} one score pass {score_pass[length]:.3f}s")
         budget = max(1, int(args.ratio * length))
-        row = {"T": length, **run_case(blocks[length], method, budget, args.repeats), "score_pass_seconds": score_pass[length]}
+        row = {"T": length, **run_case(blocks[length], method, budget, args.repeats, args.score_dtype, not args.no_loop),
+               "score_pass_seconds": score_pass[length]}
         row["score_passes"] = row["batched_seconds"] / score_pass[length]
         if args.official is not None:
             row["official"] = run_official(blocks[length], method, budget)
@@ -251,7 +260,7 @@ def main() -> None:
         official = row.get("official")
         tqdm.write(
             f"T={length:>5} {method:<20} batched {row['batched_seconds']:8.3f}s ({row['score_passes']:.2f} passes, "
-            f"+{row['peak_added_mib']} MiB)  loop {row['per_head_loop_seconds']:8.3f}s  "
+            f"+{row['peak_added_mib']} MiB)  loop {row['per_head_loop_seconds'] or 0:8.3f}s  "
             f"rel_l2 {row['heldout_errors']['relative_l2']:.4f}"
             + (f"  official {official['seconds']:.3f}s rel_l2 {official['heldout_errors']['relative_l2']:.4f}"
                if official else "")
@@ -261,6 +270,7 @@ def main() -> None:
         "inputs": {
             "heads": args.heads, "head_dim": args.head_dim, "lengths": args.lengths, "queries": args.queries,
             "heldout_queries": 512, "ratio": args.ratio, "repeats": args.repeats, "data": "clustered_block(seed=0)",
+            "score_dtype": args.score_dtype, "per_head_loop": not args.no_loop,
             "official": str(args.official) if args.official else None,
         },
         **environment(),

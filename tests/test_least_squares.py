@@ -10,6 +10,13 @@ def _problem(rows, cols, seed=0):
     return torch.randn(3, rows, cols, generator=g), torch.randn(3, rows, 2, generator=g)
 
 
+def _rank_deficient(a):
+    """Every head repeats its first column, so only the rank-revealing solver may answer."""
+    a = a.clone()
+    a[:, :, -1] = a[:, :, 0]
+    return a
+
+
 def test_ragged_columns_solve_as_if_absent():
     a, b = _problem(40, 6)
     valid = torch.tensor([[True] * 6, [True, True, True, False, False, False], [False, True, False, True, True, True]])
@@ -24,19 +31,21 @@ def test_ragged_columns_solve_as_if_absent():
 @pytest.mark.parametrize("rows, cols", [(40, 6), (4, 9)])  # primal and dual (n < t) fallback forms
 def test_cholesky_fallback_when_lstsq_fails(monkeypatch, rows, cols):
     a, b = _problem(rows, cols, seed=1)
+    a = _rank_deficient(a)
     valid = torch.ones(3, cols, dtype=torch.bool)
-    expected = torch.linalg.lstsq(a, b, driver="gelsd").solution  # minimum-norm solution
+    expected = torch.linalg.lstsq(a, b, driver="gelsd").solution
 
     def failing_lstsq(*args, **kwargs):
         raise RuntimeError("simulated solver failure")
 
     monkeypatch.setattr(least_squares.torch.linalg, "lstsq", failing_lstsq)
     x = masked_lstsq(a, b, valid)
-    torch.testing.assert_close(x, expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(a @ x, a @ expected, rtol=1e-3, atol=1e-3)  # the solution is not unique
 
 
 def test_non_finite_lstsq_heads_fall_back_individually(monkeypatch):
     a, b = _problem(40, 6, seed=2)
+    a = _rank_deficient(a)
     valid = torch.ones(3, 6, dtype=torch.bool)
     real_lstsq = torch.linalg.lstsq
     expected = real_lstsq(a, b).solution
@@ -49,7 +58,26 @@ def test_non_finite_lstsq_heads_fall_back_individually(monkeypatch):
     monkeypatch.setattr(least_squares.torch.linalg, "lstsq", partly_nan)
     x = masked_lstsq(a, b, valid)
     assert torch.isfinite(x).all()
-    torch.testing.assert_close(x, expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(a @ x, a @ expected, rtol=1e-3, atol=1e-3)
+
+
+def test_full_rank_heads_use_qr_and_rank_deficient_heads_use_lstsq(monkeypatch):
+    a, b = _problem(50, 8, seed=3)
+    a[1, :, 5] = 2 * a[1, :, 2]  # head 1 is rank-deficient
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    real_lstsq, asked = torch.linalg.lstsq, []
+
+    def recording_lstsq(a, b, *args, **kwargs):
+        asked.append(a.shape[0])
+        return real_lstsq(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(least_squares.torch.linalg, "lstsq", recording_lstsq)
+    x = masked_lstsq(a, b, valid)
+    assert asked == [1]  # only the rank-deficient head
+    for h in (0, 2):
+        torch.testing.assert_close(x[h], real_lstsq(a[h], b[h]).solution, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a[1] @ x[1], a[1] @ real_lstsq(a[1], b[1]).solution, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(x).all()
 
 
 def _lstsq_on(columns, target, count):

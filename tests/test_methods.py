@@ -89,6 +89,21 @@ def test_low_precision_inputs_return_input_dtype_and_exact_keys(small_block):
     assert error < 1.05 * evaluate(keys.float(), values.float(), as_float, b.heldout_queries).mean()["relative_l2"] + 0.01
 
 
+@pytest.mark.parametrize("method", ["AM-HighestAttnKeys", "AM-OMP-fast"])
+def test_bfloat16_score_products_keep_the_error(small_block, method):
+    b = small_block
+    errors, values = {}, {}
+    for score_dtype in ("float32", "bfloat16"):
+        result = compact(b.keys, b.values, b.queries, 16, method, score_dtype=score_dtype)
+        assert result.values.dtype == torch.float32
+        values[score_dtype] = result.values
+        errors[score_dtype] = evaluate(b.keys, b.values, result, b.heldout_queries).mean()["relative_l2"]
+    assert not torch.equal(values["bfloat16"], values["float32"])  # the products did run in bfloat16
+    assert errors["bfloat16"] < 1.05 * errors["float32"] + 0.005
+    with pytest.raises(ValueError, match="score_dtype"):
+        compact(b.keys, b.values, b.queries, 16, method, score_dtype="float16")
+
+
 def test_ablations_only_change_what_they_name(small_block):
     b = small_block
     full = compact(b.keys, b.values, b.queries, 15)

@@ -18,6 +18,9 @@ from .cancel import checkpoint
 
 SCORE_KINDS = ("rms", "mean", "max")
 STATS_BACKENDS = ("auto", "torch", "gpu")
+# The n x T products (scores, attention outputs, mass features) may run in bfloat16 with float32 results;
+# every reduction, exp and fit stays float32.
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 POOLINGS = (None, "max", "avg")
 # Default score tile: 4 Mi floats (16 MiB). Several elementwise passes run over each tile, so one that
 # stays cache-sized ran 1.2-1.5x faster on CPU than 1024-query chunks (H=8, D=128, T=2048 and 8192).
@@ -72,7 +75,8 @@ class Block:
     optional logit bias ``[H, T]`` already on the keys (part of every original logit).
 
     ``stats_backend`` (see ``resolve_stats_backend``) computes the attention statistics in torch, or on
-    GPU with FlashInfer (outputs, log-sum-exp, in the keys' dtype) and Triton (row max, key scores)."""
+    GPU with FlashInfer (outputs, log-sum-exp, in the keys' dtype) and Triton (row max, key scores).
+    ``score_dtype`` (``SCORE_DTYPES``) is the precision of the torch backend's n x T matmuls."""
 
     def __init__(
         self,
@@ -84,7 +88,10 @@ class Block:
         need_outputs: bool = True,
         key_bias: torch.Tensor | None = None,
         stats_backend: str = "auto",
+        score_dtype: str = "float32",
     ):
+        if score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {score_dtype!r}")
         self.stats_backend = resolve_stats_backend(stats_backend, keys, key_bias)
         self.input_dtype = keys.dtype
         self.key_bias = None if key_bias is None else key_bias.float()
@@ -94,6 +101,15 @@ class Block:
         self.scale = scale
         self.query_chunk = query_chunk_for(keys.shape[0], keys.shape[1], query_chunk)
         self.need_outputs = need_outputs
+        self.score_dtype = SCORE_DTYPES[score_dtype]
+        # Operands of the n x T products, kept once in score_dtype (the float32 tensors themselves by default).
+        self._score_queries = self.queries.to(self.score_dtype)
+        self._score_keys_t = self.keys.to(self.score_dtype).transpose(1, 2)
+        self._score_values = self.values.to(self.score_dtype)
+
+    def _product(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``left @ right`` in ``score_dtype``, as float32."""
+        return torch.bmm(left.to(self.score_dtype), right).float()
 
     @property
     def num_heads(self) -> int:
@@ -109,8 +125,7 @@ class Block:
 
     def logits(self, start: int) -> torch.Tensor:
         """Scaled logits ``[H, chunk, T]`` (plus the key bias) of the query chunk starting at ``start``."""
-        q = self.queries[:, start : start + self.query_chunk]
-        logits = torch.bmm(q, self.keys.transpose(1, 2)).mul_(self.scale)
+        logits = self._product(self._score_queries[:, start : start + self.query_chunk], self._score_keys_t).mul_(self.scale)
         return logits if self.key_bias is None else logits.add_(self.key_bias.unsqueeze(1))
 
     def selected_logits(self, selected_keys: torch.Tensor) -> torch.Tensor:
@@ -155,7 +170,7 @@ class Block:
             mass = weights.sum(dim=-1)
             weights.div_(mass.unsqueeze(-1))
             if self.need_outputs:
-                outputs.append(torch.bmm(weights, self.values))
+                outputs.append(self._product(weights, self._score_values))
             key_sum += weights.sum(dim=1)
             key_max = torch.maximum(key_max, weights.amax(dim=1))
             key_sum_squares += weights.square_().sum(dim=1)
@@ -185,16 +200,17 @@ class Block:
         """``Phi = exp(s - c)`` ``[h, n, C]`` (materialised) of the ``heads`` (indices ``[h]``) over their
         ``candidates`` (key indices ``[h, C]``; every key when None), and the mass targets ``[h, n]``, always
         over every key."""
-        keys = self.keys[heads] if candidates is None else self.keys[heads].gather(
-            1, candidates.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1]))
+        keys_t = self._score_keys_t[heads]
+        if candidates is not None:
+            keys_t = keys_t.gather(2, candidates.unsqueeze(1).expand(-1, keys_t.shape[1], -1))
         bias = None if self.key_bias is None else self.key_bias[heads]
         if bias is not None and candidates is not None:
             bias = bias.gather(1, candidates)
         shift = self.stats.max_logit[heads]
-        phi = keys.new_empty(len(heads), self.num_queries, keys.shape[1])
+        phi = self.keys.new_empty(len(heads), self.num_queries, keys_t.shape[2])
         for start in self.chunk_starts():
             stop = start + self.query_chunk
-            logits = torch.bmm(self.queries[heads, start:stop], keys.transpose(1, 2)).mul_(self.scale)
+            logits = self._product(self._score_queries[heads, start:stop], keys_t).mul_(self.scale)
             if bias is not None:
                 logits.add_(bias.unsqueeze(1))
             phi[:, start:stop] = logits.sub_(shift[:, start:stop].unsqueeze(-1)).exp_()

@@ -62,6 +62,7 @@ def compact(
         query_chunk=opts.query_chunk,
         need_outputs=opts.fit_values,
         stats_backend=opts.stats_backend,
+        score_dtype=opts.score_dtype,
     )
     clock = _StageClock(keys.device)
     selection = _sorted(spec.select(block, budgets[solve].to(keys.device), opts))

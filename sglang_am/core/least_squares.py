@@ -15,9 +15,10 @@ def masked_lstsq(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch
 
     ``a`` ``[H, n, t]``, ``b`` ``[H, n, k]``, ``valid`` ``[H, t]`` bool. Invalid columns get ``x = 0``:
     they are zeroed and pinned by one extra identity row each, which leaves the valid columns' problem
-    exactly as if the column had never existed, so ragged heads share one batched call. Uses
-    ``torch.linalg.lstsq``; heads where it fails or returns non-finite values fall back to Cholesky on
-    the ridge-regularised normal equations (dual form when n < t).
+    exactly as if the column had never existed, so ragged heads share one batched call. Tall heads of
+    full column rank are solved by Householder QR without pivoting (``_full_rank_qr_solve``); the others
+    by ``torch.linalg.lstsq``, and heads where that fails or returns non-finite values fall back to
+    Cholesky on the ridge-regularised normal equations (dual form when n < t).
     """
     h, n, t = a.shape
     mask = valid.to(a.dtype)
@@ -25,15 +26,40 @@ def masked_lstsq(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch
     if not bool(valid.all()):
         a = torch.cat([a, torch.diag_embed(1.0 - mask)], dim=1)
         b = torch.cat([b, b.new_zeros(h, t, b.shape[2])], dim=1)
+    if a.shape[1] >= t:
+        x, solved = _full_rank_qr_solve(a, b)
+        if not bool(solved.all()):
+            x[~solved] = _rank_revealing_lstsq(a[~solved], b[~solved])
+    else:
+        x = _rank_revealing_lstsq(a, b)
+    return x * mask.unsqueeze(-1)
+
+
+def _full_rank_qr_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares by unpivoted Householder QR (LAPACK's ``gels`` path: 3-6x faster than the pivoting
+    ``gelsy`` that ``torch.linalg.lstsq`` runs on CPU), and which heads it solved: a head whose ``R`` has a
+    diagonal entry within ``torch.linalg.lstsq``'s rank cut-off (``eps * max(n, t)`` times its largest
+    column) is rank-deficient, and its solution here is not used."""
+    t = a.shape[2]
+    factors, tau = torch.geqrf(a)
+    diagonal = factors.diagonal(dim1=1, dim2=2).abs()
+    cutoff = torch.finfo(a.dtype).eps * max(a.shape[1], t) * a.norm(dim=1).amax(dim=1, keepdim=True)
+    solved = (diagonal > cutoff).all(dim=1) & torch.isfinite(diagonal).all(dim=1)
+    projected = torch.ormqr(factors, tau, b, left=True, transpose=True)[:, :t]
+    x = torch.linalg.solve_triangular(factors[:, :t].triu(), projected, upper=True)
+    return x, solved & torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def _rank_revealing_lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     try:
         x = torch.linalg.lstsq(a, b).solution
         failed = ~torch.isfinite(x).flatten(1).all(dim=1)
     except RuntimeError:
-        x = torch.empty(h, t, b.shape[2], dtype=a.dtype, device=a.device)
-        failed = torch.ones(h, dtype=torch.bool, device=a.device)
+        x = torch.empty(a.shape[0], a.shape[2], b.shape[2], dtype=a.dtype, device=a.device)
+        failed = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     if bool(failed.any()):
         x[failed] = _ridge_cholesky(a[failed], b[failed])
-    return x * mask.unsqueeze(-1)
+    return x
 
 
 def _ridge_cholesky(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,12 +69,20 @@ def _ridge_cholesky(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         gram, rhs = at @ a, at @ b
     else:
         gram, rhs = a @ at, b
-    gram = gram + CHOLESKY_RIDGE * torch.eye(gram.shape[-1], dtype=a.dtype, device=a.device)
+    # Relative to the Gram's scale, so an exactly singular problem still factors in float32.
+    ridge = CHOLESKY_RIDGE * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=torch.finfo(a.dtype).tiny)
+    gram = gram + ridge[:, None, None] * torch.eye(gram.shape[-1], dtype=a.dtype, device=a.device)
     factor, info = torch.linalg.cholesky_ex(gram)
     if bool((info != 0).any()):
         raise RuntimeError("least-squares fallback failed: the regularised normal matrix is not positive definite")
     solution = torch.cholesky_solve(rhs, factor)
     return solution if rows >= cols else at @ solution
+
+
+def thin_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for a batched ``b`` of a few columns, computed as ``(bᵀ @ aᵀ)ᵀ``: CPU BLAS runs the batched
+    product 2-6x faster in that orientation (measured at n = 4096, t = 300, k <= 4)."""
+    return (b.transpose(1, 2) @ a.transpose(1, 2)).transpose(1, 2)
 
 
 def spectral_norm_squared(m: torch.Tensor) -> torch.Tensor:
@@ -57,9 +91,9 @@ def spectral_norm_squared(m: torch.Tensor) -> torch.Tensor:
     v = v / v.norm(dim=1, keepdim=True)
     mt = m.transpose(1, 2)
     for _ in range(POWER_ITERATIONS):
-        v = mt @ (m @ v)
+        v = thin_matmul(mt, thin_matmul(m, v))
         v = v / v.norm(dim=1, keepdim=True).clamp(min=torch.finfo(m.dtype).tiny)
-    return (mt @ (m @ v)).norm(dim=1).squeeze(-1)
+    return thin_matmul(mt, thin_matmul(m, v)).norm(dim=1).squeeze(-1)
 
 
 def nnls_box(
@@ -78,15 +112,16 @@ def nnls_box(
     columns return 0.
     """
     mask = valid.to(m.dtype)
-    m = m * mask.unsqueeze(1)
     if start is None:
         start = masked_lstsq(m, y.unsqueeze(-1), valid).squeeze(-1)
     w = start.clamp(lo, hi)
     if iters > 0:
+        m = m * mask.unsqueeze(1)
         step = 1.0 / spectral_norm_squared(m).clamp(min=torch.finfo(m.dtype).tiny).unsqueeze(-1)
         for _ in range(iters):
             checkpoint()
-            grad = (m.transpose(1, 2) @ ((m @ w.unsqueeze(-1)).squeeze(-1) - y).unsqueeze(-1)).squeeze(-1)
+            residual = thin_matmul(m, w.unsqueeze(-1)).squeeze(-1) - y
+            grad = thin_matmul(m.transpose(1, 2), residual.unsqueeze(-1)).squeeze(-1)
             w = (w - step * grad).clamp(lo, hi)
     return w * mask
 
@@ -123,10 +158,11 @@ class IncrementalQR:
             return
         columns = columns * taking.unsqueeze(1)
         basis = self.basis[:, : int(slots.max()) + 1]  # later slots are still empty everywhere
-        coefficients = basis @ columns
-        orthogonal = columns - basis.transpose(1, 2) @ coefficients
-        correction = basis @ orthogonal
-        orthogonal = orthogonal - basis.transpose(1, 2) @ correction
+        basis_t = basis.transpose(1, 2)
+        coefficients = thin_matmul(basis, columns)
+        orthogonal = columns - thin_matmul(basis_t, coefficients)
+        correction = thin_matmul(basis, orthogonal)
+        orthogonal = orthogonal - thin_matmul(basis_t, correction)
         coefficients = coefficients + correction
         q, r_block = torch.linalg.qr(orthogonal)
         adding = taking.any(dim=1)

@@ -73,6 +73,7 @@ OPTION_BOUNDS = {
     "query_chunk": Bound("int", 1, 1 << 16, optional=True),
     "seed": Bound("int", 0, MAX_TOKEN_ID),
     "stats_backend": Bound("str"),
+    "score_dtype": Bound("str"),
     "score": Bound("str"),
     "pooling": Bound("str", optional=True),
     "pool_kernel": Bound("int", 1, 255),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..block import STATS_BACKENDS, Block
+from ..block import SCORE_DTYPES, STATS_BACKENDS, Block
 
 
 @dataclass
@@ -32,6 +32,9 @@ class CompactionOptions:
     seed: seed for any randomness (only the ``random`` baseline draws).
     stats_backend: where the attention statistics (targets, key scores) are computed: ``"torch"``,
         ``"gpu"`` (FlashInfer + Triton kernels) or ``"auto"`` (``"gpu"`` for CUDA fp16/bf16 blocks).
+    score_dtype: precision of the torch backend's n x T products (scores, attention outputs, OMP's mass
+        features): ``"float32"``, or ``"bfloat16"`` (about 2x faster matmuls on CPUs with AVX512-BF16, at
+        some error: docs/benchmarks.md). Reductions, exps and the beta and value fits stay float32.
     """
 
     fit_beta: bool = True
@@ -43,6 +46,7 @@ class CompactionOptions:
     query_chunk: int | None = None
     seed: int = 0
     stats_backend: str = "auto"
+    score_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("fit_beta", "fit_values"):
@@ -58,6 +62,8 @@ class CompactionOptions:
             raise ValueError(f"query_chunk must be >= 1, got {self.query_chunk}")
         if self.stats_backend not in STATS_BACKENDS:
             raise ValueError(f"stats_backend must be one of {STATS_BACKENDS}, got {self.stats_backend!r}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {self.score_dtype!r}")
 
 
 @dataclass

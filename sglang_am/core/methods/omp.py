@@ -19,7 +19,7 @@ import torch
 
 from ..block import Block
 from ..cancel import checkpoint
-from ..least_squares import IncrementalQR, nnls_box
+from ..least_squares import IncrementalQR, nnls_box, thin_matmul
 from .base import CompactionOptions, Selection, register_method
 
 # (up to this many selected keys, keys per step, refit every this many steps); None = no upper bound.
@@ -87,6 +87,9 @@ class _GreedyState:
         self.iteration = torch.zeros(heads, dtype=torch.long, device=device)
         self.refit_next = torch.zeros(heads, dtype=torch.bool, device=device)  # set by a drop: refit whatever tau says
         self.residual = mass.clone()
+        # phi^T residual changes only when a refit changes a residual: OMP-fast (tau = 2) reuses it every
+        # other step instead of reading all of phi again (the loop's largest cost).
+        self.correlation: torch.Tensor | None = None
         self.factorization = IncrementalQR(mass, width) if num_queries >= width else None
 
     def _step_sizes(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +105,9 @@ class _GreedyState:
         return keys, taus
 
     def refit(self, heads: torch.Tensor) -> None:
-        """Refit the mass weights of ``heads`` (bool ``[H]``), then update every residual."""
+        """Refit the mass weights and residuals of ``heads`` (bool ``[H]``)."""
+        if not bool(heads.any()):
+            return
         width = max(1, int(self.count.max()))
         columns, valid = self.columns[:, :, :width], self.selected[:, :width] >= 0
         lstsq_heads = heads if self.factorization is None else heads & self.factorization.degenerate
@@ -110,7 +115,7 @@ class _GreedyState:
             if not bool(group.any()):
                 continue
             rows = group.nonzero().squeeze(1)
-            fitted = nnls_box(
+            weights = nnls_box(
                 columns[rows],
                 self.mass[rows],
                 valid[rows],
@@ -119,8 +124,10 @@ class _GreedyState:
                 self.options.nnls_iters,
                 start=None if start is None else start.solve(rows)[:, :width],
             )
-            self.weights[rows, :width] = fitted
-        self.residual = self.mass - (columns @ self.weights[:, :width].unsqueeze(-1)).squeeze(-1)
+            self.weights[rows, :width] = weights
+        residual = self.mass - thin_matmul(columns, self.weights[:, :width].unsqueeze(-1)).squeeze(-1)
+        self.residual = torch.where(heads.unsqueeze(1), residual, self.residual)
+        self.correlation = None
 
     def _step(self) -> bool:
         quota = self.budgets - self.count
@@ -128,19 +135,21 @@ class _GreedyState:
         if not bool(active.any()):
             return False
         keys, taus = self._step_sizes()
-        correlation = (self.residual.unsqueeze(1) @ self.phi).squeeze(1)  # signed, as in the reference
-        correlation.masked_fill_(self.taken, -math.inf)
+        if self.correlation is None:
+            self.correlation = (self.residual.unsqueeze(1) @ self.phi).squeeze(1)  # signed, as in the reference
+        correlation = self.correlation.masked_fill(self.taken, -math.inf)
         to_take = torch.minimum(keys, quota).masked_fill(~active, 0)
         values, candidates = correlation.topk(int(to_take.max()), dim=1)
         take = (torch.arange(values.shape[1], device=values.device) < to_take.unsqueeze(1)) & torch.isfinite(values)
         slot_grid = (self.count.unsqueeze(1) + take.cumsum(dim=1) - 1).masked_fill(~take, -1)
-        rows = torch.arange(take.shape[0], device=take.device).unsqueeze(1).expand_as(take)[take]
+        rows, js = take.nonzero(as_tuple=True)
         slots, chosen = slot_grid[take], candidates[take]
         self.selected[rows, slots] = chosen
-        self.columns[rows, :, slots] = self.phi[rows, :, chosen]
+        # One gather of the candidates' columns serves both copies (indexing phi per key is strided and slow).
+        gathered = self.phi.gather(2, candidates.unsqueeze(1).expand(-1, self.phi.shape[1], -1))
+        self.columns[rows, :, slots] = gathered[rows, :, js]
         if self.factorization is not None:
-            index = candidates.unsqueeze(1).expand(-1, self.phi.shape[1], -1)
-            self.factorization.append(self.phi.gather(2, index), slot_grid)
+            self.factorization.append(gathered, slot_grid)
         self.weights[rows, slots] = self.lo  # placeholder until the next refit
         self.taken[rows, chosen] = True
         self.count += take.sum(dim=1)
