@@ -136,12 +136,11 @@ def run_case(block, method: str, budget: int, repeats: int, score_dtype: str, lo
         ]
 
     batched_times, loop_times = [], []
-    (result, seconds), added_bytes = peak_memory(lambda: timed(batched))
-    batched_times.append(seconds)
-    for repeat in range(repeats):
-        if repeat:
-            result, seconds = timed(batched)
-            batched_times.append(seconds)
+    # Memory is sampled in a run of its own: the sampling thread would slow a timed run on a 2-core machine.
+    _, added_bytes = peak_memory(batched)
+    for _ in range(repeats):
+        result, seconds = timed(batched)
+        batched_times.append(seconds)
         if loop:
             loop_results, seconds = timed(per_head)
             loop_times.append(seconds)

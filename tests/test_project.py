@@ -149,6 +149,19 @@ def test_server_documents_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_long_documents_benchmark_smoke(tmp_path):
+    output = tmp_path / "long.json"
+    _run("benchmarks/long_documents.py", "--lengths", "256", "512", "--output", str(output))
+    payload = json.loads(output.read_text())
+    assert [row["T"] for row in payload["results"]] == [256, 512]
+    for row in payload["results"]:
+        assert row["slots"] < row["T"] and row["plain_prefill_seconds"] > 0
+        assert all(row["timings"][stage] > 0 for stage in ("prefill_seconds", "self_study_seconds", "solve_seconds",
+                                                           "install_seconds"))
+        assert row["server_rss_peak_registration_mib"] >= row["server_rss_baseline_mib"] > 0
+    assert output.with_suffix(".png").exists()
+
+
 def test_batch_qa_example_smoke():
     out = _run("examples/batch_qa.py", "--documents", "2", "--questions", "2", "--size", "60", "--ratio", "0.5", "--json")
     result = json.loads(out.strip().splitlines()[-1])

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 import uuid
 from array import array
 from http import HTTPStatus
@@ -255,6 +256,7 @@ class DocumentOperations:
             return {}
 
     def _install(self, scheduler, doc: Document) -> None:
+        started = time.perf_counter()
         prefix: CompactedPrefix = doc.job.result()  # raises what the solve or the read raised
         if doc.source is not None:
             self.cache.unlock(doc.source.lock)
@@ -287,6 +289,7 @@ class DocumentOperations:
             self.registry.stats.add("compactions", origin=doc.origin)
             self.registry.stats.add("compaction_seconds", prefix.timings["solve_seconds"])
         doc.timings.update(prefix.timings)
+        doc.timings["install_seconds"] = round(time.perf_counter() - started, 4)
         doc.state = DocState.READY
         self.registry.update_gauges()
         if doc.auto and self.registry.tracker is not None:
