@@ -72,19 +72,21 @@ def peak_memory(fn):
     return result, max(0, max(peak[0], _rss_bytes()) - baseline)
 
 
-def score_pass_seconds(block, repeats: int, score_dtype: torch.dtype) -> float:
+def score_pass_seconds(block, repeats: int, score_dtype: torch.dtype) -> tuple[float, float]:
     """One pass over the n x T scores: the matmul (in ``score_dtype``) and one float32 exp, in the query chunks
-    the methods stream."""
+    the methods stream; and the matmul alone (what fewer exp evaluations could at best bring the pass down to)."""
     heads, length, dim = block.keys.shape
     queries, keys = block.queries.to(score_dtype), block.keys.to(score_dtype)
     chunk = query_chunk_for(heads, length, None)
     scale = 1 / math.sqrt(dim)
 
-    def one_pass() -> None:
+    def one_pass(with_exp: bool) -> None:
         for start in range(0, queries.shape[1], chunk):
-            torch.bmm(queries[:, start : start + chunk], keys.transpose(1, 2)).float().mul_(scale).exp_()
+            scores = torch.bmm(queries[:, start : start + chunk], keys.transpose(1, 2)).float().mul_(scale)
+            if with_exp:
+                scores.exp_()
 
-    return min(timed(one_pass)[1] for _ in range(max(1, repeats)))
+    return tuple(min(timed(lambda: one_pass(with_exp))[1] for _ in range(max(1, repeats))) for with_exp in (True, False))
 
 
 OFFICIAL = {  # the paper's configurations (evaluation/configs/algorithms/default.py), per head
@@ -238,7 +240,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rows, score_pass = [], {}
+    rows, score_pass, matmul_only = [], {}, {}
     cases = [(length, method) for length in args.lengths for method in args.methods]
     blocks = {}
     for length, method in tqdm(cases, desc="solver_speed", unit="case"):
@@ -247,11 +249,12 @@ def main() -> None:
                 heads=args.heads, length=length, head_dim=args.head_dim, num_queries=args.queries,
                 num_heldout=512, num_clusters=max(8, length // 64), seed=0,
             )
-            score_pass[length] = score_pass_seconds(blocks[length], args.repeats, SCORE_DTYPES[args.score_dtype])
-            tqdm.write(f"T={length:>5} one score pass {score_pass[length]:.3f}s")
+            score_pass[length], matmul_only[length] = score_pass_seconds(blocks[length], args.repeats,
+                                                                         SCORE_DTYPES[args.score_dtype])
+            tqdm.write(f"T={length:>5} one score pass {score_pass[length]:.3f}s (the matmul alone {matmul_only[length]:.3f}s)")
         budget = max(1, int(args.ratio * length))
         row = {"T": length, **run_case(blocks[length], method, budget, args.repeats, args.score_dtype, not args.no_loop),
-               "score_pass_seconds": score_pass[length]}
+               "score_pass_seconds": score_pass[length], "score_matmul_seconds": matmul_only[length]}
         row["score_passes"] = row["batched_seconds"] / score_pass[length]
         if args.official is not None:
             row["official"] = run_official(blocks[length], method, budget)
