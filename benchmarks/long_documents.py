@@ -207,7 +207,8 @@ def main() -> None:
                 tqdm.write(f"T={row['T']:>6} plain prefill {row['plain_prefill_seconds']:8.2f}s  registration "
                            f"{row['registration_wall_seconds']:8.2f}s  "
                            + "  ".join(f"{s.removesuffix('_seconds')} {row['timings'].get(s, 0):.2f}s" for s in STAGES)
-                           + f"  solve/prefill {row['solve_over_prefill']:.3f}  peak {row['server_rss_peak_registration_mib']} MiB")
+                           + f"  solve/prefill {row['solve_over_prefill']:.3f}"
+                           + f"  peak {row['server_rss_peak_registration_mib']} MiB")
         finally:
             server.stop()
     payload = {

@@ -19,6 +19,7 @@ machine, versions, seconds, errors) and a PNG bar chart under benchmarks/results
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -86,7 +87,8 @@ def score_pass_seconds(block, repeats: int, score_dtype: torch.dtype) -> tuple[f
             if with_exp:
                 scores.exp_()
 
-    return tuple(min(timed(lambda: one_pass(with_exp))[1] for _ in range(max(1, repeats))) for with_exp in (True, False))
+    return tuple(min(timed(functools.partial(one_pass, with_exp))[1] for _ in range(max(1, repeats)))
+                 for with_exp in (True, False))
 
 
 OFFICIAL = {  # the paper's configurations (evaluation/configs/algorithms/default.py), per head

@@ -72,6 +72,8 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
         assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(SHIM_DIR)
     flags = cpu_server_flags(["--attention-backend=triton", "--mem-fraction-static", "0.1"])
     assert "torch_native" not in flags and "--max-total-tokens" not in flags and "--device" in flags
+    assert flags.count("--sleep-on-idle") == 1 and None not in flags
+    assert cpu_server_flags(["--sleep-on-idle"]).count("--sleep-on-idle") == 1
     assert cpu_environment({"PYTHONPATH": "/x"})["PYTHONPATH"] == os.pathsep.join([str(SHIM_DIR), "/x"])
 
 

@@ -76,7 +76,8 @@ class Block:
 
     ``stats_backend`` (see ``resolve_stats_backend``) computes the attention statistics in torch, or on
     GPU with FlashInfer (outputs, log-sum-exp, in the keys' dtype) and Triton (row max, key scores).
-    ``score_dtype`` (``SCORE_DTYPES``) is the precision of the torch backend's n x T matmuls."""
+    ``score_dtype`` (``SCORE_DTYPES``) is the precision of the n x T matmuls run in torch: the torch backend's
+    statistics, OMP's mass features and first-step correlations."""
 
     def __init__(
         self,

@@ -32,9 +32,9 @@ class CompactionOptions:
     seed: seed for any randomness (only the ``random`` baseline draws).
     stats_backend: where the attention statistics (targets, key scores) are computed: ``"torch"``,
         ``"gpu"`` (FlashInfer + Triton kernels) or ``"auto"`` (``"gpu"`` for CUDA fp16/bf16 blocks).
-    score_dtype: precision of the torch backend's n x T products (scores, attention outputs, OMP's mass
-        features): ``"float32"``, or ``"bfloat16"`` (about 2x faster matmuls on CPUs with AVX512-BF16, at
-        some error: docs/benchmarks.md). Reductions, exps and the beta and value fits stay float32.
+    score_dtype: precision of the n x T products run in torch (scores and attention outputs on the torch
+        stats backend, OMP's mass features): ``"float32"``, or ``"bfloat16"`` (about 2x faster matmuls on CPUs
+        with AVX512-BF16; errors in docs/benchmarks.md). Reductions, exps and the beta and value fits stay float32.
     """
 
     fit_beta: bool = True

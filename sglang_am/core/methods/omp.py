@@ -91,6 +91,9 @@ class _GreedyState:
         # other step instead of reading all of phi again (the loop's largest cost).
         self.correlation: torch.Tensor | None = None
         self.factorization = IncrementalQR(mass, width) if num_queries >= width else None
+        # Columns taken since the last refit: they join the factorization in one block when it is next
+        # needed, so OMP-fast's non-refit steps cost no pass over the basis.
+        self._unfactored: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _step_sizes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys per step and refit interval of each head: the first schedule stage it is still within."""
@@ -108,6 +111,7 @@ class _GreedyState:
         """Refit the mass weights and residuals of ``heads`` (bool ``[H]``)."""
         if not bool(heads.any()):
             return
+        self._factor_taken_columns()
         width = max(1, int(self.count.max()))
         columns, valid = self.columns[:, :, :width], self.selected[:, :width] >= 0
         lstsq_heads = heads if self.factorization is None else heads & self.factorization.degenerate
@@ -129,6 +133,15 @@ class _GreedyState:
         self.residual = torch.where(heads.unsqueeze(1), residual, self.residual)
         self.correlation = None
 
+    def _factor_taken_columns(self) -> None:
+        if not self._unfactored:
+            return
+        columns = torch.cat([block for block, _ in self._unfactored], dim=2)
+        slots = torch.cat([block_slots for _, block_slots in self._unfactored], dim=1)
+        self._unfactored.clear()
+        order = torch.argsort((slots < 0).to(torch.int8), dim=1, stable=True)  # each head's taken slots first
+        self.factorization.append(columns.gather(2, order.unsqueeze(1).expand_as(columns)), slots.gather(1, order))
+
     def _step(self) -> bool:
         quota = self.budgets - self.count
         active = (quota > 0) & ~self.taken.all(dim=1)
@@ -149,7 +162,7 @@ class _GreedyState:
         gathered = self.phi.gather(2, candidates.unsqueeze(1).expand(-1, self.phi.shape[1], -1))
         self.columns[rows, :, slots] = gathered[rows, :, js]
         if self.factorization is not None:
-            self.factorization.append(gathered, slot_grid)
+            self._unfactored.append((gathered, slot_grid))
         self.weights[rows, slots] = self.lo  # placeholder until the next refit
         self.taken[rows, chosen] = True
         self.count += take.sum(dim=1)
@@ -167,6 +180,7 @@ class _GreedyState:
 
     def drop(self, bad: torch.Tensor) -> None:
         """Remove ``bad`` slots; they stay in ``taken``, so they are never selected again."""
+        self._factor_taken_columns()  # while the taken columns still sit at the slots they were taken into
         keep = (self.selected >= 0) & ~bad
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
         keep = keep.gather(1, order)
