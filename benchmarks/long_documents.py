@@ -3,9 +3,9 @@
 For each model and document length this starts the extension's server (the launcher's CPU flags, SGLang's own
 chunked prefill), prefills the document once as an ordinary request (a fresh ``cache_salt``, so nothing is
 cached: the plain prefill), then registers it (AM-HighestAttnKeys, ratio 0.1, self-study plus repeat-prefill
-queries, at most 5000 per KV head) and records the stages the server reports: capture prefill, self-study, the
-solve (selection, beta, values) and install. The peak resident memory of the server's processes is sampled
-during each. Models:
+queries, at most 5000 per KV head; ``--score-dtype`` sets the solver's precision) and records the stages
+the server reports: capture prefill, self-study, the solve (selection, beta, values) and install. The peak
+resident memory of the server's processes is sampled during each. Models:
 
 - ``recall``: the embedded recall model (Qwen3, 2 layers, 2 KV heads of 32), float32.
 - ``random-8x128``: a Qwen3 with 8 KV heads of 128 (16 query heads, hidden 1024, Qwen3-0.6B's widths) and
@@ -111,7 +111,7 @@ def flush_cache(client: DocumentsClient) -> None:
         raise RuntimeError(f"/flush_cache answered {status}: {body}")
 
 
-def measure(client: DocumentsClient, server_pid: int, ids: list[int], ratio: float) -> dict:
+def measure(client: DocumentsClient, server_pid: int, ids: list[int], ratio: float, options: dict) -> dict:
     sampler = MemorySampler(server_pid)
     baseline = sampler.rss()
     with sampler:
@@ -123,7 +123,7 @@ def measure(client: DocumentsClient, server_pid: int, ids: list[int], ratio: flo
     flush_cache(client)
     with sampler:
         start = time.perf_counter()
-        registered = client.register(input_ids=ids, ratio=ratio, query_source=QUERY_SOURCE)
+        registered = client.register(input_ids=ids, ratio=ratio, query_source=QUERY_SOURCE, options=options)
         wall = time.perf_counter() - start
     client.drop(registered["doc_id"])
     flush_cache(client)
@@ -179,12 +179,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--layers", type=int, default=2, help="layers of the random-8x128 model")
     parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/long_documents_MODEL.json)")
+    parser.add_argument("--score-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the solver's score_dtype option (precision of its n x T products)")
+    parser.add_argument("--output", type=Path,
+                        help="JSON path (default benchmarks/results/long_documents_MODEL[_bfloat16].json)")
     args = parser.parse_args()
     if not 0 < args.ratio <= 1:
         parser.error(f"--ratio must be in (0, 1], got {args.ratio}")
     longest = max(args.lengths)
-    output = args.output or RESULTS_DIR / f"long_documents_{args.model}.json"
+    suffix = "" if args.score_dtype == "float32" else f"_{args.score_dtype}"
+    output = args.output or RESULTS_DIR / f"long_documents_{args.model}{suffix}.json"
     with tempfile.TemporaryDirectory() as scratch:
         if args.model == "random-8x128":
             directory, dtype = random_8x128_directory(args.layers, Path(scratch)), "bfloat16"
@@ -202,7 +206,8 @@ def main() -> None:
             client = DocumentsClient(server.url, timeout=7200)
             client.generate(input_ids=document_ids(64, vocab, seed=1), sampling_params={"max_new_tokens": 1})  # warm-up
             for length in tqdm(args.lengths, desc=f"long documents ({args.model})", unit="document"):
-                row = measure(client, server.process.pid, document_ids(length, vocab, seed=length), args.ratio)
+                row = measure(client, server.process.pid, document_ids(length, vocab, seed=length), args.ratio,
+                              {"score_dtype": args.score_dtype})
                 rows.append(row)
                 tqdm.write(f"T={row['T']:>6} plain prefill {row['plain_prefill_seconds']:8.2f}s  registration "
                            f"{row['registration_wall_seconds']:8.2f}s  "

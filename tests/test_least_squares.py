@@ -80,6 +80,19 @@ def test_full_rank_heads_use_qr_and_rank_deficient_heads_use_lstsq(monkeypatch):
     assert torch.isfinite(x).all()
 
 
+def test_wide_full_rank_heads_get_the_minimum_norm_solution(monkeypatch):
+    a, b = _problem(7, 12, seed=4)  # fewer rows than columns: many exact solutions
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    expected = torch.linalg.lstsq(a.double(), b.double(), driver="gelsd").solution.float()
+
+    def unexpected_lstsq(*args, **kwargs):
+        raise AssertionError("full-rank heads must not need lstsq")
+
+    monkeypatch.setattr(least_squares.torch.linalg, "lstsq", unexpected_lstsq)
+    x = masked_lstsq(a, b, valid)
+    torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
+
+
 def _lstsq_on(columns, target, count):
     return torch.linalg.lstsq(columns[:, :, :count], target.unsqueeze(-1)).solution.squeeze(-1)
 

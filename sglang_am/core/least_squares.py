@@ -15,10 +15,10 @@ def masked_lstsq(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch
 
     ``a`` ``[H, n, t]``, ``b`` ``[H, n, k]``, ``valid`` ``[H, t]`` bool. Invalid columns get ``x = 0``:
     they are zeroed and pinned by one extra identity row each, which leaves the valid columns' problem
-    exactly as if the column had never existed, so ragged heads share one batched call. Tall heads of
-    full column rank are solved by Householder QR without pivoting (``_full_rank_qr_solve``); the others
-    by ``torch.linalg.lstsq``, and heads where that fails or returns non-finite values fall back to
-    Cholesky on the ridge-regularised normal equations (dual form when n < t).
+    exactly as if the column had never existed, so ragged heads share one batched call. Heads of full rank
+    are solved by Householder QR without pivoting (``_full_rank_qr_solve``); the others by
+    ``torch.linalg.lstsq``, and heads where that fails or returns non-finite values fall back to Cholesky
+    on the ridge-regularised normal equations (dual form when n < t).
     """
     h, n, t = a.shape
     mask = valid.to(a.dtype)
@@ -26,27 +26,32 @@ def masked_lstsq(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch
     if not bool(valid.all()):
         a = torch.cat([a, torch.diag_embed(1.0 - mask)], dim=1)
         b = torch.cat([b, b.new_zeros(h, t, b.shape[2])], dim=1)
-    if a.shape[1] >= t:
-        x, solved = _full_rank_qr_solve(a, b)
-        if not bool(solved.all()):
-            x[~solved] = _rank_revealing_lstsq(a[~solved], b[~solved])
-    else:
-        x = _rank_revealing_lstsq(a, b)
+    x, solved = _full_rank_qr_solve(a, b)
+    if not bool(solved.all()):
+        x[~solved] = _rank_revealing_lstsq(a[~solved], b[~solved])
     return x * mask.unsqueeze(-1)
 
 
 def _full_rank_qr_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares by unpivoted Householder QR (LAPACK's ``gels`` path: 3-6x faster than the pivoting
-    ``gelsy`` that ``torch.linalg.lstsq`` runs on CPU), and which heads it solved: a head whose ``R`` has a
-    diagonal entry within ``torch.linalg.lstsq``'s rank cut-off (``eps * max(n, t)`` times its largest
-    column) is rank-deficient, and its solution here is not used."""
-    t = a.shape[2]
-    factors, tau = torch.geqrf(a)
+    ``gelsy`` that ``torch.linalg.lstsq`` runs on CPU), and which heads it solved. A tall ``a`` (n >= t) is
+    factored as ``a = QR``; a wide one as ``aᵀ = QR``, which gives the minimum-norm solution ``Q R⁻ᵀ b``, as
+    ``lstsq`` does. A head whose ``R`` has a diagonal entry within ``lstsq``'s rank cut-off (``eps * max(n, t)``
+    times its largest column) is rank-deficient, and its solution here is not used."""
+    rows, cols = a.shape[1], a.shape[2]
+    tall = rows >= cols
+    factors, tau = torch.geqrf(a if tall else a.transpose(1, 2))
     diagonal = factors.diagonal(dim1=1, dim2=2).abs()
-    cutoff = torch.finfo(a.dtype).eps * max(a.shape[1], t) * a.norm(dim=1).amax(dim=1, keepdim=True)
+    cutoff = torch.finfo(a.dtype).eps * max(rows, cols) * a.norm(dim=1).amax(dim=1, keepdim=True)
     solved = (diagonal > cutoff).all(dim=1) & torch.isfinite(diagonal).all(dim=1)
-    projected = torch.ormqr(factors, tau, b, left=True, transpose=True)[:, :t]
-    x = torch.linalg.solve_triangular(factors[:, :t].triu(), projected, upper=True)
+    r = factors[:, : min(rows, cols)].triu()
+    if tall:
+        projected = torch.ormqr(factors, tau, b, left=True, transpose=True)[:, :cols]
+        x = torch.linalg.solve_triangular(r, projected, upper=True)
+    else:
+        y = torch.linalg.solve_triangular(r.transpose(1, 2), b, upper=False)
+        x = torch.ormqr(factors, tau, torch.cat([y, y.new_zeros(y.shape[0], cols - rows, y.shape[2])], dim=1),
+                        left=True, transpose=False)
     return x, solved & torch.isfinite(x).flatten(1).all(dim=1)
 
 
