@@ -104,6 +104,15 @@ def test_bfloat16_score_products_keep_the_error(small_block, method):
         compact(b.keys, b.values, b.queries, 16, method, score_dtype="float16")
 
 
+def test_fits_in_head_groups_match_one_batch(small_block):
+    b = small_block
+    whole = compact(b.keys, b.values, b.queries, [16, 12, 16, 9])  # ragged: padded slots in some heads
+    grouped = compact(b.keys, b.values, b.queries, [16, 12, 16, 9], memory_bytes=1)  # one head per fit
+    assert torch.equal(whole.indices, grouped.indices)
+    torch.testing.assert_close(grouped.beta, whole.beta, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grouped.values, whole.values, rtol=1e-3, atol=1e-3)
+
+
 def test_ablations_only_change_what_they_name(small_block):
     b = small_block
     full = compact(b.keys, b.values, b.queries, 15)

@@ -129,9 +129,9 @@ class Block:
         logits = self._product(self._score_queries[:, start : start + self.query_chunk], self._score_keys_t).mul_(self.scale)
         return logits if self.key_bias is None else logits.add_(self.key_bias.unsqueeze(1))
 
-    def selected_logits(self, selected_keys: torch.Tensor) -> torch.Tensor:
-        """Scaled logits ``[H, n, t]`` of every query against the selected keys (small: t << T)."""
-        return torch.bmm(self.queries, selected_keys.transpose(1, 2)).mul_(self.scale)
+    def selected_logits(self, selected_keys: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """Scaled logits ``[h, n, t]`` of every query of ``heads`` against their selected keys ``[h, t, D]``."""
+        return torch.bmm(self.queries[heads], selected_keys.transpose(1, 2)).mul_(self.scale)
 
     def chunk_starts(self) -> Iterator[int]:
         for start in range(0, self.num_queries, self.query_chunk):
@@ -227,12 +227,12 @@ class Block:
             correlation += torch.bmm(self.stats.mass[:, start : start + logits.shape[1]].unsqueeze(1), phi).squeeze(1)
         return correlation
 
-    def shifted_exp(self, selected_keys: torch.Tensor) -> torch.Tensor:
-        """``exp(q C_kᵀ · scale - c)`` ``[H, n, t]``: the mass features of the selected keys."""
-        return self.selected_logits(selected_keys).sub_(self.stats.max_logit.unsqueeze(-1)).exp_()
+    def shifted_exp(self, selected_keys: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """``exp(q C_kᵀ · scale - c)`` ``[h, n, t]``: the mass features of the selected keys of ``heads``."""
+        return self.selected_logits(selected_keys, heads).sub_(self.stats.max_logit[heads].unsqueeze(-1)).exp_()
 
-    def compacted_weights(self, selected_keys: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """``softmax(q C_kᵀ · scale + beta)`` ``[H, n, t]`` over the compacted slots."""
-        logits = self.selected_logits(selected_keys)
+    def compacted_weights(self, selected_keys: torch.Tensor, beta: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """``softmax(q C_kᵀ · scale + beta)`` ``[h, n, t]`` over the compacted slots of ``heads``."""
+        logits = self.selected_logits(selected_keys, heads)
         # A head left with no slots (possible under a global budget) has all -inf: give it zero weights.
         return torch.softmax(logits.add_(beta.unsqueeze(1)), dim=-1).nan_to_num_(0.0)

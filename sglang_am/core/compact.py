@@ -119,14 +119,18 @@ def _fit_beta(block: Block, selection: Selection, opts: CompactionOptions) -> to
     elif selection.log_weights is not None:
         beta = selection.log_weights + kept_bias
     else:
-        weights = nnls_box(
-            block.shifted_exp(_selected_keys(block, selection)),
-            block.stats.mass,
-            valid,
-            math.exp(opts.beta_min),
-            math.exp(opts.beta_max),
-            opts.nnls_iters,
-        )
+        selected_keys = _selected_keys(block, selection)
+        weights = torch.cat([
+            nnls_box(
+                block.shifted_exp(selected_keys[heads], heads),
+                block.stats.mass[heads],
+                valid[heads],
+                math.exp(opts.beta_min),
+                math.exp(opts.beta_max),
+                opts.nnls_iters,
+            )
+            for heads in fit_head_groups(block, valid.shape[1], opts.memory_bytes)
+        ])
         beta = weights.clamp(min=math.exp(opts.beta_min)).log()
     return beta.masked_fill(~valid, -math.inf)
 
@@ -137,8 +141,24 @@ def _fit_values(block: Block, selection: Selection, beta: torch.Tensor, opts: Co
     if not opts.fit_values:
         positions = selection.indices.clamp(min=0).unsqueeze(-1)
         return block.values.gather(1, positions.expand(-1, -1, block.values.shape[2])) * valid.unsqueeze(-1)
-    weights = block.compacted_weights(_selected_keys(block, selection), beta)
-    return masked_lstsq(weights, block.stats.outputs, valid)
+    selected_keys = _selected_keys(block, selection)
+    return torch.cat([
+        masked_lstsq(block.compacted_weights(selected_keys[heads], beta[heads], heads), block.stats.outputs[heads],
+                     valid[heads])
+        for heads in fit_head_groups(block, valid.shape[1], opts.memory_bytes)
+    ])
+
+
+# Copies of a head's n x t weight matrix a fit holds at once: the matrix, its masked copy, the QR factors,
+# and the masked copy of the gradient steps (R, t x t, fits in the slack as t <= n).
+FIT_COPIES = 4
+
+
+def fit_head_groups(block: Block, width: int, memory_bytes: int) -> list[slice]:
+    """Consecutive head groups whose fits hold at most ``memory_bytes`` (at least one head each)."""
+    per_head = FIT_COPIES * 4 * (block.num_queries + width) * width
+    size = max(1, min(block.num_heads, memory_bytes // per_head))
+    return [slice(start, start + size) for start in range(0, block.num_heads, size)]
 
 
 def _assemble(

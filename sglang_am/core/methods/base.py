@@ -32,6 +32,8 @@ class CompactionOptions:
     seed: seed for any randomness (only the ``random`` baseline draws).
     stats_backend: where the attention statistics (targets, key scores) are computed: ``"torch"``,
         ``"gpu"`` (FlashInfer + Triton kernels) or ``"auto"`` (``"gpu"`` for CUDA fp16/bf16 blocks).
+    memory_bytes: what the solver may hold beyond its streamed score tiles: the n x t weight matrices of the
+        beta and value fits (heads are fitted in groups that fit, ``fit_head_groups``), and AM-OMP's greedy state.
     score_dtype: precision of the n x T products run in torch (scores and attention outputs on the torch
         stats backend, OMP's mass features): ``"float32"``, or ``"bfloat16"`` (about 2x faster matmuls on CPUs
         with AVX512-BF16; errors in docs/benchmarks.md). Reductions, exps and the beta and value fits stay float32.
@@ -47,6 +49,7 @@ class CompactionOptions:
     seed: int = 0
     stats_backend: str = "auto"
     score_dtype: str = "float32"
+    memory_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         for name in ("fit_beta", "fit_values"):
@@ -62,6 +65,8 @@ class CompactionOptions:
             raise ValueError(f"query_chunk must be >= 1, got {self.query_chunk}")
         if self.stats_backend not in STATS_BACKENDS:
             raise ValueError(f"stats_backend must be one of {STATS_BACKENDS}, got {self.stats_backend!r}")
+        if self.memory_bytes < 1:
+            raise ValueError(f"memory_bytes must be >= 1, got {self.memory_bytes}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {self.score_dtype!r}")
 

@@ -33,10 +33,10 @@ class OMPOptions(CompactionOptions):
         e.g. ``PROGRESSIVE_SCHEDULE``.
     drop_below, drop_rounds: after the loop, keys with ``beta < drop_below`` are dropped, excluded for good
         and their slots refilled, at most ``drop_rounds`` times.
-    memory_bytes: what the greedy loop may hold: the mass features (n x T floats per head), the selected
-        columns and their factorisation (2 x n x t). Heads are solved in groups that fit; when one head does
-        not fit with every key, its candidates are the keys with the largest first-step correlation
-        (``Phi^T m``) that do, which may change the selection.
+    memory_bytes (shared with every method) also bounds the greedy loop: the mass features (n x T floats per
+        head), the selected columns and their factorisation (2 x n x t). Heads are solved in groups that fit;
+        when one head does not fit with every key, its candidates are the keys with the largest first-step
+        correlation (``Phi^T m``) that do, which may change the selection.
     The NNLS box defaults to ``w in [1e-12, e^7]`` with no gradient steps (lstsq + clamp)."""
 
     beta_min: float = math.log(1e-12)
@@ -47,12 +47,9 @@ class OMPOptions(CompactionOptions):
     schedule: tuple[tuple[int | None, int, int], ...] | None = None
     drop_below: float = -7.0
     drop_rounds: int = 3
-    memory_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.memory_bytes < 1:
-            raise ValueError(f"memory_bytes must be >= 1, got {self.memory_bytes}")
         if self.keys_per_step < 1 or self.refit_every < 1:
             raise ValueError(
                 f"keys_per_step and refit_every must be >= 1, got {self.keys_per_step}, {self.refit_every}"
