@@ -51,7 +51,7 @@ QUERY_SOURCE = "ss-plus-repeat"  # what the paper pairs with AM-HighestAttnKeys
 def random_8x128_directory(layers: int, parent: Path) -> Path:
     """A Qwen3 with Qwen3-0.6B's widths (8 KV heads of 128), ``layers`` layers and seeded random weights,
     with the recall model's tokenizer, written as a transformers directory."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_path("recall"))
     config = Qwen3Config(
