@@ -149,8 +149,8 @@ def _fit_values(block: Block, selection: Selection, beta: torch.Tensor, opts: Co
     ])
 
 
-# Copies of a head's n x t weight matrix a fit holds at once: the matrix, its masked copy, the QR factors,
-# and the masked copy of the gradient steps (R, t x t, fits in the slack as t <= n).
+# Copies of a head's weight matrix (n x t, plus t padding rows) a fit holds at once: the matrix, its masked
+# copy, its QR factors and the gradient steps' masked copy; R (t x t) is no larger than one of them.
 FIT_COPIES = 4
 
 
