@@ -7,10 +7,13 @@ import os
 import platform
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+import psutil
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -64,3 +67,39 @@ def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+class PeakMemory:
+    """Resident memory of a process and its children around a ``with`` block: ``baseline`` at entry and
+    ``peak``, sampled every ``interval`` seconds by a thread (and once more at exit), in bytes."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.05):
+        self.root, self.interval = psutil.Process(pid), interval
+        self.baseline = self.peak = 0
+        self._running, self._thread = False, None
+
+    def rss(self) -> int:
+        total = 0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def __enter__(self) -> PeakMemory:
+        self.baseline = self.peak = self.rss()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())

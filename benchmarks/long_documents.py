@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,9 +33,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import psutil  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
+from common import RESULTS_DIR, PeakMemory, environment, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -67,38 +65,6 @@ def random_8x128_directory(layers: int, parent: Path) -> Path:
     return directory
 
 
-class MemorySampler:
-    """Peak resident memory of a process and its children, sampled every 50 ms while running."""
-
-    def __init__(self, pid: int):
-        self.root = psutil.Process(pid)
-        self.peak, self._running, self._thread = 0, False, None
-
-    def rss(self) -> int:
-        total = 0
-        for process in [self.root, *self.root.children(recursive=True)]:
-            try:
-                total += process.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def __enter__(self) -> MemorySampler:
-        self.peak, self._running = self.rss(), True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.05)
-
-    def __exit__(self, *exc) -> None:
-        self._running = False
-        self._thread.join()
-
-
 def document_ids(length: int, vocab: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(16, vocab, (length,), generator=generator).tolist()
@@ -112,16 +78,13 @@ def flush_cache(client: DocumentsClient) -> None:
 
 
 def measure(client: DocumentsClient, server_pid: int, ids: list[int], ratio: float, options: dict) -> dict:
-    sampler = MemorySampler(server_pid)
-    baseline = sampler.rss()
-    with sampler:
+    with PeakMemory(server_pid) as plain_memory:
         start = time.perf_counter()
         client.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0},
                         cache_salt=f"plain-{len(ids)}-{time.time()}")
         plain = time.perf_counter() - start
-    plain_peak = sampler.peak
     flush_cache(client)
-    with sampler:
+    with PeakMemory(server_pid) as registration_memory:
         start = time.perf_counter()
         registered = client.register(input_ids=ids, ratio=ratio, query_source=QUERY_SOURCE, options=options)
         wall = time.perf_counter() - start
@@ -135,9 +98,9 @@ def measure(client: DocumentsClient, server_pid: int, ids: list[int], ratio: flo
         "registration_wall_seconds": round(wall, 3),
         "timings": timings,
         "solve_over_prefill": round(timings["solve_seconds"] / plain, 4),
-        "server_rss_baseline_mib": round(baseline / 2**20),
-        "server_rss_peak_plain_mib": round(plain_peak / 2**20),
-        "server_rss_peak_registration_mib": round(sampler.peak / 2**20),
+        "server_rss_baseline_mib": round(plain_memory.baseline / 2**20),
+        "server_rss_peak_plain_mib": round(plain_memory.peak / 2**20),
+        "server_rss_peak_registration_mib": round(registration_memory.peak / 2**20),
     }
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
+from common import RESULTS_DIR, PeakMemory, environment, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from sglang_am import compact, evaluate  # noqa: E402
@@ -49,32 +47,14 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_memory(fn) -> tuple[int, int]:
     """The most resident memory ``fn()`` added to the process (sampled every 2 ms), and the process's peak.
 
     The added figure is RSS growth: memory the allocator kept from an earlier case and reuses here does not
     count, so the absolute peak is recorded too."""
-    baseline, peak, running = _rss_bytes(), [0], [True]
-
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with PeakMemory(interval=0.002) as memory:
         fn()
-    finally:
-        running[0] = False
-        sampler.join()
-    highest = max(peak[0], _rss_bytes())
-    return max(0, highest - baseline), highest
+    return max(0, memory.peak - memory.baseline), memory.peak
 
 
 def score_pass_seconds(block, repeats: int, score_dtype: torch.dtype) -> tuple[float, float]:

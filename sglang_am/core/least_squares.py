@@ -33,8 +33,9 @@ def masked_lstsq(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch
 
 
 def _full_rank_qr_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares by unpivoted Householder QR (LAPACK's ``gels`` path: 3-6x faster than the pivoting
-    ``gelsy`` that ``torch.linalg.lstsq`` runs on CPU), and which heads it solved. A tall ``a`` (n >= t) is
+    """Least squares by unpivoted Householder QR (LAPACK's ``gels`` path; on this project's 2-core CPU 1.6x
+    faster than the pivoting ``gelsy`` that ``torch.linalg.lstsq`` runs at n = 4096, t = 409, and 5x at
+    n = 5000, t = 3276), and which heads it solved. A tall ``a`` (n >= t) is
     factored as ``a = QR``; a wide one as ``aᵀ = QR``, which gives the minimum-norm solution ``Q R⁻ᵀ b``, as
     ``lstsq`` does. A head whose ``R`` has a diagonal entry within ``lstsq``'s rank cut-off (``eps * max(n, t)``
     times its largest column) is rank-deficient, and its solution here is not used."""
