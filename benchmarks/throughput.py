@@ -7,11 +7,14 @@ uses the recall documents; --model gemma3-270m the real-text documents (natural 
 have same-type distractors), scored by greedy short answer (--choices: by answer likelihood too).
 Configurations, all with --max-total-tokens slots and the torch_native backend:
 (a) SGLang with the radix cache disabled, (b) stock SGLang (its own radix cache holds full documents),
-(c) the extension with every document registered at each --ratios (--compact-windows: sliding-window
-layers' windows compacted too, so a Gemma document is t slots wide, not max(t, 511)). Per configuration: request
-throughput, output tokens/s, TTFT and latency p50/p99, accuracy, KV slots and bytes per document and how
-many documents are still resident (a probe per document after the run: is its whole prefix a cache hit?).
---capacity N then loads N documents into (b) and into (c) at --capacity-ratio and counts the resident
+(c) the extension with every document registered at each --ratios with the batch's questions
+(question-aware: fitted to the queries of the questions that follow it; --no-questions skips it), and
+(d) registered without them (repeat-prefill queries) (--compact-windows: sliding-window layers' windows
+compacted too, so a Gemma document is t slots wide, not max(t, 511)). Per configuration: request
+throughput, output tokens/s, TTFT and latency p50/p99, accuracy, KV slots and bytes per document, how
+many documents are still resident (a probe per document after the run: is its whole prefix a cache hit?),
+and for registrations what they cost: seconds and the tokens their capture requests prefilled.
+--capacity N then loads N documents into (b) and into the extension at --capacity-ratio and counts the resident
 ones, to show how many documents the pool holds.
 
     python benchmarks/throughput.py              # defaults run in a few minutes on a 2-core CPU
@@ -27,7 +30,7 @@ from pathlib import Path
 from common import RESULTS_DIR, environment, write_json
 from transformers import AutoTokenizer
 
-from sglang_am.batch_qa import ask_all, choice_accuracy, documents_and_questions, summarize
+from sglang_am.batch_qa import ask_all, choice_accuracy, document_questions, documents_and_questions, summarize
 from sglang_am.client import DocumentsClient, http_json
 from sglang_am.serve import MODELS, model_path, serving
 
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("--capacity-ratio", type=float, help="the compacted documents' ratio there (default: the "
                         "smallest --ratios)")
     parser.add_argument("--compact-windows", action="store_true", help="compact sliding-window layers' windows too")
+    parser.add_argument("--no-questions", action="store_true", help="skip the question-aware registrations")
     parser.add_argument("--dtype", help="server dtype (default: auto for the recall model, float32 for Gemma: this "
                         "CPU has no fast bfloat16)")
     parser.add_argument("--choices", action="store_true", help="real-text: score multiple choice by likelihood too "
@@ -107,19 +111,27 @@ def main() -> None:
         rows.append(workload_row("no radix cache", url, questions, probes, lengths, args, scored))
     with stock_server(path, pool, args.dtype, []) as url:
         rows.append(workload_row("radix cache, full documents", url, questions, probes, lengths, args, scored))
+    asked = document_questions(document_ids, questions)
+    variants = ([] if args.no_questions else [("with questions", lambda i: {"questions": asked[i]})]) + [
+        ("compacted", lambda i: {})]
     with extension_server(path, pool, args.dtype) as url:
         client = DocumentsClient(url)
         for ratio in args.ratios:
-            start = time.perf_counter()
-            registered = [client.register(input_ids=ids, ratio=ratio, method=args.method,
-                                          compact_windows=args.compact_windows) for ids in document_ids]
-            seconds = time.perf_counter() - start
-            row = workload_row(f"compacted @ {ratio}", url, questions, probes, [d["slots"] for d in registered], args,
-                               scored)
-            rows.append({**row, "ratio": ratio, "registration_seconds": round(seconds, 3),
-                         "kv_bytes_per_document": registered[0]["kv_bytes"]})
-            for doc in registered:
-                client.drop(doc["doc_id"])
+            for name, fields in variants:
+                start = time.perf_counter()
+                registered = [client.register(input_ids=ids, ratio=ratio, method=args.method,
+                                              compact_windows=args.compact_windows, **fields(i))
+                              for i, ids in enumerate(document_ids)]
+                seconds = time.perf_counter() - start
+                # What the registrations prefilled: the document (twice for repeat-prefill), then the questions.
+                captured = sum(len(ids) * (1 if "questions" in fields(i) else 2) + sum(map(len, fields(i).get("questions", [])))
+                               for i, ids in enumerate(document_ids))
+                row = workload_row(f"{name} @ {ratio}", url, questions, probes, [d["slots"] for d in registered], args,
+                                   scored)
+                rows.append({**row, "ratio": ratio, "registration_seconds": round(seconds, 3), "capture_tokens": captured,
+                             "kv_bytes_per_document": registered[0]["kv_bytes"]})
+                for doc in registered:
+                    client.drop(doc["doc_id"])
     capacity = measure_capacity(args, tokenizer, path, workload) if args.capacity else None
     payload = {**environment(), "inputs": {**vars(args), "workload": workload, "document_tokens": lengths},
                "rows": rows, "capacity": capacity}

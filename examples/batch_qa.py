@@ -3,7 +3,9 @@
 With no arguments it starts the extension's server on the embedded recall model (CPU here), makes
 --documents recall documents with --questions questions each, asks them all concurrently through
 /v1/completions with the full documents as ordinary (radix-cached) prefixes, then registers every
-document at --ratio, asks again, drops the documents and prints accuracy and throughput side by side.
+document at --ratio with the batch's questions (question-aware: the node is fitted to the queries of the
+questions that will follow it), asks again, drops them, registers them again without the questions,
+asks again, and prints accuracy and throughput side by side (--no-questions: the last only).
 `--model gemma3-270m` serves the pretrained Gemma-3-270M on the real-text workload instead (natural
 sentences, facts with same-type distractors), where multiple-choice accuracy by answer likelihood is
 reported too. --url uses a running server instead (started with the extension, e.g.
@@ -18,7 +20,7 @@ import json
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from sglang_am.batch_qa import WORKLOADS, ask_all, choice_accuracy, documents_and_questions, summarize
+from sglang_am.batch_qa import WORKLOADS, ask_all, choice_accuracy, document_questions, documents_and_questions, summarize
 from sglang_am.client import DocumentsClient
 from sglang_am.serve import MODELS, model_path, serving
 
@@ -37,7 +39,9 @@ def parse_args() -> argparse.Namespace:
                         "or sentences per real-text document (default 140, about 2k Gemma tokens)")
     parser.add_argument("--ratio", type=float, default=0.1, help="compaction ratio t/T")
     parser.add_argument("--method", default="AM-HighestAttnKeys", help="compaction method (see the README's Methods)")
-    parser.add_argument("--query-source", default="repeat-prefill", help="reference queries for the solver")
+    parser.add_argument("--query-source", default="repeat-prefill", help="reference queries for the solver without "
+                        "questions (with them, the questions' own queries)")
+    parser.add_argument("--no-questions", action="store_true", help="register without the batch's questions only")
     parser.add_argument("--compact-windows", action="store_true", help="compact sliding-window layers' windows too "
                         "(Gemma: a document takes t slots per layer instead of max(t, 511); torch_native only)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
@@ -64,30 +68,37 @@ def run(url: str, args: argparse.Namespace) -> dict:
                                                      progress=None if args.json else f"{phase}: choices")
         return row
 
+    def compacted(name: str, asked: list[list[list[int]]] | None) -> dict:
+        registered = [client.register(input_ids=ids, ratio=args.ratio, method=args.method, compact_windows=args.compact_windows,
+                                      **({"query_source": args.query_source} if asked is None else {"questions": asked[i]}))
+                      for i, ids in enumerate(tqdm(document_ids, desc=f"registering ({name})", disable=args.json))]
+        try:
+            row = ask(f"{name} @ {args.ratio}")
+            served = [client.get(doc["doc_id"])["requests_served"] for doc in registered]
+        finally:
+            for doc in registered:
+                if not doc["existing"]:  # leave documents someone else registered
+                    client.drop(doc["doc_id"])
+        return {**row, "kv_slots_per_document": [doc["t"] for doc in registered],
+                "kv_bytes_per_document": [doc["kv_bytes"] for doc in registered], "requests_served_compacted": sum(served),
+                "registration_timings": [doc["timings"] for doc in registered],
+                "fidelity": [doc["fidelity"] for doc in registered]}
+
     full = ask("full prefix")
-    registered = [client.register(input_ids=ids, ratio=args.ratio, method=args.method, query_source=args.query_source,
-                                  compact_windows=args.compact_windows)
-                  for ids in tqdm(document_ids, desc="registering", disable=args.json)]
-    try:
-        compacted = ask(f"compacted @ {args.ratio}")
-        served = [client.get(doc["doc_id"])["requests_served"] for doc in registered]
-    finally:
-        for doc in registered:
-            if not doc["existing"]:  # leave documents someone else registered
-                client.drop(doc["doc_id"])
-    return {
-        "workload": workload,
-        "full_prefix": {**full, "kv_slots_per_document": [doc["T"] for doc in registered]},
-        "compacted": {**compacted, "kv_slots_per_document": [doc["t"] for doc in registered],
-                      "kv_bytes_per_document": [doc["kv_bytes"] for doc in registered],
-                      "requests_served_compacted": sum(served),
-                      "registration_timings": [doc["timings"] for doc in registered]},
-        "arguments": vars(args),
-    }
+    result = {"workload": workload,
+              "full_prefix": {**full, "kv_slots_per_document": [len(ids) for ids in document_ids]}}
+    if not args.no_questions:
+        result["question_aware"] = compacted("with questions", document_questions(document_ids, questions))
+    result["compacted"] = compacted("without questions", None)
+    return {**result, "arguments": vars(args)}
 
 
 def print_table(result: dict) -> None:
-    rows = [("full prefix", result["full_prefix"]), (f"compacted @ {result['arguments']['ratio']}", result["compacted"])]
+    ratio = result["arguments"]["ratio"]
+    rows = [("full prefix", result["full_prefix"])]
+    if "question_aware" in result:
+        rows.append((f"questions @ {ratio}", result["question_aware"]))
+    rows.append((f"compacted @ {ratio}", result["compacted"]))
     print(f"\n{'serving':<18}{'KV slots/doc':>13}{'answers':>9}{'choices':>9}{'req/s':>8}{'tok/s':>8}"
           f"{'TTFT p50':>10}{'lat p50':>9}{'lat p99':>9}")
     for name, row in rows:
@@ -95,9 +106,10 @@ def print_table(result: dict) -> None:
         choices = f"{row['choice_accuracy']:.2f}" if "choice_accuracy" in row else "-"
         print(f"{name:<18}{slots:>13.0f}{row['accuracy']:>9.2f}{choices:>9}{row['request_throughput']:>8.2f}"
               f"{row['output_tokens_per_second']:>8.1f}{row['ttft_p50']:>9.3f}s{row['latency_p50']:>8.3f}s{row['latency_p99']:>8.3f}s")
-    compacted = result["compacted"]
-    print(f"{compacted['requests_served_compacted']} of {compacted['requests']} compacted-phase requests were served "
-          f"from compacted documents; errors: {result['full_prefix']['errors']} / {compacted['errors']}")
+    for name, row in rows[1:]:
+        print(f"{name}: {row['requests_served_compacted']} of {row['requests']} requests served from compacted documents, "
+              f"{row['errors']} errors")
+    print("questions @: registered with the batch's questions; compacted @: without them (repeat-prefill queries)")
 
 
 def main() -> None:

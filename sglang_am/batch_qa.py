@@ -86,6 +86,14 @@ def documents_and_questions(tokenizer, num_documents: int, questions_per_documen
     return documents, document_ids, questions
 
 
+def document_questions(document_ids: Sequence[list[int]], questions: Sequence[QARequest]) -> list[list[list[int]]]:
+    """Each document's questions as the token ids that follow it: what a question-aware registration takes."""
+    asked: list[list[list[int]]] = [[] for _ in document_ids]
+    for question in questions:
+        asked[question.document].append(question.prompt[len(document_ids[question.document]) :])
+    return asked
+
+
 APIS = ("openai", "native")
 
 

@@ -263,8 +263,8 @@ def test_metrics_against_direct_full_context_computation(model):
         multiple_choice_accuracy(model, reference, [([], [[1]], 0)])
 
 
-def test_self_study_queries_are_the_continuations_after_the_document(model):
-    from sglang_am.hf.compaction import _self_study_queries
+def test_continuation_queries_are_the_continuations_after_the_document(model):
+    from sglang_am.hf.compaction import _continuation_queries
 
     document, continuation = _ids(20, 22), _ids(6, 23)
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_self_study_queries_are_the_continuations_after_the_document(model):
         with recording_queries() as recorded:
             model(torch.tensor([document + continuation]))
     document_kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-    queries = _self_study_queries(model, document_kv, 20, [continuation, continuation[:3]])
+    queries = _continuation_queries(model, document_kv, 20, [continuation, continuation[:3]])
     expected = recorded[1][0][0, :, 20:]  # the continuation's queries in one full forward
     assert queries[1].shape == (4, 9, 16)
     torch.testing.assert_close(queries[1][:, :6], expected, rtol=1e-4, atol=1e-4)

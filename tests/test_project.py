@@ -165,11 +165,14 @@ def test_long_documents_benchmark_smoke(tmp_path):
 def test_batch_qa_example_smoke():
     out = _run("examples/batch_qa.py", "--documents", "2", "--questions", "2", "--size", "60", "--ratio", "0.5", "--json")
     result = json.loads(out.strip().splitlines()[-1])
-    full, compacted = result["full_prefix"], result["compacted"]
-    assert full["requests"] == compacted["requests"] == 4 and full["errors"] == compacted["errors"] == 0
-    assert full["accuracy"] == 1.0 and compacted["requests_served_compacted"] == 4
-    assert full["kv_slots_per_document"] == [121, 121] and compacted["kv_slots_per_document"] == [60, 60]
-    for row in (full, compacted):
+    full, aware, compacted = result["full_prefix"], result["question_aware"], result["compacted"]
+    assert full["requests"] == aware["requests"] == compacted["requests"] == 4
+    assert full["errors"] == aware["errors"] == compacted["errors"] == 0
+    assert full["accuracy"] == aware["accuracy"] == 1.0  # fitted to the batch's questions, it answers them
+    assert aware["requests_served_compacted"] == compacted["requests_served_compacted"] == 4
+    assert full["kv_slots_per_document"] == [121, 121] and aware["kv_slots_per_document"] == [60, 60]
+    assert all(fidelity["next_token_kl"] is not None for fidelity in aware["fidelity"])
+    for row in (full, aware, compacted):
         assert row["request_throughput"] > 0 and row["ttft_p50"] <= row["latency_p50"]
 
 
@@ -180,14 +183,44 @@ def test_throughput_benchmark_smoke(tmp_path):
          "--capacity", "3", "--max-total-tokens", "1024", "--output", str(output))
     payload = json.loads(output.read_text())
     rows = {row["config"]: row for row in payload["rows"]}
-    assert list(rows) == ["no radix cache", "radix cache, full documents", "compacted @ 0.5"]
+    assert list(rows) == ["no radix cache", "radix cache, full documents", "with questions @ 0.5", "compacted @ 0.5"]
     assert rows["no radix cache"]["resident_documents"] == 0
     assert rows["compacted @ 0.5"]["resident_documents"] == 2 and rows["compacted @ 0.5"]["kv_slots_per_document"] == 60
+    aware = rows["with questions @ 0.5"]
+    assert aware["accuracy"] == 1.0 and aware["capture_tokens"] < rows["compacted @ 0.5"]["capture_tokens"]
     assert all(row["errors"] == 0 and row["request_throughput"] > 0 for row in rows.values())
     capacity = payload["capacity"]
     assert capacity["compacted @ 0.5"]["resident"] == 3
     assert capacity["radix cache, full documents"]["kv_slots_per_document"] == 121
     assert payload["machine"]["logical_cores"] >= 1 and output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_question_aware_benchmark_smoke(tmp_path):
+    output = tmp_path / "question_aware.json"
+    _run("benchmarks/question_aware.py", "--model", "recall", "--documents", "2", "--questions", "4", "--size", "60",
+         "--ratios", "0.25", "--auto", "--output", str(output))
+    rows = {row["config"]: row for row in json.loads(output.read_text())["rows"]}
+    assert list(rows) == ["full context", "without questions", "with questions", "half given", "auto ratio, with questions"]
+    assert rows["with questions"]["all"]["answer_accuracy"] == rows["full context"]["all"]["answer_accuracy"] == 1.0
+    assert rows["half given"]["given"]["questions"] == rows["half given"]["not_given"]["questions"] == 4
+    assert all(f["next_token_kl"] is not None for f in rows["with questions"]["fidelity"])
+    assert all(f["relative_l2"] is not None for f in rows["without questions"]["fidelity"])
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_adapt_stream_benchmark_smoke(tmp_path):
+    output = tmp_path / "adapt_stream.json"
+    _run("benchmarks/adapt_stream.py", "--model", "recall", "--documents", "1", "--set", "8", "--requests", "40",
+         "--refit-every", "8", "--output", str(output))
+    rows = {row["config"]: row for row in json.loads(output.read_text())["rows"]}
+    assert list(rows) == ["full context", "compacted", "compacted, adapt"]
+    assert all(row["errors"] == 0 for row in rows.values())
+    adapt = rows["compacted, adapt"]
+    assert adapt["documents"][0]["adapt"]["refits"] >= 1 and adapt["idle_check"]["leak"] is False
+    assert adapt["accuracy_second_half"] >= rows["compacted"]["accuracy_second_half"]
+    assert output.with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -75,6 +75,15 @@ def test_filler_has_no_values_or_names():
     assert not {w.lower() for w in re.findall(r"\w+", parts)} & {w.lower() for w in vocabulary}
 
 
+def test_fifty_questions_fit_one_document_and_fewer_leave_earlier_documents_as_they_were():
+    (document,) = real_text_qa(num_sentences=140, num_questions=50, seed=5)
+    assert len(document.questions) == 50 and sum(len(p) for p in _facts(document.text).values()) == 50
+    assert {name for name, pairs in _facts(document.text).items() if pairs} == {r.name for r in RELATIONS}
+    # The README's example (seed 7): the same document as before the two extra relations existed.
+    (example,) = real_text_qa(num_sentences=140, num_questions=1, seed=7)
+    assert example.questions[0].question == "What is Julia's favourite sport?" and example.questions[0].answer == "football"
+
+
 def test_length_grows_with_num_sentences():
     lengths = [len(real_text_qa(num_sentences=n, seed=0)[0].text.split()) for n in (70, 140, 570)]
     assert lengths[0] < lengths[1] < lengths[2]
@@ -128,7 +137,7 @@ def test_choices_count_and_fewer_questions():
         ({"num_choices": 6}, "num_choices"),
         ({"facts_per_relation": 1}, "facts_per_relation"),
         ({"facts_per_relation": 11, "num_choices": 5}, "facts_per_relation"),
-        ({"num_questions": 41}, "num_questions"),
+        ({"num_questions": 51}, "num_questions"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, word):

@@ -31,7 +31,7 @@ from sglang_am.server.errors import DocumentError
 from sglang_am.server.jobs import QueueFull, Worker
 from sglang_am.server.operations import check_compacted_windows, check_model
 from sglang_am.server.registration import OPTION_BOUNDS, SERVER_SET_OPTIONS, RegistrationRequest
-from sglang_am.server.registry import DocState, Document, DocumentRegistry, document_id, virtual_ids
+from sglang_am.server.registry import DocState, Document, DocumentRegistry, Served, document_id
 
 CONFIG = ServerConfig(store_dir="/nonexistent", max_document_tokens=4096, max_queries_per_head=8000)
 IDS = list(range(100, 300))  # a 200-token document
@@ -96,6 +96,21 @@ def request(**fields) -> RegistrationRequest:
     ({"options": {"stats_backend": "quantum"}}, "stats_backend must be one of"),
     ({"compact_windows": 1}, "compact_windows must be true or false"),
     ({"compact_windows": "yes"}, "compact_windows must be true or false"),
+    ({"questions": "What is K1?"}, "questions must be a list of 1 to 64 prompts"),
+    ({"questions": []}, "questions must be a list of 1 to 64 prompts"),
+    ({"questions": ["q"] * 65}, "questions must be a list of 1 to 64 prompts"),
+    ({"questions": [""]}, "questions[0] must be a non-empty string"),
+    ({"questions": ["x" * (256 * 64 + 1)]}, "questions[0] must be a non-empty string of at most"),
+    ({"questions": [[1, 2], list(range(257))]}, "questions[1] must be a string or a list of 1 to 256 token ids"),
+    ({"questions": [[-1]]}, "questions[0] must be a string or a list"),
+    ({"questions": [[True]]}, "questions[0] must be a string or a list"),
+    ({"questions": [None]}, "questions[0] must be a string or a list"),
+    ({"query_source": {"questions": 1.0}}, "query_source uses questions: give them in questions"),
+    ({"ratio": "half"}, 'ratio must be in (0, 1] or "auto"'),
+    ({"fidelity_bound": 0.2}, 'fidelity_bound goes with "ratio": "auto"'),
+    ({"ratio": "auto", "fidelity_bound": 0}, "fidelity_bound must be a relative attention error in (0, 10]"),
+    ({"ratio": "auto", "fidelity_bound": True}, "fidelity_bound must be a relative attention error"),
+    ({"adapt": "yes"}, "adapt must be true or false"),
 ])
 def test_bad_registration_fields_are_refused_with_the_field_named(fields, reason):
     with pytest.raises(ValueError) as error:
@@ -120,6 +135,34 @@ def test_a_valid_request_round_trips_through_the_scheduler_payload():
     assert RegistrationRequest.from_payload(made.to_payload()) == made
     assert made.query_source == {"self-study": 0.5, "repeat-prefill": 0.5} and made.head_proportions == {(0, 0): 0.5, (0, 1): 0.5}
     assert request(method="PyramidKV").options == {}  # its layer options come from the server
+
+
+def test_questions_mix_with_the_query_agnostic_source_and_travel_as_token_ids():
+    made = request(questions=[[5, 6, 7], "What is K1?"], query_source="ss-plus-repeat", adapt=True)
+    assert made.query_source == {"questions": 1.0}  # given questions, they are the reference queries (QUESTION_SHARE)
+    with pytest.raises(ValueError, match="must be tokenized"):
+        made.to_payload()  # text reaches the scheduler only as ids
+    tokenized = made.with_question_ids(CONFIG, lambda text: [ord(c) for c in text])
+    assert tokenized.questions == ((5, 6, 7), tuple(ord(c) for c in "What is K1?"))
+    assert RegistrationRequest.from_payload(tokenized.to_payload()) == tokenized
+    explicit = request(questions=[[1]], query_source={"questions": 0.5, "repeat-prefill": 0.5})
+    assert explicit.query_source == {"questions": 0.5, "repeat-prefill": 0.5}  # a client's own mixture is kept
+    with pytest.raises(ValueError, match=r"questions\[0\] has 300 tokens; this server takes 1 to 256"):
+        request(questions=["long"]).with_question_ids(CONFIG, lambda text: [1] * 300)
+
+
+def test_auto_ratio_walks_the_ladder_with_a_bound_and_admission_reserves_its_top():
+    from sglang_am.server.admission import capture_slots, compacted_slots
+    from sglang_am.server.registration import DEFAULT_FIDELITY_BOUND, RATIO_LADDER
+
+    auto = request(ratio="auto")
+    assert auto.budget == "auto" and auto.ladder == RATIO_LADDER and auto.fidelity_bound == DEFAULT_FIDELITY_BOUND
+    assert request(ratio="auto", fidelity_bound=0.3).fidelity_bound == 0.3 and request().ladder is None
+    assert compacted_slots(auto, 200) == round(RATIO_LADDER[-1] * 200) and compacted_slots(request(), 200) == 20
+    assert RegistrationRequest.from_payload(auto.to_payload()) == auto
+    asked = request(questions=[[1] * 10, [2] * 30])
+    # The document once (questions alone need no repeat copy), then each question beside the others.
+    assert capture_slots(asked, 200, 4) == 200 + 64 + (10 + 64) + (30 + 64)
 
 
 # ----- admission -----
@@ -151,19 +194,27 @@ def test_admission_refuses_what_never_fits_with_400_and_what_does_not_fit_now_wi
 def test_capture_memory_is_fixed_up_front_by_the_query_cap():
     # 2 query heads per KV head: 5000 pooled queries need 2500 positions per layer, whatever the document length.
     capture = QueryCapture({"repeat-prefill": 1.0}, 5000, {"repeat-prefill": 1}, {"repeat-prefill": 10**6}, group=2,
-                           num_layers=3, bytes_per_row=64)
+                           layers=range(3), bytes_per_row=64)
     assert capture.nbytes == 2500 * 3 * 64
     mixed = QueryCapture({"self-study": 0.5, "repeat-prefill": 0.5}, 5000, {"self-study": 4, "repeat-prefill": 1},
-                         {"self-study": 100, "repeat-prefill": 2000}, group=2, num_layers=1, bytes_per_row=8)
+                         {"self-study": 100, "repeat-prefill": 2000}, group=2, layers=range(1), bytes_per_row=8)
     assert mixed.keep == {"self-study": 100, "repeat-prefill": 1250}  # a self-study answer has at most 100 positions
     assert mixed.nbytes == (4 * 100 + 1250) * 8
+    # Only the layers the solve compacts are kept (Gemma-3: its three global layers of 18).
+    globals_only = QueryCapture({"repeat-prefill": 1.0}, 40, {"repeat-prefill": 1}, {"repeat-prefill": 100}, group=1,
+                                layers=[5, 11, 17], bytes_per_row=4)
+    assert globals_only.nbytes == 40 * 3 * 4
+    rows = globals_only.add_request("repeat-prefill", 0, 40)
+    for layer in (0, 5, 11, 12, 17):
+        globals_only.record(rows, layer, torch.ones(40, 1, 2), torch.arange(40), scale=0.5)
+    assert set(rows.rows) == {5, 11, 17} and rows.filled.all() and globals_only.scales == {5: 0.5, 11: 0.5, 17: 0.5}
 
 
 # ----- query capture -----
 
 def test_capture_keeps_a_bounded_subset_across_chunks_and_hands_back_every_layer():
     capture = QueryCapture({"context-prefill": 1.0}, 40, {"context-prefill": 1}, {"context-prefill": 100}, group=2,
-                           num_layers=2, bytes_per_row=4)
+                           layers=range(2), bytes_per_row=4)
     rows = capture.add_request("context-prefill", 0, 100)  # keeps 20 of 100 positions
     assert len(rows.positions) == 20 and "did not finish" in capture.problem()
     queries = torch.arange(100 * 4 * 3, dtype=torch.float32).reshape(100, 4, 3)  # [positions, H_q, D]
@@ -173,15 +224,31 @@ def test_capture_keeps_a_bounded_subset_across_chunks_and_hands_back_every_layer
         for layer in range(2):
             capture.record(rows, layer, forward[planned[0]], planned[1], scale=0.5)
     rows.finished = True
-    assert capture.problem() is None and capture.scales == [0.5, 0.5]
+    assert capture.problem() is None and capture.scales == {0: 0.5, 1: 0.5}
     kept = capture.queries(1)["context-prefill"]  # [H_q, n, D]
     assert torch.equal(kept, queries[rows.positions].transpose(0, 1))
     with pytest.raises(ValueError, match="unexpected capture request"):
         capture.add_request("context-prefill", 0, 100)  # one part only
 
 
+def test_a_question_keeps_every_position_and_its_answer_position_is_marked():
+    mixed = QueryCapture({"questions": 0.75, "repeat-prefill": 0.25}, 40, {"questions": 2, "repeat-prefill": 1},
+                         {"questions": 6, "repeat-prefill": 100}, group=2, layers=range(1), bytes_per_row=4)
+    assert mixed.keep == {"questions": 6, "repeat-prefill": 5}  # a question keeps all of its (at most 6) positions
+    capture = QueryCapture({"questions": 1.0}, 40, {"questions": 2}, {"questions": 6}, group=2, layers=range(1),
+                           bytes_per_row=4)
+    first, second = capture.add_request("questions", 100, 106), capture.add_request("questions", 100, 104)
+    assert first.positions.tolist() == list(range(100, 106)) and second.positions.tolist() == list(range(100, 104))
+    for rows, length in ((first, 6), (second, 4)):
+        planned = rows.plan(100, length, offset=0)
+        capture.record(rows, 0, torch.ones(length, 2, 3), planned[1], scale=1.0)
+    marks = capture.last_positions()["questions"]
+    assert capture.queries(0)["questions"].shape == (2, 10, 3)
+    assert marks.tolist() == [False] * 5 + [True] + [False] * 3 + [True]
+
+
 def test_positions_a_cached_prefix_skipped_are_left_out():
-    capture = QueryCapture({"self-study": 1.0}, 100, {"self-study": 1}, {"self-study": 10}, group=1, num_layers=1,
+    capture = QueryCapture({"self-study": 1.0}, 100, {"self-study": 1}, {"self-study": 10}, group=1, layers=range(1),
                            bytes_per_row=4)
     rows = capture.add_request("self-study", 50, 60)
     rows.finished = True
@@ -194,7 +261,7 @@ def test_positions_a_cached_prefix_skipped_are_left_out():
 
 def test_a_failure_while_recording_marks_the_capture_failed_without_raising(monkeypatch, tmp_path):
     capture = QueryCapture({"context-prefill": 1.0}, 8, {"context-prefill": 1}, {"context-prefill": 8}, group=1,
-                           num_layers=1, bytes_per_row=4)
+                           layers=range(1), bytes_per_row=4)
     rows = capture.add_request("context-prefill", 0, 8)
     (tmp_path / "faults").write_text("capture")
     monkeypatch.setenv("SGLANG_AM_TEST_FAULTS", str(tmp_path / "faults"))
@@ -228,7 +295,7 @@ def prefix(slots=12, heads=2, dim=8, value_dim=8, layers=2, length=50) -> Compac
 def test_install_writes_the_slots_pins_the_node_and_remove_frees_everything(tree):
     cache, pool, allocator = tree
     made = prefix()
-    installed = cache.install_document(made, virtual_ids(1, 12))
+    installed = cache.install_document(made, 1)
     assert allocator.available_size() == 256 - 12 and cache.protected_size() == 12
     assert torch.equal(pool.k_buffer[1][installed.slots], made.keys[1].permute(1, 0, 2))
     assert installed.head_slots == [[12, 11], [12, 12]] and installed.bias[0].dtype == torch.float32
@@ -246,7 +313,7 @@ def test_a_verbatim_window_sits_right_aligned_and_needs_no_bias(tree, global_slo
     window_keys, window_values = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     made = dataclasses.replace(made, keys=[window_keys, made.keys[1]], values=[window_values, made.values[1]],
                                beta=[torch.zeros(2, 6), made.beta[1]])
-    installed = cache.install_document(made, virtual_ids(1, made.num_slots))
+    installed = cache.install_document(made, 1)
     width = max(6, global_slots)
     assert installed.num_slots == width and allocator.available_size() == 256 - width
     node_keys = pool.k_buffer[0][installed.slots].permute(1, 0, 2)
@@ -266,7 +333,7 @@ def test_a_verbatim_window_sits_right_aligned_and_needs_no_bias(tree, global_slo
 def test_a_compacted_window_sits_right_aligned_with_its_bias(tree):
     cache, pool, _ = tree
     made = prefix(slots=4)  # layer 0 (window 6) holds 4 compacted slots, one of them padding
-    installed = cache.install_document(made, virtual_ids(1, made.num_slots))
+    installed = cache.install_document(made, 1)
     assert installed.num_slots == 4 and installed.layout.compacted_windows
     assert torch.equal(pool.k_buffer[0][installed.slots].permute(1, 0, 2), made.keys[0])
     assert torch.equal(installed.bias[0], made.beta[0])
@@ -278,7 +345,7 @@ def test_a_window_layer_holds_its_window_verbatim_or_fewer_slots(tree):
     cache, _, allocator = tree
     for made in (prefix(slots=8), dataclasses.replace(prefix(slots=6), beta=[torch.ones(2, 6), torch.zeros(2, 6)])):
         with pytest.raises(DocumentError, match="sliding-window layer: the document must hold its last 6 tokens"):
-            cache.install_document(made, virtual_ids(1, made.num_slots))
+            cache.install_document(made, 1)
     assert allocator.available_size() == 256
 
 
@@ -290,7 +357,7 @@ def test_a_window_layer_holds_its_window_verbatim_or_fewer_slots(tree):
 def test_a_prefix_that_does_not_fit_is_refused_before_anything_is_allocated(tree, made, reason):
     cache, _, allocator = tree
     with pytest.raises(DocumentError) as error:
-        cache.install_document(made, virtual_ids(1, made.num_slots))
+        cache.install_document(made, 1)
     assert error.value.status == 400 and reason in error.value.message
     assert allocator.available_size() == 256
 
@@ -298,7 +365,7 @@ def test_a_prefix_that_does_not_fit_is_refused_before_anything_is_allocated(tree
 def test_a_full_pool_gives_503_and_a_failing_step_frees_its_slots(tree, monkeypatch):
     cache, _, allocator = tree
     with pytest.raises(DocumentError) as error:
-        cache.install_document(prefix(slots=300, length=400), virtual_ids(1, 300))
+        cache.install_document(prefix(slots=300, length=400), 1)
     assert error.value.status == 503 and allocator.available_size() == 256
 
     def broken_insert(params):
@@ -306,7 +373,7 @@ def test_a_full_pool_gives_503_and_a_failing_step_frees_its_slots(tree, monkeypa
 
     monkeypatch.setattr(cache, "insert", broken_insert)
     with pytest.raises(RuntimeError, match="insert failed"):
-        cache.install_document(prefix(), virtual_ids(1, 12))
+        cache.install_document(prefix(), 1)
     assert allocator.available_size() == 256 and cache.protected_size() == 0
 
 
@@ -331,7 +398,7 @@ def test_a_captured_document_is_held_in_the_tree_only_when_all_of_it_is_cached(t
 def document(index=1, auto=False, slots=0, last_used=0.0) -> Document:
     doc = Document(document_id(IDS[index:]), index, array("q", IDS[index:]), "AM-HighestAttnKeys", {}, auto, DocState.READY)
     doc.last_used = last_used
-    doc.installed = SimpleNamespace(num_slots=slots, head_slots=[], bias=[]) if slots else None
+    doc.installed = SimpleNamespace(num_slots=slots, head_slots=[], bias=[], users=0) if slots else None
     return doc
 
 
@@ -340,14 +407,18 @@ def test_a_request_holds_its_document_until_it_ends_once():
     registry.add(doc)
     first, second = SimpleNamespace(), SimpleNamespace()
     registry.acquire(doc, first)
-    registry.acquire(doc, second)
-    assert doc.users == 2 and doc.requests_served == 2
+    version = doc.installed
+    doc.installed = SimpleNamespace(num_slots=4, head_slots=[], bias=[], users=0)  # a refit installed meanwhile
+    registry.acquire(doc, second, counted=False)  # a registration's probe
+    assert doc.users == 2 and doc.requests_served == 1 and version.users == doc.installed.users == 1
+    assert first.am_served.version is version and second.am_served.version is doc.installed
+    assert first.am_served.client and not second.am_served.client
     registry.release(first)
     registry.release(first)  # the stream and an abort report may both see the end: counted once
     registry.release(SimpleNamespace())  # never rewritten
-    assert doc.users == 1
+    assert doc.users == 1 and version.users == 0
     registry.release(second)
-    assert doc.users == 0
+    assert doc.users == 0 and doc.installed.users == 0
 
 
 def test_lookup_takes_the_longest_ready_or_registering_prefix_and_ids_are_full_sha256():
@@ -432,16 +503,17 @@ def forward(mode, rows, prefix_lens=None, seq_lens=None):
 def test_document_rows_follow_the_request_pool_rows_of_each_forward():
     rows, doc = DocumentRows(), document(slots=4)
     capture = QueryCapture({"context-prefill": 1.0}, 64, {"context-prefill": 1}, {"context-prefill": 30}, group=1,
-                           num_layers=1, bytes_per_row=4)
+                           layers=range(1), bytes_per_row=4)
     tag = CaptureTag(doc, capture, capture.add_request("context-prefill", 0, 30))
     request = lambda row, **attrs: SimpleNamespace(kv=SimpleNamespace(req_pool_idx=row), **attrs)
     assert rows.batch(forward(ForwardMode.DECODE, [1, 2])) is None  # nothing bound: the fast path
-    rows.bind([request(1, am_doc=doc), request(2), request(3, am_capture=tag)])
+    rows.bind([request(1, am_served=Served(doc, doc.installed)), request(2), request(3, am_capture=tag)])
     decode = rows.batch(forward(ForwardMode.DECODE, [2, 1]))
-    assert decode.documents == [None, doc] and decode.query_lens == [1, 1] and decode.has_documents
+    assert decode.versions == [None, doc.installed] and decode.query_lens == [1, 1] and decode.has_documents
     extend = rows.batch(forward(ForwardMode.EXTEND, [1, 3], prefix_lens=[4, 10], seq_lens=[2, 20]))
     (part,) = extend.captures  # positions 10..29 of the capture request, its rows starting at row 2
-    assert part.rows is tag.rows and part.query_rows.tolist() == list(range(2, 22)) and part.slots.tolist() == list(range(10, 30))
+    assert part.sink.args == (tag.rows,) and part.query_rows.tolist() == list(range(2, 22))
+    assert part.slots.tolist() == list(range(10, 30))
     rows.bind([request(1)])  # the row now serves a request without a document
     assert rows.batch(forward(ForwardMode.DECODE, [1])) is None
 

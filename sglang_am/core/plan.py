@@ -14,9 +14,17 @@ from .head_budgets import head_budgets
 from .methods import get_method
 from .types import CompactedKV
 
-QUERY_SOURCES = ("context-prefill", "repeat-prefill", "self-study", "random")
+QUERY_SOURCES = ("context-prefill", "repeat-prefill", "self-study", "questions", "random")
 # Named unions of sources: each gets this fraction of the per-head query cap.
 QUERY_MIXTURES = {"ss-plus-repeat": {"self-study": 0.5, "repeat-prefill": 0.5}}
+# "questions": the prompts that will follow the document, teacher-forced after it. They are few and they
+# decide the answers, so a fraction given to them is their weight in the fit: their queries are repeated to
+# fill their share (``fill_queries``) instead of being outweighed by a query-agnostic source's thousands.
+# Given questions, they are the only source by default: on Gemma-3-270M's real-text QA, questions alone
+# answered them as well as full context at ratios 0.1 and 0.05, every mixture with repeat-prefill did worse
+# (a quarter of repeat-prefill cost 13 points at 0.05), and no mixture helped questions that were not given
+# (docs/question-aware.md has the tables).
+QUESTION_SHARE = 1.0
 
 
 def source_fractions(query_source: str | Mapping[str, float]) -> dict[str, float]:
@@ -33,6 +41,17 @@ def source_fractions(query_source: str | Mapping[str, float]) -> dict[str, float
     if any(not f > 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
         raise ValueError(f"query_source fractions must be positive and sum to 1, got {fractions}")
     return fractions
+
+
+def with_questions(fractions: Mapping[str, float], share: float = QUESTION_SHARE) -> dict[str, float]:
+    """``fractions`` (query-agnostic sources) with ``questions`` added at ``share``, the others scaled to the rest;
+    a mixture that names ``questions`` already is returned as it is."""
+    if "questions" in fractions:
+        return dict(fractions)
+    if not 0 < share <= 1:
+        raise ValueError(f"the questions' share must be in (0, 1], got {share}")
+    mixed = {source: fraction * (1 - share) for source, fraction in fractions.items() if share < 1}
+    return {"questions": share, **mixed}
 
 
 def pool_queries(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -79,12 +98,47 @@ def subsample_queries(queries: torch.Tensor, cap: int, generator: torch.Generato
     return queries[:, keep.to(queries.device)]
 
 
+def fill_queries(queries: torch.Tensor, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Exactly ``rows`` queries per head: a uniform subsample when there are more, every query repeated
+    equally often (a seeded few once more) when there are fewer. Repeating a query weighs it in the fit."""
+    count = queries.shape[1]
+    if count >= rows:
+        return subsample_queries(queries, rows, generator)
+    repeats, remainder = divmod(rows, count)
+    index = torch.cat([torch.arange(count).repeat(repeats), torch.randperm(count, generator=generator)[:remainder]])
+    return queries[:, index.sort().values.to(queries.device)]
+
+
+def split_heldout(queries: Mapping[str, torch.Tensor], fraction: float, max_positions: int, generator: torch.Generator,
+                  protected: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each source's positions ``[H_q, n, D]`` split into (fit, held out): a seeded ``fraction`` of them, at most
+    ``max_positions``, never one marked in ``protected[source]`` (a bool mask ``[n]``, e.g. a question's
+    answer position, which the fit must keep). A source with too few positions to spare lends none."""
+    fit, heldout = {}, {}
+    for source, rows in queries.items():
+        count = rows.shape[1]
+        eligible = torch.ones(count, dtype=torch.bool)
+        if protected is not None and source in protected:
+            eligible &= ~protected[source].cpu()
+        candidates = eligible.nonzero().squeeze(1)
+        take = min(max_positions, int(fraction * count), len(candidates) - 1)
+        chosen = torch.zeros(count, dtype=torch.bool)
+        if take > 0:
+            chosen[candidates[torch.randperm(len(candidates), generator=generator)[:take]]] = True
+        device_mask = chosen.to(rows.device)
+        fit[source] = rows[:, ~device_mask]
+        if take > 0:
+            heldout[source] = rows[:, device_mask]
+    return fit, heldout
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """One document's compaction settings, applied to each layer (and each chunk of its span).
 
     ``query_fractions`` comes from ``source_fractions``: each source gets that share of
-    ``max_queries_per_head`` pooled queries per KV head. ``options`` are fields of the method's options
+    ``max_queries_per_head`` pooled queries per KV head, at most (``questions``: exactly, see
+    ``QUESTION_SHARE``). ``options`` are fields of the method's options
     dataclass; the model's attention scale and, for methods that take them, ``layer``/``num_layers``
     are filled in per layer unless given. ``compact_windows``: sliding-window layers' windows are compacted
     too (``compact_window``), not kept verbatim.
@@ -104,9 +158,11 @@ class LayerPlan:
                           generator: torch.Generator) -> torch.Tensor:
         """Each source's queries ``[H_q, n, D]`` pooled per KV head and capped at its share; ``[H_kv, n', D]``."""
         parts = []
+        mixed = len(self.query_fractions) > 1  # alone, repeating the questions would change nothing but the cost
         for source, fraction in self.query_fractions.items():
             cap = max(1, round(fraction * self.max_queries_per_head))
-            parts.append(subsample_queries(pool_queries(queries[source], num_kv_heads), cap, generator))
+            sample = fill_queries if source == "questions" and mixed else subsample_queries
+            parts.append(sample(pool_queries(queries[source], num_kv_heads), cap, generator))
         return torch.cat(parts, dim=1)
 
     def compact_span(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, span_length: int,

@@ -53,7 +53,7 @@ def right_padded(sequences: Sequence[Sequence[int]], device: torch.device) -> tu
     return rows, real
 
 
-def _self_study_queries(
+def _continuation_queries(
     model: PreTrainedModel,
     document_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
     length: int,
@@ -130,6 +130,7 @@ class _ChunkSource:
     source_offsets: dict[str, int]  # where each positional query source's copy of the chunk starts
     rope_shift: int
     self_study: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    questions: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _reference_queries(model: PreTrainedModel, plan: LayerPlan, source: _ChunkSource, layer: int, chunk: range,
@@ -142,6 +143,8 @@ def _reference_queries(model: PreTrainedModel, plan: LayerPlan, source: _ChunkSo
             queries[kind] = _random_queries(model, layer, min(cap, len(chunk)), generator)
         elif kind == "self-study":
             queries[kind] = on_policy if on_policy is not None else source.self_study[layer]
+        elif kind == "questions":
+            queries[kind] = source.questions[layer]
         else:
             positions = torch.tensor(list(chunk), device=source.recorded[layer][0].device) + source.source_offsets[kind]
             queries[kind] = source.recorded[layer][0][0][:, positions]
@@ -192,6 +195,7 @@ def compact_prefix(
     query_source: str | Mapping[str, float] = "context-prefill",
     repeat_ids: Sequence[int] | None = None,
     self_study_ids: Sequence[Sequence[int]] | None = None,
+    question_ids: Sequence[Sequence[int]] | None = None,
     on_policy: bool = False,
     keep_first: int = 0,
     keep_last: int = 0,
@@ -212,8 +216,10 @@ def compact_prefix(
         second copy of the document after ``repeat_ids``, e.g. ``repeat_ids(tokenizer)`` from
         ``sglang_am.prompts``), ``self-study`` (queries of ``self_study_ids``, continuations such as
         those from ``self_study_continuations``, teacher-forced after the document), ``random``
-        (Gaussian queries, scaled by the q-norm weight where the model has one), a mixture name
-        (``ss-plus-repeat``) or a mapping ``{source: fraction of the query cap}``.
+        (Gaussian queries, scaled by the q-norm weight where the model has one), ``questions`` (queries
+        of ``question_ids``, the prompts that will follow the document, teacher-forced after it; their
+        fraction is their weight, see ``core.plan.QUESTION_SHARE`` and ``with_questions``), a mixture
+        name (``ss-plus-repeat``) or a mapping ``{source: fraction of the query cap}``.
     on_policy: re-extract the self-study queries of each layer with the layers below it already
         compacted (paper §8), from cached continuation states: O(layers) layer forwards.
     keep_first, keep_last: tokens kept verbatim (beta = 0) before and after the compacted span, e.g.
@@ -242,6 +248,8 @@ def compact_prefix(
         raise ValueError("repeat-prefill needs repeat_ids (the tokens between the two copies)")
     if "self-study" in fractions and (not self_study_ids or any(len(c) == 0 for c in self_study_ids)):
         raise ValueError("self-study needs self_study_ids (non-empty continuation token lists)")
+    if "questions" in fractions and (not question_ids or any(len(q) == 0 for q in question_ids)):
+        raise ValueError("the questions source needs question_ids (non-empty prompt token lists)")
     if on_policy and "self-study" not in fractions:
         raise ValueError("on_policy re-extracts self-study queries: include self-study in query_source")
     if max_queries_per_head < 1:
@@ -291,10 +299,16 @@ def compact_prefix(
         studied = {}  # KV chunks share one prefill: teacher-force the continuations once
         for source in sources:
             if id(source.document_kv) not in studied:
-                studied[id(source.document_kv)] = _self_study_queries(
+                studied[id(source.document_kv)] = _continuation_queries(
                     model, source.document_kv, source.text_length, self_study_ids
                 )
             source.self_study = studied[id(source.document_kv)]
+    if "questions" in fractions:
+        asked = {}
+        for source in sources:
+            if id(source.document_kv) not in asked:
+                asked[id(source.document_kv)] = _continuation_queries(model, source.document_kv, source.text_length, question_ids)
+            source.questions = asked[id(source.document_kv)]
     policy = _OnPolicyContinuations(model, self_study_ids, length) if on_policy else None
     timings["self_study"] = time.perf_counter() - start
 
@@ -354,7 +368,7 @@ def compact_prefix(
         config={
             "budget": budget, "query_source": fractions, "keep_first": keep_first, "keep_last": keep_last,
             "chunk_size": chunk_size, "chunking": chunking, "nonuniform_heads": head_proportions is not None,
-            "self_study_sequences": len(self_study_ids or ()), "on_policy": on_policy,
+            "self_study_sequences": len(self_study_ids or ()), "questions": len(question_ids or ()), "on_policy": on_policy,
             "max_queries_per_head": max_queries_per_head, "compact_windows": compact_windows, "seed": seed,
             "options": dict(options),
         },

@@ -4,7 +4,7 @@ Each document is varied filler prose with planted facts such as "Alice's favouri
 "Bob plays the violin."; every relation is stated for several people, so each fact has same-type
 distractors elsewhere in the document and a question can only be answered by binding the person to the
 value, not by recognising a value. Values are familiar words (cities, instruments, car colours, pets,
-jobs, sports, fruits, languages): a 270M model binds those far better than numbers.
+jobs, sports, fruits, languages, flowers, drinks): a 270M model binds those far better than numbers.
 
 Every question serves two scorings, both after ``document.text + question_prompt(q)``:
 
@@ -97,7 +97,18 @@ RELATIONS = (
         "language", "{name} speaks {value}.", "Which language does {name} speak?",
         tuple("French German Spanish Italian Russian Japanese Chinese Arabic Greek Dutch Polish Swedish".split()),
     ),
+    # Used only by documents that need more than the first eight (up to 50 questions at 5 facts a relation),
+    # so the documents of every earlier seed and size stay as they were.
+    Relation(
+        "flower", "{name}'s favourite flower is the {value}.", "What is {name}'s favourite flower?",
+        tuple("tulip daisy lily orchid sunflower poppy lavender iris peony magnolia".split()),
+    ),
+    Relation(
+        "drink", "{name}'s favourite drink is {value}.", "What is {name}'s favourite drink?",
+        tuple("coffee tea milk cocoa lemonade cider juice soda espresso wine".split()),
+    ),
 )
+_FIRST_RELATIONS = 8
 
 # Filler prose: templates with interchangeable parts plus fixed sentences. None of it names a person or
 # uses a value word, so the planted facts are the only place where values occur.
@@ -229,8 +240,9 @@ def real_text_qa(
         raise ValueError(f"num_questions must be <= {most} with facts_per_relation={facts_per_relation}, got {num_questions}")
     rng = random.Random(seed)
     documents = []
+    pool = RELATIONS[:_FIRST_RELATIONS] if num_relations <= _FIRST_RELATIONS else RELATIONS
     for d in range(num_documents):
-        relations = rng.sample(RELATIONS, num_relations)
+        relations = rng.sample(pool, num_relations)
         names = iter(rng.sample(NAMES, num_relations * facts_per_relation))
         facts = []  # (relation, name, value)
         for relation in relations:

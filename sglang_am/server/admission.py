@@ -34,17 +34,19 @@ class ServerRoom:
 def compacted_slots(request: RegistrationRequest, length: int) -> int:
     """The document's slots (kept tokens plus the compacted span's budget; per-head budgets may add padding)."""
     span = length - request.keep_first
-    budget = request.budget
+    budget = request.largest_ratio
     return request.keep_first + (budget if isinstance(budget, int) else max(1, round(budget * span)))
 
 
 def capture_slots(request: RegistrationRequest, length: int, self_study_prompts: int) -> int:
-    """KV slots the capture prefills hold at once: the document (twice for repeat-prefill) and the
-    self-study answers, which run side by side after it."""
+    """KV slots the capture prefills hold at once: the document (twice for repeat-prefill), then the
+    questions and the self-study answers, which run side by side after it."""
     sources = request.query_source
     needed = (2 if "repeat-prefill" in sources else 1) * length + CAPTURE_HEADROOM_SLOTS
     if "self-study" in sources:
         needed += self_study_prompts * (request.self_study_max_new_tokens + CAPTURE_HEADROOM_SLOTS)
+    if "questions" in sources:
+        needed += sum(len(question) + CAPTURE_HEADROOM_SLOTS for question in request.questions)
     return needed
 
 

@@ -1,8 +1,9 @@
 """What every bias-aware attention backend shares, and the ``torch_native`` one (the CPU path and the oracle
 of the GPU kernels).
 
-Per forward, a backend needs each request's document (for beta on its first t KV positions) and the
-query rows of registrations' capture requests. Requests are identified the way SGLang's own backends
+Per forward, a backend needs each request's document version (for beta on its first t KV positions) and
+the query rows to keep: of registrations' capture requests, and of the requests an adapting document
+serves (``adapt.LiveQueries``). Requests are identified the way SGLang's own backends
 identify them, by their request-pool row: the ``ForwardBatch.init_new`` hook binds each batch's rows
 (``DocumentRows.bind``), and the backend builds its ``DocumentBatch`` in its forward-metadata step from
 the batch's ``req_pool_indices``, which every runner (eager, CUDA-graph replay views) carries.
@@ -18,50 +19,49 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
-from .capture import CaptureRows, QueryCapture
-
 
 @dataclasses.dataclass
 class CaptureSlice:
-    """The rows of one forward's query tensor that a capture request keeps, and their buffer slots."""
+    """The rows of one forward's query tensor to keep, and where: ``sink(layer, queries, slots, scale)``
+    (a registration's capture request, or an adapting document's live queries)."""
 
-    capture: QueryCapture
-    rows: CaptureRows
+    sink: Callable[[int, torch.Tensor, torch.Tensor, float], None]
     query_rows: torch.Tensor
     slots: torch.Tensor
 
 
 @dataclasses.dataclass
 class DocumentBatch:
-    documents: list  # per request: its Document or None
+    versions: list  # per request: the document version (``registry.Installed``) it is served from, or None
     query_lens: list[int]  # per request: its query rows in this forward (1 in decode)
     captures: list[CaptureSlice]
 
     @property
     def has_documents(self) -> bool:
-        return any(doc is not None for doc in self.documents)
+        return any(version is not None for version in self.versions)
 
     @functools.cached_property
     def compacts_windows(self) -> bool:
         """Does some document hold compacted windows? Asked once per window layer: computed once per forward."""
-        return any(doc is not None and doc.installed.layout.compacted_windows for doc in self.documents)
+        return any(version is not None and version.layout.compacted_windows for version in self.versions)
 
 
 class DocumentRows:
-    """The document and capture request each request-pool row serves now."""
+    """The document (``registry.Served``) and capture request each request-pool row serves now."""
 
     def __init__(self):
         self._by_row: dict[int, tuple] = {}
 
     def bind(self, reqs) -> None:
         for req in reqs:
-            entry = (getattr(req, "am_doc", None), getattr(req, "am_capture", None))
+            entry = (getattr(req, "am_served", None), getattr(req, "am_capture", None))
             if entry == (None, None):
                 self._by_row.pop(req.kv.req_pool_idx, None)
             else:
@@ -77,17 +77,23 @@ class DocumentRows:
         entries = [self._by_row.get(row, (None, None)) for row in rows]
         if all(entry == (None, None) for entry in entries):
             return None
+        versions = [served.version if served is not None else None for served, _ in entries]
         if not mode.is_extend():
-            return DocumentBatch([doc for doc, _ in entries], [1] * len(rows), [])
+            return DocumentBatch(versions, [1] * len(rows), [])
         query_lens = list(forward_batch.extend_seq_lens_cpu)
         captures, offset = [], 0
-        for (_, capture), prefix, length in zip(entries, forward_batch.extend_prefix_lens_cpu, query_lens):
+        for (served, capture), prefix, length in zip(entries, forward_batch.extend_prefix_lens_cpu, query_lens):
             if capture is not None:
                 planned = capture.rows.plan(prefix, length, offset)
                 if planned is not None:
-                    captures.append(CaptureSlice(capture.capture, capture.rows, *planned))
+                    captures.append(CaptureSlice(functools.partial(capture.capture.record, capture.rows), *planned))
+            adaptation = served.document.adaptation if served is not None and served.client else None
+            if adaptation is not None:  # the prompt's positions after the document (all of this extend's)
+                planned = adaptation.live.plan(length)
+                if planned is not None:
+                    captures.append(CaptureSlice(adaptation.live.record, planned[0] + offset, planned[1]))
             offset += length
-        return DocumentBatch([doc for doc, _ in entries], query_lens, captures)
+        return DocumentBatch(versions, query_lens, captures)
 
 
 class DocumentAware:
@@ -113,13 +119,13 @@ class DocumentAware:
         return layer.layer_id - getattr(self.token_to_kv_pool, "start_layer", 0)
 
     def capture_queries(self, q, layer) -> None:
-        """Copy the kept query rows of registrations' capture requests (post-RoPE, as attention sees them)."""
+        """Copy the kept query rows of this forward (post-RoPE, as attention sees them)."""
         if self.documents is None or not self.documents.captures:
             return
         rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         index = self.layer_index(layer)
         for part in self.documents.captures:
-            part.capture.record(part.rows, index, rows[part.query_rows.to(rows.device)], part.slots, layer.scaling)
+            part.sink(index, rows[part.query_rows.to(rows.device)], part.slots, layer.scaling)
 
     def uses_documents(self, layer) -> bool:
         """Does this forward need the documents' bias on ``layer``? On a sliding-window layer only when some
@@ -159,13 +165,13 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
         req_to_token = self.req_to_token_pool.req_to_token
         index = self.layer_index(layer)
         start = 0
-        for row, kv_len, q_len, document in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
-                                                self.documents.query_lens, self.documents.documents):
+        for row, kv_len, q_len, version in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
+                                               self.documents.query_lens, self.documents.versions):
             slots = req_to_token[row, :kv_len]
             keys = key_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)  # [1, H_kv, S, D]
             values = value_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)
             query = queries[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H_q, L, D]
-            bias = document.installed.bias[index] if document is not None else None
+            bias = version.bias[index] if version is not None else None
             mask = attention_mask(q_len, kv_len, bias, heads // kv_heads, queries.device,
                                   layer.sliding_window_size if is_window_layer(layer) else None)
             out = scaled_dot_product_attention(query, keys, values, attn_mask=mask.to(queries.dtype),
@@ -212,9 +218,9 @@ class DocumentBiasRows(DocumentAware):
             self.bias_table.set_rows([], [], [])
             return
         table = self.bias_table
-        bases = [-1 if doc is None else table.base_of(doc.index, lambda doc=doc: doc.installed.bias)
-                 for doc in batch.documents]
-        slots = [0 if doc is None else doc.num_slots for doc in batch.documents]
+        bases = [-1 if version is None else table.base_of(version.index, lambda version=version: version.bias)
+                 for version in batch.versions]
+        slots = [0 if version is None else version.num_slots for version in batch.versions]
         table.set_rows(bases, slots, batch.query_lens if self.ROWS_PER_TOKEN else [1] * len(bases))
 
 

@@ -45,6 +45,7 @@ class AutoPolicy:
     query_source: str = "repeat-prefill"
     save_evicted: bool = True  # evicted automatic documents go to the store, and come back from it on reuse
     poll_seconds: float = 0.5  # how often the HTTP process asks the scheduler for candidates
+    adapt: bool = False  # automatic documents refit from the requests they serve (``adapt``)
 
     def __post_init__(self):
         for name, low in (("min_tokens", 2), ("min_requests", 1), ("keep_first", 0),
@@ -67,8 +68,9 @@ class AutoPolicy:
         get_method(self.method)  # ValueError naming the known methods
         if not set(source_fractions(self.query_source)) <= set(CAPTURED_SOURCES):
             raise ValueError(f"query_source must use {CAPTURED_SOURCES}, got {self.query_source!r}")
-        if not isinstance(self.save_evicted, bool):
-            raise ValueError(f"save_evicted must be true or false, got {self.save_evicted!r}")
+        for name in ("save_evicted", "adapt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def budget_slots(self, pool_size: int) -> int:
         return self.budget if isinstance(self.budget, int) else max(1, int(self.budget * pool_size))

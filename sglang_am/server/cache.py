@@ -23,7 +23,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from ..prefix import CompactedPrefix
 from .errors import DocumentError
 from .layout import check_layout
-from .registry import DocumentRegistry, Installed
+from .registry import DocumentRegistry, Installed, virtual_ids
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,7 +48,7 @@ class AMRadixCache(RadixCache):
         # Only clients' plain requests in the default namespace count as reuse: not documents' requests,
         # registrations' internal ones, nor LoRA and other namespaces (they never share a compacted node).
         if tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (
-            getattr(req, "am_doc", None) is None and not getattr(req, "am_internal", False)
+            getattr(req, "am_served", None) is None and not getattr(req, "am_internal", False)
         ):
             tracker.observe(req.origin_input_ids, result.device_prefix_len, req.rid)
         return result
@@ -60,9 +60,9 @@ class AMRadixCache(RadixCache):
             return None
         return SourceHold(self.lock(match.last_device_node), self.path_device_indices(match.last_device_node)[: len(tokens)])
 
-    def install_document(self, prefix: CompactedPrefix, virtual_ids: array) -> Installed:
-        """Write ``prefix`` into new slots under a pinned node keyed by ``virtual_ids`` (one per slot), each
-        layer placed as ``layout.NodeLayout`` says."""
+    def install_document(self, prefix: CompactedPrefix, index: int) -> Installed:
+        """Write ``prefix`` into new slots under a pinned node keyed by the virtual ids of namespace ``index``
+        (one per slot), each layer placed as ``layout.NodeLayout`` says."""
         pool = self.token_to_kv_pool_allocator.get_kvcache()
         layout = check_layout(prefix, pool, self.windows)
         width = layout.width
@@ -81,7 +81,7 @@ class AMRadixCache(RadixCache):
                 for buffer, part in ((pool.k_buffer, prefix.keys), (pool.v_buffer, prefix.values)):
                     placed = layout.place(part[layer].to(device, pool.store_dtype), layer, 0.0)
                     buffer[layer][slots] = placed.permute(1, 0, 2)
-            inserted = self.insert(InsertParams(key=RadixKey(virtual_ids), value=slots.to(torch.int64)))
+            inserted = self.insert(InsertParams(key=RadixKey(virtual_ids(index, width)), value=slots.to(torch.int64)))
         except BaseException:
             self.token_to_kv_pool_allocator.free(slots)
             raise
@@ -89,7 +89,7 @@ class AMRadixCache(RadixCache):
             raise RuntimeError("a document's virtual ids were already in the tree")
         node = inserted.last_device_node
         slot_bytes = pool.head_num * (pool.head_dim + pool.v_head_dim) * pool.store_dtype.itemsize
-        return Installed(slots, node, self.lock(node), bias, head_slots, layout, slot_bytes)
+        return Installed(slots, node, self.lock(node), bias, head_slots, layout, slot_bytes, index)
 
     def remove_document(self, installed: Installed) -> int:
         """Unpin a document; returns the slots freed (its own and unused suffixes cached beneath it)."""

@@ -4,7 +4,8 @@ Each capture request (one source's prompt: the document, its repeat, or a self-s
 seeded random subset of its query positions, drawn when the request arrives, so memory is fixed up
 front (``nbytes``), counted by the admission check, and never grows with the document: the solver
 later caps the pooled queries per KV head at the source's share of ``max_queries_per_head`` and
-needs no more than ``ceil(share / group)`` positions, each carrying all of its query heads. The
+needs no more than ``ceil(share / group)`` positions, each carrying all of its query heads. A
+question's capture keeps every position (the registration bounds how many there are). The
 attention backend copies the kept rows of every layer into the buffer during the forward pass; a
 failure there (out of memory, say) marks the capture failed instead of stopping the forward.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -26,15 +28,20 @@ def capture_salt(salt: str, source: str) -> str:
     return f"{salt}-context" if source == "context-prefill" else salt
 
 
+# Questions are few and decide the answers: each keeps all its positions, its answer position (the last) included.
+EVERY_POSITION_SOURCES = ("questions",)
+
+
 class CaptureRows:
     """One capture request's kept query positions (absolute, in ``[start, stop)``) and their rows."""
 
-    def __init__(self, start: int, stop: int, keep: int, num_layers: int, generator: torch.Generator):
+    def __init__(self, start: int, stop: int, keep: int, last_layer: int, generator: torch.Generator):
         span = stop - start
+        self.stop = stop
         chosen = torch.randperm(span, generator=generator)[:keep] if keep < span else torch.arange(span)
         self.positions = chosen.sort().values + start  # CPU int64
-        self.num_layers = num_layers
-        self.rows: list[torch.Tensor | None] = [None] * num_layers  # per layer [kept, H_q, D]
+        self.last_layer = last_layer
+        self.rows: dict[int, torch.Tensor] = {}  # per kept layer [kept, H_q, D]
         # Positions computed and stored; a prefix another capture cached (the start of a self-study prompt,
         # say) is never computed, so its positions stay empty.
         self.filled = torch.zeros(len(self.positions), dtype=torch.bool)
@@ -52,10 +59,10 @@ class CaptureRows:
     def store(self, layer: int, queries: torch.Tensor, slots: torch.Tensor) -> None:
         """``queries`` ``[n, H_q, D]`` go to buffer ``slots`` of ``layer``."""
         faults.inject("capture")
-        if self.rows[layer] is None:
+        if layer not in self.rows:
             self.rows[layer] = queries.new_empty((len(self.positions), *queries.shape[1:]))
         self.rows[layer][slots.to(queries.device)] = queries
-        if layer == self.num_layers - 1:  # every layer has them now
+        if layer == self.last_layer:  # every kept layer has them now
             self.filled[slots] = True
 
     def queries(self, layer: int) -> torch.Tensor:
@@ -64,36 +71,39 @@ class CaptureRows:
 
 
 class QueryCapture:
-    """Every capture request of one document, by source."""
+    """Every capture request of one document, by source, on the layers the solve compacts."""
 
     def __init__(self, fractions: dict[str, float], max_queries_per_head: int, parts: dict[str, int],
-                 longest: dict[str, int], group: int, num_layers: int, bytes_per_row: int, seed: int = 0):
-        """``parts``: capture requests per source; ``longest``: the most positions one of them captures."""
-        self.fractions, self.parts, self.num_layers = fractions, parts, num_layers
+                 longest: dict[str, int], group: int, layers: Sequence[int], bytes_per_row: int, seed: int = 0):
+        """``parts``: capture requests per source; ``longest``: the most positions one of them captures;
+        ``layers``: the layers whose queries are kept (a verbatim window layer needs none)."""
+        self.fractions, self.parts, self.layers = fractions, parts, tuple(layers)
         def positions(source: str, fraction: float) -> int:
             """Per capture request: the source's pooled-query cap over the GQA group (each position carries all
             its query heads), split over its parts, and never more than the request has, so that ``nbytes`` is
             what the buffers take at most."""
+            if source in EVERY_POSITION_SOURCES:
+                return longest[source]
             pooled = max(1, round(fraction * max_queries_per_head))
             return min(longest[source], math.ceil(math.ceil(pooled / group) / parts[source]))
 
         self.keep = {source: positions(source, fraction) for source, fraction in fractions.items()}
-        self.nbytes = sum(self.keep[s] * parts[s] for s in fractions) * num_layers * bytes_per_row
+        self.nbytes = sum(self.keep[s] * parts[s] for s in fractions) * len(self.layers) * bytes_per_row
         self.requests: dict[str, list[CaptureRows]] = {source: [] for source in fractions}
-        self.scales: list[float | None] = [None] * num_layers  # each layer's softmax scale, as the model runs it
+        self.scales: dict[int, float] = {}  # each kept layer's softmax scale, as the model runs it
         self.error: str | None = None
         self._generator = torch.Generator().manual_seed(seed)
 
     def add_request(self, source: str, start: int, stop: int) -> CaptureRows:
         if source not in self.requests or len(self.requests[source]) >= self.parts[source] or not 0 <= start < stop:
             raise ValueError(f"unexpected capture request for {source!r}")
-        rows = CaptureRows(start, stop, self.keep[source], self.num_layers, self._generator)
+        rows = CaptureRows(start, stop, self.keep[source], self.layers[-1], self._generator)
         self.requests[source].append(rows)
         return rows
 
     def record(self, rows: CaptureRows, layer: int, queries: torch.Tensor, slots: torch.Tensor, scale: float) -> None:
         """Called inside the forward pass: a failure marks this capture failed and the forward goes on."""
-        if self.error is not None:
+        if self.error is not None or layer not in self.layers:
             return
         try:
             rows.store(layer, queries, slots)
@@ -116,6 +126,16 @@ class QueryCapture:
         """``{source: [H_q, n, D]}`` of ``layer``."""
         return {source: torch.cat([rows.queries(layer) for rows in requests if rows.filled.any()]).transpose(0, 1)
                 for source, requests in self.requests.items()}
+
+    def last_positions(self) -> dict[str, torch.Tensor]:
+        """``{source: bool [n]}`` marking, in ``queries``' order, each request's last position (a question's
+        answer position: the query that predicts the answer's first token)."""
+        marks = {}
+        for source, requests in self.requests.items():
+            filled = [rows for rows in requests if rows.filled.any()]
+            if filled:
+                marks[source] = torch.cat([rows.positions[rows.filled] == rows.stop - 1 for rows in filled])
+        return marks
 
     def release(self) -> None:
         """The registration ended: free the buffers; capture requests still running record nothing more."""

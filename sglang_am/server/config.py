@@ -43,7 +43,12 @@ class ServerConfig:
     max_document_tokens: int = 32768
     max_self_study_tokens: int = 512  # per self-study answer the server samples
     max_queries_per_head: int = 20000
+    max_questions: int = 64  # questions one registration may give
+    max_question_tokens: int = 256  # tokens of each of them
     capture_memory_bytes: int = 1 * GiB  # captured reference queries of all registrations in progress
+    adapt_memory_bytes: int = 2 * GiB  # host memory of all adapting documents: their refit inputs and live queries
+    adapt_reservoir: int = 1024  # live query positions an adapting document keeps
+    adapt_refit_every: int = 32  # new live query positions between an adapting document's refits (a repeated question adds one)
     rpc_timeout: float = 120.0  # seconds the HTTP process waits for one scheduler operation
     max_body_bytes: int = 8 * MiB  # request bodies of the /am/ routes
     bias_slots: int = 1 << 17  # compacted slots the GPU backends' bias table holds (at most the KV pool)
@@ -53,7 +58,8 @@ class ServerConfig:
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ValueError(f"store_dir must be a directory path, got {self.store_dir!r}")
         for name in ("store_quota_bytes", "max_registrations", "max_document_tokens", "max_self_study_tokens",
-                     "max_queries_per_head", "capture_memory_bytes", "max_body_bytes", "bias_slots"):
+                     "max_queries_per_head", "max_questions", "max_question_tokens", "capture_memory_bytes",
+                     "adapt_memory_bytes", "adapt_reservoir", "adapt_refit_every", "max_body_bytes", "bias_slots"):
             check_int(name, getattr(self, name), 1)
         if not isinstance(self.load_store, bool):
             raise ValueError(f"load_store must be true or false, got {self.load_store!r}")

@@ -5,8 +5,9 @@ server fails on purpose, so the tests can check that every failure path releases
 rewrites the file to switch faults on and off while the server runs. Points: ``solve`` (the solver
 raises), ``solver_exit`` (the solver thread gets ``SystemExit``), ``capture`` (recording queries fails
 inside the forward pass), ``store_write`` (the disk fills up halfway through a save), ``store_slow``
-(a save takes 3 s), ``rpc_slow`` (a stats call takes 3 s), ``prepare_rank_1`` (data-parallel rank 1
-refuses registrations as if its pool were full). Unset, ``inject`` does nothing.
+(a save takes 3 s), ``rpc_slow`` (a stats call takes 3 s), ``refit_slow`` (a refit waits 3 s before it
+solves), ``prepare_rank_1`` (data-parallel rank 1 refuses registrations as if its pool were full). Unset,
+``inject`` does nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _FAULTS = {
     "store_write": _raise(OSError(errno.ENOSPC, "No space left on device (injected)")),
     "store_slow": lambda: time.sleep(SLOW_SECONDS),
     "rpc_slow": lambda: time.sleep(SLOW_SECONDS),
+    "refit_slow": lambda: time.sleep(SLOW_SECONDS),
     "prepare_rank_1": _raise(DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the KV pool has no room for this document "
                                                                           "(injected)")),
 }

@@ -53,6 +53,7 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
     if params.get("am_op") == "sample":  # a registration's self-study answer: full prefix, not a reuse
         req.am_internal = True
         return req
+    probe = params.get("am_op") == "probe"  # the registration measuring its document: served, counted nowhere
     forced = params.get("am_doc_id")
     ids = req.origin_input_ids
     if forced is not None:
@@ -82,16 +83,18 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
         else:
             registry.stats.add("fallbacks", reason="namespace")
         return req
-    if recv_req.logprob_start_len is not None and recv_req.logprob_start_len != -1:
-        if recv_req.logprob_start_len < doc.length:
-            _abort(req, f"input logprobs inside the compacted document (logprob_start_len < {doc.length}) are not available")
-            return req
-        recv_req.logprob_start_len -= doc.position_offset
-    req.origin_input_ids = doc.virtual_ids + array("q", ids[doc.length :])
-    registry.acquire(doc, req)
-    registry.stats.add("hits")
+    starts_late = recv_req.logprob_start_len is not None and recv_req.logprob_start_len != -1
+    if starts_late and recv_req.logprob_start_len < doc.length:
+        _abort(req, f"input logprobs inside the compacted document (logprob_start_len < {doc.length}) are not available")
+        return req
+    served = registry.acquire(doc, req, counted=not probe)
+    if starts_late:
+        recv_req.logprob_start_len -= served.position_offset
+    req.origin_input_ids = served.version.virtual_ids + array("q", ids[doc.length :])
+    if not probe:
+        registry.stats.add("hits")
     req.customized_info = {**(req.customized_info or {}), DOCUMENT_INFO_KEY: [{
-        "doc_id": doc.doc_id, "document_tokens": doc.length, "compacted_slots": doc.num_slots,
+        "doc_id": doc.doc_id, "document_tokens": doc.length, "compacted_slots": served.version.num_slots,
         "logical_prompt_tokens": len(ids),
     }]}
     return req
@@ -134,22 +137,24 @@ def after_process_batch_result(result, scheduler, batch, *args, **kwargs):
             if not isinstance(req.finished_reason, FINISH_ABORT):
                 req.am_capture.rows.finished = True
                 operations.hold_source(req.am_capture.document, req.cache_salt)
-    if scheduler.tp_size == 1:  # with TP, ranks release together, in an RPC
-        operations.reap()
+    if scheduler.tp_size == 1:  # with TP, ranks release together, in an RPC (and documents do not adapt)
+        operations.reap(scheduler)
+        operations.advance_refits(scheduler)
     return result
 
 
 def after_on_idle(result, scheduler, *args, **kwargs):
     operations = getattr(scheduler.tree_cache, "operations", None)
     if operations is not None and scheduler.tp_size == 1:
-        operations.reap()
+        operations.reap(scheduler)
+        operations.advance_refits(scheduler)
     return result
 
 
 def after_init_max_new_tokens(result, scheduler, req):
-    doc = getattr(req, "am_doc", None)
-    if doc is not None:
-        logical = doc.length + len(req.origin_input_ids) - doc.num_slots
+    served = getattr(req, "am_served", None)
+    if served is not None:
+        logical = len(req.origin_input_ids) + served.position_offset
         limit = max(0, scheduler.max_req_len - logical - 1)
         if req.sampling_params.max_new_tokens is None or req.sampling_params.max_new_tokens > limit:
             req.sampling_params.max_new_tokens = limit
@@ -164,10 +169,10 @@ def after_init_new(forward_batch, cls, batch, model_runner, *args, **kwargs):
     if rows is None:  # not a bias-aware backend: documents are refused at registration
         return forward_batch
     rows.bind(batch.reqs)
-    documents = [getattr(req, "am_doc", None) for req in batch.reqs]
-    if not any(documents):
+    served = [getattr(req, "am_served", None) for req in batch.reqs]
+    if not any(served):
         return forward_batch
-    offsets = torch.tensor([doc.position_offset if doc else 0 for doc in documents],
+    offsets = torch.tensor([entry.position_offset if entry else 0 for entry in served],
                            dtype=forward_batch.positions.dtype, device=forward_batch.positions.device)
     if mode.is_extend():
         offsets = torch.repeat_interleave(offsets, torch.tensor(batch.extend_lens, device=offsets.device))

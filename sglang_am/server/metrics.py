@@ -22,6 +22,8 @@ COUNTERS = {
     "auto_triggers": ("Prefixes proposed for automatic compaction.", ()),
     "auto_evictions": ("Automatic documents dropped to stay within the budget (saved first if configured).", ()),
     "store_failures": ("Writes to the document store that failed (disk full, quota, I/O errors).", ()),
+    "refits": ("Adapting documents refitted from live queries and installed as a new version.", ()),
+    "refit_failures": ("Refits that failed or found no room to install; the document kept serving its version.", ()),
 }
 GAUGES = {
     "documents": "Compacted documents installed.",

@@ -24,23 +24,25 @@ from array import array
 from http import HTTPStatus
 from pathlib import Path
 
+import torch
+
 from ..core.cancel import CompactionCancelled
 from ..core.plan import LayerPlan
 from ..fingerprint import checkpoint_fingerprint
 from ..prefix import CompactedPrefix
 from ..prompts import SELF_STUDY_PROMPTS
-from . import faults
+from . import adapt, faults
 from .admission import ServerRoom, admit
 from .auto import eviction_order
 from .cache import AMRadixCache, SourceHold
 from .capture import QueryCapture
-from .config import ServerConfig
+from .config import MiB, ServerConfig
 from .errors import DocumentError
 from .jobs import Job, QueueFull, Worker
 from .layout import compacts_windows
 from .registration import RegistrationRequest
-from .registry import DocState, Document, document_id, virtual_ids
-from .solve import solve_document
+from .registry import DocState, Document, document_id
+from .solve import Solved, SolvePlan, pool_inputs, solve_document
 from .store import DocumentStore, Handoffs, check_document_id
 
 logger = logging.getLogger(__name__)
@@ -69,16 +71,23 @@ class DocumentOperations:
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"unknown document operation {op!r}")
-        self.reap()
+        self.reap(scheduler)
         return handler(scheduler, **payload)
 
-    def reap(self) -> None:
-        """Release the KV that cancelled solves held, once they have stopped."""
+    def reap(self, scheduler) -> None:
+        """Release the KV that cancelled solves held, once they have stopped, and the retired versions of
+        refitted documents once no request holds them."""
         if self._abandoned:
             stopped = [(job, hold) for job, hold in self._abandoned if job.done()]
             for _, hold in stopped:
                 self.cache.unlock(hold.lock)
             self._abandoned = [entry for entry in self._abandoned if not entry[0].done()]
+        for doc in self.registry.documents.values():
+            if any(version.users == 0 for version in doc.retired):
+                for version in [version for version in doc.retired if version.users == 0]:
+                    self._remove_version(scheduler, version)
+                    doc.retired.remove(version)
+                self.registry.update_gauges()
 
     # ----- the model this scheduler serves, and its store -----
 
@@ -146,21 +155,27 @@ class DocumentOperations:
         if proportions is not None and set(proportions) != heads:
             raise DocumentError(HTTPStatus.BAD_REQUEST, "head_budgets must give one proportion per (global layer, KV "
                                 f"head) of this model: layers {global_layers}, heads 0 .. {pool.head_num - 1}")
+        if registration.adapt:
+            _single_rank(scheduler, "adapt")
         config = runner.model_config
         q_heads = config.num_attention_heads // scheduler.tp_size
-        sources = registration.query_source
-        parts = {s: len(SELF_STUDY_PROMPTS) if s == "self-study" else 1 for s in sources}
-        # Self-study captures an instruction (64 positions allowed for it) and its answer.
-        longest = {s: registration.self_study_max_new_tokens + 64 if s == "self-study" else len(input_ids) for s in sources}
+        sources, questions = registration.query_source, registration.questions
+        parts = {s: len(SELF_STUDY_PROMPTS) if s == "self-study" else len(questions) if s == "questions" else 1
+                 for s in sources}
+        # Self-study captures an instruction (64 positions allowed for it) and its answer; a question, itself.
+        longest = {s: registration.self_study_max_new_tokens + 64 if s == "self-study" else
+                   max(map(len, questions)) if s == "questions" else len(input_ids) for s in sources}
         if self.dp_rank == 1:
             faults.inject("prepare_rank_1")
         captures = self.dp_rank == primary
         capture = QueryCapture(dict(sources), registration.max_queries_per_head, parts, longest,
-                               max(1, q_heads // pool.head_num), pool.layer_num,
+                               max(1, q_heads // pool.head_num), self._compacted_layers(registration.compact_windows),
                                q_heads * pool.head_dim * pool.store_dtype.itemsize) if captures else None
         room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
         admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0, len(SELF_STUDY_PROMPTS),
               captures)
+        adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows)
+                       if registration.adapt and captures else 0)
         config = _describe_config(registration)
         if not captures:
             _single_rank(scheduler, "installing another data-parallel rank's compaction")
@@ -168,13 +183,34 @@ class DocumentOperations:
                            DocState.WAITING)
             self.registry.add(doc)
             return {**doc.describe(), "existing": False}
-        plan = LayerPlan(registration.method, registration.budget, dict(registration.query_source),
-                         registration.max_queries_per_head, registration.keep_first, proportions,
-                         options=dict(registration.options), compact_windows=registration.compact_windows)
+        ladder = registration.ladder
+        layers = LayerPlan(registration.method, ladder[0] if ladder else registration.budget,
+                           dict(registration.query_source), registration.max_queries_per_head, registration.keep_first,
+                           proportions, options=dict(registration.options), compact_windows=registration.compact_windows)
+        plan = SolvePlan(layers, ladder, registration.fidelity_bound)
         doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
-                       DocState.CAPTURING, capture=capture, plan=plan, salt=f"sglang-am-capture-{uuid.uuid4().hex}")
+                       DocState.CAPTURING, capture=capture, plan=plan, salt=f"sglang-am-capture-{uuid.uuid4().hex}",
+                       adapt_bytes=adapt_bytes)
         self.registry.add(doc)
         return {**doc.describe(), "existing": False, "salt": doc.salt}
+
+    def _compacted_layers(self, compact_windows: bool) -> list[int]:
+        return [layer for layer, window in enumerate(self.cache.windows) if window is None or compact_windows]
+
+    def _admit_adaptation(self, pool, length: int, q_heads: int, capture: QueryCapture, compact_windows: bool) -> int:
+        """The host memory an adapting document will hold (its refit inputs and live queries), within the
+        server's bound (``--am-adapt-memory-bytes``), or 503."""
+        itemsize = pool.store_dtype.itemsize
+        tokens = sum(length if window is None else min(window, length) for window in self.cache.windows)
+        layers = len(self._compacted_layers(compact_windows))
+        needed = (tokens * pool.head_num * (pool.head_dim + pool.v_head_dim) * itemsize + capture.nbytes
+                  + adapt.nbytes(layers, self.config.adapt_reservoir, q_heads, pool.head_dim, itemsize))
+        free = self.config.adapt_memory_bytes - self.registry.adapt_bytes()
+        if needed > free:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"adapting this document needs {needed / MiB:.1f} MiB of "
+                                f"host memory and {max(0, free) / MiB:.1f} MiB are free (--am-adapt-memory-bytes); drop "
+                                "adapting documents or register without adapt")
+        return needed
 
     def _room(self, scheduler, in_progress: list[Document], auto: bool) -> ServerRoom:
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
@@ -229,11 +265,15 @@ class DocumentOperations:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                                 "the document's KV was evicted before compaction (KV pool under pressure); register again")
         pool = scheduler.tp_worker.model_runner.token_to_kv_pool
-        capture, source, plan, tokens = doc.capture, doc.source.slots, doc.plan, list(doc.tokens)
+        inputs, plan, tokens = pool_inputs(pool, doc.source.slots, doc.capture), doc.plan, list(doc.tokens)
+        adapt_bytes, layers = doc.adapt_bytes, self._compacted_layers(plan.layers.compact_windows)
 
-        def work() -> CompactedPrefix:
-            return solve_document(pool, source, capture, plan, tokens, self.cache.windows, self._fingerprint_or_empty(),
-                                  doc.config)
+        def work() -> Solved:
+            prefix = solve_document(inputs, plan, tokens, self.cache.windows, self._fingerprint_or_empty(), doc.config)
+            adaptation = adapt.Adaptation.start(
+                inputs, plan, layers, self.cache.windows, len(tokens), self.config.adapt_reservoir,
+                self.config.adapt_refit_every, adapt_bytes) if adapt_bytes else None
+            return Solved(prefix, adaptation)
 
         try:
             doc.job = self.solver.submit(work, "the solve", timeout=self.config.solve_timeout)
@@ -243,7 +283,7 @@ class DocumentOperations:
 
     def _start_handoff_read(self, doc: Document, handoff: str) -> None:
         try:
-            doc.job = self.io.submit(lambda: self.handoffs().read(handoff, doc.doc_id, self.fingerprint()), "the handoff")
+            doc.job = self.io.submit(lambda: Solved(self.handoffs().read(handoff, doc.doc_id, self.fingerprint())), "the handoff")
         except QueueFull:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the store's queue is full; retry later") from None
         doc.state, doc.handoff = DocState.LOADING, True
@@ -257,7 +297,8 @@ class DocumentOperations:
 
     def _install(self, scheduler, doc: Document) -> None:
         started = time.perf_counter()
-        prefix: CompactedPrefix = doc.job.result()  # raises what the solve or the read raised
+        solved: Solved = doc.job.result()  # raises what the solve or the read raised
+        prefix = solved.prefix
         if doc.source is not None:
             self.cache.unlock(doc.source.lock)
         if doc.capture is not None:
@@ -269,7 +310,8 @@ class DocumentOperations:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"document {doc.doc_id} has {len(prefix.token_ids)} tokens, "
                                 "too long for this server")
         if doc.state is DocState.LOADING:
-            doc.tokens, doc.method, doc.config = array("q", prefix.token_ids), prefix.method, prefix.config
+            doc.tokens, doc.method = array("q", prefix.token_ids), prefix.method
+        doc.config = prefix.config  # a solve adds its fidelity
         if compacts_windows(prefix, self.cache.windows):
             check_compacted_windows(scheduler.tp_worker.model_runner)
         if doc.auto:
@@ -278,9 +320,10 @@ class DocumentOperations:
         if table is not None and prefix.num_slots > table.free_slots():
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the bias table has room for {table.free_slots()} "
                                 f"compacted slots, {prefix.num_slots} do not fit; drop documents or raise --am-bias-slots")
-        doc.installed = self.cache.install_document(prefix, virtual_ids(doc.index, prefix.num_slots))
+        doc.installed = self.cache.install_document(prefix, doc.index)
         if table is not None:  # placed now, so the table's free room counts every installed document
             table.base_of(doc.index, lambda: doc.installed.bias)
+        doc.adaptation = solved.adaptation
         if doc.handoff:
             self.registry.stats.add("handoffs", origin=doc.origin)
         elif doc.state is DocState.LOADING:
@@ -318,6 +361,12 @@ class DocumentOperations:
             if doc.state is not DocState.LOADING and doc.state is not DocState.WAITING:
                 self.registry.stats.add("compaction_failures", origin=doc.origin)
 
+    def op_note_fidelity(self, scheduler, doc_id: str, figures: dict) -> dict:
+        """The HTTP process measured the installed document end to end (``fidelity``): keep it with the rest."""
+        doc = self._get(doc_id)
+        doc.config = {**doc.config, "fidelity": {**(doc.config.get("fidelity") or {}), **figures}}
+        return {"doc_id": doc_id}
+
     def op_abandon(self, scheduler, doc_id: str, ready_too: bool = False) -> dict:
         """The HTTP process gave up a registration or a load (its client left, or it failed): forget what
         is left of it. A ready document is left alone unless ``ready_too`` (it became ready here while
@@ -344,12 +393,74 @@ class DocumentOperations:
         return {"doc_id": doc_id, "dropped": True, "freed_slots": self._remove_ready(scheduler, doc)}
 
     def _remove_ready(self, scheduler, doc: Document) -> int:
-        freed = self.cache.remove_document(doc.installed)
-        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
-        if table is not None:
-            table.release(doc.index)
+        if doc.adaptation is not None:
+            doc.adaptation.stop()
+        freed = sum(self._remove_version(scheduler, version) for version in [doc.installed, *doc.retired])
+        doc.retired.clear()
         self.registry.remove(doc)
         return freed
+
+    def _remove_version(self, scheduler, version) -> int:
+        freed = self.cache.remove_document(version)
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        if table is not None:
+            table.release(version.index)
+        return freed
+
+    # ----- refits from live traffic -----
+
+    def advance_refits(self, scheduler) -> None:
+        """Install the adapting documents' finished refits; start one where enough new live queries arrived."""
+        for doc in self.registry.in_state(DocState.READY):
+            adaptation = doc.adaptation
+            if adaptation is None:
+                continue
+            if adaptation.job is not None and adaptation.job.done():
+                self._install_refit(scheduler, doc)
+            elif adaptation.due():
+                self._start_refit(doc)
+
+    def _start_refit(self, doc: Document) -> None:
+        adaptation, seen_before = doc.adaptation, doc.adaptation.seen_at_fit
+        inputs = adaptation.refit_inputs(self.solver.device or torch.device("cpu"))
+        plan, tokens, config = adaptation.plan, list(doc.tokens), {**doc.config, "fidelity": None}
+        fingerprint = self._fingerprint_or_empty()
+
+        def work() -> CompactedPrefix:
+            faults.inject("refit_slow")
+            return solve_document(inputs, plan, tokens, self.cache.windows, fingerprint, config)
+
+        try:
+            adaptation.job = self.solver.submit(work, "a refit", timeout=self.config.solve_timeout)
+        except QueueFull:  # registrations go first; the refit waits for the next batch
+            adaptation.seen_at_fit = seen_before
+
+    def _install_refit(self, scheduler, doc: Document) -> None:
+        """The refit becomes the version new requests are served from; the old one is retired (``reap``
+        removes it once the requests that started on it end). A failure leaves the document as it was."""
+        adaptation = doc.adaptation
+        job, adaptation.job = adaptation.job, None
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        try:
+            prefix: CompactedPrefix = job.result()
+            if table is not None and prefix.num_slots > table.free_slots():
+                raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "no room in the bias table")
+            version = self.cache.install_document(prefix, self.registry.new_index())
+        except Exception as error:  # noqa: BLE001  (the document keeps serving the version it has)
+            adaptation.refit_failures += 1
+            self.registry.stats.add("refit_failures")
+            logger.warning("sglang-am: refit of document %s failed: %r", doc.doc_id, error)
+            return
+        if table is not None:
+            table.base_of(version.index, lambda: version.bias)
+        doc.retired.append(doc.installed)
+        doc.installed, doc.config = version, prefix.config
+        adaptation.refits += 1
+        doc.timings["refit_seconds"] = prefix.timings["solve_seconds"]
+        self.registry.stats.add("refits")
+        self.reap(scheduler)  # an old version nobody uses goes at once
+        logger.info("sglang-am: document %s refitted from %d live queries (refit %d)", doc.doc_id, adaptation.live.seen,
+                    adaptation.refits)
 
     # ----- automatic documents -----
 
@@ -448,7 +559,7 @@ class DocumentOperations:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{len(in_progress)} registrations are in progress, "
                                 "the server's limit (--am-max-registrations); retry when one finishes")
         try:
-            job = self.io.submit(lambda: self.store().load(doc_id, self.fingerprint()), "the load")
+            job = self.io.submit(lambda: Solved(self.store().load(doc_id, self.fingerprint())), "the load")
         except QueueFull:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the store's queue is full; retry later") from None
         doc = Document(doc_id, self.registry.new_index(), array("q"), "", {}, auto, DocState.LOADING, job=job)
@@ -547,5 +658,6 @@ def _describe_config(registration: RegistrationRequest) -> dict:
     return {"budget": registration.budget, "query_source": dict(registration.query_source),
             "head_budgets": registration.head_budgets is not None, "max_queries_per_head": registration.max_queries_per_head,
             "keep_first": registration.keep_first, "options": dict(registration.options),
-            "compact_windows": registration.compact_windows}
+            "compact_windows": registration.compact_windows, "questions": len(registration.questions),
+            "adapt": registration.adapt}
 

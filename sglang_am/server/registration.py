@@ -15,16 +15,21 @@ from collections.abc import Mapping, Sequence
 
 from ..core import get_method
 from ..core.head_budgets import load_head_proportions
-from ..core.plan import QUERY_MIXTURES, source_fractions
+from ..core.plan import QUERY_MIXTURES, source_fractions, with_questions
 from .config import ServerConfig, check_int
 
 DEFAULT_METHOD = "AM-HighestAttnKeys"
 DEFAULT_QUERY_SOURCE = "repeat-prefill"
-CAPTURED_SOURCES = ("context-prefill", "repeat-prefill", "self-study")
+CAPTURED_SOURCES = ("context-prefill", "repeat-prefill", "self-study", "questions")
 MIN_DOCUMENT_TOKENS = 16
 MAX_TOKEN_ID = (1 << 31) - 1
 TEXT_CHARACTERS_PER_TOKEN = 64  # text longer than this times the token bound is refused before tokenizing
 MAX_HEAD_BUDGET_ENTRIES = 1 << 14
+# "ratio": "auto": the smallest ratio on the ladder whose held-out attention error (``solve``'s fidelity
+# guard) is at most the bound; the default bound is where Gemma-3-270M's real-text answers stayed within
+# 5 points of full context (docs/question-aware.md).
+RATIO_LADDER = (0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_FIDELITY_BOUND = 0.1
 # Options the server sets itself, per layer, from the model.
 SERVER_SET_OPTIONS = ("scale", "layer", "num_layers")
 
@@ -91,13 +96,16 @@ OPTION_BOUNDS = {
 class RegistrationRequest:
     """One registration: the document (``text`` or ``input_ids``) and how to compact it.
 
-    ``budget`` is a ratio (float in (0, 1]) or a slot count (int) of the compacted span (the document
-    minus ``keep_first``); ``query_source`` holds the source fractions.
+    ``budget`` is a ratio (float in (0, 1]), a slot count (int) of the compacted span (the document minus
+    ``keep_first``) or ``"auto"`` (``RATIO_LADDER`` and ``fidelity_bound``); ``query_source`` holds the
+    source fractions. ``questions`` are the prompts that
+    will follow the document (token ids, or text until the service tokenizes it): with them the
+    query-agnostic source is mixed with their queries (``core.plan.with_questions``).
     """
 
     text: str | None
     input_ids: tuple[int, ...] | None
-    budget: int | float
+    budget: int | float | str
     method: str = DEFAULT_METHOD
     query_source: Mapping[str, float] = dataclasses.field(default_factory=lambda: {DEFAULT_QUERY_SOURCE: 1.0})
     head_budgets: Mapping[str, float] | None = None
@@ -106,17 +114,21 @@ class RegistrationRequest:
     keep_first: int = 0
     options: Mapping[str, object] = dataclasses.field(default_factory=dict)
     compact_windows: bool = False  # sliding-window layers' windows compacted too (``LayerPlan.compact_window``)
+    questions: tuple[tuple[int, ...] | str, ...] = ()
+    fidelity_bound: float | None = None  # with budget "auto"
+    adapt: bool = False  # refit from the queries of the requests it serves (``adapt``)
 
     @classmethod
     def from_client(cls, config: ServerConfig, text=None, input_ids=None, ratio=None, budget=None,
                     method: object = DEFAULT_METHOD, query_source: object = DEFAULT_QUERY_SOURCE, head_budgets=None,
                     max_queries_per_head: object = 5000, self_study_max_new_tokens: object = 64,
-                    keep_first: object = 0, options=None, compact_windows: object = False, **unknown) -> RegistrationRequest:
+                    keep_first: object = 0, options=None, compact_windows: object = False, questions=None,
+                    fidelity_bound=None, adapt: object = False, **unknown) -> RegistrationRequest:
         """Validate a client's fields (``ValueError`` naming the bad or unknown one)."""
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)}; a registration takes text or input_ids, ratio or "
                              "budget, method, query_source, head_budgets, max_queries_per_head, "
-                             "self_study_max_new_tokens, keep_first, options, compact_windows")
+                             "self_study_max_new_tokens, keep_first, options, compact_windows, questions, fidelity_bound, adapt")
         longest = config.max_document_tokens
         if (text is None) == (input_ids is None):
             raise ValueError("give exactly one of text or input_ids (the document as it starts prompts)")
@@ -132,8 +144,16 @@ class RegistrationRequest:
             input_ids = tuple(input_ids)
         if (ratio is None) == (budget is None):
             raise ValueError("give exactly one of ratio (in (0, 1]) or budget (slots, at most the document length)")
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+        if ratio is not None and ratio != "auto" and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1
+        ):
+            raise ValueError(f'ratio must be in (0, 1] or "auto", got {ratio!r}')
+        if fidelity_bound is not None and ratio != "auto":
+            raise ValueError('fidelity_bound goes with "ratio": "auto" (it picks the ratio)')
+        if ratio == "auto":
+            fidelity_bound = DEFAULT_FIDELITY_BOUND if fidelity_bound is None else fidelity_bound
+            if isinstance(fidelity_bound, bool) or not isinstance(fidelity_bound, (int, float)) or not 0 < fidelity_bound <= 10:
+                raise ValueError(f"fidelity_bound must be a relative attention error in (0, 10], got {fidelity_bound!r}")
         if budget is not None:
             check_int("budget", budget, 1, longest)
         if not isinstance(method, str):
@@ -144,6 +164,11 @@ class RegistrationRequest:
         fractions = source_fractions(query_source)
         if not set(fractions) <= set(CAPTURED_SOURCES):
             raise ValueError(f"query_source for the server must use {CAPTURED_SOURCES}, got {query_source!r}")
+        questions = _checked_questions(config, questions)
+        if questions:
+            fractions = with_questions(fractions)
+        elif "questions" in fractions:
+            raise ValueError("query_source uses questions: give them in questions (the prompts that will follow the document)")
         check_int("max_queries_per_head", max_queries_per_head, 1, config.max_queries_per_head)
         check_int("self_study_max_new_tokens", self_study_max_new_tokens, 1, config.max_self_study_tokens)
         check_int("keep_first", keep_first, 0, longest)
@@ -154,21 +179,71 @@ class RegistrationRequest:
         options = _checked_options(spec, options)
         if not isinstance(compact_windows, bool):
             raise ValueError(f"compact_windows must be true or false, got {compact_windows!r}")
-        return cls(text, input_ids, float(ratio) if ratio is not None else budget, method, fractions,
-                   None if head_budgets is None else dict(head_budgets), max_queries_per_head,
-                   self_study_max_new_tokens, keep_first, options, compact_windows)
+        if not isinstance(adapt, bool):
+            raise ValueError(f"adapt must be true or false, got {adapt!r}")
+        budget = budget if ratio is None else ratio if ratio == "auto" else float(ratio)
+        return cls(text, input_ids, budget, method, fractions, None if head_budgets is None else dict(head_budgets),
+                   max_queries_per_head, self_study_max_new_tokens, keep_first, options, compact_windows, questions,
+                   None if fidelity_bound is None else float(fidelity_bound), adapt)
+
+    @property
+    def ladder(self) -> tuple[float, ...] | None:
+        """The ratios an ``"auto"`` registration tries, smallest first (None for a fixed budget)."""
+        return RATIO_LADDER if self.budget == "auto" else None
+
+    @property
+    def largest_ratio(self) -> int | float:
+        """The budget admission reserves: the ladder's top for ``"auto"``."""
+        return RATIO_LADDER[-1] if self.budget == "auto" else self.budget
+
+    def with_question_ids(self, config: ServerConfig, encode) -> RegistrationRequest:
+        """Text questions tokenized with ``encode`` (no special tokens: they follow the document), bounded."""
+        ids = tuple(question if isinstance(question, tuple) else tuple(encode(question)) for question in self.questions)
+        for index, question in enumerate(ids):
+            if not 1 <= len(question) <= config.max_question_tokens:
+                raise ValueError(f"questions[{index}] has {len(question)} tokens; this server takes 1 to "
+                                 f"{config.max_question_tokens} (--am-max-question-tokens)")
+        return dataclasses.replace(self, questions=ids)
 
     def to_payload(self) -> dict:
-        """JSON-ready fields (the scheduler rebuilds the request with ``from_payload``)."""
-        return {**dataclasses.asdict(self), "input_ids": None if self.input_ids is None else list(self.input_ids)}
+        """JSON-ready fields (the scheduler rebuilds the request with ``from_payload``); questions as token ids."""
+        if any(isinstance(question, str) for question in self.questions):
+            raise ValueError("text questions must be tokenized (with_question_ids) before they reach the scheduler")
+        return {**dataclasses.asdict(self), "input_ids": None if self.input_ids is None else list(self.input_ids),
+                "questions": [list(question) for question in self.questions]}
 
     @classmethod
     def from_payload(cls, payload: Mapping) -> RegistrationRequest:
-        return cls(**{**payload, "input_ids": None if payload["input_ids"] is None else tuple(payload["input_ids"])})
+        return cls(**{**payload, "input_ids": None if payload["input_ids"] is None else tuple(payload["input_ids"]),
+                      "questions": tuple(tuple(question) for question in payload["questions"])})
 
     @property
     def head_proportions(self) -> dict[tuple[int, int], float] | None:
         return None if self.head_budgets is None else load_head_proportions(self.head_budgets)
+
+
+def _checked_questions(config: ServerConfig, questions) -> tuple[tuple[int, ...] | str, ...]:
+    """Each question as a tuple of token ids or a non-empty string, at most ``max_questions`` of them."""
+    if questions is None:
+        return ()
+    if not isinstance(questions, Sequence) or isinstance(questions, str) or not 1 <= len(questions) <= config.max_questions:
+        raise ValueError(f"questions must be a list of 1 to {config.max_questions} prompts (--am-max-questions), "
+                         "each a string or a list of token ids")
+    longest_text = config.max_question_tokens * TEXT_CHARACTERS_PER_TOKEN
+    checked = []
+    for index, question in enumerate(questions):
+        if isinstance(question, str):
+            if not question or len(question) > longest_text:
+                raise ValueError(f"questions[{index}] must be a non-empty string of at most {longest_text} characters")
+            checked.append(question)
+            continue
+        if not isinstance(question, Sequence) or not 1 <= len(question) <= config.max_question_tokens or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in question
+        ):
+            raise ValueError(f"questions[{index}] must be a string or a list of 1 to {config.max_question_tokens} "
+                             f"token ids in [0, {MAX_TOKEN_ID}]")
+        checked.append(tuple(question))
+    return tuple(checked)
 
 
 def _checked_options(spec, options) -> dict:

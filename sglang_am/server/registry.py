@@ -7,7 +7,9 @@ A document moves through explicit states; what it holds in each is released by w
 
 Any state can end with removal (drop, cancel, failure). A request rewritten to a document holds a
 reference until it ends (``acquire``/``release``), so drop and eviction refuse while one is held:
-a request that is queued, grammar-queued or retracted still needs the document's node.
+a request that is queued, grammar-queued or retracted still needs the document's node. A ready
+document can be refitted (``adapt``): the refit is a new version, a node of its own, and a request
+finishes on the version it started with; a retired version is removed once no request holds it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def document_id(token_ids) -> str:
 
 @dataclasses.dataclass(eq=False)
 class Installed:
-    """A document's place in the KV pool and the tree: its slots, its pinned node, and beta per layer."""
+    """One version of a document in the KV pool and the tree: its slots, its pinned node, and beta per layer."""
 
     slots: torch.Tensor  # [t] KV-pool slot indices
     node: object
@@ -60,6 +62,13 @@ class Installed:
     head_slots: list[list[int]]  # per layer, real slots per KV head (the rest is padding)
     layout: NodeLayout  # where each layer's slots sit in the node
     slot_bytes: int  # one slot of one layer in the pool (keys and values)
+    index: int  # this version's virtual-id namespace and bias-table key
+    users: int = 0  # requests served from this version that have not ended
+
+    @functools.cached_property
+    def virtual_ids(self) -> array:
+        """The ids that key this version's node (every request served from it starts with them)."""
+        return virtual_ids(self.index, self.num_slots)
 
     def kv_bytes(self, length: int) -> dict[str, int]:
         """Pool bytes held, by layer type, and what the ``length`` tokens would hold uncompacted."""
@@ -85,11 +94,14 @@ class Document:
     capture: object = None  # capture.QueryCapture
     source: object = None  # cache.SourceHold: the captured KV, locked in the tree
     job: object = None  # jobs.Job: the solve or the store read in flight
-    plan: object = None  # core.plan.LayerPlan of a registration
+    plan: object = None  # solve.SolvePlan of a registration
     salt: str = ""  # the capture requests' cache namespace
+    adapt_bytes: int = 0  # host memory an adapting document reserved at admission (``adapt``)
     handoff: bool = False  # loading another data-parallel rank's compaction
     # Once ready:
-    installed: Installed | None = None
+    installed: Installed | None = None  # the version new requests are served from
+    retired: list[Installed] = dataclasses.field(default_factory=list)  # earlier versions requests still hold
+    adaptation: object = None  # adapt.Adaptation: live queries and refits, for a document registered with adapt
     users: int = 0  # requests rewritten to it that have not ended
     requests_served: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -107,13 +119,9 @@ class Document:
         return "auto" if self.auto else "explicit"
 
     @property
-    def position_offset(self) -> int:
-        return self.length - self.num_slots
-
-    @functools.cached_property
-    def virtual_ids(self) -> array:
-        """Read once installed (every rewritten request prepends them)."""
-        return virtual_ids(self.index, self.num_slots)
+    def pinned_slots(self) -> int:
+        """Slots its versions hold in the pool (the current one and retired ones still in use)."""
+        return self.num_slots + sum(version.num_slots for version in self.retired)
 
     def is_proper_prefix_of(self, token_ids) -> bool:
         """Do ``token_ids`` start with this document and go on for at least one more token?"""
@@ -133,10 +141,27 @@ class Document:
             "method": self.method,
             "origin": self.origin,
             "config": self.config,
+            "fidelity": self.config.get("fidelity"),
             "timings": self.timings,
             "requests_served": self.requests_served,
             "requests_active": self.users,
+            **({} if self.adaptation is None else {"adapt": self.adaptation.describe()}),
         }
+
+
+@dataclasses.dataclass(eq=False)
+class Served:
+    """What a request rewritten to a document holds (``req.am_served``): the document and the version it started on."""
+
+    document: Document
+    version: Installed
+    client: bool = True  # a client's request (not a registration's probe): its queries may feed refits
+    held: bool = True  # until the request ends
+
+    @property
+    def position_offset(self) -> int:
+        """Added to the RoPE positions of the request's tokens after the document: ``T - t``."""
+        return self.document.length - self.version.num_slots
 
 
 class DocumentRegistry:
@@ -184,24 +209,33 @@ class DocumentRegistry:
         return best
 
     def pinned_slots(self) -> int:
-        return sum(doc.num_slots for doc in self.documents.values())
+        return sum(doc.pinned_slots for doc in self.documents.values())
+
+    def adapt_bytes(self) -> int:
+        """Host memory reserved by adapting documents, registering or ready."""
+        return sum(doc.adapt_bytes for doc in self.documents.values())
 
     # ----- references held by requests -----
 
-    def acquire(self, doc: Document, req) -> None:
-        """``req`` was rewritten to ``doc``: it holds ``doc`` until ``release``."""
+    def acquire(self, doc: Document, req, counted: bool = True) -> Served:
+        """``req`` is rewritten to ``doc``'s current version: it holds both until ``release`` (``counted``: a
+        client's request)."""
+        served = Served(doc, doc.installed, client=counted)
         doc.users += 1
-        doc.requests_served += 1
+        doc.installed.users += 1
+        doc.requests_served += counted
         doc.last_used = time.monotonic()
-        req.am_doc = doc
-        req.am_holds_document = True
+        req.am_served = served
+        return served
 
     @staticmethod
     def release(req) -> None:
         """``req`` ended (finished, aborted or rejected); idempotent."""
-        if getattr(req, "am_holds_document", False):
-            req.am_holds_document = False
-            req.am_doc.users -= 1
+        served = getattr(req, "am_served", None)
+        if served is not None and served.held:
+            served.held = False
+            served.document.users -= 1
+            served.version.users -= 1
 
     def update_gauges(self) -> None:
         ready = self.in_state(DocState.READY)

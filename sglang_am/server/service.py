@@ -28,6 +28,7 @@ import time
 from http import HTTPStatus
 
 from ..prompts import SELF_STUDY_PROMPTS, instruction_ids, repeat_ids
+from . import fidelity
 from .auto import AutoPolicy
 from .capture import capture_salt
 from .channel import SchedulerChannel
@@ -82,6 +83,7 @@ class DocumentService:
 
     async def _register(self, request: RegistrationRequest, auto: bool) -> dict:
         ids = list(request.input_ids) if request.input_ids is not None else self._encode(request.text)
+        request = request.with_question_ids(self.config, self._encode_question)
         doc_id = document_id(ids)
         while True:
             held = await self._held(doc_id)
@@ -125,6 +127,12 @@ class DocumentService:
             raise ValueError(f"text has {len(ids)} tokens; this server takes at most {self.config.max_document_tokens}")
         return ids
 
+    def _encode_question(self, text: str) -> list[int]:
+        tokenizer = self.tokenizer_manager.tokenizer
+        if tokenizer is None:
+            raise ValueError("this server runs without a tokenizer: give questions as token ids")
+        return tokenizer.encode(text, add_special_tokens=False)
+
     async def _held(self, doc_id: str) -> list[dict | None]:
         """Each rank's description of ``doc_id``, None where it has none."""
         answers = await self._on_each("get", doc_id=doc_id)
@@ -141,11 +149,15 @@ class DocumentService:
     async def _capture_and_compact(self, doc_id: str, prepared: list, primary: int, new: list[int], ids: list[int],
                                    request: RegistrationRequest) -> dict:
         try:
+            references = []
             if primary in new:
-                timings = await self._capture(doc_id, prepared[primary]["salt"], ids, request, primary)
+                timings, references = await self._capture(doc_id, prepared[primary]["salt"], ids, request, primary)
                 await self._until_ready(primary, await self._on(primary, "advance", doc_id=doc_id, timings=timings))
             waiting = [rank for rank in new if rank != primary]
             handoff_seconds = await self._hand_off(doc_id, primary, waiting) if waiting else None
+            if references:  # every rank holds the same copy: one measures it, each records it
+                figures = await self._next_token_kl(doc_id, ids, references, primary)
+                await self._on_all("note_fidelity", new, doc_id=doc_id, figures=figures)
             merged = self._merge(await self._held(doc_id))
             if handoff_seconds is not None:
                 merged["timings"] = {**merged["timings"], "handoff_seconds": handoff_seconds}
@@ -178,7 +190,10 @@ class DocumentService:
         while any(doc is not None and doc["state"] != DocState.READY.value for doc in await self._held(doc_id)):
             await asyncio.sleep(POLL_SECONDS * 4)
 
-    async def _capture(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest, rank: int) -> dict:
+    async def _capture(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest,
+                       rank: int) -> tuple[dict, list[tuple[list[int], list]]]:
+        """Run the capture requests; their stage timings, and each question with the full context's top
+        next-token log-probabilities at its answer position (``fidelity``)."""
         tokenizer = self.tokenizer_manager.tokenizer
         length, sources = len(ids), request.query_source
         if tokenizer is None and {"repeat-prefill", "self-study"} & set(sources):
@@ -194,6 +209,20 @@ class DocumentService:
                                               length + len(between), 2 * length + len(between), rank))
         await asyncio.gather(*captures)
         timings["prefill_seconds"] = round(time.perf_counter() - start, 4)
+        references = []
+        if "questions" in sources:
+            start = time.perf_counter()
+            questions = [list(question) for question in request.questions]
+
+            async def ask(question: list[int]) -> tuple[list[int], list]:
+                output = await self._capture_one(doc_id, salt, "questions", ids + question, length,
+                                                 length + len(question), rank, top_logprobs=fidelity.TOP_TOKENS)
+                return question, fidelity.reference_tokens(output["meta_info"])
+
+            if "repeat-prefill" not in sources:  # the first question prefills the document for the others
+                references.append(await ask(questions[0]))
+            references += await asyncio.gather(*(ask(question) for question in questions[len(references):]))
+            timings["questions_seconds"] = round(time.perf_counter() - start, 4)
         if "self-study" in sources:
             start = time.perf_counter()
             starters = [instruction_ids(tokenizer, "\n\n" + prompt) for prompt in SELF_STUDY_PROMPTS.values()]
@@ -203,15 +232,29 @@ class DocumentService:
             await asyncio.gather(*(self._capture_one(doc_id, salt, "self-study", sequence, length, len(sequence), rank)
                                    for sequence in sequences))
             timings["self_study_seconds"] = round(time.perf_counter() - start, 4)
-        return timings
+        return timings, references
+
+    async def _next_token_kl(self, doc_id: str, ids: list[int], references: list[tuple[list[int], list]],
+                             rank: int) -> dict:
+        """Each question once more, now served from the compacted document: the KL against the full context."""
+        async def probe(question: list[int], reference: list) -> float:
+            params = {"max_new_tokens": 1, "temperature": 0.0, "custom_params": {"am_op": "probe", "am_doc_id": doc_id}}
+            output = await self._generate(ids + question, params, rank=rank, return_logprob=True,
+                                          token_ids_logprob=[token for token, _ in reference])
+            return fidelity.next_token_kl(reference, fidelity.probed_logprobs(output["meta_info"]))
+
+        start = time.perf_counter()
+        kls = await asyncio.gather(*(probe(question, reference) for question, reference in references))
+        return {**fidelity.summary(kls), "probe_seconds": round(time.perf_counter() - start, 4)}
 
     async def _generate(self, input_ids: list[int], sampling_params: dict, cache_salt: str | None = None,
-                        rank: int | None = None) -> dict:
+                        rank: int | None = None, **logprobs) -> dict:
+        """One internal request (``logprobs``: SGLang's log-probability fields); its last output."""
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         routed = rank if self.channel.num_ranks > 1 else None
         obj = GenerateReqInput(input_ids=input_ids, sampling_params=sampling_params, cache_salt=cache_salt,
-                               routed_dp_rank=routed)
+                               routed_dp_rank=routed, **logprobs)
         output = None
         async for item in self.tokenizer_manager.generate_request(obj, None):
             output = item  # the last one carries the finish reason
@@ -221,11 +264,13 @@ class DocumentService:
         return output
 
     async def _capture_one(self, doc_id: str, salt: str, source: str, input_ids: list[int], start: int, stop: int,
-                           rank: int) -> None:
-        """One capture request, on the rank that compacts the document."""
+                           rank: int, top_logprobs: int = 0) -> dict:
+        """One capture request, on the rank that compacts the document; with ``top_logprobs``, its output
+        carries that many of the most likely next tokens."""
         params = {"am_op": "capture", "am_doc_id": doc_id, "am_source": source, "am_from": start, "am_to": stop}
-        await self._generate(input_ids, {"max_new_tokens": 1, "temperature": 0.0, "custom_params": params},
-                             cache_salt=capture_salt(salt, source), rank=rank)
+        logprobs = {"return_logprob": True, "top_logprobs_num": top_logprobs} if top_logprobs else {}
+        return await self._generate(input_ids, {"max_new_tokens": 1, "temperature": 0.0, "custom_params": params},
+                                    cache_salt=capture_salt(salt, source), rank=rank, **logprobs)
 
     async def _sample(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
         params = {"max_new_tokens": max_new_tokens, "custom_params": {"am_op": "sample"}, **SELF_STUDY_SAMPLING}
@@ -390,7 +435,7 @@ class AutoCompactor:
                     raise
                 request = RegistrationRequest.from_client(
                     self.service.config, input_ids=input_ids, ratio=policy.ratio, method=policy.method,
-                    query_source=policy.query_source, keep_first=policy.keep_first)
+                    query_source=policy.query_source, keep_first=policy.keep_first, adapt=policy.adapt)
                 result = await self.service._register(request, auto=True)
         except DocumentError as error:
             logger.warning("sglang-am: automatic compaction of a %d-token prefix refused: %s", len(input_ids), error.message)

@@ -1,62 +1,165 @@
-"""The solve step: a document's KV in the pool and its captured queries become a ``CompactedPrefix``.
+"""The solve step: a document's KV and its captured queries become a ``CompactedPrefix``, with its fidelity.
 
 It runs on the solver thread (``jobs``) while the scheduler keeps serving, so it only reads: the
 document's KV stays locked in the tree (``cache.SourceHold``) until the scheduler has the result, and the
 captured queries belong to the registration. The per-layer work is the core's ``LayerPlan``, the same
 loop the transformers adapter runs; the result is the artifact that save, load and install all use.
+
+The fidelity guard, in the prefix's ``config["fidelity"]``: a seeded tenth of each source's captured
+positions (never a question's answer position, which the fit needs) is held out of the fit, and each
+compacted layer's relative attention-output error on them is reported by source (``heldout``); with
+questions, also the error at their answer positions (``answers``), the queries that predict the answers.
+The guard's figure is the answers' error when there are questions, else the held-out error (of the live
+queries, for a refit). With a
+ladder of ratios (``"ratio": "auto"``) the solve walks it from the smallest and keeps the first whose
+figure meets the bound: several budgets from one capture.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..core.plan import LayerPlan, assemble_layer, pad_layers
+from ..core.evaluate import evaluate
+from ..core.plan import LayerPlan, assemble_layer, pad_layers, pool_queries, split_heldout
 from ..prefix import CompactedPrefix
 from . import faults
-from .capture import QueryCapture
 from .layout import window_slots
 
+HELDOUT_FRACTION = 0.1
+HELDOUT_MAX_QUERIES = 1000  # pooled held-out queries per KV head and source (the paper keeps 1,000)
 
-def solve_document(pool, source: torch.Tensor, capture: QueryCapture, plan: LayerPlan, token_ids: list[int],
-                   windows: tuple[int | None, ...], fingerprint: dict, config: dict) -> CompactedPrefix:
-    """Compact every global layer of the document whose KV sits in pool ``source`` slots; a sliding-window
-    layer (``windows``) keeps its window of the document, verbatim or compacted (``plan.compact_windows``),
-    as the transformers adapter does."""
+
+@dataclasses.dataclass(frozen=True)
+class SolveInputs:
+    """What a solve reads, layer by layer: the document's KV and the reference queries."""
+
+    kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values [H_kv, T, D]
+    queries: Callable[[int], dict[str, torch.Tensor]]  # layer -> {source: [H_q, n, D]}
+    scales: Mapping[int, float]  # each compacted layer's softmax scale, as the model runs it
+    num_layers: int
+    num_kv_heads: int
+    protected: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # positions never held out
+
+
+@dataclasses.dataclass(frozen=True)
+class Solved:
+    """A solver or store job's result: the prefix to install and, for an adapting document, its refit inputs."""
+
+    prefix: CompactedPrefix
+    adaptation: object = None  # adapt.Adaptation
+
+
+@dataclasses.dataclass(frozen=True)
+class SolvePlan:
+    """How a document is solved: the per-layer plan, and for ``"ratio": "auto"`` the ladder and the bound."""
+
+    layers: LayerPlan
+    ladder: Sequence[float] | None = None
+    bound: float | None = None
+
+
+def pool_inputs(pool, source: torch.Tensor, capture) -> SolveInputs:
+    """A registration's inputs: its KV in pool ``source`` slots and its capture."""
+    def kv(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # In the pool's dtype: the solver computes in float32, and its GPU path runs FlashInfer in this dtype.
+        return pool.k_buffer[layer][source].permute(1, 0, 2), pool.v_buffer[layer][source].permute(1, 0, 2)
+
+    return SolveInputs(kv, capture.queries, capture.scales, pool.layer_num, pool.head_num, capture.last_positions())
+
+
+def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: tuple[int | None, ...],
+                   fingerprint: dict, config: dict) -> CompactedPrefix:
+    """Compact every global layer of the document; a sliding-window layer (``windows``) keeps its window of
+    the document, verbatim or compacted (``compact_windows``), as the transformers adapter does. With a
+    ladder, the smallest ratio on it whose held-out error is at most the bound, else its largest."""
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-    length, kept = len(token_ids), plan.keep_first
     clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
-    keys, values, betas = [], [], []
-    for layer in range(pool.layer_num):
+    tried = []
+    for ratio in plan.ladder or [plan.layers.budget]:
+        solved, fidelity = _solve(inputs, dataclasses.replace(plan.layers, budget=ratio), len(token_ids), windows, clock)
+        tried.append({"ratio": ratio, "relative_l2": fidelity["relative_l2"]})
+        if plan.ladder is None or (fidelity["relative_l2"] is not None and fidelity["relative_l2"] <= plan.bound):
+            break
+    if plan.ladder is not None:
+        fidelity = {**fidelity, "ladder": tried, "bound": plan.bound, "ratio": tried[-1]["ratio"]}
+    keys, values, betas = pad_layers(*solved, fixed=[w is not None for w in windows])
+    timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
+    timings["solve_seconds"] = round(time.perf_counter() - started, 4)
+    return CompactedPrefix(keys=keys, values=values, beta=betas, logical_length=len(token_ids), token_ids=list(token_ids),
+                           fingerprint=fingerprint, method=plan.layers.method, config={**config, "fidelity": fidelity},
+                           timings=timings)
+
+
+def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int | None, ...], clock: dict):
+    """Every layer at ``plan``'s budget: ``(keys, values, betas)`` and the held-out fidelity."""
+    kept = plan.keep_first
+    keys, values, betas, errors = [], [], [], {}
+    for layer in range(inputs.num_layers):
         faults.inject("solve")
         faults.inject("solver_exit")
-        # In the pool's dtype: the solver computes in float32, and its GPU path runs FlashInfer in this dtype.
-        layer_keys = pool.k_buffer[layer][source].permute(1, 0, 2)  # [H_kv, T, D]
-        layer_values = pool.v_buffer[layer][source].permute(1, 0, 2)
+        layer_keys, layer_values = inputs.kv(layer)
         window = window_slots(windows[layer], length)
+        compacted = window is None or plan.compact_windows
+        if compacted:
+            # The same split and subsample on every layer and every rung of the ladder.
+            generator = torch.Generator().manual_seed(0)
+            captured = inputs.queries(layer)
+            group = max(1, next(iter(captured.values())).shape[0] // inputs.num_kv_heads)
+            fit, heldout = split_heldout(captured, HELDOUT_FRACTION, math.ceil(HELDOUT_MAX_QUERIES / group), generator,
+                                         inputs.protected)
+            queries = plan.reference_queries(fit, inputs.num_kv_heads, generator)
         if window is not None:
-            queries = plan.reference_queries(capture.queries(layer), pool.head_num, generator) if plan.compact_windows else None
-            window_kv = layer_keys[:, length - window :], layer_values[:, length - window :]
-            layer_k, layer_v, layer_b = plan.compact_window(*window_kv, queries, length - kept, layer, pool.layer_num,
-                                                            capture.scales[layer])
-            keys.append(layer_k)
-            values.append(layer_v)
-            betas.append(layer_b.float())
-            continue
-        queries = plan.reference_queries(capture.queries(layer), pool.head_num, generator)
-        result = plan.compact_span(layer_keys[:, kept:], layer_values[:, kept:], queries, length - kept,
-                                   range(length - kept), layer, pool.layer_num, capture.scales[layer])
-        for stage, seconds in result.timings.items():
-            clock[stage] += seconds
-        empty = layer_keys[:, :0], layer_values[:, :0]
-        layer_k, layer_v, layer_b = assemble_layer((layer_keys[:, :kept], layer_values[:, :kept]), [result], empty)
+            span_kv = layer_keys[:, -window:], layer_values[:, -window:]  # the pool's whole document, or a host window
+            layer_k, layer_v, layer_b = plan.compact_window(*span_kv, queries if compacted else None, length - kept, layer,
+                                                            inputs.num_layers, inputs.scales.get(layer))
+            slots = layer_k, layer_v, layer_b
+        else:
+            span_kv = layer_keys[:, kept:], layer_values[:, kept:]
+            result = plan.compact_span(*span_kv, queries, length - kept, range(length - kept), layer, inputs.num_layers,
+                                       inputs.scales.get(layer))
+            for stage, seconds in result.timings.items():
+                clock[stage] += seconds
+            slots = result.keys, result.values, result.beta
+            empty = layer_keys[:, :0], layer_values[:, :0]
+            layer_k, layer_v, layer_b = assemble_layer((layer_keys[:, :kept], layer_values[:, :kept]), [result], empty)
+        if compacted:
+            judged = dict(heldout)
+            if "questions" in inputs.protected:
+                asked = captured["questions"]
+                judged["answers"] = asked[:, inputs.protected["questions"].to(asked.device)]
+            figures = {name: _relative_l2(span_kv, slots, rows, inputs.num_kv_heads, inputs.scales.get(layer))
+                       for name, rows in judged.items()}
+            answers = figures.pop("answers", None)
+            errors[layer] = {"heldout": figures, **({"answers": answers} if answers is not None else {})}
         keys.append(layer_k)
         values.append(layer_v)
         betas.append(layer_b.float())
-    keys, values, betas = pad_layers(keys, values, betas, fixed=[w is not None for w in windows])
-    timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
-    timings["solve_seconds"] = round(time.perf_counter() - started, 4)
-    return CompactedPrefix(keys=keys, values=values, beta=betas, logical_length=length, token_ids=list(token_ids),
-                           fingerprint=fingerprint, method=plan.method, config=config, timings=timings)
+    return (keys, values, betas), _fidelity(errors)
+
+
+def _relative_l2(span_kv, slots, rows: torch.Tensor, num_kv_heads: int, scale: float | None) -> float:
+    """Relative attention-output error of held-out ``rows`` ``[H_q, n, D]``, averaged over KV heads."""
+    queries = pool_queries(rows, num_kv_heads).to(span_kv[0])
+    error = evaluate(*span_kv, tuple(t.to(span_kv[0]) for t in slots), queries, scale=scale)
+    return round(float(error.relative_l2.mean()), 5)
+
+
+def _fidelity(errors: dict[int, dict]) -> dict:
+    """The guard's figure, averaged over the compacted layers: the error at the questions' answer positions
+    when the document has questions (the answers depend on those queries), else the held-out error of the
+    questions (a refit's live queries), else of every held-out source."""
+    def layer_figure(layer: dict) -> float | None:
+        heldout = layer["heldout"]
+        if "answers" in layer or "questions" in heldout:
+            return layer.get("answers", heldout.get("questions"))
+        return sum(heldout.values()) / len(heldout) if heldout else None
+
+    figure = [layer_figure(layer) for layer in errors.values()]
+    known = [value for value in figure if value is not None]
+    return {"relative_l2": round(sum(known) / len(known), 5) if known else None,
+            "layers": {str(layer): figures for layer, figures in errors.items()}}

@@ -1,0 +1,141 @@
+"""Refits from live traffic: a stream of questions over documents registered without them.
+
+One server with the extension (Gemma-3-270M in float32 by default; ``--model recall`` for the embedded
+model). Each document has a set of --set questions; a stream of --requests requests per document draws
+from its set Zipf-like (weight 1/rank^--zipf), interleaved across documents, --concurrency at a time, as
+greedy streaming completions (time to first token, short answer judged). The same stream runs three
+times: with the full documents (SGLang's radix cache), with the documents registered at --ratio, and
+registered at --ratio with ``"adapt": true`` (refits from the stream's own queries). Reported per run:
+accuracy over each half of the stream, TTFT p50/p99, and for the adapting run the refits, the live
+queries seen and the fidelity, then SGLang's idle leak check. Writes JSON and a plot.
+
+    python benchmarks/adapt_stream.py                      # Gemma: 2 documents, 30 questions each, 150 requests each
+    python benchmarks/adapt_stream.py --model recall --set 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+from common import RESULTS_DIR, environment, write_json
+from transformers import AutoTokenizer
+
+from sglang_am.batch_qa import ask_all, documents_and_questions
+from sglang_am.client import DocumentsClient
+from sglang_am.serve import MODELS, model_path, serving
+
+
+def zipf_stream(questions, documents: int, requests: int, exponent: float, seed: int) -> list:
+    """``requests`` draws per document from its questions (weight 1/rank^exponent), interleaved across documents."""
+    rng = random.Random(seed)
+    per_document = [[q for q in questions if q.document == d] for d in range(documents)]
+    draws = []
+    for pool in per_document:
+        order = rng.sample(pool, len(pool))  # which question is the most asked is random too
+        weights = [1 / (rank + 1) ** exponent for rank in range(len(order))]
+        draws.append(rng.choices(order, weights, k=requests))
+    return [draws[d][i] for i in range(requests) for d in range(documents)]
+
+
+def summary(stream, answers, wall: float) -> dict:
+    correct = [a.error is None and q.is_correct(a.text) for q, a in zip(stream, answers)]
+    half = len(correct) // 2
+    ttft = [a.ttft for a in answers if a.error is None]
+    quantile = lambda p: statistics.quantiles(ttft, n=100, method="inclusive")[p - 1]  # noqa: E731
+    return {"requests": len(answers), "errors": sum(a.error is not None for a in answers),
+            "accuracy_first_half": round(sum(correct[:half]) / half, 4),
+            "accuracy_second_half": round(sum(correct[half:]) / (len(correct) - half), 4),
+            "accuracy_by_tenth": [round(sum(part) / len(part), 4) for part in _tenths(correct)],
+            "ttft_p50": round(quantile(50), 4), "ttft_p99": round(quantile(99), 4),
+            "request_throughput": round(len(answers) / wall, 3)}
+
+
+def _tenths(values: list) -> list[list]:
+    size = max(1, len(values) // 10)
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="gemma3-270m")
+    parser.add_argument("--documents", type=int, default=2)
+    parser.add_argument("--set", type=int, default=30, help="questions per document the stream draws from (20-50)")
+    parser.add_argument("--requests", type=int, default=150, help="stream requests per document")
+    parser.add_argument("--zipf", type=float, default=1.1, help="exponent of the questions' popularity")
+    parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--refit-every", type=int, default=32, help="--am-adapt-refit-every of the server")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per answer")
+    parser.add_argument("--max-total-tokens", type=int, default=32768)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    args.output = args.output or RESULTS_DIR / f"adapt_stream_{args.model}.json"
+
+    path = model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    workload = "recall" if args.model == "recall" else "real-text"
+    documents, document_ids, questions = documents_and_questions(tokenizer, args.documents, args.set, workload,
+                                                                 seed=args.seed)
+    stream = zipf_stream(questions, args.documents, args.requests, args.zipf, args.seed)
+    flags = ["--model-path", str(path), "--max-total-tokens", str(args.max_total_tokens),
+             "--am-adapt-refit-every", str(args.refit_every)] + (["--dtype", "float32"] if args.model != "recall" else [])
+    rows = []
+    with serving(flags) as url:
+        client = DocumentsClient(url)
+        for name, registration in (("full context", None), ("compacted", {}), ("compacted, adapt", {"adapt": True})):
+            registered = [] if registration is None else [
+                client.register(input_ids=ids, ratio=args.ratio, **registration) for ids in document_ids]
+            answers, wall = ask_all(url, stream, args.concurrency, args.max_tokens, progress=name)
+            row = {"config": name, **summary(stream, answers, wall)}
+            if registration is not None:
+                described = [client.get(doc["doc_id"]) for doc in registered]
+                row["documents"] = [{key: doc.get(key) for key in ("t", "adapt", "fidelity", "requests_served")}
+                                    for doc in described]
+                for doc in registered:
+                    client.drop(doc["doc_id"])
+                time.sleep(1)
+                row["idle_check"] = client.stats()["idle_check"]
+            rows.append(row)
+            print(f"{name}: accuracy {row['accuracy_first_half']} -> {row['accuracy_second_half']}, "
+                  f"TTFT p50 {row['ttft_p50']} s, p99 {row['ttft_p99']} s", flush=True)
+    payload = {**environment(), "inputs": {**vars(args), "output": str(args.output), "workload": workload,
+                                           "document_tokens": [len(ids) for ids in document_ids]}, "rows": rows}
+    output = write_json(args.output, payload)
+    plot(payload, output.with_suffix(".png"))
+    print(f"wrote {output}")
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for row in payload["rows"]:
+        tenths = row["accuracy_by_tenth"]
+        axes[0].plot([(i + 1) / len(tenths) for i in range(len(tenths))], tenths, marker="o", label=row["config"])
+    axes[0].set_xlabel("fraction of the stream")
+    axes[0].set_ylabel("accuracy (each tenth of the stream)")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    names = [row["config"] for row in payload["rows"]]
+    for offset, key in ((-0.2, "ttft_p50"), (0.2, "ttft_p99")):
+        axes[1].bar([i + offset for i in range(len(names))], [row[key] for row in payload["rows"]], width=0.4, label=key)
+    axes[1].set_xticks(range(len(names)), names)
+    axes[1].set_ylabel("seconds")
+    axes[1].legend()
+    inputs = payload["inputs"]
+    fig.suptitle(f"{inputs['model']}: {inputs['documents']} documents, Zipf({inputs['zipf']}) over {inputs['set']} questions "
+                 f"each, {inputs['requests']} requests each, ratio {inputs['ratio']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Refits from live traffic: a document registered with ``"adapt": true`` learns from the requests it serves.
+
+Query-agnostic reference queries lose answers that need binding (docs/question-aware.md); the queries of
+the questions actually asked keep them. An adapting document therefore keeps:
+
+- ``LiveQueries``: a bounded reservoir of the query rows of the requests served from it (their prompt
+  positions after the document, on every layer the solve compacts), a uniform sample of every such
+  position seen (reservoir sampling, decided once per forward for the whole batch);
+- its solve's inputs in host memory: the document's KV of the layers the solve reads, and the queries
+  the registration captured (``Adaptation.start``, on the solver thread, counted by admission).
+
+When ``refit_every`` new positions have arrived and no refit runs, the solver thread refits the document
+from those inputs, the live queries joining its questions (``core.plan.with_questions``: they weigh
+``QUESTION_SHARE``); the scheduler installs the refit as a new version (``operations``). Running requests
+finish on the version they started with. The fidelity guard reports the refit on held-out live queries;
+the next-token KL needs full-context logits, which live traffic does not have, so refits report none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+import torch
+
+from ..core.plan import with_questions
+from .solve import SolveInputs, SolvePlan
+
+
+class LiveQueries:
+    """Up to ``capacity`` query positions of live requests, each with its rows on ``layers``."""
+
+    def __init__(self, layers: Sequence[int], capacity: int, seed: int = 0):
+        self.layers, self.capacity = tuple(layers), capacity
+        self.rows: dict[int, torch.Tensor] = {}  # layer -> [capacity, H_q, D], allocated on the first record
+        self.valid = torch.zeros(capacity, dtype=torch.bool)  # every layer holds this slot's current position
+        self.seen = 0  # positions offered so far
+        self._random = random.Random(seed)
+
+    def plan(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For ``count`` new positions: (which of them to keep, the slots they go to), or None. Algorithm R: the
+        kept positions are a uniform sample of all positions seen; a slot being rewritten is invalid until its
+        last layer is written."""
+        kept, slots = [], []
+        for position in range(count):
+            self.seen += 1
+            slot = self.seen - 1 if self.seen <= self.capacity else self._random.randrange(self.seen)
+            if slot < self.capacity:
+                kept.append(position)
+                slots.append(slot)
+        if not kept:
+            return None
+        slots = torch.tensor(slots)
+        self.valid[slots] = False
+        return torch.tensor(kept), slots
+
+    def record(self, layer: int, queries: torch.Tensor, slots: torch.Tensor, scale: float) -> None:
+        """Called inside the forward pass with this forward's kept rows ``[n, H_q, D]`` of ``layer``."""
+        if layer not in self.layers:
+            return
+        if layer not in self.rows:
+            self.rows[layer] = queries.new_empty((self.capacity, *queries.shape[1:]))
+        self.rows[layer][slots.to(queries.device)] = queries
+        if layer == self.layers[-1]:
+            self.valid[slots] = True
+
+    def snapshot(self) -> dict[int, torch.Tensor]:
+        """The valid rows of each layer ``[H_q, n, D]``, copied (the reservoir keeps changing)."""
+        valid = self.valid.clone()
+        return {layer: rows[valid.to(rows.device)].transpose(0, 1).clone() for layer, rows in self.rows.items()}
+
+    @property
+    def size(self) -> int:
+        return int(self.valid.sum())
+
+
+def nbytes(layers: int, capacity: int, query_heads: int, head_dim: int, itemsize: int) -> int:
+    """What a reservoir holds at most."""
+    return layers * capacity * query_heads * head_dim * itemsize
+
+
+@dataclasses.dataclass(eq=False)
+class Adaptation:
+    """One adapting document's refit inputs (host memory), live queries and refit state."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # per layer the solve reads (host)
+    fitted: dict[int, dict[str, torch.Tensor]]  # per compacted layer, the registration's queries by source (host)
+    answers: torch.Tensor | None  # the registration's questions' answer positions among fitted["questions"]
+    scales: dict[int, float]
+    num_kv_heads: int
+    plan: SolvePlan  # the registration's, with the live queries joining its questions
+    live: LiveQueries
+    refit_every: int
+    nbytes: int
+    refits: int = 0
+    refit_failures: int = 0
+    seen_at_fit: int = 0  # live positions seen when the running or last refit started
+    job: object = None  # jobs.Job of the running refit
+
+    @classmethod
+    def start(cls, inputs: SolveInputs, plan: SolvePlan, layers: Sequence[int], windows: Sequence[int | None],
+              length: int, capacity: int, refit_every: int, reserved_bytes: int) -> Adaptation:
+        """On the solver thread, right after the registration's solve: copy what a refit reads to host memory.
+        ``layers``: the layers the solve compacts (a window layer's window is all of it the solve reads)."""
+        kv = {}
+        for layer in range(inputs.num_layers):
+            keys, values = inputs.kv(layer)
+            if windows[layer] is not None:
+                keys, values = keys[:, -min(windows[layer], length) :], values[:, -min(windows[layer], length) :]
+            kv[layer] = keys.cpu().clone(), values.cpu().clone()
+        refit = dataclasses.replace(plan.layers, query_fractions=with_questions(plan.layers.query_fractions))
+        fitted = {layer: {source: rows.cpu().clone() for source, rows in inputs.queries(layer).items()
+                          if source in refit.query_fractions} for layer in layers}
+        answers = inputs.protected.get("questions")
+        return cls(kv, fitted, None if answers is None else answers.cpu(), dict(inputs.scales), inputs.num_kv_heads,
+                   dataclasses.replace(plan, layers=refit), LiveQueries(layers, capacity), refit_every, reserved_bytes)
+
+    def due(self) -> bool:
+        return self.job is None and self.live.size > 0 and self.live.seen - self.seen_at_fit >= self.refit_every
+
+    def refit_inputs(self, device) -> SolveInputs:
+        """The registration's inputs with a snapshot of the live queries joining its questions."""
+        live = self.live.snapshot()
+        self.seen_at_fit = self.live.seen
+
+        def kv(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(tensor.to(device) for tensor in self.kv[layer])
+
+        def queries(layer: int) -> dict[str, torch.Tensor]:
+            sources = dict(self.fitted[layer])
+            asked = [rows for rows in (sources.get("questions"), live[layer].cpu()) if rows is not None]
+            sources["questions"] = torch.cat(asked, dim=1)
+            return {source: rows.to(device) for source, rows in sources.items()}
+
+        protected = {}
+        if self.answers is not None:  # the registration's answer positions stay in the fit; live rows may be held out
+            first = next(iter(live.values()))
+            protected["questions"] = torch.cat([self.answers, torch.zeros(first.shape[1], dtype=torch.bool)])
+        return SolveInputs(kv, queries, self.scales, len(self.kv), self.num_kv_heads, protected)
+
+    def describe(self) -> dict:
+        running = self.job is not None and not self.job.done()
+        return {"refits": self.refits, "refit_failures": self.refit_failures, "queries_seen": self.live.seen,
+                "reservoir": self.live.size, "refitting": running, "host_bytes": self.nbytes}
+
+    def stop(self) -> None:
+        """The document is dropped: cancel a running refit (its result is never installed)."""
+        if self.job is not None and not self.job.done():
+            self.job.cancel("the document was dropped")

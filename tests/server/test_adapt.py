@@ -1,0 +1,93 @@
+"""Refits from live traffic without a server: the live-query reservoir and an adapting document's refit inputs."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_am.core.plan import LayerPlan
+from sglang_am.server.adapt import Adaptation, LiveQueries, nbytes
+from sglang_am.server.solve import SolveInputs, SolvePlan, solve_document
+
+
+def test_the_reservoir_keeps_a_uniform_sample_of_every_position_seen():
+    live = LiveQueries(layers=[0, 2], capacity=100, seed=0)
+    kept = torch.zeros(2000)
+    stored = [-1] * 100  # which position each slot holds
+    for start in range(0, 2000, 50):  # forwards of 50 positions
+        planned = live.plan(50)
+        rows, slots = planned
+        for layer in (0, 2):
+            live.record(layer, (rows + start).float().reshape(-1, 1, 1).expand(-1, 2, 3), slots, scale=1.0)
+        live.record(1, torch.zeros(len(rows), 2, 3), slots, scale=1.0)  # a layer the solve does not compact
+        for row, slot in zip(rows.tolist(), slots.tolist()):
+            stored[slot] = start + row
+    assert live.seen == 2000 and live.size == 100 and set(live.rows) == {0, 2}
+    snapshot = live.snapshot()
+    assert snapshot[0].shape == (2, 100, 3) and torch.equal(snapshot[0], snapshot[2])
+    assert sorted(snapshot[0][0, :, 0].long().tolist()) == sorted(stored)
+    kept[torch.tensor(stored)] = 1
+    assert 35 <= int(kept[:1000].sum()) <= 65  # about half of the sample from each half of the stream
+
+
+def test_a_slot_being_rewritten_is_invalid_until_its_last_layer_is_written():
+    live = LiveQueries(layers=[0, 1], capacity=4)
+    rows, slots = live.plan(4)
+    live.record(0, torch.ones(4, 1, 1), slots, 1.0)
+    assert live.size == 0  # a forward that failed before its last layer leaves nothing half written
+    live.record(1, torch.ones(4, 1, 1), slots, 1.0)
+    assert live.size == 4 and nbytes(2, 4, 1, 1, 4) == 32
+
+
+def adapting(answers=True):
+    generator = torch.Generator().manual_seed(0)
+    kv = {layer: (torch.randn(1, 64, 8, generator=generator), torch.randn(1, 64, 8, generator=generator))
+          for layer in range(2)}
+    fitted = {"repeat-prefill": torch.randn(2, 40, 8, generator=generator)}
+    if answers:
+        fitted["questions"] = torch.randn(2, 6, 8, generator=generator)
+    marks = torch.tensor([False, False, True, False, False, True])
+    inputs = SolveInputs(lambda layer: kv[layer], lambda layer: dict(fitted), {}, 2, 1,
+                         {"questions": marks} if answers else {})
+    # With questions, a client's own mixture; without, the default: the live queries alone.
+    fractions = {"questions": 0.5, "repeat-prefill": 0.5} if answers else {"repeat-prefill": 1.0}
+    plan = SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.25, fractions, max_queries_per_head=200))
+    return Adaptation.start(inputs, plan, layers=[0, 1], windows=[None, None], length=64, capacity=16, refit_every=8,
+                            reserved_bytes=1000)
+
+
+def test_an_adaptation_refits_from_its_registration_inputs_with_the_live_queries_as_questions():
+    adaptation = adapting()
+    assert adaptation.plan.layers.query_fractions == {"questions": 0.5, "repeat-prefill": 0.5}
+    assert not adaptation.due()
+    rows, slots = adaptation.live.plan(10)
+    for layer in (0, 1):
+        adaptation.live.record(layer, torch.randn(10, 2, 8), slots, 1.0)
+    assert adaptation.due()
+    inputs = adaptation.refit_inputs(torch.device("cpu"))
+    assert not adaptation.due() and adaptation.seen_at_fit == 10  # counted from here on
+    queries = inputs.queries(0)
+    assert queries["questions"].shape == (2, 16, 8) and queries["repeat-prefill"].shape == (2, 40, 8)
+    assert inputs.protected["questions"].tolist() == [False, False, True, False, False, True] + [False] * 10
+    prefix = solve_document(inputs, adaptation.plan, list(range(64)), (None, None), {}, {})
+    assert prefix.num_slots == 16 and "answers" in prefix.config["fidelity"]["layers"]["0"]
+    adaptation.job = SimpleNamespace(done=lambda: False, cancel=lambda reason: setattr(adaptation, "stopped", reason))
+    assert adaptation.describe()["refitting"] and adaptation.describe()["queries_seen"] == 10
+    adaptation.stop()
+    assert adaptation.stopped == "the document was dropped"
+
+
+def test_without_registration_questions_the_live_queries_are_the_questions_and_may_be_held_out():
+    adaptation = adapting(answers=False)
+    rows, slots = adaptation.live.plan(12)
+    for layer in (0, 1):
+        adaptation.live.record(layer, torch.randn(12, 2, 8), slots, 1.0)
+    assert adaptation.plan.layers.query_fractions == {"questions": 1.0}
+    inputs = adaptation.refit_inputs(torch.device("cpu"))
+    assert inputs.protected == {} and set(inputs.queries(1)) == {"questions"}  # the repeat queries are not kept
+    assert inputs.queries(1)["questions"].shape == (2, 12, 8)
+    fidelity = solve_document(inputs, adaptation.plan, list(range(64)), (None, None), {}, {}).config["fidelity"]
+    layer = fidelity["layers"]["1"]
+    assert "answers" not in layer and set(layer["heldout"]) == {"questions"}
+    assert fidelity["relative_l2"] == pytest.approx(
+        sum(entry["heldout"]["questions"] for entry in fidelity["layers"].values()) / 2, abs=1e-4)

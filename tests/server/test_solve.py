@@ -1,0 +1,86 @@
+"""The solve step without a server: a document's KV and captured queries to a prefix with its fidelity guard."""
+
+import pytest
+import torch
+
+from sglang_am.core.plan import LayerPlan, with_questions
+from sglang_am.core.synthetic import clustered_block
+from sglang_am.server.solve import HELDOUT_FRACTION, SolveInputs, SolvePlan, solve_document
+
+LENGTH, LAYERS, HEADS, GROUP = 256, 3, 2, 2
+
+
+def inputs(windows=(None, None, None), questions=True, seed=0) -> SolveInputs:
+    """Clustered keys per layer; 'repeat-prefill' queries and, with ``questions``, 4 questions of 8 positions."""
+    blocks = [clustered_block(heads=HEADS, length=LENGTH, head_dim=16, num_queries=400, seed=seed + layer)
+              for layer in range(LAYERS)]
+
+    def queries(layer):
+        pooled = blocks[layer].queries  # [H_kv, n, D] -> [H_q, n / G, D], G query heads per KV head
+        per_head = pooled.reshape(HEADS * GROUP, -1, 16)
+        sources = {"repeat-prefill": per_head[:, :150]}
+        if questions:
+            sources["questions"] = per_head[:, 150:182]
+        return sources
+
+    answers = torch.zeros(32, dtype=torch.bool)
+    answers[7::8] = True
+    return SolveInputs(lambda layer: (blocks[layer].keys, blocks[layer].values), queries, {}, LAYERS, HEADS,
+                       {"questions": answers} if questions else {})
+
+
+def plan(ratio=0.1, questions=True, **fields) -> SolvePlan:
+    fractions = with_questions({"repeat-prefill": 1.0}, share=0.75) if questions else {"repeat-prefill": 1.0}
+    return SolvePlan(LayerPlan("AM-HighestAttnKeys", ratio, fractions, max_queries_per_head=500), **fields)
+
+
+def solve(solve_inputs, solve_plan, windows=(None, None, None)):
+    return solve_document(solve_inputs, solve_plan, list(range(LENGTH)), windows, {}, {"budget": "x"})
+
+
+def test_every_compacted_layer_reports_its_heldout_and_answer_errors():
+    prefix = solve(inputs(), plan())
+    fidelity = prefix.config["fidelity"]
+    assert prefix.config["budget"] == "x" and prefix.num_slots == round(0.1 * LENGTH)
+    assert set(fidelity["layers"]) == {"0", "1", "2"}
+    for layer in fidelity["layers"].values():
+        assert set(layer["heldout"]) == {"repeat-prefill", "questions"} and 0 <= layer["answers"] < 2
+    answers = [layer["answers"] for layer in fidelity["layers"].values()]
+    assert fidelity["relative_l2"] == pytest.approx(sum(answers) / 3, abs=1e-4)  # the guard's figure: the answers
+
+
+def test_more_slots_fit_the_questions_better_and_a_document_without_them_reports_heldout_queries():
+    small, large = (solve(inputs(), plan(ratio)).config["fidelity"]["relative_l2"] for ratio in (0.05, 0.5))
+    assert large < small
+    agnostic = solve(inputs(questions=False), plan(questions=False)).config["fidelity"]
+    layer = agnostic["layers"]["0"]
+    assert "answers" not in layer and set(layer["heldout"]) == {"repeat-prefill"}
+    assert agnostic["relative_l2"] == pytest.approx(
+        sum(entry["heldout"]["repeat-prefill"] for entry in agnostic["layers"].values()) / 3, abs=1e-4)
+    assert HELDOUT_FRACTION == 0.1
+
+
+@pytest.mark.parametrize("bound, ratio", [(10.0, 0.05), (1e-9, 0.5)])
+def test_auto_ratio_keeps_the_smallest_rung_that_meets_the_bound(bound, ratio):
+    ladder = (0.05, 0.2, 0.5)
+    prefix = solve(inputs(), plan(ladder=ladder, bound=bound))
+    fidelity = prefix.config["fidelity"]
+    assert fidelity["ratio"] == ratio and prefix.num_slots == round(ratio * LENGTH) and fidelity["bound"] == bound
+    assert [rung["ratio"] for rung in fidelity["ladder"]] == list(ladder[: ladder.index(ratio) + 1])
+
+
+def test_a_middle_rung_is_found_from_the_figures_of_the_ladder():
+    ladder = (0.05, 0.2, 0.5)
+    walked = solve(inputs(), plan(ladder=ladder, bound=1e-9)).config["fidelity"]["ladder"]
+    bound = walked[1]["relative_l2"]  # exactly what the middle rung reaches
+    assert solve(inputs(), plan(ladder=ladder, bound=bound)).config["fidelity"]["ratio"] == 0.2
+
+
+def test_a_window_layer_keeps_its_window_and_is_judged_only_when_compacted():
+    windows = (None, 64, None)
+    kept = solve(inputs(), plan(), windows)
+    assert kept.layer_slots == [26, 64, 26] and set(kept.config["fidelity"]["layers"]) == {"0", "2"}
+    assert torch.equal(kept.beta[1], torch.zeros(HEADS, 64))
+    compacted = solve(inputs(), SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.1, with_questions({"repeat-prefill": 1.0}),
+                                                     max_queries_per_head=500, compact_windows=True)), windows)
+    assert compacted.layer_slots == [26, 26, 26] and set(compacted.config["fidelity"]["layers"]) == {"0", "1", "2"}
