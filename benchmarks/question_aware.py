@@ -95,21 +95,17 @@ def main() -> None:
                    "slots": [doc["t"] for doc in registered], "fidelity": [doc["fidelity"] for doc in registered],
                    "timings": [doc["timings"] for doc in registered]}
             for part, outcome in results.items():
-                row[part] = {"choice_accuracy": accuracy(outcome, "choice_correct"),
-                             "answer_accuracy": accuracy(outcome, "answer_correct"),
-                             "per_document": per_document(outcome, scored[part], args.documents), "questions": len(outcome)}
+                row[part] = part_summary(outcome, scored[part], args.documents, questions)
             rows.append(row)
             print(f"{name} @ {ratio}: " + ", ".join(f"{part} choices {row[part]['choice_accuracy']} answers "
                                                      f"{row[part]['answer_accuracy']}" for part in results)
                   + f" ({seconds:.0f} s to register)", flush=True)
             return row
 
-        full = {part: score(url, subset, args) for part, subset in (("all", questions), ("not_given", not_given))}
-        rows.append({"config": "full context", "ratio": None, **{
-            part: {"choice_accuracy": accuracy(outcome, "choice_correct"), "answer_accuracy": accuracy(outcome, "answer_correct"),
-                   "per_document": per_document(outcome, subset, args.documents), "questions": len(outcome)}
-            for (part, outcome), subset in zip(full.items(), (questions, not_given))}})
-        print(f"full context: {rows[-1]['all']}", flush=True)
+        full = score(url, questions, args)
+        rows.append({"config": "full context", "ratio": None, "all": part_summary(full, questions, args.documents, questions)})
+        print(f"full context: choices {rows[-1]['all']['choice_accuracy']} answers {rows[-1]['all']['answer_accuracy']}",
+              flush=True)
         for ratio in args.ratios:
             run("without questions", ratio, lambda i: {}, {"all": questions, "not_given": not_given})
             run("with questions", ratio, lambda i: {"questions": asked[i]}, {"all": questions})
@@ -123,13 +119,17 @@ def main() -> None:
     print(f"wrote {output}")
 
 
-def per_document(outcome: list[dict], subset, documents: int) -> list[dict]:
-    """Accuracy per document (the fidelity guard is per document)."""
-    result = []
+def part_summary(outcome: list[dict], subset, documents: int, questions) -> dict:
+    """Accuracy over the questions scored, per document (the fidelity guard is per document), and each
+    question's outcome with its document and its index in ``questions``."""
+    per_document = []
     for d in range(documents):
         mine = [row for row, question in zip(outcome, subset) if question.document == d]
-        result.append({"choice_accuracy": accuracy(mine, "choice_correct"), "answer_accuracy": accuracy(mine, "answer_correct")})
-    return result
+        per_document.append({"choice_accuracy": accuracy(mine, "choice_correct"),
+                             "answer_accuracy": accuracy(mine, "answer_correct")})
+    return {"choice_accuracy": accuracy(outcome, "choice_correct"), "answer_accuracy": accuracy(outcome, "answer_correct"),
+            "questions": len(outcome), "per_document": per_document,
+            "outcomes": [{"document": q.document, "question": questions.index(q), **row} for row, q in zip(outcome, subset)]}
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -153,19 +153,28 @@ def plot(payload: dict, path: Path) -> None:
     axes[0].set_ylabel(key.replace("_", " "))
     axes[0].set_title("accuracy")
     axes[0].legend(fontsize=7)
+    reference = {o["question"]: o for o in rows[0]["all"]["outcomes"]}
+
+    def full_on(outcomes: list[dict], document: int) -> float:
+        """Full context's accuracy on the same questions of one document."""
+        mine = [reference[o["question"]] for o in outcomes if o["document"] == document]
+        return sum(o[key.replace("_accuracy", "_correct")] for o in mine) / len(mine)
+
     for axis, figure, label in ((axes[1], "relative_l2", "guard: relative attention error"),
                                 (axes[2], "next_token_kl", "next-token KL at the answer positions")):
         for name, marker in (("without questions", "o"), ("with questions", "s"), ("half given", "^"),
                              ("auto ratio, with questions", "*")):
             part = "given" if name == "half given" else "all"
-            points = [(fidelity.get(figure), document[key]) for row in rows if row["config"] == name
-                      for fidelity, document in zip(row["fidelity"], row[part]["per_document"])
+            points = [(fidelity.get(figure), document[key] - full_on(row[part]["outcomes"], d))
+                      for row in rows if row["config"] == name
+                      for d, (fidelity, document) in enumerate(zip(row["fidelity"], row[part]["per_document"]))
                       if fidelity and fidelity.get(figure) is not None]
             if points:
                 axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=name, alpha=0.7)
         axis.set_xscale("symlog", linthresh=1e-3)  # the recall model's KL is often exactly 0
         axis.set_xlabel(label)
-        axis.set_ylabel(f"{key.replace('_', ' ')} (per document)")
+        axis.set_ylabel(f"{key.replace('_', ' ')} minus full context's (per document)")
+        axis.axhline(0, color="black", linestyle="--", linewidth=0.8)
         axis.legend(fontsize=7)
     axes[1].set_title("does the guard predict accuracy?")
     inputs = payload["inputs"]

@@ -69,7 +69,13 @@ def _boolean(text: str) -> bool:
     return text.lower() in ("true", "1", "yes")
 
 
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | int": _number, "bool": _boolean}
+def _ratio(text: str) -> float | str:
+    """A ratio (``0.2``) or ``auto``."""
+    return text if text == "auto" else float(text)
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | int": _number, "bool": _boolean,
+                "float | str": _ratio}
 
 
 def am_parser() -> argparse.ArgumentParser:

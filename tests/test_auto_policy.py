@@ -79,6 +79,7 @@ def test_identical_prompts_keep_a_suffix_of_keep_last_tokens():
     ({"budget": 0}, "budget"), ({"keep_last": 0}, "keep_last"),
     ({"min_tokens": 8, "keep_first": 4, "keep_last": 4}, "keep_first"),
     ({"method": "nope"}, "nope"), ({"query_source": "random"}, "query_source"), ({"window_seconds": 0}, "window_seconds"),
+    ({"ratio": "half"}, "ratio"), ({"fidelity_bound": 0}, "fidelity_bound"), ({"adapt": "yes"}, "adapt"),
 ])
 def test_bad_policies_name_the_field(fields, word):
     with pytest.raises(ValueError, match=word):
@@ -111,6 +112,11 @@ def test_launcher_turns_am_flags_into_the_config_and_policy_and_passes_the_rest_
     config = ServerConfig(**json.loads(env[CONFIG_VARIABLE]))
     assert (config.store_dir, config.store_quota_bytes, config.solve_timeout) == ("/tmp/am", 2 * GiB, 30.0)
     assert split_am_flags(["--port", "1"]) == (["--port", "1"], None, None)
+    assert AutoPolicy().ratio == "auto"  # the fidelity guard picks each prefix's ratio
+    _, _, fixed = split_am_flags(["--am-auto", "--am-auto-ratio", "0.2", "--am-auto-adapt", "true"])
+    assert (fixed.ratio, fixed.adapt) == (0.2, True)
+    assert split_am_flags(["--am-auto", "--am-auto-ratio", "auto", "--am-auto-fidelity-bound", "0.3"])[2] == AutoPolicy(
+        ratio="auto", fidelity_bound=0.3)
     with pytest.raises(SystemExit):
         split_am_flags(["--am-auto-ratio", "0.2"])  # without --am-auto
     assert "need --am-auto" in capsys.readouterr().err

@@ -72,6 +72,8 @@ def nothing_held(stats) -> bool:
 
 def test_registered_once_served_compacted_by_both_ranks_and_dropped_on_both(server, tokenizer):
     ids, prompts = document(tokenizer, seed=3)
+    status, body = http_json("POST", server + "/am/documents", {"input_ids": ids, "ratio": 0.1, "adapt": True}, ADMIN)
+    assert status == 501 and "adapt with --dp-size > 1" in body["error"]  # each rank would see part of the traffic
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1})
     assert registered["state"] == "ready" and registered["ranks"] == {"0": "ready", "1": "ready"}
     stats = ok(server, "GET", "/am/stats")

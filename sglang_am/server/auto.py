@@ -9,7 +9,10 @@ tail of ``keep_last`` tokens becomes a candidate. The HTTP process polls for can
 each one through the ordinary registration path, in the background (``service.AutoCompactor``); new
 requests on the prefix then use the compacted node, requests in flight keep their full prefix.
 
-Compacted content from this path is capped by ``budget`` (KV slots, or a fraction of the pool):
+Each is compacted at ``ratio``, by default ``"auto"``: the smallest ratio on the ladder whose fidelity guard
+meets ``fidelity_bound`` (``solve``), so a prefix is compacted only as far as its figure allows; with
+``adapt``, automatic documents refit from the requests they serve (``adapt``). Compacted content from
+this path is capped by ``budget`` (KV slots, or a fraction of the pool):
 the least recently used automatic documents that no request uses are dropped, and saved to the
 server's document store first (``save_evicted``), from where they are loaded back instead of
 compacted again when their prefix returns.
@@ -26,7 +29,7 @@ from collections import OrderedDict, deque
 from ..core import get_method
 from ..core.plan import source_fractions
 from .config import check_int, from_environment
-from .registration import CAPTURED_SOURCES
+from .registration import CAPTURED_SOURCES, DEFAULT_FIDELITY_BOUND
 
 POLICY_VARIABLE = "SGLANG_AM_AUTO"
 MAX_TRACKED_GROUPS = 1024  # prefixes watched at once; the least recently seen is forgotten first
@@ -37,7 +40,8 @@ class AutoPolicy:
     min_tokens: int = 256  # L: the shortest prefix worth compacting
     min_requests: int = 4  # N: reuses within the window that trigger compaction
     window_seconds: float = 300.0
-    ratio: float = 0.2  # compacted slots per token of the compacted span
+    ratio: float | str = "auto"  # compacted slots per token of the compacted span, or "auto": the fidelity guard's pick
+    fidelity_bound: float = DEFAULT_FIDELITY_BOUND  # the guard's bound with ratio "auto"
     budget: float | int = 0.25  # automatic documents' KV slots: a fraction of the pool, or a slot count
     keep_first: int = 4  # attention-sink tokens kept verbatim at the start
     keep_last: int = 16  # protected tail (template tokens, the last few): left to the requests' suffix
@@ -55,8 +59,13 @@ class AutoPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
+        if self.ratio != "auto" and (
+            isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1
+        ):
+            raise ValueError(f'ratio must be in (0, 1) or "auto", got {self.ratio!r}')
+        bound = self.fidelity_bound
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= 10:
+            raise ValueError(f"fidelity_bound must be in (0, 10], got {bound!r}")
         budget = self.budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
             isinstance(budget, float) and budget > 1

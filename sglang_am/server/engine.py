@@ -28,9 +28,9 @@ class EngineDocuments:
         return self._engine.loop.run_until_complete(operation)
 
     def register(self, **arguments) -> dict:
-        """See ``POST /am/documents``: ``text`` or ``input_ids``, ``ratio`` or ``budget``, ``method``,
-        ``query_source``, ``head_budgets``, ``max_queries_per_head``, ``keep_first``, ``options``,
-        ``compact_windows``."""
+        """See ``POST /am/documents``: ``text`` or ``input_ids``, ``ratio`` (or ``"auto"`` with
+        ``fidelity_bound``) or ``budget``, ``questions``, ``adapt``, ``method``, ``query_source``,
+        ``head_budgets``, ``max_queries_per_head``, ``keep_first``, ``options``, ``compact_windows``."""
         return self._run(self._service.register(**arguments))
 
     def list(self) -> list[dict]:

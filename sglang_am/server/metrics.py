@@ -30,6 +30,7 @@ GAUGES = {
     "compacted_slots": "KV slots held by compacted documents.",
     "slots_saved": "Document tokens minus compacted slots, over installed documents.",
     "auto_slots": "KV slots held by automatic documents.",
+    "adapt_host_bytes": "Host memory reserved by adapting documents (their refit inputs and live queries).",
 }
 
 

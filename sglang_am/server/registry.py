@@ -140,8 +140,8 @@ class Document:
             "kv_bytes": self.installed.kv_bytes(self.length) if self.installed is not None else None,
             "method": self.method,
             "origin": self.origin,
-            "config": self.config,
-            "fidelity": self.config.get("fidelity"),
+            "config": {key: value for key, value in self.config.items() if key != "fidelity"},
+            "fidelity": self.config.get("fidelity"),  # kept in the config, which the stored artifact carries
             "timings": self.timings,
             "requests_served": self.requests_served,
             "requests_active": self.users,
@@ -241,4 +241,4 @@ class DocumentRegistry:
         ready = self.in_state(DocState.READY)
         self.stats.set(documents=len(ready), compacted_slots=sum(d.num_slots for d in ready),
                        slots_saved=sum(d.length - d.num_slots for d in ready),
-                       auto_slots=sum(d.num_slots for d in ready if d.auto))
+                       auto_slots=sum(d.num_slots for d in ready if d.auto), adapt_host_bytes=self.adapt_bytes())

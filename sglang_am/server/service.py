@@ -82,6 +82,8 @@ class DocumentService:
         return await self._register(RegistrationRequest.from_client(self.config, **fields), auto=False)
 
     async def _register(self, request: RegistrationRequest, auto: bool) -> dict:
+        if request.adapt and self.channel.num_ranks > 1:  # each rank would learn from its own share of the traffic
+            raise DocumentError(HTTPStatus.NOT_IMPLEMENTED, "adapt with --dp-size > 1 is not supported yet")
         ids = list(request.input_ids) if request.input_ids is not None else self._encode(request.text)
         request = request.with_question_ids(self.config, self._encode_question)
         doc_id = document_id(ids)
@@ -433,9 +435,10 @@ class AutoCompactor:
             except DocumentError as error:
                 if error.status != HTTPStatus.NOT_FOUND:
                     raise
+                bound = {"fidelity_bound": policy.fidelity_bound} if policy.ratio == "auto" else {}
                 request = RegistrationRequest.from_client(
                     self.service.config, input_ids=input_ids, ratio=policy.ratio, method=policy.method,
-                    query_source=policy.query_source, keep_first=policy.keep_first, adapt=policy.adapt)
+                    query_source=policy.query_source, keep_first=policy.keep_first, adapt=policy.adapt, **bound)
                 result = await self.service._register(request, auto=True)
         except DocumentError as error:
             logger.warning("sglang-am: automatic compaction of a %d-token prefix refused: %s", len(input_ids), error.message)
