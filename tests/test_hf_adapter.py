@@ -109,13 +109,13 @@ def test_bias_is_added_to_the_compacted_slots(model):
 
 
 @pytest.mark.parametrize(
-    "query_source", ["context-prefill", "repeat-prefill", "self-study", "random", "ss-plus-repeat"]
+    "query_source", ["context-prefill", "repeat-prefill", "self-study", "questions", "random", "ss-plus-repeat"]
 )
 def test_compaction_runs_for_every_query_source(model, query_source):
     document = _ids(48, 7)
     prefix = compact_prefix(
         model, document, budget=0.25, query_source=query_source, repeat_ids=[5, 6, 7],
-        self_study_ids=[_ids(9, 20), _ids(5, 21)], progress=False,
+        self_study_ids=[_ids(9, 20), _ids(5, 21)], question_ids=[_ids(6, 22), _ids(4, 23)], progress=False,
     )
     assert prefix.num_slots == 12 and prefix.logical_length == 48
     assert all(torch.isfinite(b).all() for b in prefix.beta)
@@ -178,6 +178,8 @@ def test_fingerprint_sees_weights_and_geometry():
         ({"budget": 4, "query_source": "telepathy"}, "query_source"),
         ({"budget": 4, "query_source": "repeat-prefill"}, "repeat_ids"),
         ({"budget": 4, "query_source": "self-study"}, "self_study_ids"),
+        ({"budget": 4, "query_source": "questions"}, "question_ids"),
+        ({"budget": 4, "query_source": "questions", "question_ids": [[1], []]}, "question_ids"),
         ({"budget": 4, "query_source": {"random": 0.5, "context-prefill": 0.2}}, "sum to 1"),
         ({"budget": 4, "method": "nope"}, "method"),
     ],
@@ -185,6 +187,27 @@ def test_fingerprint_sees_weights_and_geometry():
 def test_bad_arguments(model, kwargs, word):
     with pytest.raises(ValueError, match=word):
         compact_prefix(model, _ids(10, 0), progress=False, **kwargs)
+
+
+def test_a_question_fit_reproduces_attention_at_that_questions_own_queries(model):
+    """Fitted to a question's queries, the compacted layers attend like the full ones for that question."""
+    from sglang_am.core import evaluate
+    from sglang_am.core.plan import pool_queries
+    from sglang_am.hf.compaction import _continuation_queries
+
+    document, question = _ids(64, 30), _ids(8, 31)
+    asked = compact_prefix(model, document, budget=0.0625, query_source="questions", question_ids=[question], progress=False)
+    agnostic = compact_prefix(model, document, budget=0.0625, query_source="context-prefill", progress=False)
+    with torch.no_grad():
+        cache = model(torch.tensor([document]), use_cache=True).past_key_values
+    document_kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+    queries = _continuation_queries(model, document_kv, len(document), [question])
+    heads = model.config.num_key_value_heads
+    errors = {name: [float(evaluate(*document_kv[layer], (p.keys[layer], p.values[layer], p.beta[layer]),
+                                    pool_queries(queries[layer], heads)).relative_l2.mean()) for layer in queries]
+              for name, p in (("asked", asked), ("agnostic", agnostic))}
+    assert asked.config["questions"] == 1
+    assert all(mine < theirs for mine, theirs in zip(errors["asked"], errors["agnostic"])), errors
 
 
 def test_template_tokens_are_kept_verbatim(model):

@@ -88,11 +88,12 @@ def test_registered_once_served_compacted_by_both_ranks_and_dropped_on_both(serv
     for outputs in served:
         for out in outputs:
             assert out["meta_info"]["am_document"][0]["compacted_slots"] == registered["t"]
-    # The same slots on both ranks: the same answers and log-probs.
+    # The same slots on both ranks: the same answers and log-probs (to float32 noise: the two schedulers may
+    # batch the prompts differently, which reorders the reductions; a lossy handoff would differ by far more).
     for first, second in zip(*served):
         assert first["text"] == second["text"]
         assert first["meta_info"]["output_token_logprobs"][0][0] == pytest.approx(
-            second["meta_info"]["output_token_logprobs"][0][0], abs=1e-5)
+            second["meta_info"]["output_token_logprobs"][0][0], abs=1e-4)
     assert ok(server, "GET", f"/am/documents/{registered['doc_id']}")["requests_served"] == 2 * len(prompts)
     dropped = ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
     assert dropped["dropped"] and dropped["freed_slots"] >= 2 * registered["t"]

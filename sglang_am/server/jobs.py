@@ -10,6 +10,8 @@ for them. A job that raises anything, even ``SystemExit``, fails alone; the thre
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
 import queue
 import threading
 import time
@@ -74,8 +76,11 @@ class Job:
 
 
 class Worker:
-    def __init__(self, name: str, max_queued: int, device=None):
-        self.name, self.device = name, device
+    """``nice``: the thread's CPU priority (Linux nice, 0-19): a background worker above 0 yields the cores
+    to the scheduler's forwards; the thread pools its math starts inherit it."""
+
+    def __init__(self, name: str, max_queued: int, device=None, nice: int = 0):
+        self.name, self.device, self.nice = name, device, nice
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queued)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -96,6 +101,9 @@ class Worker:
                 self._thread.start()
 
     def _loop(self) -> None:
+        if self.nice:  # before any math runs, so that its OpenMP workers are created at this priority
+            with contextlib.suppress(OSError, AttributeError):  # AttributeError: no per-thread priority here
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         if self.device is not None and self.device.type == "cuda":
             import torch
 

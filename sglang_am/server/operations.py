@@ -50,13 +50,15 @@ IN_PROGRESS = (DocState.CAPTURING, DocState.SOLVING, DocState.LOADING, DocState.
 # How long a drop waits for a cancelled solve to stop (one loop step) before leaving its KV lock to ``reap``.
 CANCEL_WAIT_SECONDS = 0.5
 MAX_FINISHED_JOBS = 256  # finished save/store jobs kept for their poller
+SOLVER_NICE = 10
 
 
 class DocumentOperations:
     def __init__(self, cache: AMRadixCache, config: ServerConfig, model_path: str, device, dp_rank: int = 0):
         self.cache, self.registry, self.config = cache, cache.registry, config
         self.model_path, self.dp_rank = model_path, dp_rank
-        self.solver = Worker("solver", max_queued=config.max_registrations, device=device)
+        # Solves and refits run behind the scheduler's forwards on a CPU: serving latency comes first.
+        self.solver = Worker("solver", max_queued=config.max_registrations, device=device, nice=SOLVER_NICE)
         self.io = Worker("store", max_queued=64)
         self.jobs: dict[str, Job] = {}  # save and store jobs the HTTP process polls
         self._abandoned: list[tuple[Job, SourceHold]] = []  # cancelled solves that had not stopped yet
