@@ -5,6 +5,7 @@ automatic budget's eviction order, and the backends' per-forward document metada
 
 import dataclasses
 import math
+import os
 import threading
 import time
 from array import array
@@ -461,6 +462,14 @@ def test_a_solve_past_its_deadline_stops_and_the_worker_takes_the_next_job():
     with pytest.raises(CompactionCancelled, match="the solve exceeded the server's 0.5 s limit"):
         job.result()
     assert worker.submit(lambda: 7, "a quick job").wait(10)
+
+
+def test_a_niced_worker_runs_its_jobs_below_the_schedulers_priority():
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    job = Worker("solver", max_queued=1, nice=10).submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), "its priority")
+    assert job.wait(10) and job.result() == min(base + 10, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling thread keeps its own
 
 
 def test_cancel_stops_a_running_solve_and_a_dying_job_does_not_kill_the_worker():

@@ -124,9 +124,21 @@ def test_an_adapting_document_refits_from_its_traffic_and_running_requests_finis
     assert ok(server, "DELETE", f"/am/documents/{doc_id}")["freed_slots"] >= slots
 
 
-def test_a_drop_cancels_a_running_refit_and_leaves_nothing_behind(server, tokenizer, faults):
+def test_a_failed_refit_keeps_the_document_and_a_drop_cancels_a_running_one(server, tokenizer, faults):
     doc, ids, asked = task(tokenizer, seed=34)
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1, "adapt": True})
+    faults.write_text("solve")  # a failing refit: the document keeps serving the version it has, and says why
+    try:
+        for _ in range(3):
+            correct(server, doc, ids, asked)
+            if ok(server, "GET", f"/am/documents/{registered['doc_id']}")["adapt"]["refit_failures"]:
+                break
+    finally:
+        faults.write_text("")
+    described = ok(server, "GET", f"/am/documents/{registered['doc_id']}")
+    assert described["state"] == "ready" and described["t"] == registered["t"]
+    assert described["adapt"]["refit_failures"] >= 1
+    assert described["adapt"]["last_error"] == "RuntimeError: injected solver failure"
     refits = ok(server, "GET", "/am/stats")["counters"]["refits"]
     faults.write_text("refit_slow")
     try:

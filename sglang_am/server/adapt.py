@@ -95,6 +95,7 @@ class Adaptation:
     nbytes: int
     refits: int = 0
     refit_failures: int = 0
+    last_error: str | None = None  # why the last failed refit failed
     seen_at_fit: int = 0  # live positions seen when the running or last refit started
     job: object = None  # jobs.Job of the running refit
 
@@ -141,8 +142,9 @@ class Adaptation:
 
     def describe(self) -> dict:
         running = self.job is not None and not self.job.done()
-        return {"refits": self.refits, "refit_failures": self.refit_failures, "queries_seen": self.live.seen,
-                "reservoir": self.live.size, "refitting": running, "host_bytes": self.nbytes}
+        return {"refits": self.refits, "refit_failures": self.refit_failures, "last_error": self.last_error,
+                "queries_seen": self.live.seen, "reservoir": self.live.size, "refitting": running,
+                "host_bytes": self.nbytes}
 
     def stop(self) -> None:
         """The document is dropped: cancel a running refit (its result is never installed)."""

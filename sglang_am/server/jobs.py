@@ -76,8 +76,8 @@ class Job:
 
 
 class Worker:
-    """``nice``: the thread's CPU priority (Linux nice, 0-19): a background worker above 0 yields the cores
-    to the scheduler's forwards; the thread pools its math starts inherit it."""
+    """``nice``: added to the thread's Linux niceness (capped at 19): a background worker above 0 yields the
+    cores to the scheduler's forwards; the thread pools its math starts inherit it."""
 
     def __init__(self, name: str, max_queued: int, device=None, nice: int = 0):
         self.name, self.device, self.nice = name, device, nice
@@ -103,7 +103,8 @@ class Worker:
     def _loop(self) -> None:
         if self.nice:  # before any math runs, so that its OpenMP workers are created at this priority
             with contextlib.suppress(OSError, AttributeError):  # AttributeError: no per-thread priority here
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+                thread = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + self.nice, 19))
         if self.device is not None and self.device.type == "cuda":
             import torch
 

@@ -450,6 +450,7 @@ class DocumentOperations:
             version = self.cache.install_document(prefix, self.registry.new_index())
         except Exception as error:  # noqa: BLE001  (the document keeps serving the version it has)
             adaptation.refit_failures += 1
+            adaptation.last_error = f"{type(error).__name__}: {error}"
             self.registry.stats.add("refit_failures")
             logger.warning("sglang-am: refit of document %s failed: %r", doc.doc_id, error)
             return

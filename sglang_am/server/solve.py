@@ -6,9 +6,11 @@ captured queries belong to the registration. The per-layer work is the core's ``
 loop the transformers adapter runs; the result is the artifact that save, load and install all use.
 
 The fidelity guard, in the prefix's ``config["fidelity"]``: a seeded tenth of each source's captured
-positions (never a question's answer position, which the fit needs) is held out of the fit, and each
-compacted layer's relative attention-output error on them is reported by source (``heldout``); with
-questions, also the error at their answer positions (``answers``), the queries that predict the answers.
+positions (never a question's answer position) is held out, and each compacted layer's relative
+attention-output error on them is reported by source (``heldout``); with questions, also the error at
+their answer positions (``answers``), the queries that predict the answers. Held-out query-agnostic rows
+stay out of the node's fit; the questions' (and a refit's live queries) stay in it, their figure coming
+from a second fit without them.
 The guard's figure is the answers' error when there are questions, else the held-out error (of the live
 queries, for a refit). With a
 ladder of ratios (``"ratio": "auto"``) the solve walks it from the smallest and keeps the first whose
@@ -97,49 +99,69 @@ def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], w
 
 def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int | None, ...], clock: dict):
     """Every layer at ``plan``'s budget: ``(keys, values, betas)`` and the held-out fidelity."""
-    kept = plan.keep_first
     keys, values, betas, errors = [], [], [], {}
     for layer in range(inputs.num_layers):
         faults.inject("solve")
         faults.inject("solver_exit")
-        layer_keys, layer_values = inputs.kv(layer)
-        window = window_slots(windows[layer], length)
-        compacted = window is None or plan.compact_windows
-        if compacted:
+        span = _Span(inputs, plan, layer, window_slots(windows[layer], length), length, clock)
+        if not span.compacted:
+            (layer_k, layer_v, layer_b), _ = span.fit(None)
+        else:
             # The same split and subsample on every layer and every rung of the ladder.
-            generator = torch.Generator().manual_seed(0)
             captured = inputs.queries(layer)
             group = max(1, next(iter(captured.values())).shape[0] // inputs.num_kv_heads)
-            fit, heldout = split_heldout(captured, HELDOUT_FRACTION, math.ceil(HELDOUT_MAX_QUERIES / group), generator,
-                                         inputs.protected)
-            queries = plan.reference_queries(fit, inputs.num_kv_heads, generator)
-        if window is not None:
-            span_kv = layer_keys[:, -window:], layer_values[:, -window:]  # the pool's whole document, or a host window
-            layer_k, layer_v, layer_b = plan.compact_window(*span_kv, queries if compacted else None, length - kept, layer,
-                                                            inputs.num_layers, inputs.scales.get(layer))
-            slots = layer_k, layer_v, layer_b
-        else:
-            span_kv = layer_keys[:, kept:], layer_values[:, kept:]
-            result = plan.compact_span(*span_kv, queries, length - kept, range(length - kept), layer, inputs.num_layers,
-                                       inputs.scales.get(layer))
-            for stage, seconds in result.timings.items():
-                clock[stage] += seconds
-            slots = result.keys, result.values, result.beta
-            empty = layer_keys[:, :0], layer_values[:, :0]
-            layer_k, layer_v, layer_b = assemble_layer((layer_keys[:, :kept], layer_values[:, :kept]), [result], empty)
-        if compacted:
-            judged = dict(heldout)
+            held_in, heldout = split_heldout(captured, HELDOUT_FRACTION, math.ceil(HELDOUT_MAX_QUERIES / group),
+                                             torch.Generator().manual_seed(0), inputs.protected)
+            # A question's positions are served positions: one left out of the node's fit computes its KV wrong
+            # for every request that asks it, and the answer after it follows (3 questions of a Gemma document:
+            # held-out error 1.0, next-token KL 0.9). The node is fitted to all of them; their held-out figure
+            # comes from a second fit without the held-out tenth.
+            served = {**held_in, "questions": captured["questions"]} if "questions" in heldout else held_in
+            (layer_k, layer_v, layer_b), slots = span.fit(served)
+            judged = {name: (rows, slots) for name, rows in heldout.items()}
+            if "questions" in heldout:
+                judged["questions"] = heldout["questions"], span.fit(held_in)[1]
             if "questions" in inputs.protected:
                 asked = captured["questions"]
-                judged["answers"] = asked[:, inputs.protected["questions"].to(asked.device)]
-            figures = {name: _relative_l2(span_kv, slots, rows, inputs.num_kv_heads, inputs.scales.get(layer))
-                       for name, rows in judged.items()}
+                judged["answers"] = asked[:, inputs.protected["questions"].to(asked.device)], slots
+            figures = {name: _relative_l2(span.kv, judged_slots, rows, inputs.num_kv_heads, inputs.scales.get(layer))
+                       for name, (rows, judged_slots) in judged.items()}
             answers = figures.pop("answers", None)
             errors[layer] = {"heldout": figures, **({"answers": answers} if answers is not None else {})}
         keys.append(layer_k)
         values.append(layer_v)
         betas.append(layer_b.float())
     return (keys, values, betas), _fidelity(errors)
+
+
+class _Span:
+    """One layer's compacted span: its document KV (a window layer's window) and fits of it to queries."""
+
+    def __init__(self, inputs: SolveInputs, plan: LayerPlan, layer: int, window: int | None, length: int, clock: dict):
+        self.inputs, self.plan, self.layer, self.window, self.length, self.clock = inputs, plan, layer, window, length, clock
+        self.keys, self.values = inputs.kv(layer)
+        self.compacted = window is None or plan.compact_windows
+        kept = plan.keep_first
+        # The pool's whole document, or a host copy's window.
+        self.kv = ((self.keys[:, -window:], self.values[:, -window:]) if window is not None
+                   else (self.keys[:, kept:], self.values[:, kept:]))
+
+    def fit(self, sources: dict[str, torch.Tensor] | None):
+        """The layer's (keys, values, β), and the span's slots, fitted to ``sources`` (None: a verbatim window)."""
+        plan, inputs, layer, kept = self.plan, self.inputs, self.layer, self.plan.keep_first
+        queries = None if sources is None else plan.reference_queries(sources, inputs.num_kv_heads,
+                                                                      torch.Generator().manual_seed(0))
+        scale = inputs.scales.get(layer)
+        if self.window is not None:
+            layer_kvb = plan.compact_window(*self.kv, queries, self.length - kept, layer, inputs.num_layers, scale)
+            return layer_kvb, layer_kvb
+        result = plan.compact_span(*self.kv, queries, self.length - kept, range(self.length - kept), layer,
+                                   inputs.num_layers, scale)
+        for stage, seconds in result.timings.items():
+            self.clock[stage] += seconds
+        empty = self.keys[:, :0], self.values[:, :0]
+        layer_kvb = assemble_layer((self.keys[:, :kept], self.values[:, :kept]), [result], empty)
+        return layer_kvb, (result.keys, result.values, result.beta)
 
 
 def _relative_l2(span_kv, slots, rows: torch.Tensor, num_kv_heads: int, scale: float | None) -> float:
