@@ -58,6 +58,20 @@ def resident(url: str, probes: list[list[int]], slots_per_document: list[int]) -
     return count
 
 
+def capture_tokens(ids, fields: dict) -> int:
+    """What a registration's capture prefilled: the document, again for repeat-prefill, then the questions."""
+    repeated = "repeat-prefill" in fields.get("query_source", {}) or "questions" not in fields
+    return len(ids) * (2 if repeated else 1) + sum(map(len, fields.get("questions", [])))
+
+
+def question_variant(asked, share: float):
+    """A question-aware registration's name and fields, fitted to the questions at ``share`` (the rest repeat-prefill)."""
+    if share == 1:
+        return "with questions", lambda i: {"questions": asked[i]}
+    mixture = {"questions": share, "repeat-prefill": round(1 - share, 6)}
+    return f"with questions {share:g} + repeat-prefill", lambda i: {"questions": asked[i], "query_source": mixture}
+
+
 def workload_row(name: str, url: str, questions, probes, slots, args, scored: bool) -> dict:
     for probe in probes:  # warm up: each document seen once, as registration does for compacted ones
         http_json("POST", f"{url}/generate", {"input_ids": probe, "sampling_params": {"max_new_tokens": 1}})
@@ -89,12 +103,16 @@ def main() -> None:
                         "smallest --ratios)")
     parser.add_argument("--compact-windows", action="store_true", help="compact sliding-window layers' windows too")
     parser.add_argument("--no-questions", action="store_true", help="skip the question-aware registrations")
+    parser.add_argument("--question-shares", type=float, nargs="+", default=[1.0], help="the questions' share of "
+                        "each question-aware fit, the rest repeat-prefill (1: questions alone, the server's default)")
     parser.add_argument("--dtype", help="server dtype (default: auto for the recall model, float32 for Gemma: this "
                         "CPU has no fast bfloat16)")
     parser.add_argument("--choices", action="store_true", help="real-text: score multiple choice by likelihood too "
                         "(slow where SGLang's CPU attention prefills whole documents)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "throughput.json"))
     args = parser.parse_args()
+    if not all(0 < share <= 1 for share in args.question_shares):
+        parser.error(f"--question-shares must be in (0, 1], got {args.question_shares}")
 
     path = str(model_path(args.model))
     args.dtype = args.dtype or ("auto" if args.model == "recall" else "float32")
@@ -112,8 +130,8 @@ def main() -> None:
     with stock_server(path, pool, args.dtype, []) as url:
         rows.append(workload_row("radix cache, full documents", url, questions, probes, lengths, args, scored))
     asked = document_questions(document_ids, questions)
-    variants = ([] if args.no_questions else [("with questions", lambda i: {"questions": asked[i]})]) + [
-        ("compacted", lambda i: {})]
+    variants = [] if args.no_questions else [question_variant(asked, share) for share in args.question_shares]
+    variants.append(("compacted", lambda i: {}))
     with extension_server(path, pool, args.dtype) as url:
         client = DocumentsClient(url)
         for ratio in args.ratios:
@@ -123,9 +141,7 @@ def main() -> None:
                                               compact_windows=args.compact_windows, **fields(i))
                               for i, ids in enumerate(document_ids)]
                 seconds = time.perf_counter() - start
-                # What the registrations prefilled: the document (twice for repeat-prefill), then the questions.
-                captured = sum(len(ids) * (1 if "questions" in fields(i) else 2) + sum(map(len, fields(i).get("questions", [])))
-                               for i, ids in enumerate(document_ids))
+                captured = sum(capture_tokens(ids, fields(i)) for i, ids in enumerate(document_ids))
                 row = workload_row(f"{name} @ {ratio}", url, questions, probes, [d["slots"] for d in registered], args,
                                    scored)
                 rows.append({**row, "ratio": ratio, "registration_seconds": round(seconds, 3), "capture_tokens": captured,

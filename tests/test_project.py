@@ -180,14 +180,18 @@ def test_batch_qa_example_smoke():
 def test_throughput_benchmark_smoke(tmp_path):
     output = tmp_path / "throughput.json"
     _run("benchmarks/throughput.py", "--documents", "2", "--questions", "2", "--size", "60", "--ratios", "0.5",
-         "--capacity", "3", "--max-total-tokens", "1024", "--output", str(output))
+         "--capacity", "3", "--max-total-tokens", "1024", "--question-shares", "1", "0.75", "--output", str(output))
     payload = json.loads(output.read_text())
     rows = {row["config"]: row for row in payload["rows"]}
-    assert list(rows) == ["no radix cache", "radix cache, full documents", "with questions @ 0.5", "compacted @ 0.5"]
+    assert list(rows) == ["no radix cache", "radix cache, full documents", "with questions @ 0.5",
+                          "with questions 0.75 + repeat-prefill @ 0.5", "compacted @ 0.5"]
     assert rows["no radix cache"]["resident_documents"] == 0
     assert rows["compacted @ 0.5"]["resident_documents"] == 2 and rows["compacted @ 0.5"]["kv_slots_per_document"] == 60
     aware = rows["with questions @ 0.5"]
     assert aware["accuracy"] == 1.0 and aware["capture_tokens"] < rows["compacted @ 0.5"]["capture_tokens"]
+    # The mixture's repeat-prefill share prefills each document a second time.
+    mixed = rows["with questions 0.75 + repeat-prefill @ 0.5"]
+    assert mixed["capture_tokens"] - aware["capture_tokens"] == sum(payload["inputs"]["document_tokens"])
     assert all(row["errors"] == 0 and row["request_throughput"] > 0 for row in rows.values())
     capacity = payload["capacity"]
     assert capacity["compacted @ 0.5"]["resident"] == 3
