@@ -27,12 +27,13 @@ from sglang_am.server.attention import DocumentRows
 from sglang_am.server.auto import eviction_order
 from sglang_am.server.cache import AMRadixCache
 from sglang_am.server.capture import CaptureTag, QueryCapture
+from sglang_am.server.chat import common_prefix
 from sglang_am.server.config import ServerConfig
 from sglang_am.server.errors import DocumentError
 from sglang_am.server.jobs import QueueFull, Worker
 from sglang_am.server.operations import check_compacted_windows, check_model
 from sglang_am.server.registration import OPTION_BOUNDS, SERVER_SET_OPTIONS, RegistrationRequest
-from sglang_am.server.registry import DocState, Document, DocumentRegistry, Served, document_id
+from sglang_am.server.registry import BOUNDARY_TOKENS, DocState, Document, DocumentRegistry, Served, document_id
 
 CONFIG = ServerConfig(store_dir="/nonexistent", max_document_tokens=4096, max_queries_per_head=8000)
 IDS = list(range(100, 300))  # a 200-token document
@@ -53,7 +54,15 @@ def request(**fields) -> RegistrationRequest:
     ({"input_ids": "abc" * 10}, "input_ids must be a list"),
     ({"input_ids": None, "text": ""}, "text must be a non-empty string"),
     ({"input_ids": None, "text": "x" * (4096 * 64 + 1)}, "text must be a non-empty string of at most"),
-    ({"text": "hello"}, "exactly one of text or input_ids"),
+    ({"text": "hello"}, "exactly one of text, input_ids or messages"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "exactly one of text, input_ids or messages"),
+    ({"input_ids": None, "messages": []}, "messages must be a list of 1 to 64"),
+    ({"input_ids": None, "messages": {"role": "system"}}, "messages must be a list of 1 to 64"),
+    ({"input_ids": None, "messages": [{"role": "narrator", "content": "x"}]}, "messages[0].role must be one of"),
+    ({"input_ids": None, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
+     "messages[0].content must be a non-empty string"),
+    ({"input_ids": None, "messages": [{"role": "user", "content": "x", "name": "n"}]}, 'exactly "role" and "content"'),
+    ({"input_ids": None, "messages": [{"role": "system", "content": "x" * (4096 * 64 + 1)}]}, "messages hold"),
     ({"ratio": None}, "exactly one of ratio"),
     ({"budget": 10}, "exactly one of ratio"),
     ({"ratio": 0.0}, "ratio must be in (0, 1]"),
@@ -434,6 +443,23 @@ def test_lookup_takes_the_longest_ready_or_registering_prefix_and_ids_are_full_s
     assert registry.longest_prefix(IDS[1:]) is long and registry.longest_prefix(IDS[1:100]) is short
     assert registry.longest_prefix([1, 2, 3]) is None
     assert len(short.doc_id) == 64 and int(short.doc_id, 16) >= 0
+
+
+def test_a_prompt_that_leaves_a_document_within_its_last_tokens_is_a_boundary_miss():
+    registry, doc = DocumentRegistry(None), document(index=1)
+    registry.add(doc)
+    merged = list(IDS[1:-3]) + [7, 8, 9, 10]  # the last 3 tokens tokenized differently, then the question
+    assert registry.longest_prefix(merged) is None and registry.boundary_miss(merged) is doc
+    assert registry.boundary_miss(list(IDS[1:-BOUNDARY_TOKENS - 1]) + [7] * 20) is None  # parted earlier
+    assert registry.boundary_miss(list(IDS[1:-BOUNDARY_TOKENS])) is None  # ends where the boundary begins
+    doc.state = DocState.CAPTURING
+    assert registry.boundary_miss(merged) is None  # only ready documents
+
+
+def test_the_chat_document_is_what_every_probe_render_shares():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2, 3]
+    assert common_prefix([[5, 1], [6, 1]]) == []
 
 
 def test_eviction_takes_the_least_recently_used_idle_automatic_documents():

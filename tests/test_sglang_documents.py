@@ -172,7 +172,7 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer):
         ({"input_ids": ids, "ratio": 1.5}, "ratio must be in (0, 1]"),
         ({"input_ids": ids, "budget": len(ids) + 1}, "budget must be in [1, T - keep_first]"),
         ({"input_ids": ids}, "exactly one of ratio"),
-        ({"input_ids": ids, "text": "x", "ratio": 0.1}, "exactly one of text or input_ids"),
+        ({"input_ids": ids, "text": "x", "ratio": 0.1}, "exactly one of text, input_ids or messages"),
         ({"input_ids": ["a"], "ratio": 0.1}, "input_ids must be"),
         ({"input_ids": ids, "ratio": 0.1, "method": "nope"}, "nope"),
         ({"input_ids": ids, "ratio": 0.1, "query_source": "random"}, "query_source"),

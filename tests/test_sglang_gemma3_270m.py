@@ -1,6 +1,7 @@
 """The real pretrained Gemma-3-270M (18 layers, 15 with a 512-token sliding window) in a real SGLang server,
 float32, against stock SGLang and the transformers adapter (slow: each server takes about a minute to
-start). Written once as a plain transformers directory by the launcher's ``--model gemma3-270m``."""
+start). Written once as a plain transformers directory by the launcher's ``--model gemma3-270m``. The base
+model has no chat template: the server gets Gemma's turn format through SGLang's ``--chat-template``."""
 
 import pytest
 import torch
@@ -17,6 +18,14 @@ FLAGS = ["--dtype", "float32", "--max-total-tokens", "16384"]
 KEY = "admin-key"
 STEPS = 4
 WINDOW = 512
+# Gemma's turn format: a system message opens the first user turn (the format has no system role).
+GEMMA_CHAT = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\n\n' %}{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' + ns.system"
+    " + message['content'] + '<end_of_turn>\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,10 @@ def stock_outputs(prompts):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    with serving(["--model", "gemma3-270m", *FLAGS, "--admin-api-key", KEY, "--am-store-dir", str(store)]) as url:
+    template = tmp_path_factory.mktemp("template") / "gemma.jinja"
+    template.write_text(GEMMA_CHAT)
+    with serving(["--model", "gemma3-270m", *FLAGS, "--admin-api-key", KEY, "--am-store-dir", str(store),
+                  "--chat-template", str(template)]) as url:
         yield url, store
 
 
@@ -116,4 +128,30 @@ def test_a_tenth_of_the_document_matches_the_transformers_adapter(server, prompt
             row = reference[len(suffix) - 1 + step]
             assert served[0][1] == int(row.argmax())
             assert max(abs(value - row[token].item()) for value, token, _ in served) < 2e-3
+    http_json("DELETE", f"{url}/am/documents/{registered['doc_id']}", None, KEY)
+
+
+def test_a_system_message_registered_through_the_chat_template_serves_chat_completions(server):
+    url, _ = server
+    (doc,) = needle_in_document(num_sentences=40, num_questions=6, seed=5)
+    system = {"role": "system", "content": doc.text}
+    status, registered = http_json("POST", url + "/am/documents", {"messages": [system], "ratio": 0.1}, KEY)
+    assert status == 200, registered
+    questions = doc.questions[:3]
+    for question in questions:
+        status, chat = http_json("POST", url + "/v1/chat/completions", {
+            "messages": [system, {"role": "user", "content": question.question}], "max_tokens": STEPS,
+            "temperature": 0, "logprobs": True, "top_logprobs": 5, "return_prompt_token_ids": True}, KEY)
+        assert status == 200, chat
+        choice = chat["choices"][0]
+        status, generated = http_json("POST", url + "/generate", {
+            "input_ids": choice["prompt_token_ids"], "return_logprob": True, "top_logprobs_num": 5,
+            "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": STEPS, "temperature": 0}}, KEY)
+        meta = generated["meta_info"]
+        assert meta["am_document"][0]["doc_id"] == registered["doc_id"]
+        assert choice["message"]["content"] == generated["text"]
+        for ours, chosen in zip(choice["logprobs"]["content"], meta["output_token_logprobs"]):
+            assert ours["token"] == chosen[2] and ours["logprob"] == pytest.approx(chosen[0], abs=1e-3)
+    status, described = http_json("GET", f"{url}/am/documents/{registered['doc_id']}", None, KEY)
+    assert described["requests_served"] == 2 * len(questions)  # the chat requests too
     http_json("DELETE", f"{url}/am/documents/{registered['doc_id']}", None, KEY)

@@ -90,6 +90,10 @@ HOOKED_SIGNATURES = {
     "sglang.utils.TypeBasedDispatcher.__iadd__": ("self", "other"),
     "sglang.srt.managers.data_parallel_controller.DataParallelController.send_control_message": ("self", "obj"),
     f"{_SCHEDULER}.send_control_output": ("self", "output", "recv_req"),
+    # Documents given as chat messages are rendered by SGLang's own chat handler (``chat``).
+    "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._process_messages": (
+        "self", "request", "is_multimodal", "output_constrained",
+    ),
     "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
         "server_args", "tokenizer_manager", "template_manager", "port_args", "scheduler_infos",
         "subprocess_watchdog", "execute_warmup_func", "launch_callback",

@@ -30,7 +30,8 @@ class EngineDocuments:
     def register(self, **arguments) -> dict:
         """See ``POST /am/documents``: ``text`` or ``input_ids``, ``ratio`` (or ``"auto"`` with
         ``fidelity_bound``) or ``budget``, ``questions``, ``adapt``, ``method``, ``query_source``,
-        ``head_budgets``, ``max_queries_per_head``, ``keep_first``, ``options``, ``compact_windows``."""
+        ``head_budgets``, ``max_queries_per_head``, ``keep_first``, ``options``, ``compact_windows``. Not
+        ``messages``: an Engine has no chat API to render them (``ValueError``)."""
         return self._run(self._service.register(**arguments))
 
     def list(self) -> list[dict]:

@@ -2,7 +2,8 @@
 
 - ``after_create_req`` (``Scheduler._create_generation_req``): a request whose prompt starts with a
   ready document (or names one in ``custom_params["am_doc_id"]``) is rewritten to ``virtual ids +
-  suffix`` and holds the document until it ends; a registration's capture requests are tagged.
+  suffix`` and holds the document until it ends; a registration's capture requests are tagged; a prompt
+  that leaves a document within its last tokens is counted as a boundary miss.
 - ``after_stream_output`` / ``after_send_abort_output``: the two ways a request ends (its last output,
   or an abort reported outside the stream); it releases its document.
 - ``after_process_batch_result``: a finished capture request's KV is locked in the tree until its
@@ -67,6 +68,8 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
     else:
         doc = registry.longest_prefix(ids)
         if doc is None:
+            if registry.boundary_miss(ids) is not None:
+                registry.stats.add("fallbacks", reason="boundary_miss")
             return req
         if doc.state is not DocState.READY:  # still registering: the full prefix serves meanwhile
             registry.stats.add("fallbacks", reason="not_ready")

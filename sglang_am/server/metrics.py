@@ -18,7 +18,8 @@ COUNTERS = {
     "compaction_failures": ("Registrations abandoned, refused or failed after prepare (capture or solve), by origin.",
                             ("origin",)),
     "hits": ("Requests served from a compacted document.", ()),
-    "fallbacks": ("Requests starting with a document but served with the full prefix, by reason.", ("reason",)),
+    "fallbacks": ("Requests starting with a document (boundary_miss: all but its last tokens) but served with the "
+                  "full prefix, by reason.", ("reason",)),
     "auto_triggers": ("Prefixes proposed for automatic compaction.", ()),
     "auto_evictions": ("Automatic documents dropped to stay within the budget (saved first if configured).", ()),
     "store_failures": ("Writes to the document store that failed (disk full, quota, I/O errors).", ()),

@@ -85,6 +85,7 @@ def _before_http_server(*args, **kwargs):
 
     from .auto import policy_from_environment
     from .channel import channel_for
+    from .chat import ChatRenderer
     from .config import server_config
     from .routes import install_routes
     from .service import AutoCompactor, DocumentService, load_store_at_start, run_during_lifespan
@@ -92,7 +93,7 @@ def _before_http_server(*args, **kwargs):
     bound = inspect.signature(http_server._setup_and_run_http_server).bind(*args, **kwargs).arguments
     config = server_config()
     manager = bound["tokenizer_manager"]
-    service = DocumentService(manager, channel_for(manager, config.rpc_timeout), config)
+    service = DocumentService(manager, channel_for(manager, config.rpc_timeout), config, ChatRenderer(http_server.app))
     install_routes(http_server.app, service, config, admin_key_set=bool(bound["server_args"].admin_api_key))
     if config.load_store:
         run_during_lifespan(http_server.app, lambda: load_store_at_start(service))

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from ..core import get_method
 from ..core.head_budgets import load_head_proportions
 from ..core.plan import QUERY_MIXTURES, source_fractions, with_questions
+from .chat import checked_messages
 from .config import ServerConfig, check_int
 
 DEFAULT_METHOD = "AM-HighestAttnKeys"
@@ -94,7 +95,7 @@ OPTION_BOUNDS = {
 
 @dataclasses.dataclass(frozen=True)
 class RegistrationRequest:
-    """One registration: the document (``text`` or ``input_ids``) and how to compact it.
+    """One registration: the document (``text``, ``input_ids`` or chat ``messages``) and how to compact it.
 
     ``budget`` is a ratio (float in (0, 1]), a slot count (int) of the compacted span (the document minus
     ``keep_first``) or ``"auto"`` (``RATIO_LADDER`` and ``fidelity_bound``); ``query_source`` holds the
@@ -117,21 +118,25 @@ class RegistrationRequest:
     questions: tuple[tuple[int, ...] | str, ...] = ()
     fidelity_bound: float | None = None  # with budget "auto"
     adapt: bool = False  # refit from the queries of the requests it serves (``adapt``)
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content), rendered by the chat API (``chat``)
 
     @classmethod
     def from_client(cls, config: ServerConfig, text=None, input_ids=None, ratio=None, budget=None,
                     method: object = DEFAULT_METHOD, query_source: object = DEFAULT_QUERY_SOURCE, head_budgets=None,
                     max_queries_per_head: object = 5000, self_study_max_new_tokens: object = 64,
                     keep_first: object = 0, options=None, compact_windows: object = False, questions=None,
-                    fidelity_bound=None, adapt: object = False, **unknown) -> RegistrationRequest:
+                    fidelity_bound=None, adapt: object = False, messages=None, **unknown) -> RegistrationRequest:
         """Validate a client's fields (``ValueError`` naming the bad or unknown one)."""
         if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)}; a registration takes text or input_ids, ratio or "
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; a registration takes text, input_ids or messages, ratio or "
                              "budget, method, query_source, head_budgets, max_queries_per_head, "
                              "self_study_max_new_tokens, keep_first, options, compact_windows, questions, fidelity_bound, adapt")
         longest = config.max_document_tokens
-        if (text is None) == (input_ids is None):
-            raise ValueError("give exactly one of text or input_ids (the document as it starts prompts)")
+        if sum(field is not None for field in (text, input_ids, messages)) != 1:
+            raise ValueError("give exactly one of text, input_ids or messages (the document as it starts prompts, "
+                             "or the chat messages that start conversations)")
+        if messages is not None:
+            messages = checked_messages(messages, longest * TEXT_CHARACTERS_PER_TOKEN)
         if text is not None and (not isinstance(text, str) or not text or len(text) > longest * TEXT_CHARACTERS_PER_TOKEN):
             raise ValueError(f"text must be a non-empty string of at most {longest * TEXT_CHARACTERS_PER_TOKEN} characters")
         if input_ids is not None:
@@ -184,7 +189,7 @@ class RegistrationRequest:
         budget = budget if ratio is None else ratio if ratio == "auto" else float(ratio)
         return cls(text, input_ids, budget, method, fractions, None if head_budgets is None else dict(head_budgets),
                    max_queries_per_head, self_study_max_new_tokens, keep_first, options, compact_windows, questions,
-                   None if fidelity_bound is None else float(fidelity_bound), adapt)
+                   None if fidelity_bound is None else float(fidelity_bound), adapt, messages)
 
     @property
     def ladder(self) -> tuple[float, ...] | None:
@@ -215,7 +220,8 @@ class RegistrationRequest:
     @classmethod
     def from_payload(cls, payload: Mapping) -> RegistrationRequest:
         return cls(**{**payload, "input_ids": None if payload["input_ids"] is None else tuple(payload["input_ids"]),
-                      "questions": tuple(tuple(question) for question in payload["questions"])})
+                      "questions": tuple(tuple(question) for question in payload["questions"]),
+                      "messages": None if payload["messages"] is None else tuple(map(tuple, payload["messages"]))})
 
     @property
     def head_proportions(self) -> dict[tuple[int, int], float] | None:

@@ -30,6 +30,8 @@ from .metrics import Stats
 # Virtual ids: -(1 + (index << 32) + slot). Negative, so they collide with no vocabulary id and no
 # multimodal pad id (those are large positive values); never embedded (always inside the prefix).
 _VIRTUAL_SHIFT = 32
+# A prompt that follows a document but for its last few tokens is counted as a boundary miss: how few.
+BOUNDARY_TOKENS = 8
 
 
 class DocState(enum.Enum):
@@ -207,6 +209,15 @@ class DocumentRegistry:
             if doc.length and (best is None or doc.length > best.length) and doc.is_proper_prefix_of(token_ids):
                 best = doc
         return best
+
+    def boundary_miss(self, token_ids) -> Document | None:
+        """A ready document that ``token_ids`` follow up to its last ``BOUNDARY_TOKENS`` tokens but not through
+        them: the prompt was most likely tokenized across the document's end (text merged with what follows)."""
+        for doc in self.in_state(DocState.READY):
+            agreed = doc.length - BOUNDARY_TOKENS
+            if agreed > 0 and len(token_ids) > agreed and array("q", token_ids[:agreed]) == doc.tokens[:agreed]:
+                return doc
+        return None
 
     def pinned_slots(self) -> int:
         return sum(doc.pinned_slots for doc in self.documents.values())

@@ -32,9 +32,10 @@ from . import fidelity
 from .auto import AutoPolicy
 from .capture import capture_salt
 from .channel import SchedulerChannel
+from .chat import ChatRenderer
 from .config import ServerConfig
 from .errors import DocumentError
-from .registration import RegistrationRequest
+from .registration import MIN_DOCUMENT_TOKENS, RegistrationRequest
 from .registry import DocState, document_id
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ POLL_SECONDS = 0.05
 class DocumentService:
     """Every document operation, on every data-parallel rank (one rank without ``--dp-size``)."""
 
-    def __init__(self, tokenizer_manager, channel: SchedulerChannel, config: ServerConfig):
+    def __init__(self, tokenizer_manager, channel: SchedulerChannel, config: ServerConfig,
+                 chat: ChatRenderer | None = None):
         self.tokenizer_manager, self.channel, self.config = tokenizer_manager, channel, config
+        self.chat = chat  # the HTTP server's chat API, for documents given as messages (an Engine has none)
         self._registrations: dict[str, asyncio.Task] = {}  # doc_id -> its capture and compaction in progress
 
     # ----- calls to the ranks -----
@@ -84,7 +87,7 @@ class DocumentService:
     async def _register(self, request: RegistrationRequest, auto: bool) -> dict:
         if request.adapt and self.channel.num_ranks > 1:  # each rank would learn from its own share of the traffic
             raise DocumentError(HTTPStatus.NOT_IMPLEMENTED, "adapt with --dp-size > 1 is not supported yet")
-        ids = list(request.input_ids) if request.input_ids is not None else self._encode(request.text)
+        ids = self._document_ids(request)
         request = request.with_question_ids(self.config, self._encode_question)
         doc_id = document_id(ids)
         while True:
@@ -119,6 +122,19 @@ class DocumentService:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
         finally:
             self._registrations.pop(doc_id, None)
+
+    def _document_ids(self, request: RegistrationRequest) -> list[int]:
+        if request.input_ids is not None:
+            return list(request.input_ids)
+        if request.messages is None:
+            return self._encode(request.text)
+        if self.chat is None:
+            raise ValueError("messages need the HTTP server's chat API; an Engine registers text or input_ids")
+        ids = self.chat.document_ids(request.messages)
+        if not MIN_DOCUMENT_TOKENS <= len(ids) <= self.config.max_document_tokens:
+            raise ValueError(f"messages render to a document of {len(ids)} tokens; this server takes "
+                             f"{MIN_DOCUMENT_TOKENS} to {self.config.max_document_tokens}")
+        return ids
 
     def _encode(self, text: str) -> list[int]:
         tokenizer = self.tokenizer_manager.tokenizer

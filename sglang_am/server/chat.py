@@ -1,0 +1,83 @@
+"""Documents given as chat messages, rendered by the server's own chat API.
+
+``POST /am/documents`` with ``messages`` (the leading messages of the conversations to come, for example a
+system message holding the document) is registered as the token ids that every
+``/v1/chat/completions`` request starting with those messages will have. SGLang's chat handler
+(``OpenAIServingChat._process_messages``, with the model's template or ``--chat-template``) renders the
+messages followed by each of ``PROBES``, user turns that differ from their first character on; the
+document is the longest common prefix of those renders. Everything up to there is fixed by the leading
+messages whatever turn follows; past it, the next turn (or text merged across the boundary by the
+tokenizer) can change the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+
+from .errors import DocumentError
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_MESSAGES = 64
+# The next user turn: a letter, a digit after a newline, a space, punctuation, so that neither the
+# template's text nor a tokenizer merge across the boundary is mistaken for part of the document.
+PROBES = ("A", "\n1", " z?", "1.")
+
+
+def checked_messages(messages, max_characters: int) -> tuple[tuple[str, str], ...]:
+    """``messages`` as ``((role, content), ...)``: 1 to ``MAX_MESSAGES`` of them, text content only."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not 1 <= len(messages) <= MAX_MESSAGES:
+        raise ValueError(f"messages must be a list of 1 to {MAX_MESSAGES} chat messages")
+    checked, total = [], 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+            raise ValueError(f'messages[{index}] must be an object with exactly "role" and "content"')
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ValueError(f"messages[{index}].role must be one of {list(ROLES)}, got {str(role)[:40]!r}")
+        if not isinstance(content, str) or not content:
+            raise ValueError(f"messages[{index}].content must be a non-empty string (documents are text)")
+        total += len(content)
+        checked.append((role, content))
+    if total > max_characters:
+        raise ValueError(f"messages hold {total} characters; this server takes at most {max_characters}")
+    return tuple(checked)
+
+
+def common_prefix(renders: Sequence[Sequence[int]]) -> list[int]:
+    first = renders[0]
+    length = min(len(ids) for ids in renders)
+    for position in range(length):
+        if any(ids[position] != first[position] for ids in renders[1:]):
+            return list(first[:position])
+    return list(first[:length])
+
+
+class ChatRenderer:
+    """Renders leading messages with the chat handler SGLang's HTTP server set up (``app.state``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def document_ids(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
+        from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
+
+        chat = getattr(self.app.state, "openai_serving_chat", None)
+        if chat is None:  # set in the server's lifespan, before it accepts requests
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the chat API is not up yet; retry")
+        if chat.tokenizer_manager.model_config.is_multimodal:
+            raise ValueError("messages: documents through the chat API need a text-only model; register input_ids")
+        leading = [{"role": role, "content": content} for role, content in messages]
+        renders = []
+        for probe in PROBES:
+            request = ChatCompletionRequest(messages=[*leading, {"role": "user", "content": probe}])
+            try:
+                processed = chat._process_messages(request, False)
+            except Exception as error:  # the template's own complaint (roles out of order, no template, ...)
+                raise ValueError(f"messages: the server's chat template cannot render them followed by a user "
+                                 f"turn: {str(error)[:300]}") from None
+            if not isinstance(processed.prompt_ids, list) or not processed.prompt_ids:
+                raise ValueError("messages: this server's chat handler renders text, not token ids; register "
+                                 "input_ids rendered by the client")
+            renders.append(processed.prompt_ids)
+        return common_prefix(renders)
