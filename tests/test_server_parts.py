@@ -3,12 +3,14 @@ bounds, admission, installing into a real radix tree and KV pool (and freeing on
 solver thread's deadline and cancellation, bounded query capture, references held by requests, the
 automatic budget's eviction order, and the backends' per-forward document metadata."""
 
+import asyncio
 import dataclasses
 import math
 import os
 import threading
 import time
 from array import array
+from http import HTTPStatus
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +36,7 @@ from sglang_am.server.jobs import QueueFull, Worker
 from sglang_am.server.operations import check_compacted_windows, check_model
 from sglang_am.server.registration import OPTION_BOUNDS, SERVER_SET_OPTIONS, RegistrationRequest
 from sglang_am.server.registry import BOUNDARY_TOKENS, DocState, Document, DocumentRegistry, Served, document_id
+from sglang_am.server.service import DocumentService
 
 CONFIG = ServerConfig(store_dir="/nonexistent", max_document_tokens=4096, max_queries_per_head=8000)
 IDS = list(range(100, 300))  # a 200-token document
@@ -460,6 +463,31 @@ def test_the_chat_document_is_what_every_probe_render_shares():
     assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
     assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2, 3]
     assert common_prefix([[5, 1], [6, 1]]) == []
+
+
+class ScriptedRank:
+    """One scheduler rank answering each operation from a script (the service's side of the channel)."""
+
+    num_ranks = 1
+
+    def __init__(self, script: dict):
+        self.script, self.calls = script, []
+
+    async def call(self, op: str, ranks=None, **payload):
+        self.calls.append(op)
+        return [self.script.get(op, {})]
+
+
+def test_a_load_whose_document_is_dropped_once_ready_answers_409_not_a_crash():
+    doc_id = "a" * 64
+    rank = ScriptedRank({"load": {"doc_id": doc_id, "state": "loading", "existing": False},
+                         "advance": {"doc_id": doc_id, "state": "ready"},
+                         "get": DocumentError(HTTPStatus.NOT_FOUND, "no document")})  # a drop came in between
+    service = DocumentService(None, rank, CONFIG)
+    with pytest.raises(DocumentError) as refused:
+        asyncio.run(service.load(doc_id))
+    assert refused.value.status == HTTPStatus.CONFLICT and "dropped while it was being loaded" in refused.value.message
+    assert rank.calls == ["load", "advance", "get"]  # the drop took it all: nothing left to abandon
 
 
 def test_eviction_takes_the_least_recently_used_idle_automatic_documents():

@@ -176,7 +176,7 @@ class DocumentService:
             if references:  # every rank holds the same copy: one measures it, each records it
                 figures = await self._next_token_kl(doc_id, ids, references, primary)
                 await self._on_all("note_fidelity", new, doc_id=doc_id, figures=figures)
-            merged = self._merge(await self._held(doc_id))
+            merged = await self._described_after(doc_id, "registered")
             if handoff_seconds is not None:
                 merged["timings"] = {**merged["timings"], "handoff_seconds": handoff_seconds}
             return merged
@@ -328,6 +328,13 @@ class DocumentService:
         merged["requests_active"] = sum(doc["requests_active"] for doc in held.values())
         return merged
 
+    async def _described_after(self, doc_id: str, operation: str) -> dict:
+        """The document as the ranks hold it once ``operation`` finished; 409 if a drop took it meanwhile."""
+        held = await self._held(doc_id)
+        if not any(held):
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being {operation}")
+        return self._merge(held)
+
     async def list(self) -> dict:
         per_rank: dict[str, list[dict | None]] = {}
         for rank, answer in enumerate(await self._on_all("list")):
@@ -382,7 +389,7 @@ class DocumentService:
         except BaseException:
             await self._abandon(doc_id, started, ready_too=True)
             raise
-        return {**self._merge(await self._held(doc_id)), "existing": not started}
+        return {**await self._described_after(doc_id, "loaded"), "existing": not started}
 
     async def load_store(self) -> dict:
         """Install every stored document this server does not hold yet; each document's outcome."""
