@@ -200,6 +200,23 @@ def test_throughput_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_serving_benchmark_smoke(tmp_path):
+    output = tmp_path / "bench_serving.json"
+    _run("benchmarks/bench_serving.py", "--groups", "2", "--prompts-per-group", "6", "--system-prompt-len", "300",
+         "--question-len", "8", "--output-len", "2", "--concurrency", "2", "--output", str(output),
+         "--auto-flags", "--am-auto-min-requests", "2")
+    payload = json.loads(output.read_text())
+    rows = {row["config"]: row for row in payload["rows"]}
+    assert list(rows) == ["stock", "auto", "explicit"]
+    assert all(row["failed"] == 0 and row["completed"] == 12 and row["healthy_after"] for row in rows.values())
+    # Both prefixes registered before the run: every request served compacted.
+    assert rows["explicit"]["hits"] >= 12 and rows["explicit"]["documents_resident"] == 2
+    assert rows["auto"]["auto_triggers"] >= 1  # its compactions run in the background: maybe after this short run
+    assert payload["inputs"]["auto_flags"] == ["--am-auto-min-requests", "2"]
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_question_aware_benchmark_smoke(tmp_path):
     output = tmp_path / "question_aware.json"
     _run("benchmarks/question_aware.py", "--model", "recall", "--documents", "2", "--questions", "4", "--size", "60",
