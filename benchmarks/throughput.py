@@ -8,7 +8,8 @@ have same-type distractors), scored by greedy short answer (--choices: by answer
 Configurations, all with --max-total-tokens slots and the torch_native backend:
 (a) SGLang with the radix cache disabled, (b) stock SGLang (its own radix cache holds full documents),
 (c) the extension with every document registered at each --ratios with the batch's questions
-(question-aware: fitted to the queries of the questions that follow it; --no-questions skips it), and
+(question-aware: fitted to the queries of the questions that follow it; --question-shares mixes
+repeat-prefill in; --no-questions skips it), and
 (d) registered without them (repeat-prefill queries) (--compact-windows: sliding-window layers' windows
 compacted too, so a Gemma document is t slots wide, not max(t, 511)). Per configuration: request
 throughput, output tokens/s, TTFT and latency p50/p99, accuracy, KV slots and bytes per document, how

@@ -45,6 +45,7 @@ def checked_messages(messages, max_characters: int) -> tuple[tuple[str, str], ..
 
 
 def common_prefix(renders: Sequence[Sequence[int]]) -> list[int]:
+    """The longest list of token ids that every one of ``renders`` starts with."""
     first = renders[0]
     length = min(len(ids) for ids in renders)
     for position in range(length):
