@@ -28,6 +28,7 @@ from collections import OrderedDict, deque
 
 from ..core import get_method
 from ..core.plan import source_fractions
+from .chat import common_length
 from .config import check_int, from_environment
 from .registration import CAPTURED_SOURCES, DEFAULT_FIDELITY_BOUND
 
@@ -143,7 +144,7 @@ class ReuseTracker:
         if rid in group.seen:
             return
         group.seen[rid] = now
-        group.prefix = group.prefix[: _common_length(group.prefix, token_ids)]
+        group.prefix = group.prefix[: common_length(group.prefix, token_ids)]
         while now - next(iter(group.seen.values())) > policy.window_seconds:
             group.seen.popitem(last=False)
         if len(group.seen) >= policy.min_requests:
@@ -163,11 +164,3 @@ class ReuseTracker:
         taken = list(self.candidates)
         self.candidates.clear()
         return taken
-
-
-def _common_length(a, b) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -44,14 +44,19 @@ def checked_messages(messages, max_characters: int) -> tuple[tuple[str, str], ..
     return tuple(checked)
 
 
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 def common_prefix(renders: Sequence[Sequence[int]]) -> list[int]:
     """The longest list of token ids that every one of ``renders`` starts with."""
     first = renders[0]
-    length = min(len(ids) for ids in renders)
-    for position in range(length):
-        if any(ids[position] != first[position] for ids in renders[1:]):
-            return list(first[:position])
-    return list(first[:length])
+    return list(first[: min((common_length(first, ids) for ids in renders[1:]), default=len(first))])
 
 
 class ChatRenderer:
