@@ -174,6 +174,9 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer):
         ({"input_ids": ids}, "exactly one of ratio"),
         ({"input_ids": ids, "text": "x", "ratio": 0.1}, "exactly one of text, input_ids or messages"),
         ({"input_ids": ["a"], "ratio": 0.1}, "input_ids must be"),
+        # A valid id for the protocol but not for this model: its embedding lookup would crash the scheduler.
+        ({"input_ids": ids[:-1] + [tokenizer.vocab_size + 5000], "ratio": 0.1}, "for this model"),
+        ({"input_ids": ids, "ratio": 0.1, "questions": [[1, 1 << 20]]}, "questions[0] must be token ids in [0, 1057)"),
         ({"input_ids": ids, "ratio": 0.1, "method": "nope"}, "nope"),
         ({"input_ids": ids, "ratio": 0.1, "query_source": "random"}, "query_source"),
         ({"input_ids": ids, "ratio": 0.1, "head_budgets": {"L0H0": 2.0}}, "sum"),
@@ -195,6 +198,9 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer):
     assert http_json("GET", server + "/am/documents")[0] == 401
     assert call(server, "GET", "/am/documents", api_key="wrong")[0] == 401
     assert call(server, "GET", "/am/documents", api_key=KEY)[0] == 401  # with both keys set, the admin key
+    # SGLang itself would hand an out-of-vocabulary prompt id to the embedding and lose the scheduler.
+    status, body = call(server, "POST", "/generate", {"input_ids": [5, tokenizer.vocab_size], "sampling_params": GREEDY})
+    assert status == 400 and "for this model" in json.dumps(body), body
     status, body = call(server, "POST", "/generate", {"input_ids": prompts[0], "sampling_params": {
         **GREEDY, "custom_params": {"am_doc_id": "0000000000000000"}}})
     assert status == 400 and "not a registered" in json.dumps(body)

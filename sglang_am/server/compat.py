@@ -94,6 +94,8 @@ HOOKED_SIGNATURES = {
     "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._process_messages": (
         "self", "request", "is_multimodal", "output_constrained",
     ),
+    # Prompt token ids are checked against the vocabulary before they reach a scheduler (``hooks``).
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": ("self", "obj", "input_ids"),
     "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
         "server_args", "tokenizer_manager", "template_manager", "port_args", "scheduler_infos",
         "subprocess_watchdog", "execute_warmup_func", "launch_callback",

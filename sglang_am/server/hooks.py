@@ -16,6 +16,10 @@
   ``channel``) answer with their JSON result and this DP rank in a ``DocumentCallReqOutput``, which SGLang
   sends back to the tokenizer manager like its own control outputs; they are logged by name only (SGLang
   logs every call with its parameters).
+
+One runs in the HTTP server's process: ``before_validate_request``
+(``TokenizerManager._validate_one_request``) refuses a prompt token id outside the model's vocabulary with a
+400, where SGLang would pass it to the embedding and lose the scheduler, and every client with it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from .capture import CaptureTag, capture_salt
 from .channel import RPC_METHOD, DocumentCallReqOutput
 from .errors import DocumentError
+from .registration import check_vocabulary
 from .registry import DocState, DocumentRegistry
 
 DOCUMENT_INFO_KEY = "am_document"
@@ -211,3 +216,8 @@ def around_rpc(original, scheduler, recv_req):
 
 def request_level_info_key(result, streamer, key):
     return True if key == DOCUMENT_INFO_KEY else result
+
+
+def before_validate_request(manager, obj, input_ids) -> None:
+    if input_ids:
+        check_vocabulary("input_ids", input_ids, manager.model_config.vocab_size)

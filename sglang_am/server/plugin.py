@@ -143,6 +143,8 @@ def register() -> None:
     if multiprocessing.parent_process() is None:  # the launcher / HTTP server process
         HookRegistry.register("sglang.srt.entrypoints.http_server._setup_and_run_http_server", _before_http_server,
                               HookType.BEFORE)
+        HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+                              hooks.before_validate_request, HookType.BEFORE)
     _hooks_registered = True
     logger.info("sglang-am: registered radix-cache backend %r, the bias-aware attention backends and the document hooks",
                 RADIX_CACHE_BACKEND)

@@ -35,7 +35,7 @@ from .channel import SchedulerChannel
 from .chat import ChatRenderer
 from .config import ServerConfig
 from .errors import DocumentError
-from .registration import MIN_DOCUMENT_TOKENS, RegistrationRequest
+from .registration import MIN_DOCUMENT_TOKENS, RegistrationRequest, check_vocabulary
 from .registry import DocState, document_id
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ class DocumentService:
             raise DocumentError(HTTPStatus.NOT_IMPLEMENTED, "adapt with --dp-size > 1 is not supported yet")
         ids = self._document_ids(request)
         request = request.with_question_ids(self.config, self._encode_question)
+        vocab_size = self.tokenizer_manager.model_config.vocab_size
+        check_vocabulary("input_ids", ids, vocab_size)
+        for index, question in enumerate(request.questions):
+            check_vocabulary(f"questions[{index}]", question, vocab_size)
         doc_id = document_id(ids)
         while True:
             held = await self._held(doc_id)
