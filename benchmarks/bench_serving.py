@@ -48,9 +48,8 @@ def dataset_args(args, groups: int) -> list[str]:
             str(args.output_len), "--seed", str(args.seed)]
 
 
-def shared_prefixes(tokenizer, args, groups: int, home: str) -> list[list[int]]:
-    """Each group's prefix as the server tokenizes its prompts (generating the dataset into ``home``'s cache,
-    where ``bench_serving`` finds the same prompts)."""
+def group_prompts(tokenizer, args, groups: int, home: str) -> list[str]:
+    """The run's prompts, generated into ``home``'s cache, where ``bench_serving`` finds the same ones."""
     from sglang.benchmark.datasets.generated_shared_prefix import sample_generated_shared_prefix_requests
 
     previous = os.environ.get("HOME")
@@ -62,9 +61,17 @@ def shared_prefixes(tokenizer, args, groups: int, home: str) -> list[list[int]]:
             seed=args.seed)
     finally:
         os.environ["HOME"] = previous or ""
+    return [row.prompt for row in rows]
+
+
+def shared_prefixes(url: str, prompts: list[str], groups: int) -> list[list[int]]:
+    """Each group's prefix as the server tokenizes its prompts (its ``/tokenize``: SGLang's tokenizer may add a
+    BOS token that the model's own ``AutoTokenizer`` does not, as Gemma's does)."""
+    status, body = http_json("POST", url + "/tokenize", {"prompt": prompts})
+    if status != 200:
+        raise RuntimeError(f"/tokenize answered {status}: {body}")
     by_group: dict[tuple[int, ...], list[list[int]]] = {}
-    for row in rows:
-        ids = tokenizer.encode(row.prompt)
+    for ids in body["tokens"]:
         by_group.setdefault(tuple(ids[:GROUP_KEY_TOKENS]), []).append(ids)
     if len(by_group) != groups:
         raise RuntimeError(f"found {len(by_group)} groups of prompts, expected {groups}")
@@ -90,12 +97,13 @@ def extension_stats(url: str) -> dict:
     stats = DocumentsClient(url).stats()
     counters = stats["counters"]
     return {"hits": counters.get("hits", 0), "fallbacks": counters.get("fallbacks", {}),
-            "compactions": counters.get("compactions", {}), "auto_triggers": counters.get("auto_triggers", 0),
+            "compactions": counters.get("compactions", {}), "compaction_failures": counters.get("compaction_failures", {}),
+            "auto_triggers": counters.get("auto_triggers", 0),
             "auto_evictions": counters.get("auto_evictions", 0),
             "documents_resident": stats["gauges"]["documents"], "compacted_slots": stats["gauges"]["compacted_slots"]}
 
 
-def run(config: str, args, path: str, groups: int, prefixes, home: str, scratch: Path) -> dict:
+def run(config: str, args, path: str, groups: int, prompts: list[str], home: str, scratch: Path) -> dict:
     flags = ["--model-path", path, "--max-total-tokens", str(args.max_total_tokens), "--dtype", args.dtype]
     if config == "stock":
         flags += ["--attention-backend", "torch_native"]
@@ -105,7 +113,7 @@ def run(config: str, args, path: str, groups: int, prefixes, home: str, scratch:
         row = {"config": config, "groups": groups}
         if config == "explicit":
             client = DocumentsClient(url)
-            registered = [client.register(input_ids=ids, ratio=args.ratio) for ids in prefixes]
+            registered = [client.register(input_ids=ids, ratio=args.ratio) for ids in shared_prefixes(url, prompts, groups)]
             row["registered_slots"] = sum(doc["slots"] for doc in registered)
         row.update(bench(url, path, args, groups, home, scratch / f"{config}_{groups}.jsonl"))
         if config != "stock":
@@ -170,9 +178,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as home:
         scratch = Path(home)
         for groups in args.groups:
-            prefixes = shared_prefixes(tokenizer, args, groups, home)
+            prompts = group_prompts(tokenizer, args, groups, home)
             for config in args.configs:
-                rows.append(run(config, args, path, groups, prefixes, home, scratch))
+                rows.append(run(config, args, path, groups, prompts, home, scratch))
     payload = {**environment(), "inputs": vars(args), "rows": rows}
     output = write_json(Path(args.output), payload)
     plot(payload, output.with_suffix(".png"))

@@ -20,39 +20,40 @@ def prompt(question: int) -> list[int]:
 def test_three_reuses_within_the_window_propose_the_shared_prefix_minus_the_protected_tail():
     tracker = ReuseTracker(POLICY)
     for i in range(2):
-        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+        tracker.observe(prompt(i), rid=f"r{i}", now=float(i))
     assert tracker.take_candidates() == []
-    tracker.observe(prompt(7), cached_tokens=20, rid="r7", now=2.0)
+    tracker.observe(prompt(7), rid="r7", now=2.0)
     assert tracker.take_candidates() == [DOC[:-3]]
 
 
-def test_misses_repeats_and_stale_reuses_do_not_count():
+def test_short_prompts_repeats_and_stale_reuses_do_not_count():
     tracker = ReuseTracker(POLICY)
-    tracker.observe(prompt(0), cached_tokens=7, rid="short", now=0.0)  # cached part below min_tokens
-    tracker.observe(prompt(1), cached_tokens=20, rid="a", now=0.0)
-    tracker.observe(prompt(1), cached_tokens=20, rid="a", now=1.0)  # the same request matched again
-    tracker.observe(prompt(2), cached_tokens=20, rid="b", now=20.0)  # "a" is outside the window by now
+    for i in range(3):  # under min_tokens + keep_last tokens: nothing worth compacting before a suffix
+        tracker.observe(DOC[:10], rid=f"short{i}", now=0.0)
+    tracker.observe(prompt(1), rid="a", now=0.0)
+    tracker.observe(prompt(1), rid="a", now=1.0)  # the same request matched again
+    tracker.observe(prompt(2), rid="b", now=20.0)  # "a" is outside the window by now
     assert tracker.take_candidates() == []
-    tracker.observe(prompt(3), cached_tokens=20, rid="c", now=21.0)
+    tracker.observe(prompt(3), rid="c", now=21.0)
     assert tracker.take_candidates() == []
-    tracker.observe(prompt(4), cached_tokens=20, rid="d", now=22.0)
+    tracker.observe(prompt(4), rid="d", now=22.0)
     assert tracker.take_candidates() == [DOC[:-3]]
 
 
 def test_a_triggered_prefix_is_quiet_until_its_document_is_installed_or_a_window_passes():
     tracker = ReuseTracker(POLICY)
     for i in range(3):
-        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+        tracker.observe(prompt(i), rid=f"r{i}", now=float(i))
     (candidate,) = tracker.take_candidates()
     for i in range(3, 6):  # while its compaction runs
-        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+        tracker.observe(prompt(i), rid=f"r{i}", now=float(i))
     assert tracker.take_candidates() == []
     tracker.release(candidate)  # installed; dropped later and reused again
     for i in range(6, 9):
-        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+        tracker.observe(prompt(i), rid=f"r{i}", now=float(i))
     assert tracker.take_candidates() == [DOC[:-3]]
     for i in range(20, 23):  # never installed (refused): tracked again after a window
-        tracker.observe(prompt(i), cached_tokens=20, rid=f"r{i}", now=float(i))
+        tracker.observe(prompt(i), rid=f"r{i}", now=float(i))
     assert tracker.take_candidates() == [DOC[:-3]]
 
 
@@ -60,8 +61,8 @@ def test_prefixes_differing_in_the_first_tokens_are_separate_groups():
     tracker = ReuseTracker(POLICY)
     other = [1] + DOC[1:]
     for i in range(2):
-        tracker.observe(prompt(i), cached_tokens=20, rid=f"a{i}", now=0.0)
-        tracker.observe(other + [i], cached_tokens=20, rid=f"b{i}", now=0.0)
+        tracker.observe(prompt(i), rid=f"a{i}", now=0.0)
+        tracker.observe(other + [i], rid=f"b{i}", now=0.0)
     assert tracker.take_candidates() == []
     assert len(tracker.groups) == 2
 
@@ -69,7 +70,7 @@ def test_prefixes_differing_in_the_first_tokens_are_separate_groups():
 def test_identical_prompts_keep_a_suffix_of_keep_last_tokens():
     tracker = ReuseTracker(POLICY)
     for i in range(3):
-        tracker.observe(prompt(0), cached_tokens=21, rid=f"r{i}", now=0.0)
+        tracker.observe(prompt(0), rid=f"r{i}", now=0.0)
     (candidate,) = tracker.take_candidates()
     assert candidate == prompt(0)[:-3]
 

@@ -406,6 +406,23 @@ def test_a_captured_document_is_held_in_the_tree_only_when_all_of_it_is_cached(t
     assert cache.protected_size() == 0 and cache.evictable_size() == 30
 
 
+def test_a_solved_registrations_captures_leave_the_tree_and_nothing_else_does(tree):
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache, _, allocator = tree
+    for tokens, salt in ((range(100, 120), "reg-a"), (range(100, 110), "reg-a-context"), (range(100, 115), "reg-b"),
+                         (range(100, 125), None)):
+        key = RadixKey(array("q", tokens), cache_salt=salt)
+        cache.insert(InsertParams(key=key, value=allocator.alloc(len(key.token_ids)).to(torch.int64)))
+    held = cache.hold_prefix(array("q", range(100, 115)), "reg-b")
+    assert cache.remove_namespace("reg-a") == 30  # both of registration a's salts
+    assert cache.remove_namespace("reg-b") == 0  # still held
+    cache.unlock(held.lock)
+    assert cache.remove_namespace("reg-b") == 15
+    assert cache.evictable_size() == 25 and allocator.available_size() == 256 - 25  # a client's prefix stays
+
+
 # ----- the registry: references and states -----
 
 def document(index=1, auto=False, slots=0, last_used=0.0) -> Document:

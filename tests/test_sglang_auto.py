@@ -157,3 +157,37 @@ def test_registering_an_automatic_document_explicitly_keeps_it_from_eviction(ser
     assert documents(server)[document_id(ids_c)]["origin"] == "explicit"
     for doc_id in documents(server):
         ok(server, "DELETE", f"/am/documents/{doc_id}")
+
+
+def test_with_the_default_guarded_ratio_prefixes_no_rung_certifies_stay_uncompacted_and_then_untried():
+    """Random tokens compact badly at every ratio (held-out error about 0.5 here): with the default ratio
+    "auto", each automatic document is refused after part of one solve, and the radix cache keeps serving
+    the prefix; after three refusals in a row the server stops trying for a window."""
+    import random
+
+    rng = random.Random(0)
+    flags = ["--max-total-tokens", "4096", "--am-auto", "--am-auto-min-tokens", "64", "--am-auto-min-requests", "3",
+             "--am-auto-poll-seconds", "0.2"]
+    with serving(flags, env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}) as url:
+        def answer(ids):
+            return ok(url, "POST", "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 3,
+                                                                                      "temperature": 0}})
+
+        def failures(stats):
+            return stats["counters"].get("compaction_failures", {}).get("auto", 0)
+
+        for refused in range(1, 5):
+            prefix = [rng.randrange(10, 1000) for _ in range(300)]
+            prompts = [prefix + [rng.randrange(10, 1000) for _ in range(20)] for _ in range(3)]
+            before = [answer(ids)["output_ids"] for ids in prompts]
+            if refused == 4:  # paused: proposed, not tried
+                stats = wait_for(url, lambda s: s["counters"]["auto_triggers"] == 4, "the fourth proposal")
+                time.sleep(2)
+                assert failures(ok(url, "GET", "/am/stats")) == 3
+                break
+            stats = wait_for(url, lambda s, n=refused: failures(s) == n, f"refusal {refused}")
+            assert stats["documents"]["auto"] == 0 and not stats["counters"].get("compactions")
+            after = [answer(ids) for ids in prompts]
+            assert [out["output_ids"] for out in after] == before  # the exact prefix, from the radix cache
+            assert all("am_document" not in out["meta_info"] for out in after)
+        assert wait_for(url, lambda s: s["idle_check"]["idle"], "an idle scheduler")["idle_check"]["leak"] is False

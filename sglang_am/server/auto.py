@@ -2,20 +2,23 @@
 
 The policy (``AutoPolicy``) reaches every SGLang process as JSON in ``SGLANG_AM_AUTO`` (the launcher's
 ``--am-auto*`` flags write it). In the scheduler, ``ReuseTracker`` watches each request's radix-tree
-match (``AMRadixCache.match_prefix``): requests whose cached prefix covers at least ``min_tokens``
-tokens are grouped by those first tokens, and the group keeps the longest common prefix of their
-prompts. Once ``min_requests`` of them arrive within ``window_seconds``, that prefix minus a protected
-tail of ``keep_last`` tokens becomes a candidate. The HTTP process polls for candidates and registers
-each one through the ordinary registration path, in the background (``service.AutoCompactor``); new
-requests on the prefix then use the compacted node, requests in flight keep their full prefix.
+match (``AMRadixCache.match_prefix``): requests of at least ``min_tokens`` (plus ``keep_last``) tokens
+are grouped by their first ``min_tokens``, whether the tree still holds them or not, and the group keeps
+the longest common prefix of their prompts. Once ``min_requests`` of them arrive within
+``window_seconds``, that prefix minus a protected tail of ``keep_last`` tokens becomes a candidate. The
+HTTP process polls for candidates and registers them through the ordinary registration path, two at a
+time, in the background (``service.AutoCompactor``); new requests on the prefix then use the compacted
+node, requests in flight keep their full prefix.
 
-Each is compacted at ``ratio``, by default ``"auto"``: the smallest ratio on the ladder whose fidelity guard
-meets ``fidelity_bound`` (``solve``), so a prefix is compacted only as far as its figure allows; with
-``adapt``, automatic documents refit from the requests they serve (``adapt``). Compacted content from
-this path is capped by ``budget`` (KV slots, or a fraction of the pool):
-the least recently used automatic documents that no request uses are dropped, and saved to the
-server's document store first (``save_evicted``), from where they are loaded back instead of
-compacted again when their prefix returns.
+Each is compacted at ``ratio``, by default ``"auto"``: the smallest ratio on the ladder up to
+``AUTO_LADDER_TOP`` whose fidelity guard meets ``fidelity_bound`` (``solve``); a prefix that none meets is
+not compacted (the registration fails with 422, counted in ``compaction_failures``), and is proposed again
+after a window. A fixed ``ratio`` compacts every candidate, whatever its figure. With ``adapt``, automatic
+documents start on the whole ladder's pick and refit from the requests they serve (``adapt``). Compacted
+content from this path is capped by ``budget`` (KV slots, or a fraction of the pool): the least recently
+used automatic documents that no request uses are dropped, and saved to the server's document store
+first (``save_evicted``), from where they are loaded back instead of compacted again when their prefix
+returns.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from .registration import CAPTURED_SOURCES, DEFAULT_FIDELITY_BOUND
 
 POLICY_VARIABLE = "SGLANG_AM_AUTO"
 MAX_TRACKED_GROUPS = 1024  # prefixes watched at once; the least recently seen is forgotten first
+# With ratio "auto", an automatic document climbs the fidelity ladder only this far, and is refused when even
+# this rung misses the bound: a larger rung saves under 5x, solves slowest, and the exact prefix is a cache hit away.
+AUTO_LADDER_TOP = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +49,7 @@ class AutoPolicy:
     window_seconds: float = 300.0
     ratio: float | str = "auto"  # compacted slots per token of the compacted span, or "auto": the fidelity guard's pick
     fidelity_bound: float = DEFAULT_FIDELITY_BOUND  # the guard's bound with ratio "auto"
-    budget: float | int = 0.25  # automatic documents' KV slots: a fraction of the pool, or a slot count
+    budget: float | int = 0.5  # automatic documents' KV slots: a fraction of the pool, or a slot count
     keep_first: int = 4  # attention-sink tokens kept verbatim at the start
     keep_last: int = 16  # protected tail (template tokens, the last few): left to the requests' suffix
     method: str = "AM-HighestAttnKeys"
@@ -129,9 +135,10 @@ class ReuseTracker:
         self.cooldown: dict[bytes, float] = {}
         self.candidates: deque[list[int]] = deque()
 
-    def observe(self, token_ids, cached_tokens: int, rid: str, now: float | None = None) -> None:
+    def observe(self, token_ids, rid: str, now: float | None = None) -> None:
         policy = self.policy
-        if cached_tokens < policy.min_tokens:
+        # Cache hit or not: a prefix that the pool evicts and prefills again is the reuse that compaction saves.
+        if len(token_ids) < policy.min_tokens + policy.keep_last:
             return
         now = time.monotonic() if now is None else now
         key = array("q", token_ids[: policy.min_tokens]).tobytes()

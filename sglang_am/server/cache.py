@@ -50,7 +50,7 @@ class AMRadixCache(RadixCache):
         if tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (
             getattr(req, "am_served", None) is None and not getattr(req, "am_internal", False)
         ):
-            tracker.observe(req.origin_input_ids, result.device_prefix_len, req.rid)
+            tracker.observe(req.origin_input_ids, req.rid)
         return result
 
     def hold_prefix(self, tokens: array, salt: str) -> SourceHold | None:
@@ -95,6 +95,12 @@ class AMRadixCache(RadixCache):
         """Unpin a document; returns the slots freed (its own and unused suffixes cached beneath it)."""
         self.unlock(installed.pin)
         return self.remove_subtree(installed.node)
+
+    def remove_namespace(self, salt: str) -> int:
+        """Free what the tree caches under cache salts starting with ``salt`` (a registration's captures) that
+        no request holds: once solved, it would only push clients' prefixes out of the pool first."""
+        return sum(self.remove_subtree(child) for key, child in list(self.root_node.children.items())
+                   if isinstance(key, tuple) and isinstance(key[0], tuple) and str(key[0][1]).startswith(salt))
 
     def remove_subtree(self, node: TreeNode) -> int:
         """Free ``node`` and its descendants that no request holds; returns the slots freed. A locked

@@ -33,7 +33,7 @@ from ..prefix import CompactedPrefix
 from ..prompts import SELF_STUDY_PROMPTS
 from . import adapt, faults
 from .admission import ServerRoom, admit
-from .auto import eviction_order
+from .auto import AUTO_LADDER_TOP, eviction_order
 from .cache import AMRadixCache, SourceHold
 from .capture import QueryCapture
 from .config import MiB, ServerConfig
@@ -186,10 +186,13 @@ class DocumentOperations:
             self.registry.add(doc)
             return {**doc.describe(), "existing": False}
         ladder = registration.ladder
+        required = bool(ladder) and auto and not registration.adapt  # an adapting one earns its ratio from live queries
+        if required:
+            ladder = tuple(ratio for ratio in ladder if ratio <= AUTO_LADDER_TOP)
         layers = LayerPlan(registration.method, ladder[0] if ladder else registration.budget,
                            dict(registration.query_source), registration.max_queries_per_head, registration.keep_first,
                            proportions, options=dict(registration.options), compact_windows=registration.compact_windows)
-        plan = SolvePlan(layers, ladder, registration.fidelity_bound)
+        plan = SolvePlan(layers, ladder, registration.fidelity_bound, required)
         doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
                        DocState.CAPTURING, capture=capture, plan=plan, salt=f"sglang-am-capture-{uuid.uuid4().hex}",
                        adapt_bytes=adapt_bytes)
@@ -303,6 +306,8 @@ class DocumentOperations:
         prefix = solved.prefix
         if doc.source is not None:
             self.cache.unlock(doc.source.lock)
+        if doc.salt:  # a registration that captured (not a load, a handoff or another rank's waiting copy)
+            self.cache.remove_namespace(doc.salt)
         if doc.capture is not None:
             doc.capture.release()
         doc.source, doc.capture, doc.job = None, None, None
@@ -352,6 +357,8 @@ class DocumentOperations:
                 hold = None
         if hold is not None:
             self.cache.unlock(hold.lock)
+        if doc.salt:  # a registration that captured (not a load, a handoff or another rank's waiting copy)
+            self.cache.remove_namespace(doc.salt)
         if doc.capture is not None:
             doc.capture.release()
         if doc.installed is not None:  # installed, then a later step failed

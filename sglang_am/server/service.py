@@ -16,7 +16,7 @@ and the others install its copy from a handoff file: compacted once, the same sl
 Loads read the store on every rank; a document is ready when every rank holds it.
 
 ``AutoCompactor`` is the HTTP process's side of automatic compaction: it polls the scheduler for the
-prefixes its reuse tracker proposes and loads (from the store) or registers them, one at a time.
+prefixes its reuse tracker proposes and loads (from the store) or registers them, two at a time.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .registry import DocState, document_id
 logger = logging.getLogger(__name__)
 SELF_STUDY_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 POLL_SECONDS = 0.05
+GUARD_REFUSALS_BEFORE_PAUSE = 3  # automatic prefixes in a row the fidelity guard refused, before a pause
 
 
 class DocumentService:
@@ -442,19 +443,45 @@ def _sum_figures(values: list):
 
 
 class AutoCompactor:
+    """Registers the reuse trackers' candidates, a few at a time: their captures share prefill batches, and
+    half of ``--am-max-registrations`` stays free for clients' own registrations. After
+    ``GUARD_REFUSALS_BEFORE_PAUSE`` prefixes in a row that the fidelity guard refused, it takes no candidate
+    for a window: this model's query-agnostic fits miss the bound, and each try costs a capture."""
+
     def __init__(self, service: DocumentService, policy: AutoPolicy):
         self.service, self.policy = service, policy
+        self.slots = asyncio.Semaphore(max(1, service.config.max_registrations // 2))
+        self.running: set[asyncio.Task] = set()
+        self.refusals_in_a_row = 0
+        self.paused_until = 0.0
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.policy.poll_seconds)
-            try:
-                for candidate in await self.service.auto_candidates():
-                    await self.compact(candidate["doc_id"], candidate["input_ids"])
-            except Exception:  # keep polling: one bad candidate must not stop automatic compaction
-                logger.exception("sglang-am: automatic compaction failed")
+        try:
+            while True:
+                await asyncio.sleep(self.policy.poll_seconds)
+                try:
+                    candidates = await self.service.auto_candidates()
+                except Exception:  # keep polling: a failed poll must not stop automatic compaction
+                    logger.exception("sglang-am: polling for automatic compaction failed")
+                    continue
+                for candidate in candidates:
+                    task = asyncio.create_task(self.compact(candidate["doc_id"], candidate["input_ids"]))
+                    self.running.add(task)
+                    task.add_done_callback(self.running.discard)
+        finally:
+            for task in self.running:
+                task.cancel()
 
     async def compact(self, doc_id: str, input_ids: list[int]) -> None:
+        async with self.slots:
+            if time.monotonic() < self.paused_until:
+                return  # dropped: the tracker proposes it again after a window
+            try:
+                await self._compact(doc_id, input_ids)
+            except Exception:  # one bad candidate must not stop the others
+                logger.exception("sglang-am: automatic compaction failed")
+
+    async def _compact(self, doc_id: str, input_ids: list[int]) -> None:
         policy = self.policy
         try:
             try:  # evicted earlier and saved: load it back
@@ -469,8 +496,21 @@ class AutoCompactor:
                 result = await self.service._register(request, auto=True)
         except DocumentError as error:
             logger.warning("sglang-am: automatic compaction of a %d-token prefix refused: %s", len(input_ids), error.message)
+            if error.status == HTTPStatus.UNPROCESSABLE_ENTITY:  # the fidelity guard's refusal
+                self._note_refusal()
             return
+        self.refusals_in_a_row = 0
         logger.info("sglang-am: automatic document %s: T=%d -> t=%d slots", result["doc_id"], result["T"], result["t"])
+
+    def _note_refusal(self) -> None:
+        self.refusals_in_a_row += 1
+        if self.refusals_in_a_row >= GUARD_REFUSALS_BEFORE_PAUSE:
+            self.refusals_in_a_row = 0
+            self.paused_until = time.monotonic() + self.policy.window_seconds
+            logger.warning("sglang-am: %d reused prefixes in a row missed the fidelity bound %s: no automatic "
+                           "compaction for %.0f s. For capacity, give --am-auto-ratio (0.1); to fit the questions "
+                           "asked, --am-auto-adapt", GUARD_REFUSALS_BEFORE_PAUSE, self.policy.fidelity_bound,
+                           self.policy.window_seconds)
 
 
 async def load_store_at_start(service: DocumentService) -> None:

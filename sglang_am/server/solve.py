@@ -14,7 +14,9 @@ from a second fit without them.
 The guard's figure is the answers' error when there are questions, else the held-out error (of the live
 queries, for a refit). With a
 ladder of ratios (``"ratio": "auto"``) the solve walks it from the smallest and keeps the first whose
-figure meets the bound: several budgets from one capture.
+figure meets the bound: several budgets from one capture. Where the bound is ``required`` (automatic
+documents), the top rung is solved first, and a document that not even it brings within the bound is refused
+(422) after that one solve: the radix cache keeps serving its exact prefix.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from http import HTTPStatus
 
 import torch
 
@@ -30,6 +33,7 @@ from ..core.evaluate import evaluate
 from ..core.plan import LayerPlan, assemble_layer, pad_layers, pool_queries, split_heldout
 from ..prefix import CompactedPrefix
 from . import faults
+from .errors import DocumentError
 from .layout import window_slots
 
 HELDOUT_FRACTION = 0.1
@@ -58,11 +62,13 @@ class Solved:
 
 @dataclasses.dataclass(frozen=True)
 class SolvePlan:
-    """How a document is solved: the per-layer plan, and for ``"ratio": "auto"`` the ladder and the bound."""
+    """How a document is solved: the per-layer plan, and for ``"ratio": "auto"`` the ladder and the bound
+    (``required``: refuse the document rather than install a rung above it)."""
 
     layers: LayerPlan
     ladder: Sequence[float] | None = None
     bound: float | None = None
+    required: bool = False
 
 
 def pool_inputs(pool, source: torch.Tensor, capture) -> SolveInputs:
@@ -81,14 +87,32 @@ def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], w
     ladder, the smallest ratio on it whose held-out error is at most the bound, else its largest."""
     started = time.perf_counter()
     clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
-    tried = []
-    for ratio in plan.ladder or [plan.layers.budget]:
-        solved, fidelity = _solve(inputs, dataclasses.replace(plan.layers, budget=ratio), len(token_ids), windows, clock)
-        tried.append({"ratio": ratio, "relative_l2": fidelity["relative_l2"]})
-        if plan.ladder is None or (fidelity["relative_l2"] is not None and fidelity["relative_l2"] <= plan.bound):
-            break
+    tried, solutions = [], {}
+
+    def meets(ratio: float, give_up: bool = False) -> bool:
+        """Solve at ``ratio`` (once); whether it meets the bound (a fixed ratio always does). With ``give_up``,
+        ``_OverBound`` as soon as it cannot."""
+        if ratio not in solutions:
+            solutions[ratio] = _solve(inputs, dataclasses.replace(plan.layers, budget=ratio), len(token_ids), windows,
+                                      clock, give_up_above=plan.bound if give_up else None)
+            tried.append({"ratio": ratio, "relative_l2": solutions[ratio][1]["relative_l2"]})
+        figure = solutions[ratio][1]["relative_l2"]
+        if give_up and (figure is None or figure > plan.bound):
+            raise _OverBound(figure)
+        return plan.ladder is None or (figure is not None and figure <= plan.bound)
+
+    rungs = plan.ladder or [plan.layers.budget]
+    if plan.required:
+        try:
+            meets(rungs[-1], give_up=True)
+        except _OverBound as over:
+            raise DocumentError(HTTPStatus.UNPROCESSABLE_ENTITY, f"no ratio up to {rungs[-1]} brings the held-out "
+                                f"attention error within the fidelity bound {plan.bound} (at {rungs[-1]}: "
+                                f"{over.figure}); the prefix stays uncompacted") from None
+    chosen = next((ratio for ratio in rungs if meets(ratio)), rungs[-1])
+    solved, fidelity = solutions[chosen]
     if plan.ladder is not None:
-        fidelity = {**fidelity, "ladder": tried, "bound": plan.bound, "ratio": tried[-1]["ratio"]}
+        fidelity = {**fidelity, "ladder": tried, "bound": plan.bound, "ratio": chosen}
     keys, values, betas = pad_layers(*solved, fixed=[w is not None for w in windows])
     timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
     timings["solve_seconds"] = round(time.perf_counter() - started, 4)
@@ -97,9 +121,18 @@ def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], w
                            timings=timings)
 
 
-def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int | None, ...], clock: dict):
-    """Every layer at ``plan``'s budget: ``(keys, values, betas)`` and the held-out fidelity."""
+class _OverBound(Exception):
+    def __init__(self, figure: float | None):
+        super().__init__(figure)
+        self.figure = figure if figure is None else round(figure, 5)  # the guard's figure, or a lower bound of it
+
+
+def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int | None, ...], clock: dict,
+           give_up_above: float | None = None):
+    """Every layer at ``plan``'s budget: ``(keys, values, betas)`` and the held-out fidelity. With
+    ``give_up_above``, ``_OverBound`` as soon as the layers solved so far put the figure above it."""
     keys, values, betas, errors = [], [], [], {}
+    compacted = sum(window_slots(window, length) is None or plan.compact_windows for window in windows)
     for layer in range(inputs.num_layers):
         faults.inject("solve")
         faults.inject("solver_exit")
@@ -128,6 +161,11 @@ def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int
                        for name, (rows, judged_slots) in judged.items()}
             answers = figures.pop("answers", None)
             errors[layer] = {"heldout": figures, **({"answers": answers} if answers is not None else {})}
+            if give_up_above is not None:
+                # The figure averages the compacted layers' figures, none negative: these alone already exceed it.
+                floor = sum(filter(None, map(_layer_figure, errors.values()))) / compacted
+                if floor > give_up_above:
+                    raise _OverBound(floor)
         keys.append(layer_k)
         values.append(layer_v)
         betas.append(layer_b.float())
@@ -175,13 +213,15 @@ def _fidelity(errors: dict[int, dict]) -> dict:
     """The guard's figure, averaged over the compacted layers: the error at the questions' answer positions
     when the document has questions (the answers depend on those queries), else the held-out error of the
     questions (a refit's live queries), else of every held-out source."""
-    def layer_figure(layer: dict) -> float | None:
-        heldout = layer["heldout"]
-        if "answers" in layer or "questions" in heldout:
-            return layer.get("answers", heldout.get("questions"))
-        return sum(heldout.values()) / len(heldout) if heldout else None
-
-    figure = [layer_figure(layer) for layer in errors.values()]
+    figure = [_layer_figure(layer) for layer in errors.values()]
     known = [value for value in figure if value is not None]
     return {"relative_l2": round(sum(known) / len(known), 5) if known else None,
             "layers": {str(layer): figures for layer, figures in errors.items()}}
+
+
+def _layer_figure(layer: dict) -> float | None:
+    """One compacted layer's share of the guard's figure (``_fidelity``)."""
+    heldout = layer["heldout"]
+    if "answers" in layer or "questions" in heldout:
+        return layer.get("answers", heldout.get("questions"))
+    return sum(heldout.values()) / len(heldout) if heldout else None

@@ -6,6 +6,7 @@ import torch
 from sglang_am.core import evaluate
 from sglang_am.core.plan import LayerPlan, pool_queries, with_questions
 from sglang_am.core.synthetic import clustered_block
+from sglang_am.server.errors import DocumentError
 from sglang_am.server.solve import HELDOUT_FRACTION, SolveInputs, SolvePlan, solve_document
 
 LENGTH, LAYERS, HEADS, GROUP = 256, 3, 2, 2
@@ -91,6 +92,20 @@ def test_a_middle_rung_is_found_from_the_figures_of_the_ladder():
     walked = solve(inputs(), plan(ladder=ladder, bound=1e-9)).config["fidelity"]["ladder"]
     bound = walked[1]["relative_l2"]  # exactly what the middle rung reaches
     assert solve(inputs(), plan(ladder=ladder, bound=bound)).config["fidelity"]["ratio"] == 0.2
+
+
+def test_a_required_bound_refuses_after_solving_only_the_top_rung_and_else_walks_up_from_the_smallest():
+    ladder = (0.05, 0.2, 0.5)
+    top = solve(inputs(), plan(ladder=ladder, bound=1e-9)).config["fidelity"]  # walked to the top, 0.5
+    walked = top["ladder"]
+    with pytest.raises(DocumentError) as refused:
+        solve(inputs(), plan(ladder=ladder, bound=walked[2]["relative_l2"] * 0.99, required=True))
+    assert refused.value.status == 422 and "no ratio up to 0.5" in refused.value.message
+    with pytest.raises(DocumentError) as early:  # the first of 3 layers alone puts the figure over: no more solved
+        solve(inputs(), plan(ladder=ladder, bound=1e-9, required=True))
+    assert f"(at 0.5: {round(top['layers']['0']['answers'] / LAYERS, 5)})" in early.value.message
+    met = solve(inputs(), plan(ladder=ladder, bound=walked[1]["relative_l2"], required=True)).config["fidelity"]
+    assert met["ratio"] == 0.2 and [rung["ratio"] for rung in met["ladder"]] == [0.5, 0.05, 0.2]
 
 
 def test_a_window_layer_keeps_its_window_and_is_judged_only_when_compacted():
