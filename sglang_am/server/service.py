@@ -443,7 +443,7 @@ def _sum_figures(values: list):
 
 
 class AutoCompactor:
-    """Registers the reuse trackers' candidates, a few at a time: their captures share prefill batches, and
+    """Registers the reuse tracker's candidates, two at a time: their captures share prefill batches, and
     half of ``--am-max-registrations`` stays free for clients' own registrations. After
     ``GUARD_REFUSALS_BEFORE_PAUSE`` prefixes in a row that the fidelity guard refused, it takes no candidate
     for a window: this model's query-agnostic fits miss the bound, and each try costs a capture."""
