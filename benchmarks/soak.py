@@ -346,7 +346,9 @@ def main() -> None:
                  "--admin-api-key", KEY, "--am-store-dir", str(Path(workdir) / "store"), "--am-store-quota-bytes", "200000",
                  "--am-solve-timeout", str(SOLVE_TIMEOUT),
                  "--am-auto", "--am-auto-min-tokens", "64", "--am-auto-min-requests", "3", "--am-auto-budget", "120",
-                 "--am-auto-poll-seconds", "0.2"]
+                 # A fixed ratio: the guarded default refuses these query-agnostic documents, and the soak is about
+                 # automatic documents' churn, evictions and reloads (0.5 is what the unguarded ladder installed).
+                 "--am-auto-ratio", "0.5", "--am-auto-poll-seconds", "0.2"]
         with serving(flags, env=env) as url:
             result = Soak(url, args, faults).run()
             result["server_alive_at_end"] = http_json("GET", f"{url}/health")[0] == 200
