@@ -181,7 +181,7 @@ def test_with_the_default_guarded_ratio_prefixes_no_rung_certifies_stay_uncompac
             prompts = [prefix + [rng.randrange(10, 1000) for _ in range(20)] for _ in range(3)]
             before = [answer(ids)["output_ids"] for ids in prompts]
             if refused == 4:  # paused: proposed, not tried
-                stats = wait_for(url, lambda s: s["counters"]["auto_triggers"] == 4, "the fourth proposal")
+                wait_for(url, lambda s: s["counters"]["auto_triggers"] == 4, "the fourth proposal")
                 time.sleep(2)
                 assert failures(ok(url, "GET", "/am/stats")) == 3
                 break
