@@ -87,7 +87,7 @@ def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], w
     ladder, the smallest ratio on it whose held-out error is at most the bound, else its largest."""
     started = time.perf_counter()
     clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
-    tried, solutions = [], {}
+    solutions = {}  # ratio -> (layers, fidelity), in the order solved
 
     def meets(ratio: float, give_up: bool = False) -> bool:
         """Solve at ``ratio`` (once); whether it meets the bound (a fixed ratio always does). With ``give_up``,
@@ -95,7 +95,6 @@ def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], w
         if ratio not in solutions:
             solutions[ratio] = _solve(inputs, dataclasses.replace(plan.layers, budget=ratio), len(token_ids), windows,
                                       clock, give_up_above=plan.bound if give_up else None)
-            tried.append({"ratio": ratio, "relative_l2": solutions[ratio][1]["relative_l2"]})
         figure = solutions[ratio][1]["relative_l2"]
         if give_up and (figure is None or figure > plan.bound):
             raise _OverBound(figure)
@@ -112,6 +111,7 @@ def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], w
     chosen = next((ratio for ratio in rungs if meets(ratio)), rungs[-1])
     solved, fidelity = solutions[chosen]
     if plan.ladder is not None:
+        tried = [{"ratio": ratio, "relative_l2": solution[1]["relative_l2"]} for ratio, solution in solutions.items()]
         fidelity = {**fidelity, "ladder": tried, "bound": plan.bound, "ratio": chosen}
     keys, values, betas = pad_layers(*solved, fixed=[w is not None for w in windows])
     timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
