@@ -8,7 +8,7 @@ shuffled. Each configuration gets a fresh server with the same --max-total-token
 - ``stock``: SGLang with its radix cache;
 - ``auto``: the extension with ``--am-auto`` and its defaults (or --auto-flags);
 - ``explicit``: the extension with every group's prefix registered at --ratio before the run: the prefix is
-  the longest token prefix its prompts share, as the server tokenizes them (``--tokenizer`` is the model's).
+  the longest token prefix its prompts share, as the server's own ``/tokenize`` gives them.
 
 Per run: req/s, TTFT p50/p99, SGLang's own cache-hit rate (cached / prompt tokens), failed requests, and
 for the extension ``/am/stats`` (requests served compacted, fallbacks, compactions, documents resident).
