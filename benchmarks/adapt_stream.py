@@ -21,7 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import ask_all, documents_and_questions
@@ -105,18 +106,12 @@ def main() -> None:
                   f"TTFT p50 {row['ttft_p50']} s, p99 {row['ttft_p99']} s", flush=True)
     payload = {**environment(), "inputs": {**vars(args), "output": str(args.output), "workload": workload,
                                            "document_tokens": [len(ids) for ids in document_ids]}, "rows": rows}
-    output = write_json(args.output, payload)
-    plot(payload, output.with_suffix(".png"))
-    print(f"wrote {output}")
+    finish(payload, args.output, plot)
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+def plot(payload: dict) -> Figure:
+    fig = Figure(figsize=(12, 4.2))
+    axes = fig.subplots(1, 2)
     for row in payload["rows"]:
         tenths = row["accuracy_by_tenth"]
         axes[0].plot([(i + 1) / len(tenths) for i in range(len(tenths))], tenths, marker="o", label=row["config"])
@@ -133,8 +128,7 @@ def plot(payload: dict, path: Path) -> None:
     inputs = payload["inputs"]
     fig.suptitle(f"{inputs['model']}: {inputs['documents']} documents, Zipf({inputs['zipf']}) over {inputs['set']} questions "
                  f"each, {inputs['requests']} requests each, ratio {inputs['ratio']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

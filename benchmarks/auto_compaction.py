@@ -19,7 +19,8 @@ import argparse
 import random
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import QARequest, ask_all, summarize
@@ -75,20 +76,14 @@ def main() -> None:
         flags = ["--am-auto", "--am-auto-min-requests", str(n), "--am-auto-ratio", str(args.ratio)]
         rows.append({**run_configuration(f"N = {n}", flags, questions, args), "min_requests": n})
     payload = {**environment(), "inputs": {**vars(args), "requests": len(questions)}, "rows": rows}
-    path = write_json(Path(args.output), payload)
-    plot(payload, path.with_suffix(".png"))
-    print(f"wrote {path}")
+    finish(payload, Path(args.output), plot)
 
 
-def plot(payload: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = payload["rows"]
     names = [row["config"] for row in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig = Figure(figsize=(13, 4))
+    axes = fig.subplots(1, 3)
     for axis, key, label in [(axes[0], "request_throughput", "requests / s"), (axes[1], "accuracy", "accuracy"),
                              (axes[2], "auto_compactions", "automatic compactions")]:
         axis.bar(names, [row[key] for row in rows], color="tab:blue")
@@ -97,8 +92,7 @@ def plot(payload: dict, path) -> None:
     inputs = payload["inputs"]
     fig.suptitle(f"Skewed batch QA: {inputs['documents']} documents, {inputs['requests']} questions, "
                  f"pool {inputs['max_total_tokens']} slots, ratio {inputs['ratio']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.client import DocumentsClient, http_json
@@ -124,15 +125,11 @@ def run(config: str, args, path: str, groups: int, prompts: list[str], home: str
     return row
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = payload["rows"]
     groups = sorted({row["groups"] for row in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig = Figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
     width = 0.8 / len(CONFIGS)
     for index, config in enumerate(c for c in CONFIGS if any(r["config"] == c for r in rows)):
         mine = {row["groups"]: row for row in rows if row["config"] == config}
@@ -147,8 +144,7 @@ def plot(payload: dict, path: Path) -> None:
     fig.suptitle(f"sglang.bench_serving generated-shared-prefix: {inputs['prompts_per_group']} prompts per group, "
                  f"{inputs['system_prompt_len']}-token prefixes, pool {inputs['max_total_tokens']} slots, "
                  f"concurrency {inputs['concurrency']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -182,9 +178,7 @@ def main() -> None:
             for config in args.configs:
                 rows.append(run(config, args, path, groups, prompts, home, scratch))
     payload = {**environment(), "inputs": vars(args), "rows": rows}
-    output = write_json(Path(args.output), payload)
-    plot(payload, output.with_suffix(".png"))
-    print(f"wrote {output}")
+    finish(payload, Path(args.output), plot)
 
 
 if __name__ == "__main__":

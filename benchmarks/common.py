@@ -1,4 +1,5 @@
-"""What every benchmark records next to its numbers: the machine, the versions and the inputs."""
+"""What every benchmark records next to its numbers (the machine, the versions and the inputs) and how it
+leaves them behind."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 import psutil
 import torch
+from matplotlib.figure import Figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -63,10 +66,19 @@ def environment() -> dict:
     }
 
 
-def write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+def finish(payload: dict, output: Path, plot: Callable[[dict], Figure] | None = None) -> None:
+    """Every benchmark's last step, so they all leave results alike: ``payload`` (environment() included) as
+    JSON at ``output``, the figure ``plot`` draws from it as the PNG beside it, and a line saying where."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(payload, indent=2) + "\n")
+    if plot is None:
+        print(f"wrote {output}")
+        return
+    figure = plot(payload)
+    figure.tight_layout()
+    image = output.with_suffix(".png")
+    figure.savefig(image, dpi=120)  # a bare Figure renders with Agg: no pyplot backend, nothing to close
+    print(f"wrote {output} and {image}")
 
 
 class PeakMemory:

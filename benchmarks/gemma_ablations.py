@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
 from tqdm.auto import tqdm
 
 from sglang_am import load_head_proportions
@@ -94,7 +94,7 @@ def main() -> None:
         print(f"{row['config']}: {row['accuracy']:.2f} (node {row['node_slots']} slots)")
     payload = {**environment(), "inputs": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                            "questions_asked": asked}, "rows": rows}
-    print(f"wrote {write_json(args.output, payload)}")
+    finish(payload, args.output)
 
 
 if __name__ == "__main__":

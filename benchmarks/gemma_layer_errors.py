@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
 
 from sglang_am.hf import compact_prefix
 from sglang_am.hf.attention import recording_queries
@@ -72,7 +72,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     payload = {**environment(), "inputs": {**vars(args), "output": str(args.output), "document_tokens": len(ids),
                                            "question_tokens": sum(q.shape[1] for q in queries[layers[0]])}, "rows": rows}
-    print(f"wrote {write_json(args.output, payload)}")
+    finish(payload, args.output)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ import argparse
 import time
 from pathlib import Path
 
-import matplotlib
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sglang_am.hf import compact_prefix, full_prefix, next_token_kl  # noqa: E402
-from sglang_am.hf.gemma import load_gemma3_270m  # noqa: E402
-from sglang_am.quality import needle_in_document  # noqa: E402
+from sglang_am.hf import compact_prefix, full_prefix, next_token_kl
+from sglang_am.hf.gemma import load_gemma3_270m
+from sglang_am.quality import needle_in_document
 
 METHODS = ["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "KVzip", "truncate"]
 
@@ -76,17 +73,20 @@ def main() -> None:
         **environment(),
         "results": rows,
     }
-    json_path = write_json(args.output, payload)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    finish(payload, args.output, plot)
+
+
+def plot(payload: dict) -> Figure:
+    rows, inputs = payload["results"], payload["inputs"]
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     ax.bar([r["method"] for r in rows], [r["next_token_kl"] for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("next-token KL to full context (log)")
-    ax.set_title(f"Gemma-3-270M, {len(ids)}-token document, ratio {args.ratio}, {args.query_source} queries")
+    ax.set_title(f"Gemma-3-270M, {inputs['document_tokens']}-token document, ratio {inputs['ratio']}, "
+                 f"{inputs['query_source']} queries")
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(json_path.with_suffix(".png"), dpi=120)
-    plt.close(fig)
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    return fig
 
 
 if __name__ == "__main__":

@@ -40,11 +40,8 @@ import traceback  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
+from common import RESULTS_DIR, environment, finish  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from torch.nn.functional import scaled_dot_product_attention  # noqa: E402
 
 from sglang_am import compact, evaluate  # noqa: E402
@@ -398,15 +395,14 @@ def main() -> int:
     payload = {"environment": environment(), "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
                "sizes": {k: str(v) for k, v in vars(sizes).items()},
                "checks": results}
-    write_json(args.output, payload)
-    _plot(results, args.output.with_suffix(".png"))
-    print(f"wrote {args.output}")
+    finish(payload, args.output, _plot)
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0
 
 
-def _plot(results: dict, path: Path) -> None:
-    timed_checks = [(name, r) for name, r in results.items() if "seconds" in r]
-    figure, axis = plt.subplots(figsize=(9, 4))
+def _plot(payload: dict) -> Figure:
+    timed_checks = [(name, r) for name, r in payload["checks"].items() if "seconds" in r]
+    figure = Figure(figsize=(9, 4))
+    axis = figure.subplots()
     kinds = [("seconds", "GPU path"), ("stock_seconds", "stock kernel, no bias"), ("oracle_seconds", "torch oracle")]
     for offset, (key, label) in enumerate(kinds):
         axis.bar([i + 0.27 * (offset - 1) for i in range(len(timed_checks))],
@@ -417,9 +413,7 @@ def _plot(results: dict, path: Path) -> None:
     device = torch.cuda.get_device_name(0) if CUDA else "CPU, Triton interpreter (times not meaningful)"
     axis.set_title(f"sglang-am GPU paths vs torch oracle: {device}")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 if __name__ == "__main__":

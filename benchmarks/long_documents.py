@@ -29,17 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from common import RESULTS_DIR, PeakMemory, environment, finish
+from matplotlib.figure import Figure
+from tqdm import tqdm
+from transformers import AutoTokenizer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from common import RESULTS_DIR, PeakMemory, environment, write_json  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from sglang_am.client import DocumentsClient, http_json  # noqa: E402
-from sglang_am.serve import model_path, server_process  # noqa: E402
+from sglang_am.client import DocumentsClient, http_json
+from sglang_am.serve import model_path, server_process
 
 MODELS = ("recall", "random-8x128", "gemma3-270m")
 STAGES = ("prefill_seconds", "self_study_seconds", "solve_seconds", "install_seconds")
@@ -104,8 +101,10 @@ def measure(client: DocumentsClient, server_pid: int, ids: list[int], ratio: flo
     }
 
 
-def plot(rows: list[dict], model: str, path: Path) -> None:
-    fig, (bars, scaling) = plt.subplots(1, 2, figsize=(12, 4.5))
+def plot(payload: dict) -> Figure:
+    rows = payload["results"]
+    fig = Figure(figsize=(12, 4.5))
+    bars, scaling = fig.subplots(1, 2)
     xs = range(len(rows))
     bottom = [0.0] * len(rows)
     for stage in STAGES:
@@ -130,10 +129,8 @@ def plot(rows: list[dict], model: str, path: Path) -> None:
     scaling.set_ylabel("seconds")
     scaling.legend()
     scaling.set_title("growth")
-    fig.suptitle(f"sglang-am long documents: {model}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"sglang-am long documents: {payload['inputs']['model']}")
+    return fig
 
 
 def main() -> None:
@@ -186,9 +183,7 @@ def main() -> None:
         **environment(),
         "results": rows,
     }
-    json_path = write_json(output, payload)
-    plot(rows, args.model, json_path.with_suffix(".png"))
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    finish(payload, output, plot)
 
 
 if __name__ == "__main__":

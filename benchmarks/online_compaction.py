@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 
 from sglang_am.hf.online import OnlineCompaction, OnlineSession
 from sglang_am.recall_model import load_recall_model, recall_task
@@ -67,19 +68,13 @@ def main() -> None:
               f"physical cache <= {row['max_physical_cache']} of {row['logical_length']} tokens, {row['seconds']} s", flush=True)
         rows.append(row)
     payload = {**environment(), "inputs": {**vars(args), "document_tokens": len(tokenizer.encode(doc.text))}, "rows": rows}
-    path = write_json(Path(args.output), payload)
-    plot(payload, path.with_suffix(".png"))
-    print(f"wrote {path}")
+    finish(payload, Path(args.output), plot)
 
 
-def plot(payload: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = payload["rows"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    left, right = fig.subplots(1, 2)
     left.bar([row["config"] for row in rows], [row["accuracy"] for row in rows], color="tab:blue")
     left.set_ylabel("answer accuracy")
     for row in rows:
@@ -90,8 +85,7 @@ def plot(payload: dict, path) -> None:
     inputs = payload["inputs"]
     fig.suptitle(f"Online re-compaction: {inputs['document_tokens']}-token document + {inputs['questions']} questions, "
                  f"compact to {inputs['ratio']} at {inputs['max_cache']} slots, last {inputs['keep_recent']} kept")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

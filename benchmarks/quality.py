@@ -23,16 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sglang_am.core import get_method  # noqa: E402
-from sglang_am.hf import (  # noqa: E402
+from sglang_am.core import get_method
+from sglang_am.hf import (
     compact_prefix,
     full_prefix,
     greedy_generate,
@@ -40,7 +37,7 @@ from sglang_am.hf import (  # noqa: E402
     reconstruction_log_perplexity,
     self_study_continuations,
 )
-from sglang_am.quality import Document, Question, question_prompt, real_text_qa  # noqa: E402
+from sglang_am.quality import Document, Question, question_prompt, real_text_qa
 
 METHODS = ["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "KVzip"]
 RATIOS = [0.02, 0.05, 0.1, 0.2]
@@ -159,9 +156,11 @@ def summarize(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(payload: dict) -> Figure:
+    summary = payload["summary"]
     tasks = sorted({s["task"] for s in summary})
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    fig = Figure(figsize=(6 * len(tasks), 8))
+    axes = fig.subplots(2, len(tasks), squeeze=False)
     for column, task in enumerate(tasks):
         entries = [s for s in summary if s["task"] == task]
         full = next(s for s in entries if s["method"] == "full")
@@ -179,9 +178,7 @@ def plot(summary: list[dict], path: Path) -> None:
             ax.set_title(f"{task}: {label}")
             if row == 0 and column == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
@@ -220,13 +217,11 @@ def main() -> None:
     summary = summarize(rows)
     payload = {"benchmark": "quality", "arguments": {k: str(v) for k, v in vars(args).items()},
                "inputs": inputs, **environment(), "summary": summary, "rows": rows}
-    json_path = write_json(args.output, payload)
-    plot(summary, json_path.with_suffix(".png"))
     for s in summary:
         seconds = f"{s['compaction_seconds']:8.2f}s" if "compaction_seconds" in s else " " * 9
         print(f"{s['task']:<7} {s['method']:<20} {s['ratio']:<5g} mc {s['mc_accuracy']:.3f} "
               f"gen {s['generation_accuracy']:.3f} logppl {s['log_perplexity']:.3f} {seconds}")
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    finish(payload, args.output, plot)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import ask_all, choice_logprobs, document_questions, documents_and_questions
@@ -114,9 +115,7 @@ def main() -> None:
             run("auto ratio, with questions", "auto", lambda i: {"questions": asked[i]}, {"all": questions})
     payload = {**environment(), "inputs": {**vars(args), "output": str(args.output), "workload": workload,
                                            "document_tokens": [len(ids) for ids in document_ids]}, "rows": rows}
-    output = write_json(args.output, payload)
-    plot(payload, output.with_suffix(".png"))
-    print(f"wrote {output}")
+    finish(payload, args.output, plot)
 
 
 def part_summary(outcome: list[dict], subset, documents: int, questions) -> dict:
@@ -132,16 +131,12 @@ def part_summary(outcome: list[dict], subset, documents: int, questions) -> dict
             "outcomes": [{"document": q.document, "question": questions.index(q), **row} for row, q in zip(outcome, subset)]}
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = payload["rows"]
     full = rows[0]["all"]
     key = "choice_accuracy" if full["choice_accuracy"] is not None else "answer_accuracy"
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig = Figure(figsize=(16, 4.4))
+    axes = fig.subplots(1, 3)
     axes[0].axhline(full[key], color="black", linestyle="--", label="full context")
     for name, part in (("without questions", "all"), ("with questions", "all"), ("half given", "given"),
                        ("half given", "not_given"), ("without questions", "not_given")):
@@ -180,8 +175,7 @@ def plot(payload: dict, path: Path) -> None:
     inputs = payload["inputs"]
     fig.suptitle(f"{inputs['model']} served, {inputs['workload']}: {inputs['documents']} documents × {inputs['questions']} "
                  f"questions, ~{sum(inputs['document_tokens']) // len(inputs['document_tokens'])} tokens each")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

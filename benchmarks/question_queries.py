@@ -28,7 +28,8 @@ import re
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from sglang_am.core import compact, register_method
@@ -200,13 +201,11 @@ def main() -> None:
             for name, outcome in results.items()]
     payload = {**environment(), "inputs": {**vars(args), "output": str(args.output), "cap": CAP, "shares": SHARES},
                "rows": rows}
-    output = write_json(args.output, payload)
-    plot(payload, output.with_suffix(".png"))
     for row in rows:
         print(f"{row['config']:<55} {row['correct']:>3}/{row['questions']:<3}"
               + ("  " + "  ".join(f"L{k}: err {v['answer_error']:.3f} kept {v['top_keys_kept']:.2f}"
                                   for k, v in row["layers"].items()) if "layers" in row else ""))
-    print(f"wrote {output}")
+    finish(payload, args.output, plot)
 
 
 def _mean_layers(figures: list[dict]) -> dict:
@@ -214,15 +213,11 @@ def _mean_layers(figures: list[dict]) -> dict:
             for layer in figures[0]}
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = {row["config"]: row for row in payload["rows"]}
     ratios = payload["inputs"]["ratios"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig = Figure(figsize=(12, 4.4))
+    axes = fig.subplots(1, 2)
     full = rows["full context"]["accuracy"]
     for ratio, marker in zip(ratios, "os^"):
         names = [name for name in rows if name.endswith(f" @ {ratio}") and not name.startswith(("transfer", "keys"))
@@ -244,8 +239,7 @@ def plot(payload: dict, path: Path) -> None:
     axes[1].legend(fontsize=6)
     fig.suptitle(f"Gemma-3-270M, real-text QA, {payload['inputs']['documents']} documents × "
                  f"{payload['inputs']['questions']} questions, AM-HighestAttnKeys")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import ask_all, documents_and_questions, summarize
@@ -168,20 +169,14 @@ def main() -> None:
                          "resident_copies": resident_copies(running.worker_urls, questions, documents)})
     payload = {**environment(), "inputs": {**vars(args), "document_tokens": [len(ids) for ids in documents]},
                "rows": rows, "registration_comparison": comparison}
-    output = write_json(Path(args.output), payload)
-    plot(payload, output.with_suffix(".png"))
-    print(f"wrote {output}")
+    finish(payload, Path(args.output), plot)
 
 
-def plot(payload: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = payload["rows"]
     names = [row["config"].replace(", ", "\n") for row in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig = Figure(figsize=(15, 4.5))
+    axes = fig.subplots(1, 3)
     for axis, key, label in [(axes[0], "request_throughput", "requests / s"), (axes[1], "ttft_p50", "TTFT p50 (s)"),
                              (axes[2], "hit_rate", "hit rate")]:
         axis.bar(names, [row[key] or 0 for row in rows], color=["tab:gray" if "stock" in n else "tab:blue" for n in names])
@@ -190,8 +185,7 @@ def plot(payload: dict, path) -> None:
     inputs = payload["inputs"]
     fig.suptitle(f"{inputs['documents']} documents × {inputs['questions']} questions, {inputs['max_total_tokens']} slots "
                  f"per server or rank, concurrency {inputs['concurrency']} (grey: stock SGLang)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

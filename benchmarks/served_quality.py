@@ -22,7 +22,8 @@ import re
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import ask_all, choice_logprobs, documents_and_questions
@@ -111,20 +112,14 @@ def main() -> None:
     payload = {**environment(), "inputs": {**vars(args), "output": str(args.output),
                                            "document_tokens": [len(ids) for ids in document_ids],
                                            "fact_positions": positions}, "rows": results}
-    output = write_json(args.output, payload)
-    plot(payload, output.with_suffix(".png"))
-    print(f"wrote {output}")
+    finish(payload, args.output, plot)
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = payload["rows"]
     full = rows[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for axis, key, label in [(axes[0], "choice_accuracy", "multiple choice (likelihood)"),
                              (axes[1], "answer_accuracy", "short answer (greedy exact match)")]:
         axis.axhline(full[key], color="black", linestyle="--", label="full context")
@@ -140,8 +135,7 @@ def plot(payload: dict, path: Path) -> None:
     inputs = payload["inputs"]
     fig.suptitle(f"Gemma-3-270M served, real-text QA: {inputs['documents']} documents × {inputs['questions']} questions, "
                  f"~{sum(inputs['document_tokens']) // len(inputs['document_tokens'])} tokens each")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

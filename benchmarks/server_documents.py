@@ -16,7 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.client import DocumentsClient
@@ -79,19 +80,13 @@ def main() -> None:
         "full_prefix": {"T": len(ids), "accuracy": full_accuracy},
         "rows": rows,
     }
-    path = write_json(Path(args.output), payload)
-    plot(payload, path.with_suffix(".png"))
-    print(f"wrote {path}")
+    finish(payload, Path(args.output), plot)
 
 
-def plot(payload: dict, path) -> None:
+def plot(payload: dict) -> Figure:
     """Accuracy and registration time against the KV slots each document holds, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
     for method in dict.fromkeys(row["method"] for row in payload["rows"]):
         rows = [row for row in payload["rows"] if row["method"] == method]
         slots = [row["slots"] for row in rows]
@@ -104,8 +99,7 @@ def plot(payload: dict, path) -> None:
               xscale="log", yscale="log")
     left.legend(fontsize=7)
     fig.suptitle(f"Compacted documents served by SGLang: recall model, T = {full['T']}, CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
 
 from sglang_am.client import http_json
 from sglang_am.recall_model import recall_task
@@ -352,8 +352,8 @@ def main() -> None:
         with serving(flags, env=env) as url:
             result = Soak(url, args, faults).run()
             result["server_alive_at_end"] = http_json("GET", f"{url}/health")[0] == 200
-    write_json(args.out, {**environment(), "arguments": {**vars(args), "out": str(args.out)}, "server_flags": flags,
-                          "result": result})
+    finish({**environment(), "arguments": {**vars(args), "out": str(args.out)}, "server_flags": flags, "result": result},
+           args.out)
     counters = result["server_stats"]["counters"] if isinstance(result["server_stats"], dict) else {}
     print(json.dumps({k: result[k] for k in ("seconds", "operations", "failures", "intended_refusals", "leaks",
                                              "sentinel_mismatches", "hostile_inputs", "faults_injected", "lost_documents",

@@ -25,17 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from common import RESULTS_DIR, PeakMemory, environment, finish
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from common import RESULTS_DIR, PeakMemory, environment, write_json  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sglang_am import compact, evaluate  # noqa: E402
-from sglang_am.core.block import SCORE_DTYPES, query_chunk_for  # noqa: E402
-from sglang_am.core.synthetic import clustered_block  # noqa: E402
+from sglang_am import compact, evaluate
+from sglang_am.core.block import SCORE_DTYPES, query_chunk_for
+from sglang_am.core.synthetic import clustered_block
 
 METHODS = ["AM-HighestAttnKeys", "AM-OMP-fast", "AM-OMP", "H2O+", "SnapKV", "PyramidKV", "KVzip-uniform", "KVzip"]
 EXTRA_OPTIONS = {"PyramidKV": {"layer": 0, "num_layers": 1}}
@@ -177,9 +174,11 @@ def loop_agreement(block, batched, loop_results) -> dict:
     }
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(payload: dict) -> Figure:
+    rows = payload["results"]
     lengths = sorted({row["T"] for row in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(lengths), 4.5))
+    axes = fig.subplots(1, len(lengths), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         subset = [row for row in rows if row["T"] == length]
         names = [row["method"] for row in subset]
@@ -192,9 +191,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"T={length}, budget={subset[0]['budget']}")
         ax.legend()
     fig.suptitle("sglang-am solver time: batched over heads vs per-head loop")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
@@ -265,14 +262,7 @@ def main() -> None:
         **environment(),
         "results": rows,
     }
-    json_path = write_json(args.output, payload)
-    plot_path = plot_path_for(json_path)
-    plot(rows, plot_path)
-    print(f"wrote {json_path} and {plot_path}")
-
-
-def plot_path_for(json_path: Path) -> Path:
-    return json_path.with_suffix(".png")
+    finish(payload, args.output, plot)
 
 
 if __name__ == "__main__":

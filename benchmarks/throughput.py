@@ -28,7 +28,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, write_json
+from common import RESULTS_DIR, environment, finish
+from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import ask_all, choice_accuracy, document_questions, documents_and_questions, summarize
@@ -152,9 +153,7 @@ def main() -> None:
     capacity = measure_capacity(args, tokenizer, path, workload) if args.capacity else None
     payload = {**environment(), "inputs": {**vars(args), "workload": workload, "document_tokens": lengths},
                "rows": rows, "capacity": capacity}
-    output = write_json(Path(args.output), payload)
-    plot(payload, output.with_suffix(".png"))
-    print(f"wrote {output}")
+    finish(payload, Path(args.output), plot)
 
 
 def measure_capacity(args, tokenizer, path: str, workload: str) -> dict:
@@ -188,15 +187,11 @@ def measure_capacity(args, tokenizer, path: str, workload: str) -> dict:
     return result
 
 
-def plot(payload: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(payload: dict) -> Figure:
     rows = payload["rows"]
     names = [row["config"].replace(", ", "\n").replace(" @ ", "\n@ ") for row in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig = Figure(figsize=(14, 4.2))
+    axes = fig.subplots(1, 3)
     for axis, key, label in [(axes[0], "request_throughput", "requests / s"), (axes[1], "ttft_p50", "TTFT p50 (s)"),
                              (axes[2], "resident_documents",
                               f"resident documents of {len(payload['inputs']['document_tokens'])}")]:
@@ -210,8 +205,7 @@ def plot(payload: dict, path) -> None:
     inputs = payload["inputs"]
     fig.suptitle(f"Batch QA, {len(inputs['document_tokens'])} documents × {inputs['questions']} questions, "
                  f"pool {inputs['max_total_tokens']} slots, concurrency {inputs['concurrency']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

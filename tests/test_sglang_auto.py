@@ -6,47 +6,33 @@ SGLang's Prometheus ``/metrics``."""
 import re
 import time
 import urllib.request
+from functools import partial
 
 import pytest
 import torch
 
 from sglang_am.client import http_json
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.recall_model import default_model_path, load_recall_model, recall_task
+from sglang_am.recall_model import load_recall_model, recall_task
 from sglang_am.serve import serving
+
+from . import live_server
+from .live_server import STRICT_CHECKS
 
 pytestmark = pytest.mark.slow
 KEEP_FIRST, KEEP_LAST, RATIO, BUDGET = 4, 16, 0.1, 40
 KEY = "admin-key"  # the store's routes need the server's admin key
 AUTO_FLAGS = ["--am-auto", "--am-auto-min-tokens", "64", "--am-auto-min-requests", "3", "--am-auto-poll-seconds", "0.2",
               "--am-auto-ratio", str(RATIO), "--am-auto-budget", str(BUDGET)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
+ok = partial(live_server.ok, key=KEY)
 
 
 @pytest.fixture(scope="module")
 def server(store_dir):
-    env = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     flags = ["--max-total-tokens", "8192", "--dtype", "float32", "--enable-metrics", *AUTO_FLAGS,
              "--am-store-dir", str(store_dir), "--admin-api-key", KEY]
-    with serving(flags, env=env) as url:
+    with serving(flags, env=STRICT_CHECKS) as url:
         yield url
-
-
-def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload, KEY)
-    assert status == 200, (status, body)
-    return body
 
 
 def generate(server, text):

@@ -6,6 +6,7 @@ that leaves the document only in its last tokens is counted as a boundary miss; 
 
 import json
 import shutil
+from functools import partial
 
 import pytest
 import torch
@@ -15,8 +16,11 @@ from sglang_am.client import http_json
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.serve import serving
 
+from . import live_server
+
 pytestmark = pytest.mark.slow
 KEY = "admin-key"
+ok = partial(live_server.ok, key=KEY)
 SPECIAL = ["<|im_start|>", "<|im_end|>"]
 # Words the recall vocabulary lacks: the roles, and first words that make the next turn's tokens differ.
 WORDS = ["system", "user", "assistant", "A", "1", "z"]
@@ -53,12 +57,6 @@ def server(model_dir):
              "--admin-api-key", KEY]
     with serving(flags) as url:
         yield url
-
-
-def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload, KEY)
-    assert status == 200, (status, body)
-    return body
 
 
 def test_a_document_registered_as_messages_serves_chat_completions_as_generate_does(server):

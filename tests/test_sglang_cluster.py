@@ -11,17 +11,10 @@ import pytest
 from sglang_am.batch_qa import complete
 from sglang_am.client import ClusterDocuments, DocumentsClient, http_json
 from sglang_am.cluster import cluster
-from sglang_am.recall_model import default_model_path, recall_task
+from sglang_am.recall_model import recall_task
 
 pytestmark = pytest.mark.slow
 GREEDY = {"max_new_tokens": 1, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_path())
 
 
 @pytest.fixture(scope="module")

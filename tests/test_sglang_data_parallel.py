@@ -2,37 +2,27 @@
 registered once and served compacted by both ranks with the same slots, listed with each rank's state,
 dropped on both, refused by the whole server when one rank cannot take it, saved and loaded on both."""
 
+from functools import partial
+
 import pytest
 
 from sglang_am.client import http_json
-from sglang_am.recall_model import default_model_path, recall_task
+from sglang_am.recall_model import recall_task
 from sglang_am.serve import serving
+
+from . import live_server
 
 pytestmark = pytest.mark.slow
 ADMIN = "admin-key"
 GREEDY = {"max_new_tokens": 1, "temperature": 0}
+ok = partial(live_server.ok, key=ADMIN)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def faults(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "faults"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, faults):
-    store = tmp_path_factory.mktemp("store")
+def server(store_dir, faults):
     env = {"SGLANG_AM_TEST_FAULTS": str(faults), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     flags = ["--dp-size", "2", "--max-total-tokens", "8192", "--dtype", "float32", "--admin-api-key", ADMIN,
-             "--am-store-dir", str(store)]
+             "--am-store-dir", str(store_dir)]
     with serving(flags, env=env) as url:
         yield url
 
@@ -43,12 +33,6 @@ def no_documents_left(server):
     yield
     for doc in ok(server, "GET", "/am/documents")["documents"]:
         ok(server, "DELETE", f"/am/documents/{doc['doc_id']}")
-
-
-def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload, ADMIN)
-    assert status == 200, (status, body)
-    return body
 
 
 def document(tokenizer, seed):

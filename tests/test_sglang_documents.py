@@ -20,6 +20,8 @@ from sglang_am.recall_model import default_model_path, load_recall_model, recall
 from sglang_am.serve import serving
 from sglang_am.server.cpu import cpu_environment, has_cuda
 
+from .live_server import STRICT_CHECKS
+
 pytestmark = pytest.mark.slow
 KEY = "test-key"  # --api-key: ordinary requests
 ADMIN = "admin-key"  # --admin-api-key: the /am/ routes (SGLang's ADMIN_OPTIONAL rule with both keys set)
@@ -29,22 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture(scope="module")
 def server(store_dir):
-    # Strict idle memory checks are SGLang's default: a leaked or double-counted slot stops the scheduler.
-    env = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
-    with serving([*FLAGS, "--api-key", KEY, "--admin-api-key", ADMIN, "--am-store-dir", str(store_dir)], env=env) as url:
+    flags = [*FLAGS, "--api-key", KEY, "--admin-api-key", ADMIN, "--am-store-dir", str(store_dir)]
+    with serving(flags, env=STRICT_CHECKS) as url:
         yield url
 
 

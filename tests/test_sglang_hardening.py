@@ -21,9 +21,11 @@ import torch
 
 from sglang_am.client import http_json
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.recall_model import default_model_path, recall_task
+from sglang_am.recall_model import recall_task
 from sglang_am.serve import free_port, healthy, serving
 from sglang_am.server.registry import document_id
+
+from .live_server import STRICT_CHECKS
 
 pytestmark = pytest.mark.slow
 ADMIN = "admin-key"
@@ -34,33 +36,13 @@ QUOTA = 40_000  # bytes: room for one small saved document (about 24 kB), not tw
 FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--admin-api-key", ADMIN,
          "--am-solve-timeout", str(SOLVE_TIMEOUT), "--am-max-registrations", "2", "--am-rpc-timeout", str(RPC_TIMEOUT),
          "--am-max-body-bytes", str(BODY_LIMIT), "--am-capture-memory-bytes", "1MiB", "--am-store-quota-bytes", str(QUOTA)]
-ENV = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 # An OMP solve at half a 1.2k-token document takes far longer than SOLVE_TIMEOUT on this model.
 SLOW = {"ratio": 0.5, "method": "AM-OMP", "query_source": "context-prefill", "max_queries_per_head": 1000}
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def faults(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "active"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture(scope="module")
 def server(store_dir, faults):
-    with serving([*FLAGS, "--am-store-dir", str(store_dir)], env={**ENV, "SGLANG_AM_TEST_FAULTS": str(faults)}) as url:
+    with serving([*FLAGS, "--am-store-dir", str(store_dir)], env={**STRICT_CHECKS, "SGLANG_AM_TEST_FAULTS": str(faults)}) as url:
         yield url
 
 
@@ -443,7 +425,7 @@ def test_sigterm_mid_solve_stops_within_10_s_and_a_kill_mid_solve_leaves_the_sto
     ids, prompts = ids_of(tokenizer, seed=40)
     slow_ids, _ = ids_of(tokenizer, seed=41, pairs=600)
     for stop in (signal.SIGTERM, signal.SIGKILL):
-        process, url = start(flags, ENV)
+        process, url = start(flags, STRICT_CHECKS)
         try:
             if stop == signal.SIGTERM:
                 saved_id = ok(url, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1})["doc_id"]
@@ -461,7 +443,7 @@ def test_sigterm_mid_solve_stops_within_10_s_and_a_kill_mid_solve_leaves_the_sto
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    process, url = start(flags, ENV)
+    process, url = start(flags, STRICT_CHECKS)
     try:
         assert ok(url, "POST", f"/am/documents/{saved_id}/load")["state"] == "ready"
         status, out = call(url, "POST", "/generate", {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 1}})

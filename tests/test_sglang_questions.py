@@ -9,39 +9,20 @@ import time
 import pytest
 
 from sglang_am.client import http_json
-from sglang_am.recall_model import default_model_path, recall_task
+from sglang_am.recall_model import recall_task
 from sglang_am.serve import serving
+
+from .live_server import STRICT_CHECKS, ok
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--am-adapt-refit-every", "32"]
-ENV = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 GREEDY = {"max_new_tokens": 1, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def faults(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "active"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(faults):
-    with serving(FLAGS, env={**ENV, "SGLANG_AM_TEST_FAULTS": str(faults)}) as url:
+    with serving(FLAGS, env={**STRICT_CHECKS, "SGLANG_AM_TEST_FAULTS": str(faults)}) as url:
         yield url
-
-
-def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload)
-    assert status == 200, (status, body)
-    return body
 
 
 def task(tokenizer, seed, questions=16):

@@ -12,7 +12,6 @@ import torch
 from sglang_am.client import http_json
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.serve import launch_command, serving
-from sglang_am.server.compat import check_sglang
 from sglang_am.server.cpu import SHIM_DIR, bind_rank_threads, cpu_environment, cpu_server_flags
 
 
@@ -98,17 +97,6 @@ def test_launcher_picks_the_attention_backend_by_device_unless_forced(monkeypatc
     assert command.count("--attention-backend") == 1 and backend(command) == "flashinfer"
     monkeypatch.setattr(serve, "has_cuda", lambda: False)
     assert backend(serve.launch_command([])[0]) == "torch_native"
-
-
-def test_compat_check_names_the_version_and_the_signature():
-    check_sglang()  # the pinned release
-    with pytest.raises(RuntimeError, match=r"needs sglang==9\.9\.9, found sglang 0\.5\.23"):
-        check_sglang(expected_version="9.9.9")
-    target = "sglang.srt.mem_cache.registry.register_radix_cache_backend"
-    with pytest.raises(RuntimeError, match="differs from the expected"):
-        check_sglang(signatures={target: ("name",)})
-    with pytest.raises(RuntimeError, match="has no"):
-        check_sglang(signatures={"sglang.srt.mem_cache.registry.no_such_function": ()})
 
 
 def test_plugin_is_an_entry_point_and_registers_only_when_enabled(monkeypatch):

@@ -5,6 +5,8 @@ the transformers adapter gives for the same ``CompactedPrefix``, also once the s
 moved the window past the document, with the windows verbatim or compacted; prompt log-probs line up
 with the client's tokens; the node's bytes are reported per layer type."""
 
+from functools import partial
+
 import pytest
 import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
@@ -15,10 +17,13 @@ from sglang_am.prefix import CompactedPrefix
 from sglang_am.recall_model import default_model_path
 from sglang_am.serve import serving
 
+from . import live_server
+
 pytestmark = pytest.mark.slow
 WINDOW = 8  # transformers' sliding_window: a token sees the 7 before it (SGLang's sliding_window_size)
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 KEY = "admin-key"
+ok = partial(live_server.ok, key=KEY)
 STEPS = 12  # decode steps: longer than the window, so the answer's window leaves the document
 
 
@@ -45,12 +50,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(model_dir):
     return use_sglang_am_attention(Gemma3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
-
-
-def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload, KEY)
-    assert status == 200, (status, body)
-    return body
 
 
 def ids(length, seed):

@@ -3,51 +3,38 @@ model, float32). Without CUDA, SGLang's Triton extend/decode kernels, with our `
 Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in ``conftest.py``). Registration
 (query capture), extend and decode with documents are checked against the transformers adapter."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from sglang_am.client import http_json
 from sglang_am.hf import forward_after_prefix
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.recall_model import default_model_path, load_recall_model, recall_task
+from sglang_am.recall_model import load_recall_model, recall_task
 from sglang_am.serve import serving
+
+from . import live_server
+from .live_server import STRICT_CHECKS
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--attention-backend", "triton"]
 BIAS_SLOTS = 100  # room for the documents these tests keep at once: a third one is refused
 KEY = "admin-key"  # the store's routes need the server's admin key
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
+ok = partial(live_server.ok, key=KEY)
 
 
 @pytest.fixture(scope="module")
 def server(store_dir):
-    env = {"SGLANG_ENABLE_TREE_CACHE_SANITY_CHECK": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     flags = [*FLAGS, "--am-bias-slots", str(BIAS_SLOTS), "--am-store-dir", str(store_dir), "--admin-api-key", KEY]
-    with serving(flags, env=env) as url:
+    with serving(flags, env=STRICT_CHECKS) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_path())
 
 
 @pytest.fixture(scope="module")
 def model():
     return load_recall_model()[0]
-
-
-def ok(server, method, path, payload=None):
-    status, body = http_json(method, server + path, payload, KEY)
-    assert status == 200, (status, body)
-    return body
 
 
 def register(server, tokenizer, store_dir, seed, ratio):

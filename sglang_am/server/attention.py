@@ -26,6 +26,8 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
+from .registry import RequestRecord
+
 
 @dataclasses.dataclass
 class CaptureSlice:
@@ -61,7 +63,8 @@ class DocumentRows:
 
     def bind(self, reqs) -> None:
         for req in reqs:
-            entry = (getattr(req, "am_served", None), getattr(req, "am_capture", None))
+            record = RequestRecord.of(req)
+            entry = (record.served, record.capture)
             if entry == (None, None):
                 self._by_row.pop(req.kv.req_pool_idx, None)
             else:

@@ -23,7 +23,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from ..prefix import CompactedPrefix
 from .errors import DocumentError
 from .layout import check_layout
-from .registry import DocumentRegistry, Installed, virtual_ids
+from .registry import DocumentRegistry, Installed, RequestRecord, virtual_ids
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,7 +48,7 @@ class AMRadixCache(RadixCache):
         # Only clients' plain requests in the default namespace count as reuse: not documents' requests,
         # registrations' internal ones, nor LoRA and other namespaces (they never share a compacted node).
         if tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (
-            getattr(req, "am_served", None) is None and not getattr(req, "am_internal", False)
+            RequestRecord.of(req).served is None and not RequestRecord.of(req).internal
         ):
             tracker.observe(req.origin_input_ids, req.rid)
         return result

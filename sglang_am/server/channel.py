@@ -23,6 +23,7 @@ from http import HTTPStatus
 from sglang.srt.managers.io_struct import BaseReq
 
 from .errors import DocumentError
+from .protocol import Operation
 
 RPC_METHOD = "am_call"
 
@@ -51,15 +52,16 @@ class SchedulerChannel:
         from sglang.utils import TypeBasedDispatcher
 
         hook_custom_types(DocumentCallReqOutput)  # so this process decodes the schedulers' answers
+        # A private member, replaced by itself plus this handler (``compat.HOOKED_ATTRIBUTES`` checks it).
         tokenizer_manager._result_dispatcher += TypeBasedDispatcher([(DocumentCallReqOutput, self._receive)])
         self.tokenizer_manager, self.timeout = tokenizer_manager, timeout
         self.num_ranks = get_parallel().num_dp_ranks
         self._sequence = itertools.count()
         self._waiting: dict[int, tuple[asyncio.Future, dict[int, DocumentCallReqOutput]]] = {}
 
-    async def call(self, op: str, ranks: Sequence[int] | None = None, **payload) -> list[dict | DocumentError | None]:
-        """Every rank's result of ``op`` in rank order: its JSON result, the ``DocumentError`` it raised, or
-        None for a rank not in ``ranks``. ``DocumentError`` (504) when some rank does not answer in time."""
+    async def call(self, operation: Operation, ranks: Sequence[int] | None = None) -> list[dict | DocumentError | None]:
+        """Every rank's result of ``operation`` in rank order: its JSON result, the ``DocumentError`` it raised,
+        or None for a rank not in ``ranks``. ``DocumentError`` (504) when some rank does not answer in time."""
         from sglang.srt.managers.io_struct import RpcReqInput
 
         manager = self.tokenizer_manager
@@ -68,7 +70,8 @@ class SchedulerChannel:
         done = asyncio.get_running_loop().create_future()
         answers: dict[int, DocumentCallReqOutput] = {}
         self._waiting[seq] = (done, answers)
-        parameters = {"op": op, "payload": json.dumps(payload), "seq": seq,
+        op = operation.name
+        parameters = {"op": op, "fields": operation.encode(), "seq": seq,
                       "ranks": json.dumps(None if ranks is None else list(ranks))}
         try:
             manager._dispatch_to_scheduler(RpcReqInput(method=RPC_METHOD, parameters=parameters))

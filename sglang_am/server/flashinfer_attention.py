@@ -20,7 +20,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang_am.kernels.flashinfer_bias import jit_args
 
 from .attention import DocumentBiasRows
-from .compat import FLASHINFER_SIGNATURES, check_sglang
+from .compat import FLASHINFER_ATTRIBUTES, FLASHINFER_SIGNATURES, check_sglang
 from .config import server_config
 
 
@@ -30,6 +30,7 @@ def _bias_wrapper(base: type, backend: AMFlashInferAttnBackend, forced: dict) ->
             super().__init__(*args, **{**kwargs, **forced})
 
         def run(self, q, paged_kv_cache, *args, **kwargs):
+            # FlashInfer keeps plan()'s scale private (``compat.FLASHINFER_ATTRIBUTES`` checks it is there).
             scale = self._sm_scale if self._sm_scale is not None else q.shape[-1] ** -0.5
             return super().run(q, paged_kv_cache, *backend.variant_arguments(), scale, *args, **kwargs)
 
@@ -44,7 +45,7 @@ class AMFlashInferAttnBackend(DocumentBiasRows, FlashInferAttnBackend):
     ROWS_PER_TOKEN = False  # the variant reads its row by request (batch_idx)
 
     def __init__(self, model_runner, *args, **kwargs):
-        check_sglang(signatures=FLASHINFER_SIGNATURES)
+        check_sglang(signatures=FLASHINFER_SIGNATURES, attributes=FLASHINFER_ATTRIBUTES)
         config = model_runner.model_config
         if not model_runner.spec_algorithm.is_none():
             raise ValueError("sglang-am's flashinfer backend does not support speculative decoding "
@@ -75,6 +76,7 @@ class AMFlashInferAttnBackend(DocumentBiasRows, FlashInferAttnBackend):
 
     @contextlib.contextmanager
     def _building_bias_wrappers(self):
+        # Swaps module names SGLang's code reads at call time (``compat.FLASHINFER_ATTRIBUTES`` lists them).
         saved = {name: getattr(flashinfer_backend, name) for name in self._wrappers}
         try:
             for name, wrapper in self._wrappers.items():

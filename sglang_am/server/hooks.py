@@ -32,14 +32,14 @@ from http import HTTPStatus
 import torch
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
+from . import protocol
 from .capture import CaptureTag, capture_salt
 from .channel import RPC_METHOD, DocumentCallReqOutput
 from .errors import DocumentError
 from .registration import check_vocabulary
-from .registry import DocState, DocumentRegistry
+from .registry import DocState, DocumentRegistry, RequestRecord
 
 DOCUMENT_INFO_KEY = "am_document"
-QUIET_OPERATIONS = ("auto_poll", "stats", "get", "list", "advance", "job")  # polled: logged at debug level
 logger = logging.getLogger(__name__)
 
 
@@ -57,7 +57,7 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
         _tag_capture(registry, req, params)
         return req
     if params.get("am_op") == "sample":  # a registration's self-study answer: full prefix, not a reuse
-        req.am_internal = True
+        RequestRecord.attach(req).internal = True
         return req
     probe = params.get("am_op") == "probe"  # the registration measuring its document: served, counted nowhere
     forced = params.get("am_doc_id")
@@ -121,7 +121,7 @@ def _tag_capture(registry: DocumentRegistry, req, params: dict) -> None:
     except (KeyError, TypeError, ValueError):
         _abort(req, "capture requests are internal to document registration")
         return
-    req.am_capture = CaptureTag(doc, doc.capture, rows)
+    RequestRecord.attach(req).capture = CaptureTag(doc, doc.capture, rows)
 
 
 def after_stream_output(result, streamer, reqs, return_logprob, skip_req=None):
@@ -141,26 +141,26 @@ def after_process_batch_result(result, scheduler, batch, *args, **kwargs):
     if operations is None:
         return result
     for req in batch.reqs:
-        if getattr(req, "am_capture", None) is not None and req.finished():
-            if not isinstance(req.finished_reason, FINISH_ABORT):
-                req.am_capture.rows.finished = True
-                operations.hold_source(req.am_capture.document, req.cache_salt)
+        capture = RequestRecord.of(req).capture
+        if capture is not None and req.finished() and not isinstance(req.finished_reason, FINISH_ABORT):
+            capture.rows.finished = True
+            operations.registrations.hold_source(capture.document, req.cache_salt)
     if scheduler.tp_size == 1:  # with TP, ranks release together, in an RPC (and documents do not adapt)
-        operations.reap(scheduler)
-        operations.advance_refits(scheduler)
+        operations.registrations.reap(scheduler)
+        operations.refits.advance(scheduler)
     return result
 
 
 def after_on_idle(result, scheduler, *args, **kwargs):
     operations = getattr(scheduler.tree_cache, "operations", None)
     if operations is not None and scheduler.tp_size == 1:
-        operations.reap(scheduler)
-        operations.advance_refits(scheduler)
+        operations.registrations.reap(scheduler)
+        operations.refits.advance(scheduler)
     return result
 
 
 def after_init_max_new_tokens(result, scheduler, req):
-    served = getattr(req, "am_served", None)
+    served = RequestRecord.of(req).served
     if served is not None:
         logical = len(req.origin_input_ids) + served.position_offset
         limit = max(0, scheduler.max_req_len - logical - 1)
@@ -177,7 +177,7 @@ def after_init_new(forward_batch, cls, batch, model_runner, *args, **kwargs):
     if rows is None:  # not a bias-aware backend: documents are refused at registration
         return forward_batch
     rows.bind(batch.reqs)
-    served = [getattr(req, "am_served", None) for req in batch.reqs]
+    served = [RequestRecord.of(req).served for req in batch.reqs]
     if not any(served):
         return forward_batch
     offsets = torch.tensor([entry.position_offset if entry else 0 for entry in served],
@@ -199,10 +199,10 @@ def around_rpc(original, scheduler, recv_req):
     ranks = json.loads(parameters["ranks"])
     success, message = True, "null"
     if ranks is None or dp_rank in ranks:
-        (logger.debug if op in QUIET_OPERATIONS else logger.info)("sglang-am: document operation %s", op)
         try:
-            payload = json.loads(parameters["payload"])
-            message = json.dumps(scheduler.tree_cache.operations.call(scheduler, op, payload))
+            operation = protocol.decode(op, parameters["fields"])
+            (logger.debug if operation.quiet else logger.info)("sglang-am: document operation %s", op)
+            message = json.dumps(scheduler.tree_cache.operations.call(scheduler, operation))
         except Exception as error:  # the HTTP layer turns it into a status and a reason
             if isinstance(error, DocumentError):
                 status, text = error.status, error.message

@@ -10,7 +10,7 @@ import or registration time:
   ``triton`` (GPU default), ``flashinfer`` and ``torch_native`` (CPU, and the oracle of the other two);
 - the scheduler hooks of ``hooks``;
 - in the HTTP server's process, the ``/am/`` routes (``routes``) and, with ``SGLANG_AM_AUTO`` set, the
-  automatic-compaction poller (``service.AutoCompactor``).
+  automatic-compaction poller (``background.AutoCompactor``).
 """
 
 from __future__ import annotations
@@ -84,11 +84,12 @@ def _before_http_server(*args, **kwargs):
     from sglang.srt.entrypoints import http_server
 
     from .auto import policy_from_environment
+    from .background import AutoCompactor, load_store_at_start, run_during_lifespan
     from .channel import channel_for
     from .chat import ChatRenderer
     from .config import server_config
     from .routes import install_routes
-    from .service import AutoCompactor, DocumentService, load_store_at_start, run_during_lifespan
+    from .service import DocumentService
 
     bound = inspect.signature(http_server._setup_and_run_http_server).bind(*args, **kwargs).arguments
     config = server_config()

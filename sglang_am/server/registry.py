@@ -20,12 +20,25 @@ import functools
 import hashlib
 import time
 from array import array
+from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import torch
 
 from .auto import AutoPolicy, ReuseTracker
+from .errors import DocumentError
 from .layout import NodeLayout
 from .metrics import Stats
+from .store import check_document_id
+
+if TYPE_CHECKING:
+    from sglang.srt.mem_cache.radix_cache import TreeNode
+
+    from .adapt import Adaptation
+    from .cache import SourceHold
+    from .capture import CaptureTag, QueryCapture
+    from .jobs import Job
+    from .solve import SolvePlan
 
 # Virtual ids: -(1 + (index << 32) + slot). Negative, so they collide with no vocabulary id and no
 # multimodal pad id (those are large positive values); never embedded (always inside the prefix).
@@ -40,6 +53,9 @@ class DocState(enum.Enum):
     LOADING = "loading"
     WAITING = "waiting"  # on a data-parallel rank, for the rank that compacts it
     READY = "ready"
+
+
+IN_PROGRESS = (DocState.CAPTURING, DocState.SOLVING, DocState.LOADING, DocState.WAITING)
 
 
 def virtual_ids(index: int, count: int) -> array:
@@ -58,8 +74,8 @@ class Installed:
     """One version of a document in the KV pool and the tree: its slots, its pinned node, and beta per layer."""
 
     slots: torch.Tensor  # [t] KV-pool slot indices
-    node: object
-    pin: object
+    node: TreeNode
+    pin: TreeNode  # the node's parent path, locked while the version is installed
     bias: list[torch.Tensor]  # per layer [H_kv, t] float32, on the pool's device
     head_slots: list[list[int]]  # per layer, real slots per KV head (the rest is padding)
     layout: NodeLayout  # where each layer's slots sit in the node
@@ -93,17 +109,17 @@ class Document:
     state: DocState
     timings: dict = dataclasses.field(default_factory=dict)
     # While registering or loading (released by whoever ends that state):
-    capture: object = None  # capture.QueryCapture
-    source: object = None  # cache.SourceHold: the captured KV, locked in the tree
-    job: object = None  # jobs.Job: the solve or the store read in flight
-    plan: object = None  # solve.SolvePlan of a registration
+    capture: QueryCapture | None = None
+    source: SourceHold | None = None  # the captured KV, locked in the tree
+    job: Job | None = None  # the solve or the store read in flight
+    plan: SolvePlan | None = None  # a registration's
     salt: str = ""  # the capture requests' cache namespace
     adapt_bytes: int = 0  # host memory an adapting document reserved at admission (``adapt``)
     handoff: bool = False  # loading another data-parallel rank's compaction
     # Once ready:
     installed: Installed | None = None  # the version new requests are served from
     retired: list[Installed] = dataclasses.field(default_factory=list)  # earlier versions requests still hold
-    adaptation: object = None  # adapt.Adaptation: live queries and refits, for a document registered with adapt
+    adaptation: Adaptation | None = None  # live queries and refits, for a document registered with adapt
     users: int = 0  # requests rewritten to it that have not ended
     requests_served: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -153,7 +169,8 @@ class Document:
 
 @dataclasses.dataclass(eq=False)
 class Served:
-    """What a request rewritten to a document holds (``req.am_served``): the document and the version it started on."""
+    """What a request rewritten to a document holds (``RequestRecord.served``): the document and the version it
+    started on."""
 
     document: Document
     version: Installed
@@ -164,6 +181,31 @@ class Served:
     def position_offset(self) -> int:
         """Added to the RoPE positions of the request's tokens after the document: ``T - t``."""
         return self.document.length - self.version.num_slots
+
+
+@dataclasses.dataclass(eq=False)
+class RequestRecord:
+    """The extension's state on one SGLang ``Req``, its ``am`` attribute (the one it adds to SGLang's ``Req``)."""
+
+    internal: bool = False  # a registration's own request (self-study sample): not a client's reuse
+    capture: CaptureTag | None = None  # a registration's capture request: the rows it records
+    served: Served | None = None  # the document the request was rewritten to
+
+    @staticmethod
+    def attach(req) -> RequestRecord:
+        """``req``'s record, created on the first write."""
+        record = getattr(req, "am", None)
+        if record is None:
+            record = req.am = RequestRecord()
+        return record
+
+    @staticmethod
+    def of(req) -> RequestRecord:
+        """``req``'s record to read: an empty one for a request the extension never wrote to."""
+        return getattr(req, "am", None) or _NO_RECORD
+
+
+_NO_RECORD = RequestRecord()
 
 
 class DocumentRegistry:
@@ -190,6 +232,13 @@ class DocumentRegistry:
 
     def get(self, doc_id: str) -> Document | None:
         return self.documents.get(doc_id)
+
+    def existing(self, doc_id: str) -> Document:
+        """The document ``doc_id``, in any state: a malformed id is a 400, an unknown one a 404."""
+        doc = self.documents.get(check_document_id(doc_id))
+        if doc is None:
+            raise DocumentError(HTTPStatus.NOT_FOUND, f"no document {doc_id}")
+        return doc
 
     def ready(self, doc_id: str) -> Document | None:
         doc = self.documents.get(doc_id)
@@ -236,13 +285,13 @@ class DocumentRegistry:
         doc.installed.users += 1
         doc.requests_served += counted
         doc.last_used = time.monotonic()
-        req.am_served = served
+        RequestRecord.attach(req).served = served
         return served
 
     @staticmethod
     def release(req) -> None:
         """``req`` ended (finished, aborted or rejected); idempotent."""
-        served = getattr(req, "am_served", None)
+        served = RequestRecord.of(req).served
         if served is not None and served.held:
             served.held = False
             served.document.users -= 1

@@ -29,6 +29,7 @@ class AMTritonAttnBackend(DocumentBiasRows, TritonAttnBackend):
             # included, one short of the ``sliding_window_size + 1`` that its extend kernel, torch_native,
             # FlashInfer and transformers see (sglang#32087). The gathered windows (eager and CUDA-graph
             # buffers) take one key more; extend stays exact because its kernel masks by the layer's own size.
+            # (``compat.HOOKED_ATTRIBUTES`` checks that SGLang's backend still keeps this attribute.)
             self.sliding_window_size += 1
         self.bias_table = self.make_bias_table(model_runner, self.num_head, self.num_kv_head, server_config().bias_slots)
 

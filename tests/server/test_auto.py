@@ -1,13 +1,14 @@
-"""Automatic compaction's policy, launcher flags, reuse tracker and counters (no server)."""
+"""Automatic compaction's policy, launcher flags, reuse tracker and eviction order (no server)."""
 
 import json
 
 import pytest
 
 from sglang_am.serve import launch_command, split_am_flags
-from sglang_am.server.auto import POLICY_VARIABLE, AutoPolicy, ReuseTracker, policy_from_environment
+from sglang_am.server.auto import POLICY_VARIABLE, AutoPolicy, ReuseTracker, eviction_order, policy_from_environment
 from sglang_am.server.config import CONFIG_VARIABLE, GiB, ServerConfig
-from sglang_am.server.metrics import Stats
+
+from .samples import document
 
 POLICY = AutoPolicy(min_tokens=8, min_requests=3, window_seconds=10.0, keep_first=2, keep_last=3)
 DOC = list(range(100, 120))  # 20 shared tokens
@@ -130,16 +131,12 @@ def test_launcher_turns_am_flags_into_the_config_and_policy_and_passes_the_rest_
         assert reason in capsys.readouterr().err
 
 
-def test_stats_count_by_label_and_refuse_wrong_labels():
-    stats = Stats()
-    stats.add("compactions", origin="auto")
-    stats.add("compactions", origin="auto")
-    stats.add("fallbacks", reason="not_ready")
-    stats.set(documents=2)
-    snapshot = stats.snapshot()
-    assert snapshot["counters"]["compactions"] == {"auto": 2}
-    assert snapshot["counters"]["fallbacks"] == {"not_ready": 1}
-    assert snapshot["counters"]["hits"] == 0
-    assert snapshot["gauges"]["documents"] == 2
-    with pytest.raises(ValueError, match="origin"):
-        stats.add("compactions")
+def test_eviction_takes_the_least_recently_used_idle_automatic_documents():
+    old, busy, recent, explicit = (document(i, auto=True, slots=10, last_used=t)
+                                   for i, t in ((1, 1.0), (2, 2.0), (3, 3.0), (4, 0.0)))
+    explicit.auto = False
+    busy.users = 1
+    assert eviction_order([old, busy, recent, explicit], budget=30, width=10) == [old]
+    assert eviction_order([old, busy, recent, explicit], budget=30, width=20) == [old, recent]
+    assert eviction_order([old, busy, recent, explicit], budget=30, width=25) is None  # busy stays
+    assert eviction_order([old], budget=30, width=5) == []

@@ -1,0 +1,194 @@
+"""The document operations the HTTP process asks of each scheduler: one request record per operation.
+
+Both sides of the ``channel`` use these records: the HTTP process (``service``) builds one, the channel
+sends its ``name`` and fields as JSON, and the scheduler (``hooks.around_rpc``) rebuilds it with
+``decode`` before ``operations`` runs it. A result is the JSON object the operation answers with; its
+``TypedDict`` says which keys the other side reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from http import HTTPStatus
+from typing import ClassVar, TypedDict
+
+from .errors import DocumentError
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    name: ClassVar[str]
+    quiet: ClassVar[bool] = False  # polled: the scheduler logs it at debug level
+
+    def encode(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class ListDocuments(Operation):
+    name = "list"
+    quiet = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GetDocument(Operation):
+    name = "get"
+    quiet = True
+    doc_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepare(Operation):
+    """Validate and admit a registration and reserve its id; ranks other than ``primary`` wait for its copy."""
+
+    name = "prepare"
+    request: dict  # ``RegistrationRequest.to_payload``
+    input_ids: list[int]
+    auto: bool = False
+    primary: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Advance(Operation):
+    """Move a registration on: start its solve, install a finished one, or read the ``handoff`` of its copy."""
+
+    name = "advance"
+    quiet = True
+    doc_id: str
+    timings: dict | None = None
+    handoff: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Abandon(Operation):
+    name = "abandon"
+    doc_id: str
+    ready_too: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteFidelity(Operation):
+    name = "note_fidelity"
+    doc_id: str
+    figures: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Drop(Operation):
+    name = "drop"
+    doc_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Save(Operation):
+    name = "save"
+    doc_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Load(Operation):
+    name = "load"
+    doc_id: str
+    auto: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Export(Operation):
+    """Write a ready document as a handoff for the other data-parallel ranks."""
+
+    name = "export"
+    doc_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseHandoff(Operation):
+    name = "release_handoff"
+    handoff: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ListStored(Operation):
+    name = "store_list"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteStored(Operation):
+    name = "store_delete"
+    doc_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PollJob(Operation):
+    """A save or store job's state: ``JobState``."""
+
+    name = "job"
+    quiet = True
+    job: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats(Operation):
+    name = "stats"
+    quiet = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PollAutoCandidates(Operation):
+    name = "auto_poll"
+    quiet = True
+
+
+OPERATIONS: dict[str, type[Operation]] = {kind.name: kind for kind in (
+    ListDocuments, GetDocument, Prepare, Advance, Abandon, NoteFidelity, Drop, Save, Load, Export, ReleaseHandoff,
+    ListStored, DeleteStored, PollJob, Stats, PollAutoCandidates)}
+
+
+def decode(name: str, fields: str) -> Operation:
+    """The operation ``name`` with its JSON ``fields``, as the HTTP process encoded it."""
+    kind = OPERATIONS.get(name)
+    if kind is None:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, f"unknown document operation {name!r}")
+    try:
+        return kind(**json.loads(fields))
+    except TypeError as error:
+        raise DocumentError(HTTPStatus.BAD_REQUEST, f"bad fields for {name}: {error}") from None
+
+
+class Description(TypedDict, total=False):
+    """A document as one rank describes it (``registry.Document.describe``; more keys than the ones read here)."""
+
+    doc_id: str
+    state: str
+    requests_served: int
+    requests_active: int
+    timings: dict
+
+
+class Prepared(Description, total=False):
+    existing: bool  # the document was there already: nothing was reserved
+    salt: str  # the cache salt of its capture requests (a new registration on its primary rank)
+
+
+class Dropped(TypedDict, total=False):
+    doc_id: str
+    dropped: bool
+    freed_slots: int
+    cancelled: str  # the state a registration in progress was dropped in
+
+
+class JobStarted(TypedDict):
+    job: str
+
+
+class JobState(TypedDict, total=False):
+    done: bool  # then the job's own result's keys
+
+
+class AutoCandidate(TypedDict):
+    doc_id: str
+    input_ids: list[int]
+
+
+class AutoCandidates(TypedDict):
+    candidates: list[AutoCandidate]

@@ -1,0 +1,388 @@
+"""The registrations of one scheduler process: prepare, advance, abandon, install, discard, drop.
+
+The HTTP process (``service``) drives a registration: ``prepare`` (validate, admit, reserve the id),
+the capture requests (ordinary prefills through the server, tagged by ``hooks``), then ``advance``
+until the document is ready: the first call hands the solve to the solver thread, a later one installs
+its result. With ``--dp-size N`` every rank runs ``prepare``; only the ``primary`` rank captures and
+solves, the others wait (``DocState.WAITING``) until the primary's copy is written as a handoff, which
+``advance`` then reads and installs on them as a load; a stored document's load (``store_operations``)
+is installed the same way. ``drop`` removes a document in any state, cancelling its solve. Each step
+releases what the previous one took when it fails, and ``reap`` releases what a cancelled solve still
+held once it has stopped. Automatic documents fit a budget: installing one evicts the least recently
+used idle ones (saved to the store first, if the policy says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from array import array
+from http import HTTPStatus
+
+from ..core.cancel import CompactionCancelled
+from ..core.plan import LayerPlan
+from ..prompts import SELF_STUDY_PROMPTS
+from . import adapt, faults
+from .admission import ServerRoom, admit
+from .auto import AUTO_LADDER_TOP, eviction_order
+from .cache import AMRadixCache, SourceHold
+from .capture import QueryCapture
+from .compat import check_compacted_windows, check_model, single_rank
+from .config import MiB, ServerConfig
+from .errors import DocumentError
+from .jobs import Job, QueueFull, Worker
+from .layout import compacts_windows
+from .protocol import Abandon, Advance, AutoCandidates, Description, Drop, Dropped, NoteFidelity, Prepare, Prepared
+from .registration import RegistrationRequest
+from .registry import IN_PROGRESS, DocState, Document, Installed, document_id
+from .solve import Solved, SolvePlan, pool_inputs, solve_document
+from .store import check_document_id
+from .store_operations import StoreOperations
+
+logger = logging.getLogger(__name__)
+# How long a drop waits for a cancelled solve to stop (one loop step) before leaving its KV lock to ``reap``.
+CANCEL_WAIT_SECONDS = 0.5
+
+
+class Registrations:
+    def __init__(self, cache: AMRadixCache, config: ServerConfig, dp_rank: int, solver: Worker, store: StoreOperations):
+        self.cache, self.registry, self.config, self.dp_rank = cache, cache.registry, config, dp_rank
+        self.solver, self.store = solver, store
+        self._abandoned: list[tuple[Job, SourceHold]] = []  # cancelled solves that had not stopped yet
+
+    def reap(self, scheduler) -> None:
+        """Release the KV that cancelled solves held, once they have stopped, and the retired versions of
+        refitted documents once no request holds them."""
+        if self._abandoned:
+            stopped = [(job, hold) for job, hold in self._abandoned if job.done()]
+            for _, hold in stopped:
+                self.cache.unlock(hold.lock)
+            self._abandoned = [entry for entry in self._abandoned if not entry[0].done()]
+        for doc in self.registry.documents.values():
+            if any(version.users == 0 for version in doc.retired):
+                for version in [version for version in doc.retired if version.users == 0]:
+                    self.remove_version(scheduler, version)
+                    doc.retired.remove(version)
+                self.registry.update_gauges()
+
+    # ----- registration -----
+
+    def prepare(self, scheduler, operation: Prepare) -> Prepared:
+        """Validate and admit a registration and reserve its id; an existing document is returned as it is.
+        Ranks other than ``primary`` wait for its compaction instead of capturing."""
+        input_ids, auto, primary = operation.input_ids, operation.auto, operation.primary
+        registration = RegistrationRequest.from_payload(operation.request)
+        doc_id = document_id(input_ids)
+        existing = self.registry.get(doc_id)
+        if existing is not None:
+            if existing.auto and not auto:  # a client registered it explicitly: no longer evictable
+                existing.auto = False
+                self.registry.update_gauges()
+            return {**existing.describe(), "existing": True}
+        check_model(scheduler)
+        runner = scheduler.tp_worker.model_runner
+        if registration.compact_windows:
+            check_compacted_windows(runner)
+        pool = runner.token_to_kv_pool
+        proportions = registration.head_proportions
+        global_layers = [layer for layer, window in enumerate(self.cache.windows) if window is None]
+        heads = {(layer, head) for layer in global_layers for head in range(pool.head_num)}
+        if proportions is not None and set(proportions) != heads:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, "head_budgets must give one proportion per (global layer, KV "
+                                f"head) of this model: layers {global_layers}, heads 0 .. {pool.head_num - 1}")
+        if registration.adapt:
+            single_rank(scheduler, "adapt")
+        config = runner.model_config
+        q_heads = config.num_attention_heads // scheduler.tp_size
+        sources, questions = registration.query_source, registration.questions
+        parts = {s: len(SELF_STUDY_PROMPTS) if s == "self-study" else len(questions) if s == "questions" else 1
+                 for s in sources}
+        # Self-study captures an instruction (64 positions allowed for it) and its answer; a question, itself.
+        longest = {s: registration.self_study_max_new_tokens + 64 if s == "self-study" else
+                   max(map(len, questions)) if s == "questions" else len(input_ids) for s in sources}
+        if self.dp_rank == 1:
+            faults.inject("prepare_rank_1")
+        captures = self.dp_rank == primary
+        capture = QueryCapture(dict(sources), registration.max_queries_per_head, parts, longest,
+                               max(1, q_heads // pool.head_num), self._compacted_layers(registration.compact_windows),
+                               q_heads * pool.head_dim * pool.store_dtype.itemsize) if captures else None
+        room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
+        admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0, len(SELF_STUDY_PROMPTS),
+              captures)
+        adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows)
+                       if registration.adapt and captures else 0)
+        config = _describe_config(registration)
+        if not captures:
+            single_rank(scheduler, "installing another data-parallel rank's compaction")
+            doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
+                           DocState.WAITING)
+            self.registry.add(doc)
+            return {**doc.describe(), "existing": False}
+        ladder = registration.ladder
+        required = bool(ladder) and auto and not registration.adapt  # an adapting one earns its ratio from live queries
+        if required:
+            ladder = tuple(ratio for ratio in ladder if ratio <= AUTO_LADDER_TOP)
+        layers = LayerPlan(registration.method, ladder[0] if ladder else registration.budget,
+                           dict(registration.query_source), registration.max_queries_per_head, registration.keep_first,
+                           proportions, options=dict(registration.options), compact_windows=registration.compact_windows)
+        plan = SolvePlan(layers, ladder, registration.fidelity_bound, required)
+        doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
+                       DocState.CAPTURING, capture=capture, plan=plan, salt=f"sglang-am-capture-{uuid.uuid4().hex}",
+                       adapt_bytes=adapt_bytes)
+        self.registry.add(doc)
+        return {**doc.describe(), "existing": False, "salt": doc.salt}
+
+    def _compacted_layers(self, compact_windows: bool) -> list[int]:
+        return [layer for layer, window in enumerate(self.cache.windows) if window is None or compact_windows]
+
+    def _admit_adaptation(self, pool, length: int, q_heads: int, capture: QueryCapture, compact_windows: bool) -> int:
+        """The host memory an adapting document will hold (its refit inputs and live queries), within the
+        server's bound (``--am-adapt-memory-bytes``), or 503."""
+        itemsize = pool.store_dtype.itemsize
+        tokens = sum(length if window is None else min(window, length) for window in self.cache.windows)
+        layers = len(self._compacted_layers(compact_windows))
+        needed = (tokens * pool.head_num * (pool.head_dim + pool.v_head_dim) * itemsize + capture.nbytes
+                  + adapt.nbytes(layers, self.config.adapt_reservoir, q_heads, pool.head_dim, itemsize))
+        free = self.config.adapt_memory_bytes - self.registry.adapt_bytes()
+        if needed > free:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"adapting this document needs {needed / MiB:.1f} MiB of "
+                                f"host memory and {max(0, free) / MiB:.1f} MiB are free (--am-adapt-memory-bytes); drop "
+                                "adapting documents or register without adapt")
+        return needed
+
+    def _room(self, scheduler, in_progress: list[Document], auto: bool) -> ServerRoom:
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        policy = self.registry.policy
+        return ServerRoom(
+            pool_slots=scheduler.max_total_num_tokens,
+            pinned_slots=self.registry.pinned_slots(),
+            max_prompt_tokens=scheduler.max_req_input_len,
+            registrations_in_progress=len(in_progress),
+            capture_bytes_in_use=sum(doc.capture.nbytes for doc in in_progress if doc.capture is not None),
+            bias_slots_free=None if table is None else table.free_slots(),
+            auto_budget_slots=policy.budget_slots(scheduler.max_total_num_tokens) if auto and policy else None,
+        )
+
+    def hold_source(self, doc: Document, salt: str) -> None:
+        """A capture request of ``doc`` finished: lock its KV in the tree (under the request's salt) until
+        the solve has read it, so pool pressure cannot evict it in between."""
+        if doc.source is None and doc.state is DocState.CAPTURING and self.registry.is_current(doc):
+            doc.source = self.cache.hold_prefix(doc.tokens, salt)
+
+    def advance(self, scheduler, operation: Advance) -> Description:
+        """Move a registration or a load on: start the solve once its captures are done, start reading the
+        primary rank's ``handoff`` on a waiting rank, install once the solve or the read is done. Call until
+        ``state`` is "ready"."""
+        doc_id, handoff = operation.doc_id, operation.handoff
+        doc = self.registry.existing(doc_id)
+        try:
+            if doc.state is DocState.WAITING and handoff is not None:
+                self._start_handoff_read(doc, handoff)
+            if doc.state is DocState.CAPTURING:
+                doc.timings.update(operation.timings or {})
+                self._start_solve(scheduler, doc)
+            if doc.state in (DocState.SOLVING, DocState.LOADING):
+                if scheduler.tp_size > 1:  # every rank must install in the same call: wait for the job
+                    doc.job.wait(self.config.solve_timeout * 2)
+                if doc.job.done():
+                    self._install(scheduler, doc)
+        except Exception as error:
+            self._discard(doc)
+            if isinstance(error, DocumentError):
+                raise
+            if isinstance(error, CompactionCancelled):  # its deadline passed, or it was dropped
+                raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; the registration was abandoned") from None
+            logger.warning("sglang-am: document %s failed: %r", doc_id, error)
+            raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"compaction failed: {error!r}") from None
+        return doc.describe()
+
+    def _start_solve(self, scheduler, doc: Document) -> None:
+        problem = doc.capture.problem()
+        if problem is not None:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, problem)
+        if doc.source is None:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                "the document's KV was evicted before compaction (KV pool under pressure); register again")
+        pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+        inputs, plan, tokens = pool_inputs(pool, doc.source.slots, doc.capture), doc.plan, list(doc.tokens)
+        adapt_bytes, layers = doc.adapt_bytes, self._compacted_layers(plan.layers.compact_windows)
+
+        def work() -> Solved:
+            prefix = solve_document(inputs, plan, tokens, self.cache.windows, self.store.fingerprint_or_empty(), doc.config)
+            adaptation = adapt.Adaptation.start(
+                inputs, plan, layers, self.cache.windows, len(tokens), self.config.adapt_reservoir,
+                self.config.adapt_refit_every, adapt_bytes) if adapt_bytes else None
+            return Solved(prefix, adaptation)
+
+        try:
+            doc.job = self.solver.submit(work, "the solve", timeout=self.config.solve_timeout)
+        except QueueFull:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the solver queue is full; retry later") from None
+        doc.state = DocState.SOLVING
+
+    def _start_handoff_read(self, doc: Document, handoff: str) -> None:
+        try:
+            doc.job = self.store.io.submit(
+                lambda: Solved(self.store.handoffs().read(handoff, doc.doc_id, self.store.fingerprint())), "the handoff")
+        except QueueFull:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the store's queue is full; retry later") from None
+        doc.state, doc.handoff = DocState.LOADING, True
+
+    def _install(self, scheduler, doc: Document) -> None:
+        started = time.perf_counter()
+        solved: Solved = doc.job.result()  # raises what the solve or the read raised
+        prefix = solved.prefix
+        doc.job = None
+        self._release_capture(doc, doc.source)
+        if document_id(prefix.token_ids) != doc.doc_id:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"stored document {doc.doc_id} holds another document's tokens")
+        if len(prefix.token_ids) >= scheduler.max_req_input_len:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, f"document {doc.doc_id} has {len(prefix.token_ids)} tokens, "
+                                "too long for this server")
+        if doc.state is DocState.LOADING:
+            doc.tokens, doc.method = array("q", prefix.token_ids), prefix.method
+        doc.config = prefix.config  # a solve adds its fidelity
+        if compacts_windows(prefix, self.cache.windows):
+            check_compacted_windows(scheduler.tp_worker.model_runner)
+        if doc.auto:
+            self._make_room_for_auto(scheduler, prefix.num_slots)
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        if table is not None and prefix.num_slots > table.free_slots():
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the bias table has room for {table.free_slots()} "
+                                f"compacted slots, {prefix.num_slots} do not fit; drop documents or raise --am-bias-slots")
+        doc.installed = self.cache.install_document(prefix, doc.index)
+        if table is not None:  # placed now, so the table's free room counts every installed document
+            table.base_of(doc.index, lambda: doc.installed.bias)
+        doc.adaptation = solved.adaptation
+        if doc.handoff:
+            self.registry.stats.add("handoffs", origin=doc.origin)
+        elif doc.state is DocState.LOADING:
+            self.registry.stats.add("loads", origin=doc.origin)
+        else:
+            self.registry.stats.add("compactions", origin=doc.origin)
+            self.registry.stats.add("compaction_seconds", prefix.timings["solve_seconds"])
+        doc.timings.update(prefix.timings)
+        doc.timings["install_seconds"] = round(time.perf_counter() - started, 4)
+        doc.state = DocState.READY
+        self.registry.update_gauges()
+        if doc.auto and self.registry.tracker is not None:
+            self.registry.tracker.release(doc.tokens)
+        logger.info("sglang-am: document %s ready: T=%d -> t=%d slots", doc.doc_id, doc.length, doc.num_slots)
+
+    def _discard(self, doc: Document) -> None:
+        """Forget a document that never became ready, releasing what it held."""
+        job, hold = doc.job, doc.source
+        if job is not None and not job.done():
+            job.cancel("the registration was cancelled")
+            if not job.wait(CANCEL_WAIT_SECONDS):
+                if hold is not None:  # the solve may still read it: ``reap`` unlocks it once the job stops
+                    self._abandoned.append((job, hold))
+                hold = None
+        doc.job = None
+        self._release_capture(doc, hold)
+        if doc.installed is not None:  # installed, then a later step failed
+            self.cache.remove_document(doc.installed)
+            doc.installed = None
+        if self.registry.is_current(doc):
+            self.registry.remove(doc)
+            # A load that finds nothing stored is no failure; a waiting rank's is counted by its primary.
+            if doc.state is not DocState.LOADING and doc.state is not DocState.WAITING:
+                self.registry.stats.add("compaction_failures", origin=doc.origin)
+
+    def _release_capture(self, doc: Document, hold: SourceHold | None) -> None:
+        """What the capture took: the lock on the document's KV (``hold``, unless a running solve still reads it),
+        the capture requests' own tree entries and the recorded queries."""
+        if hold is not None:
+            self.cache.unlock(hold.lock)
+        if doc.salt:  # a registration that captured (not a load, a handoff or another rank's waiting copy)
+            self.cache.remove_namespace(doc.salt)
+        if doc.capture is not None:
+            doc.capture.release()
+        doc.source, doc.capture = None, None
+
+    def note_fidelity(self, scheduler, operation: NoteFidelity) -> dict:
+        """The HTTP process measured the installed document end to end (``fidelity``): keep it with the rest."""
+        doc = self.registry.existing(operation.doc_id)
+        doc.config = {**doc.config, "fidelity": {**(doc.config.get("fidelity") or {}), **operation.figures}}
+        return {"doc_id": doc.doc_id}
+
+    def abandon(self, scheduler, operation: Abandon) -> dict:
+        """The HTTP process gave up a registration or a load (its client left, or it failed): forget what
+        is left of it. A ready document is left alone unless ``ready_too`` (it became ready here while
+        another data-parallel rank failed) and no request uses it yet."""
+        doc_id = operation.doc_id
+        doc = self.registry.get(check_document_id(doc_id))
+        if doc is not None and doc.state is not DocState.READY:
+            self._discard(doc)
+        elif doc is not None and operation.ready_too and not doc.users:
+            self.remove_ready(scheduler, doc)
+        return {"doc_id": doc_id}
+
+    # ----- drop -----
+
+    def drop(self, scheduler, operation: Drop) -> Dropped:
+        """Remove a document in any state: a ready one unless requests use it (409), one in progress at once."""
+        doc_id = operation.doc_id
+        doc = self.registry.existing(doc_id)
+        if doc.state is not DocState.READY:
+            state = doc.state.value
+            self._discard(doc)
+            return {"doc_id": doc_id, "dropped": True, "cancelled": state, "freed_slots": 0}
+        if doc.users:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is in use by {doc.users} request(s); "
+                                "retry when they finish")
+        return {"doc_id": doc_id, "dropped": True, "freed_slots": self.remove_ready(scheduler, doc)}
+
+    def remove_ready(self, scheduler, doc: Document) -> int:
+        if doc.adaptation is not None:
+            doc.adaptation.stop()
+        freed = sum(self.remove_version(scheduler, version) for version in [doc.installed, *doc.retired])
+        doc.retired.clear()
+        self.registry.remove(doc)
+        return freed
+
+    def remove_version(self, scheduler, version: Installed) -> int:
+        freed = self.cache.remove_document(version)
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        if table is not None:
+            table.release(version.index)
+        return freed
+
+    # ----- automatic documents -----
+
+    def _make_room_for_auto(self, scheduler, width: int) -> None:
+        """Drop (saving them to the store first, if the policy says so) the least recently used idle
+        automatic documents until ``width`` more slots fit the automatic budget."""
+        policy = self.registry.policy
+        budget = policy.budget_slots(scheduler.max_total_num_tokens)
+        autos = self.registry.in_state(DocState.READY)
+        victims = eviction_order(autos, budget, width)
+        if victims is None:
+            used = sum(d.num_slots for d in autos if d.auto)
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"automatic documents in use hold {used} of the "
+                                f"{budget}-slot budget; {width} more do not fit")
+        for victim in victims:
+            if policy.save_evicted:
+                self.store.write_in_background(victim.doc_id, self.store.snapshot(scheduler, victim))
+            self.remove_ready(scheduler, victim)
+            self.registry.stats.add("auto_evictions")
+
+    def poll_auto_candidates(self, scheduler, operation) -> AutoCandidates:
+        """Prefixes the reuse tracker proposes that are not documents yet (the HTTP process compacts them)."""
+        tracker = self.registry.tracker
+        if tracker is None:
+            return {"candidates": []}
+        named = ((document_id(ids), ids) for ids in tracker.take_candidates())
+        candidates = [{"doc_id": doc_id, "input_ids": ids} for doc_id, ids in named if self.registry.get(doc_id) is None]
+        self.registry.stats.add("auto_triggers", len(candidates))
+        return {"candidates": candidates}
+
+
+def _describe_config(registration: RegistrationRequest) -> dict:
+    """What ``describe`` and the saved artifact record of how the document was compacted."""
+    return {"budget": registration.budget, "query_source": dict(registration.query_source),
+            "head_budgets": registration.head_budgets is not None, "max_queries_per_head": registration.max_queries_per_head,
+            "keep_first": registration.keep_first, "options": dict(registration.options),
+            "compact_windows": registration.compact_windows, "questions": len(registration.questions),
+            "adapt": registration.adapt}
