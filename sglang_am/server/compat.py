@@ -127,13 +127,14 @@ FLASHINFER_SIGNATURES = {
 }
 
 
-AttributeUse = Literal["read", "replace"]
+AttributeUse = Literal["read", "replace", "add"]
 
 
 @dataclasses.dataclass(frozen=True)
 class TouchedAttribute:
     """An attribute sglang-am relies on: of an SGLang class or module (or of a library SGLang drives), which
-    it reads, calls or passes (``read``), or assigns or overrides (``replace``)."""
+    it reads, calls or passes (``read``), assigns or overrides (``replace``), or sets where SGLang has none
+    (``add``: it must stay SGLang's own, absent)."""
 
     owner: str  # dotted class or module
     name: str
@@ -217,6 +218,11 @@ HOOKED_ATTRIBUTES = (
     *_touches("sglang.srt.entrypoints.openai.protocol.MessageProcessingResult", "prompt_ids"),
     *_touches(_TOKENIZER_MANAGER, "model_config tokenizer generate_request"),
     *_touches("sglang.srt.entrypoints.engine.Engine", "tokenizer_manager loop"),
+    # Added: each request's record (``registry.RequestRecord``), the tokenizer manager's one channel, and what
+    # the ``am`` radix cache holds beside its base class's state.
+    TouchedAttribute(_REQ, "am", "add"),
+    TouchedAttribute(_TOKENIZER_MANAGER, "am_channel", "add"),
+    *_touches(_RADIX, "registry windows operations", "add"),
 )
 
 # Checked with ``FLASHINFER_SIGNATURES``: the wrapper names SGLang's module holds while the bias-aware backend
@@ -248,9 +254,13 @@ def check_sglang(expected_version: str = SGLANG_VERSION, signatures: dict[str, t
                 f"sglang {installed}: {target}{parameters} differs from the expected {expected}; "
                 f"sglang-am needs sglang=={expected_version}"
             )
-    missing = _missing_attributes(attributes)
+    missing = _missing_attributes(tuple(attribute for attribute in attributes if attribute.use != "add"))
     if missing:
         raise RuntimeError(f"sglang {installed}: {'; '.join(missing)} not found; sglang-am needs sglang=={expected_version}")
+    taken = _present_attributes(tuple(attribute for attribute in attributes if attribute.use == "add"))
+    if taken:
+        raise RuntimeError(f"sglang {installed}: {'; '.join(taken)} already exist; sglang-am adds attributes of these "
+                           f"names and needs sglang=={expected_version}")
 
 
 def _missing_attributes(attributes: tuple[TouchedAttribute, ...]) -> list[str]:
@@ -271,6 +281,16 @@ def _missing_attributes(attributes: tuple[TouchedAttribute, ...]) -> list[str]:
         missing += [f"{owner}.{attribute.name} (which sglang-am {attribute.use}s)"
                     for attribute in absent if attribute.name not in assigned]
     return missing
+
+
+def _present_attributes(attributes: tuple[TouchedAttribute, ...]) -> list[str]:
+    """Each of ``attributes`` (ones sglang-am adds) that the installed packages already define."""
+    taken = []
+    for attribute in attributes:
+        target = pkgutil.resolve_name(attribute.owner)
+        if _declares(target, attribute.name) or _assigned(target, {attribute.name}):
+            taken.append(f"{attribute.owner}.{attribute.name}")
+    return taken
 
 
 def _declares(target, name: str) -> bool:

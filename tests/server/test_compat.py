@@ -82,6 +82,14 @@ def test_instance_attributes_are_those_a_method_of_the_class_or_a_base_assigns()
         check_sglang(signatures={}, attributes=unassigned)
 
 
+def test_an_attribute_sglang_am_adds_must_be_absent_from_sglang():
+    attributes = (TouchedAttribute(f"{__name__}._LargerPool", "third", "add"),
+                  TouchedAttribute(f"{__name__}._LargerPool", "fifth", "add"))
+    with pytest.raises(RuntimeError, match=re.escape(f"{__name__}._LargerPool.third already exist")):
+        check_sglang(signatures={}, attributes=attributes)
+    assert TouchedAttribute("sglang.srt.managers.schedule_batch.Req", "am", "add") in HOOKED_ATTRIBUTES
+
+
 def test_every_missing_attribute_and_owner_is_named():
     attributes = (
         TouchedAttribute("sglang.srt.managers.scheduler.Scheduler", "tree_cache"),
