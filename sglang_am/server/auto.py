@@ -7,7 +7,7 @@ are grouped by their first ``min_tokens``, whether the tree still holds them or 
 the longest common prefix of their prompts. Once ``min_requests`` of them arrive within
 ``window_seconds``, that prefix minus a protected tail of ``keep_last`` tokens becomes a candidate. The
 HTTP process polls for candidates and registers them through the ordinary registration path, two at a
-time, in the background (``service.AutoCompactor``); new requests on the prefix then use the compacted
+time, in the background (``background.AutoCompactor``); new requests on the prefix then use the compacted
 node, requests in flight keep their full prefix.
 
 Each is compacted at ``ratio``, by default ``"auto"``: the smallest ratio on the ladder up to

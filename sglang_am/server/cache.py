@@ -45,10 +45,11 @@ class AMRadixCache(RadixCache):
     def match_prefix(self, params):
         result = super().match_prefix(params)
         req, tracker = params.req, self.registry.tracker
+        record = RequestRecord.of(req)
         # Only clients' plain requests in the default namespace count as reuse: not documents' requests,
         # registrations' internal ones, nor LoRA and other namespaces (they never share a compacted node).
         if tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (
-            RequestRecord.of(req).served is None and not RequestRecord.of(req).internal
+            record.served is None and not record.internal
         ):
             tracker.observe(req.origin_input_ids, req.rid)
         return result
