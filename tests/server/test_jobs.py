@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from sglang_am.core import compact
 from sglang_am.core.cancel import CompactionCancelled
@@ -34,6 +35,17 @@ def test_a_niced_worker_runs_its_jobs_below_the_schedulers_priority():
         lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), "its priority")
     assert job.wait(10) and job.result() == min(base + 10, 19)
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling thread keeps its own
+
+
+def test_a_workers_math_runs_on_its_thread_alone_and_other_threads_keep_the_default():
+    torch.set_num_threads(2)
+    job = Worker("solver", max_queued=1).submit(torch.get_num_threads, "its thread count")
+    assert job.wait(10) and job.result() == 1
+    counts = []
+    thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))  # starts torch after the worker
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == 2 and counts == [2]
 
 
 def test_cancel_stops_a_running_solve_and_a_dying_job_does_not_kill_the_worker():
