@@ -18,6 +18,7 @@ from .jobs import Worker
 from .protocol import (
     Abandon,
     Advance,
+    CollectStats,
     DeleteStored,
     Description,
     Drop,
@@ -33,7 +34,6 @@ from .protocol import (
     Prepare,
     ReleaseHandoff,
     Save,
-    Stats,
 )
 from .refits import Refits
 from .registrations import Registrations
@@ -53,7 +53,7 @@ class DocumentOperations:
         self.refits = Refits(self.registrations, config, self.solver)
         registrations, store = self.registrations, self.store
         self._handlers: dict[type[Operation], Callable] = {
-            ListDocuments: self.list_documents, GetDocument: self.get_document, Stats: self.stats,
+            ListDocuments: self.list_documents, GetDocument: self.get_document, CollectStats: self.stats,
             Prepare: registrations.prepare, Advance: registrations.advance, Abandon: registrations.abandon,
             NoteFidelity: registrations.note_fidelity, Drop: registrations.drop,
             PollAutoCandidates: registrations.poll_auto_candidates,
@@ -71,7 +71,7 @@ class DocumentOperations:
     def get_document(self, scheduler, operation: GetDocument) -> Description:
         return self.registry.existing(operation.doc_id).describe()
 
-    def stats(self, scheduler, operation: Stats) -> dict:
+    def stats(self, scheduler, operation: CollectStats) -> dict:
         """Counters, gauges, the KV pool's accounting and, when the scheduler is idle, SGLang's leak check."""
         faults.inject("rpc_slow")
         idle = scheduler.is_fully_idle()

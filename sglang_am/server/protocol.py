@@ -128,7 +128,7 @@ class PollJob(Operation):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stats(Operation):
+class CollectStats(Operation):
     name = "stats"
     quiet = True
 
@@ -141,7 +141,7 @@ class PollAutoCandidates(Operation):
 
 OPERATIONS: dict[str, type[Operation]] = {kind.name: kind for kind in (
     ListDocuments, GetDocument, Prepare, Advance, Abandon, NoteFidelity, Drop, Save, Load, Export, ReleaseHandoff,
-    ListStored, DeleteStored, PollJob, Stats, PollAutoCandidates)}
+    ListStored, DeleteStored, PollJob, CollectStats, PollAutoCandidates)}
 
 
 def decode(name: str, fields: str) -> Operation:

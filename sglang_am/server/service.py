@@ -33,6 +33,7 @@ from .fanout import POLL_SECONDS, RankFanout, sum_figures
 from .protocol import (
     Abandon,
     Advance,
+    CollectStats,
     DeleteStored,
     Drop,
     Export,
@@ -45,7 +46,6 @@ from .protocol import (
     Prepare,
     ReleaseHandoff,
     Save,
-    Stats,
 )
 from .registration import MIN_DOCUMENT_TOKENS, RegistrationRequest, check_vocabulary
 from .registry import DocState, document_id
@@ -282,7 +282,7 @@ class DocumentService:
 
     async def stats(self) -> dict:
         """Totals over the ranks (a document every rank holds counts once per rank) and each rank's figures."""
-        ranks = await self.ranks.all(Stats())
+        ranks = await self.ranks.all(CollectStats())
         first = ranks[0]
         totals = {key: sum_figures([rank[key] for rank in ranks])
                   for key in ("counters", "gauges", "kv_bytes", "documents", "pool")}
