@@ -3,7 +3,7 @@
 ``save`` copies a ready document out of the pool here, on the scheduler's thread, and writes it on the
 store's I/O thread; ``load`` reads a stored document there, and the registrations' ``advance`` installs it.
 ``export`` writes a ready document as a handoff file for the other data-parallel ranks, which read it back
-(``Registrations.advance``). Store jobs run behind the scheduler: the HTTP process polls each with ``job``.
+(``Registrations.advance``). Store jobs run behind the scheduler: the HTTP process polls each with ``PollJob``.
 The store is keyed by the served checkpoint's fingerprint, so a document is only loaded into the model it
 was compacted for.
 """
