@@ -62,8 +62,12 @@ class Advance(Operation):
 
 @dataclasses.dataclass(frozen=True)
 class Abandon(Operation):
+    """Forget what is left of one registration or load: ``registration`` is the number ``Prepare`` or ``Load``
+    answered on this rank, so a later registration of the same document is left alone."""
+
     name = "abandon"
     doc_id: str
+    registration: int
     ready_too: bool = False
 
 
@@ -167,6 +171,7 @@ class Description(TypedDict, total=False):
 
 class Prepared(Description, total=False):
     existing: bool  # the document was there already: nothing was reserved
+    registration: int  # a new one's number on this rank (``Abandon`` names it)
     salt: str  # the cache salt of its capture requests (a new registration on its primary rank)
 
 

@@ -118,7 +118,7 @@ class Registrations:
             doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
                            DocState.WAITING)
             self.registry.add(doc)
-            return {**doc.describe(), "existing": False}
+            return {**doc.describe(), "existing": False, "registration": doc.index}
         ladder = registration.ladder
         required = bool(ladder) and auto and not registration.adapt  # an adapting one earns its ratio from live queries
         if required:
@@ -131,7 +131,7 @@ class Registrations:
                        DocState.CAPTURING, capture=capture, plan=plan, salt=f"sglang-am-capture-{uuid.uuid4().hex}",
                        adapt_bytes=adapt_bytes)
         self.registry.add(doc)
-        return {**doc.describe(), "existing": False, "salt": doc.salt}
+        return {**doc.describe(), "existing": False, "registration": doc.index, "salt": doc.salt}
 
     def _compacted_layers(self, compact_windows: bool) -> list[int]:
         return [layer for layer, window in enumerate(self.cache.windows) if window is None or compact_windows]
@@ -310,12 +310,15 @@ class Registrations:
     def abandon(self, scheduler, operation: Abandon) -> dict:
         """The HTTP process gave up a registration or a load (its client left, or it failed): forget what
         is left of it. A ready document is left alone unless ``ready_too`` (it became ready here while
-        another data-parallel rank failed) and no request uses it yet."""
+        another data-parallel rank failed) and no request uses it yet; so is a later registration of the same
+        document (its failed predecessor's abandon can arrive after it started)."""
         doc_id = operation.doc_id
         doc = self.registry.get(check_document_id(doc_id))
-        if doc is not None and doc.state is not DocState.READY:
+        if doc is None or doc.index != operation.registration:
+            return {"doc_id": doc_id}
+        if doc.state is not DocState.READY:
             self._discard(doc)
-        elif doc is not None and operation.ready_too and not doc.users:
+        elif operation.ready_too and not doc.users:
             self.remove_ready(scheduler, doc)
         return {"doc_id": doc_id}
 

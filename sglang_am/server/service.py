@@ -92,7 +92,7 @@ class DocumentService:
             busy = [answer for answer in answers if isinstance(answer, dict) and answer["existing"]
                     and answer["state"] != DocState.READY.value]
             if failed is not None or busy:
-                await self._abandon(doc_id, new)
+                await self._abandon(doc_id, answers, new)
                 if failed is not None:  # nothing is left behind on the ranks that could take it
                     raise self.ranks.failure(*failed)
                 # A concurrent registration or load of the same document: wait for it, then ask again, since it may
@@ -149,10 +149,11 @@ class DocumentService:
                 raise self.ranks.failure(rank, answer)
         return [answer if isinstance(answer, dict) else None for answer in answers]
 
-    async def _abandon(self, doc_id: str, ranks: list[int], ready_too: bool = False) -> None:
-        if ranks:
-            with contextlib.suppress(DocumentError):  # whatever was left of it on those ranks
-                await self.ranks.each(Abandon(doc_id, ready_too), ranks)
+    async def _abandon(self, doc_id: str, started: list, ranks: list[int], ready_too: bool = False) -> None:
+        """Forget what is left on ``ranks`` of the registrations or loads whose answers are ``started``."""
+        with contextlib.suppress(DocumentError):
+            await asyncio.gather(*(self.ranks.each(Abandon(doc_id, started[rank]["registration"], ready_too), [rank])
+                                   for rank in ranks))
 
     async def _capture_and_compact(self, doc_id: str, prepared: list, primary: int, new: list[int], ids: list[int],
                                    request: RegistrationRequest) -> dict:
@@ -171,7 +172,7 @@ class DocumentService:
                 merged["timings"] = {**merged["timings"], "handoff_seconds": handoff_seconds}
             return merged
         except BaseException as error:
-            await self._abandon(doc_id, new, ready_too=True)
+            await self._abandon(doc_id, prepared, new, ready_too=True)
             if isinstance(error, DocumentError) and error.status == HTTPStatus.NOT_FOUND:
                 # A registering document disappears only when it is dropped.
                 raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
@@ -258,7 +259,7 @@ class DocumentService:
             for rank in started:
                 await self.ranks.until_ready(rank, answers[rank])
         except BaseException:
-            await self._abandon(doc_id, started, ready_too=True)
+            await self._abandon(doc_id, answers, started, ready_too=True)
             raise
         return {**await self._described_after(doc_id, "loaded"), "existing": not started}
 

@@ -153,7 +153,7 @@ class StoreOperations:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the store's queue is full; retry later") from None
         doc = Document(doc_id, self.registry.new_index(), array("q"), "", {}, auto, DocState.LOADING, job=job)
         self.registry.add(doc)
-        return {**doc.describe(), "existing": False}
+        return {**doc.describe(), "existing": False, "registration": doc.index}
 
     def export(self, scheduler, operation: Export) -> JobStarted:
         """Write a ready document as a handoff for the other data-parallel ranks (a job: its result names it)."""
