@@ -127,13 +127,17 @@ class StoreOperations:
 
     # ----- operations -----
 
-    def save(self, scheduler, operation: Save) -> JobStarted:
-        doc_id = operation.doc_id
+    def _ready_copy(self, scheduler, doc_id: str, what: str) -> CompactedPrefix:
+        """A ready document copied out of the pool for ``what`` (save, handoff); 409 while it is registering."""
         doc = self.registry.existing(doc_id)
-        single_rank(scheduler, "save")
+        single_rank(scheduler, what)
         if doc.state is not DocState.READY:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
-        return self._track(self.write_in_background(doc_id, self.snapshot(scheduler, doc)))
+        return self.snapshot(scheduler, doc)
+
+    def save(self, scheduler, operation: Save) -> JobStarted:
+        doc_id = operation.doc_id
+        return self._track(self.write_in_background(doc_id, self._ready_copy(scheduler, doc_id, "save")))
 
     def load(self, scheduler, operation: Load) -> Prepared:
         """Install a stored document (read and checked on the I/O thread; ``advance`` installs it)."""
@@ -158,11 +162,7 @@ class StoreOperations:
     def export(self, scheduler, operation: Export) -> JobStarted:
         """Write a ready document as a handoff for the other data-parallel ranks (a job: its result names it)."""
         doc_id = operation.doc_id
-        doc = self.registry.existing(doc_id)
-        single_rank(scheduler, "handing a document to other data-parallel ranks")
-        if doc.state is not DocState.READY:
-            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is still being registered")
-        prefix = self.snapshot(scheduler, doc)
+        prefix = self._ready_copy(scheduler, doc_id, "handing a document to other data-parallel ranks")
         return self._track(self.io.submit(lambda: {"handoff": self.handoffs().write(doc_id, prefix)}, "the handoff"))
 
     def release_handoff(self, scheduler, operation: ReleaseHandoff) -> dict:
