@@ -4,7 +4,8 @@ Drives live servers over HTTP (streaming /v1/completions, like SGLang's serving 
 same workload: --documents documents, --questions each, interleaved across documents, at
 --concurrency, after one untimed warm-up request per document. --model recall (the default, fast)
 uses the recall documents; --model gemma3-270m the real-text documents (natural sentences whose facts
-have same-type distractors), scored by greedy short answer (--choices: by answer likelihood too).
+have same-type distractors), scored by greedy short answer (--choices: by answer likelihood too), and every
+configuration's answers by their agreement with the full prefix's (stock SGLang's), token by token.
 Configurations, all with --max-total-tokens slots and the torch_native backend:
 (a) SGLang with the radix cache disabled, (b) stock SGLang (its own radix cache holds full documents),
 (c) the extension with every document registered at each --ratios with the batch's questions
@@ -60,32 +61,38 @@ def resident(url: str, probes: list[list[int]], slots_per_document: list[int]) -
     return count
 
 
-def capture_tokens(ids, fields: dict) -> int:
-    """What a registration's capture prefilled: the document, again for repeat-prefill, then the questions."""
+def capture_tokens(ids, fields: dict, registered: dict) -> int:
+    """What a registration's capture computed: the document, again for repeat-prefill, then the questions and
+    their answers (generated, then teacher-forced: twice)."""
     repeated = "repeat-prefill" in fields.get("query_source", {}) or "questions" not in fields
-    return len(ids) * (2 if repeated else 1) + sum(map(len, fields.get("questions", [])))
+    answers = (registered["fidelity"] or {}).get("answer_tokens", 0)
+    return len(ids) * (2 if repeated else 1) + sum(map(len, fields.get("questions", []))) + 2 * answers
 
 
-def question_variant(asked, share: float):
-    """A question-aware registration's name and fields, fitted to the questions at ``share`` (the rest repeat-prefill)."""
+def question_variant(asked, share: float, answer_tokens: int):
+    """A question-aware registration's name and fields, fitted to the questions and ``answer_tokens`` of each answer
+    at ``share`` (the rest repeat-prefill)."""
     if share == 1:
-        return "with questions", lambda i: {"questions": asked[i]}
+        return "with questions", lambda i: {"questions": asked[i], "answer_tokens": answer_tokens}
     mixture = {"questions": share, "repeat-prefill": round(1 - share, 6)}
-    return f"with questions {share:g} + repeat-prefill", lambda i: {"questions": asked[i], "query_source": mixture}
+    return f"with questions {share:g} + repeat-prefill", lambda i: {"questions": asked[i], "query_source": mixture,
+                                                                    "answer_tokens": answer_tokens}
 
 
-def workload_row(name: str, url: str, questions, probes, slots, args, scored: bool) -> dict:
+def workload_row(name: str, url: str, questions, probes, slots, args, scored: bool, reference=None) -> tuple[dict, list]:
+    """The configuration's figures (with the full prefix's answers as ``reference``, their agreement) and its answers."""
     for probe in probes:  # warm up: each document seen once, as registration does for compacted ones
         http_json("POST", f"{url}/generate", {"input_ids": probe, "sampling_params": {"max_new_tokens": 1}})
     answers, wall = ask_all(url, questions, args.concurrency, args.max_tokens, progress=name)
-    row = {"config": name, **summarize(questions, answers, wall), "kv_slots_per_document": sum(slots) / len(slots)}
+    row = {"config": name, **summarize(questions, answers, wall, reference), "kv_slots_per_document": sum(slots) / len(slots)}
     if scored:
         row["choice_accuracy"] = choice_accuracy(url, questions, progress=f"{name}: choices")
     row["resident_documents"] = resident(url, probes, slots) if name != "no radix cache" else 0
     print(f"{name}: {row['request_throughput']:.2f} req/s, accuracy {row['accuracy']:.2f}"
+          + (f", agreement {row['agreement']:.2f}" if "agreement" in row else "")
           + (f", choices {row['choice_accuracy']:.2f}" if scored else "")
           + f", resident {row['resident_documents']}/{len(probes)}", flush=True)
-    return row
+    return row, answers
 
 
 def main() -> None:
@@ -128,11 +135,13 @@ def main() -> None:
     pool = args.max_total_tokens
     rows = []
     with stock_server(path, pool, args.dtype, ["--disable-radix-cache"]) as url:
-        rows.append(workload_row("no radix cache", url, questions, probes, lengths, args, scored))
+        rows.append(workload_row("no radix cache", url, questions, probes, lengths, args, scored)[0])
     with stock_server(path, pool, args.dtype, []) as url:
-        rows.append(workload_row("radix cache, full documents", url, questions, probes, lengths, args, scored))
+        row, reference = workload_row("radix cache, full documents", url, questions, probes, lengths, args, scored)
+        rows.append(row)
     asked = document_questions(document_ids, questions)
-    variants = [] if args.no_questions else [question_variant(asked, share) for share in args.question_shares]
+    # The node is fitted to as many answer tokens as the questions are asked for.
+    variants = [] if args.no_questions else [question_variant(asked, share, args.max_tokens) for share in args.question_shares]
     variants.append(("compacted", lambda i: {}))
     with extension_server(path, pool, args.dtype) as url:
         client = DocumentsClient(url)
@@ -143,9 +152,9 @@ def main() -> None:
                                               compact_windows=args.compact_windows, **fields(i))
                               for i, ids in enumerate(document_ids)]
                 seconds = time.perf_counter() - start
-                captured = sum(capture_tokens(ids, fields(i)) for i, ids in enumerate(document_ids))
-                row = workload_row(f"{name} @ {ratio}", url, questions, probes, [d["slots"] for d in registered], args,
-                                   scored)
+                captured = sum(capture_tokens(ids, fields(i), doc) for i, (ids, doc) in enumerate(zip(document_ids, registered)))
+                row, _ = workload_row(f"{name} @ {ratio}", url, questions, probes, [d["slots"] for d in registered], args,
+                                      scored, reference)
                 rows.append({**row, "ratio": ratio, "registration_seconds": round(seconds, 3), "capture_tokens": captured,
                              "kv_bytes_per_document": registered[0]["kv_bytes"]})
                 for doc in registered:
@@ -200,7 +209,8 @@ def plot(payload: dict) -> Figure:
         axis.tick_params(axis="x", labelsize=7)
         if key == "request_throughput":
             for bar, row in zip(bars, rows):
-                axis.annotate(f"acc {row['accuracy']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                agreed = f"\nagree {row['agreement']:.2f}" if "agreement" in row else ""
+                axis.annotate(f"acc {row['accuracy']:.2f}{agreed}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                               ha="center", va="bottom", fontsize=7)
     inputs = payload["inputs"]
     fig.suptitle(f"Batch QA, {len(inputs['document_tokens'])} documents × {inputs['questions']} questions, "

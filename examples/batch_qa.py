@@ -5,10 +5,14 @@ With no arguments it starts the extension's server on the embedded recall model 
 /v1/completions with the full documents as ordinary (radix-cached) prefixes, then registers every
 document at --ratio with the batch's questions (question-aware: the node is fitted to the queries of the
 questions that will follow it), asks again, drops them, registers them again without the questions,
-asks again, and prints accuracy and throughput side by side (--no-questions: the last only).
-`--model gemma3-270m` serves the pretrained Gemma-3-270M on the real-text workload instead (natural
-sentences, facts with same-type distractors), where multiple-choice accuracy by answer likelihood is
-reported too. --url uses a running server instead (started with the extension, e.g.
+asks again, and prints side by side each phase's accuracy, its answers' agreement with the full prefix's
+(token by token: what a user sees) and its throughput (--no-questions: the last only). A question-aware
+node is fitted to each question and to the first --max-tokens tokens of its answer, which the server
+generates with the full prefix. `--model gemma3-270m` serves the pretrained Gemma-3-270M on the real-text
+workload instead (natural sentences, facts with same-type distractors), `--model smollm2-135m` the chat
+model SmolLM2-135M-Instruct on the same documents as chat (system message, then the question; registered
+as ``messages`` with text ``questions``, asked through /v1/chat/completions); on both, multiple-choice
+accuracy by answer likelihood is reported too. --url uses a running server instead (started with the extension, e.g.
 `python -m sglang_am.serve --model gemma3-270m`); --model-path starts one on another model (GPU or CPU).
 """
 
@@ -31,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--url", help="a running server with the extension (default: start one)")
     parser.add_argument("--model", choices=MODELS, default="recall", help="a model served by name")
     parser.add_argument("--model-path", help="another model (a transformers directory) instead of --model")
-    parser.add_argument("--workload", choices=WORKLOADS, help="default: recall for the recall model, real-text otherwise")
+    parser.add_argument("--workload", choices=WORKLOADS, help="default: recall for the recall model, chat for "
+                        "smollm2-135m, real-text otherwise")
     parser.add_argument("--api-key", help="the server's --api-key, if it has one")
     parser.add_argument("--documents", type=int, default=4, help="number of shared documents")
     parser.add_argument("--questions", type=int, default=16, help="questions per document")
@@ -54,24 +59,38 @@ def parse_args() -> argparse.Namespace:
 def run(url: str, args: argparse.Namespace) -> dict:
     client = DocumentsClient(url, api_key=args.api_key)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path or model_path(args.model))
-    workload = args.workload or ("recall" if args.model == "recall" and not args.model_path else "real-text")
+    named = None if args.model_path else {"recall": "recall", "smollm2-135m": "chat"}.get(args.model)
+    workload = args.workload or named or "real-text"
     documents, document_ids, questions = documents_and_questions(tokenizer, args.documents, args.questions, workload,
                                                                  args.size, args.seed)
-    scored = workload == "real-text"  # the recall model answers its questions only by completion
+    scored = workload != "recall"  # the recall model answers its questions only by completion
+    reference = None  # the full prefix's answers
 
     def ask(phase: str) -> dict:
+        nonlocal reference
         answers, wall = ask_all(url, questions, args.concurrency, args.max_tokens, args.api_key,
                                 None if args.json else phase)
-        row = summarize(questions, answers, wall)
+        row = summarize(questions, answers, wall, reference)
+        reference = reference or answers
         if scored:
             row["choice_accuracy"] = choice_accuracy(url, questions, api_key=args.api_key,
                                                      progress=None if args.json else f"{phase}: choices")
         return row
 
-    def compacted(name: str, asked: list[list[list[int]]] | None) -> dict:
-        registered = [client.register(input_ids=ids, ratio=args.ratio, method=args.method, compact_windows=args.compact_windows,
-                                      **({"query_source": args.query_source} if asked is None else {"questions": asked[i]}))
-                      for i, ids in enumerate(tqdm(document_ids, desc=f"registering ({name})", disable=args.json))]
+    def document(i: int) -> dict:
+        if workload == "chat":  # the system message the questions start with
+            return {"messages": next(q.messages[:-1] for q in questions if q.document == i)}
+        return {"input_ids": document_ids[i]}
+
+    def compacted(name: str, asked: list | None) -> dict:
+        def fitted_to(i: int) -> dict:
+            if asked is None:
+                return {"query_source": args.query_source}
+            return {"questions": asked[i], "answer_tokens": args.max_tokens}  # as many answer tokens as are asked for
+
+        registered = [client.register(**document(i), ratio=args.ratio, method=args.method, compact_windows=args.compact_windows,
+                                      **fitted_to(i))
+                      for i in tqdm(range(len(document_ids)), desc=f"registering ({name})", disable=args.json)]
         try:
             row = ask(f"{name} @ {args.ratio}")
             served = [client.get(doc["doc_id"])["requests_served"] for doc in registered]
@@ -88,7 +107,9 @@ def run(url: str, args: argparse.Namespace) -> dict:
     result = {"workload": workload,
               "full_prefix": {**full, "kv_slots_per_document": [len(ids) for ids in document_ids]}}
     if not args.no_questions:
-        result["question_aware"] = compacted("with questions", document_questions(document_ids, questions))
+        asked = ([[q.question for q in questions if q.document == i] for i in range(len(document_ids))]
+                 if workload == "chat" else document_questions(document_ids, questions))
+        result["question_aware"] = compacted("with questions", asked)
     result["compacted"] = compacted("without questions", None)
     return {**result, "arguments": vars(args)}
 
@@ -99,17 +120,19 @@ def print_table(result: dict) -> None:
     if "question_aware" in result:
         rows.append((f"questions @ {ratio}", result["question_aware"]))
     rows.append((f"compacted @ {ratio}", result["compacted"]))
-    print(f"\n{'serving':<18}{'KV slots/doc':>13}{'answers':>9}{'choices':>9}{'req/s':>8}{'tok/s':>8}"
+    print(f"\n{'serving':<18}{'KV slots/doc':>13}{'answers':>9}{'agree':>7}{'choices':>9}{'req/s':>8}{'tok/s':>8}"
           f"{'TTFT p50':>10}{'lat p50':>9}{'lat p99':>9}")
     for name, row in rows:
         slots = sum(row["kv_slots_per_document"]) / len(row["kv_slots_per_document"])
         choices = f"{row['choice_accuracy']:.2f}" if "choice_accuracy" in row else "-"
-        print(f"{name:<18}{slots:>13.0f}{row['accuracy']:>9.2f}{choices:>9}{row['request_throughput']:>8.2f}"
+        agreed = f"{row['agreement']:.2f}" if "agreement" in row else "1"
+        print(f"{name:<18}{slots:>13.0f}{row['accuracy']:>9.2f}{agreed:>7}{choices:>9}{row['request_throughput']:>8.2f}"
               f"{row['output_tokens_per_second']:>8.1f}{row['ttft_p50']:>9.3f}s{row['latency_p50']:>8.3f}s{row['latency_p99']:>8.3f}s")
     for name, row in rows[1:]:
         print(f"{name}: {row['requests_served_compacted']} of {row['requests']} requests served from compacted documents, "
               f"{row['errors']} errors")
-    print("questions @: registered with the batch's questions; compacted @: without them (repeat-prefill queries)")
+    print("questions @: registered with the batch's questions; compacted @: without them (repeat-prefill queries); "
+          "agree: the share of answer tokens equal to the full prefix's")
 
 
 def main() -> None:

@@ -1,16 +1,22 @@
 """Many questions over a few shared documents, asked through a server's API.
 
-Shared by ``examples/batch_qa.py`` and the benchmarks. Two workloads: ``recall`` (seeded ``Kxxx: word``
-documents for the embedded recall model, the fast default) and ``real-text`` (natural-language documents
-whose facts have same-type distractors, ``sglang_am.quality.real_text_qa``, for a pretrained model such
-as Gemma-3-270M). Prompts travel as token ids, the document's ids first, so a registered document (by
-the same ids) always matches: text prompts can tokenize the document's last token differently.
-Short answers are greedy streaming ``/v1/completions`` requests, with time to first token and latency;
-multiple-choice questions are scored by the likelihood of each choice (``/generate`` prompt log-probs).
+Shared by ``examples/batch_qa.py`` and the benchmarks. Three workloads: ``recall`` (seeded ``Kxxx: word``
+documents for the embedded recall model, the fast default), ``real-text`` (natural-language documents
+whose facts have same-type distractors, ``sglang_am.quality.real_text_qa``, for a pretrained base model
+such as Gemma-3-270M) and ``chat`` (the same documents as a system message and each question as the user
+turn after it, for a chat model such as SmolLM2-135M-Instruct). Prompts travel as token ids, the document's
+ids first, so a registered document (by the same ids) always matches: text prompts can tokenize the
+document's last token differently; chat questions travel as messages through ``/v1/chat/completions``
+(the ``openai`` client), which the server renders with its own template.
+Answers are greedy and streamed, with time to first token and latency, and keep their tokens, so an
+answer served from a compacted document can be compared token by token with the full prefix's
+(``agreement``); multiple-choice questions are scored by the likelihood of each choice (``/generate``
+prompt log-probs; a chat question's choices follow the start of the answer, as the fact restated).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -23,26 +29,38 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from .client import http_json
-from .quality.real_text import choice_text, question_prompt, real_text_qa, short_answer_correct
+from .quality import answer_mentions, choice_text, question_prompt, real_text_qa, short_answer_correct
 from .quality.tasks import Document
 from .recall_model import recall_task
+from .server import fidelity
+from .server.chat import PROBES, common_prefix
 
-WORKLOADS = ("recall", "real-text")
+WORKLOADS = ("recall", "real-text", "chat")
 
 
 @dataclass
 class QARequest:
     document: int  # index into the documents
-    prompt: list[int]  # the document's token ids, then the question's
+    prompt: list[int]  # the document's token ids, then the question's (a chat question: rendered by the template)
     answer: str
-    choices: tuple[list[int], ...] = ()  # each choice's token ids, scored after the prompt
+    choices: tuple[list[int], ...] = ()  # each choice's token ids, scored after the prompt and choice_prefix
     answer_index: int | None = None
     workload: str = "recall"
+    messages: list[dict] | None = None  # a chat question: the document's system message, then the user turn
+    choice_prefix: list[int] = dataclasses.field(default_factory=list)  # a chat answer's start, before the choice
+
+    @property
+    def question(self) -> str | None:
+        """A chat question's text (what a registration takes as its question)."""
+        return None if self.messages is None else self.messages[-1]["content"]
 
     def is_correct(self, text: str) -> bool:
-        """Is the generated ``text`` the answer (recall: its first word; real text: its first words)?"""
+        """Is the generated ``text`` the answer (recall: its first word; real text: its first words; chat: its
+        words anywhere, since a chat model restates the question first)?"""
         if self.workload == "recall":
             return (text.split() or [""])[0] == self.answer
+        if self.workload == "chat":
+            return answer_mentions(text, self.answer)
         return short_answer_correct(text, self.answer)
 
 
@@ -57,6 +75,14 @@ class Answer:
     # document that served the request, if one did.
     cached_tokens: int | None = None
     document: str | None = None
+    tokens: list | None = None  # the answer's tokens: ids (native API) or token strings (the OpenAI APIs)
+
+
+def agreement(reference: Answer, served: Answer) -> float:
+    """The share of ``reference``'s answer tokens that ``served`` has too, position by position (what a user sees
+    of an answer served from a compacted document, against the full prefix's)."""
+    agreed = fidelity.agreement(reference.tokens or [], served.tokens or [])
+    return sum(agreed) / max(1, len(agreed))
 
 
 def documents_and_questions(tokenizer, num_documents: int, questions_per_document: int, workload: str = "recall",
@@ -70,20 +96,44 @@ def documents_and_questions(tokenizer, num_documents: int, questions_per_documen
         documents = [recall_task(num_pairs=size or 300, num_questions=questions_per_document, seed=seed + i)[0]
                      for i in range(num_documents)]
         suffix = lambda question: "\n" + question.question  # noqa: E731
-    elif workload == "real-text":
+    elif workload in ("real-text", "chat"):
         documents = real_text_qa(num_documents, num_sentences=size or 140, num_questions=questions_per_document,
                                  seed=seed)
         suffix = question_prompt
     else:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
-    document_ids = [tokenizer.encode(d.text) for d in documents]
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    if workload == "chat":
+        return documents, *_chat_questions(tokenizer, documents, questions_per_document, encode)
+    document_ids = [tokenizer.encode(d.text) for d in documents]
     questions = [
         QARequest(d, document_ids[d] + encode(suffix(q)), q.answer,
                   tuple(encode(choice_text(c)) for c in q.choices), q.answer_index, workload)
         for j in range(questions_per_document) for d in range(num_documents) for q in [documents[d].questions[j]]
     ]
     return documents, document_ids, questions
+
+
+def _chat_questions(tokenizer, documents: Sequence[Document], questions_per_document: int,
+                    encode) -> tuple[list[list[int]], list[QARequest]]:
+    """Chat documents (a system message each) and questions (the user turn after it), rendered with the tokenizer's
+    chat template; a document's ids are what every rendered question starts with."""
+    def render(messages: list[dict]) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    systems = [{"role": "system", "content": d.text} for d in documents]
+    questions = []
+    for j in range(questions_per_document):
+        for d, document in enumerate(documents):
+            q = document.questions[j]
+            messages = [systems[d], {"role": "user", "content": q.question}]
+            prefix = encode(q.answer_prefix)
+            questions.append(QARequest(d, render(messages), q.answer, tuple(encode(choice_text(c)) for c in q.choices),
+                                       q.answer_index, "chat", messages, prefix))
+    # As the server finds a document given as messages: what their renders followed by any user turn share.
+    document_ids = [common_prefix([render([system, {"role": "user", "content": probe}]) for probe in PROBES])
+                    for system in systems]
+    return document_ids, questions
 
 
 def document_questions(document_ids: Sequence[list[int]], questions: Sequence[QARequest]) -> list[list[list[int]]]:
@@ -104,7 +154,7 @@ def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None =
     ``headers`` are added (a router's routing key, for example)."""
     if api == "openai":
         path, body = "/v1/completions", {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                         "stream": True, "stream_options": {"include_usage": True}}
+                                         "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0}
     elif api == "native":
         path, body = "/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0},
                                    "stream": True}
@@ -114,7 +164,7 @@ def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None =
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     start = time.perf_counter()
-    first, text, tokens, meta = None, "", 0, {}
+    first, text, count, meta, tokens = None, "", 0, {}, []
     try:
         request = urllib.request.Request(f"{url}{path}", json.dumps(body).encode(), headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -124,33 +174,65 @@ def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None =
                     continue
                 chunk = json.loads(line[5:])
                 if api == "openai":
-                    text += "".join(choice.get("text") or "" for choice in chunk.get("choices", []))
-                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
-                else:  # the whole text so far, in every chunk
-                    text, meta = chunk["text"], chunk["meta_info"]
-                    tokens = meta["completion_tokens"]
+                    for choice in chunk.get("choices", []):
+                        text += choice.get("text") or ""
+                        tokens += (choice.get("logprobs") or {}).get("tokens") or []
+                    count = (chunk.get("usage") or {}).get("completion_tokens", count)
+                else:  # the whole text and output so far, in every chunk
+                    text, meta, tokens = chunk["text"], chunk["meta_info"], chunk["output_ids"]
+                    count = meta["completion_tokens"]
                 if text and first is None:
                     first = time.perf_counter() - start
     except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
         return Answer("", 0.0, time.perf_counter() - start, 0, error=str(error))
     latency = time.perf_counter() - start
     document = (meta.get("am_document") or [{}])[0].get("doc_id")
-    return Answer(text, first if first is not None else latency, latency, tokens, cached_tokens=meta.get("cached_tokens"),
-                  document=document)
+    return Answer(text, first if first is not None else latency, latency, count, cached_tokens=meta.get("cached_tokens"),
+                  document=document, tokens=tokens)
+
+
+def chat(url: str, messages: list[dict], max_tokens: int, api_key: str | None = None, timeout: float = 600) -> Answer:
+    """One streaming greedy ``/v1/chat/completions`` request through the ``openai`` client."""
+    from openai import OpenAI, OpenAIError
+
+    client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", timeout=timeout, max_retries=0)
+    start = time.perf_counter()
+    first, text, count, tokens = None, "", 0, []
+    try:
+        stream = client.chat.completions.create(model="default", messages=messages, max_tokens=max_tokens, temperature=0,
+                                                logprobs=True, stream=True, stream_options={"include_usage": True})
+        for chunk in stream:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                tokens += [entry.token for entry in (choice.logprobs.content or [])] if choice.logprobs else []
+            if chunk.usage is not None:
+                count = chunk.usage.completion_tokens
+            if text and first is None:
+                first = time.perf_counter() - start
+    except OpenAIError as error:
+        return Answer("", 0.0, time.perf_counter() - start, 0, error=str(error))
+    latency = time.perf_counter() - start
+    return Answer(text, first if first is not None else latency, latency, count, tokens=tokens)
 
 
 def ask_all(url: str, questions: Sequence[QARequest], concurrency: int, max_tokens: int,
             api_key: str | None = None, progress: str | None = None,
             route: Callable[[QARequest], Mapping[str, str]] | None = None, api: str = "openai",
             ) -> tuple[list[Answer], float]:
-    """Every question, ``concurrency`` at a time (``complete``); the answers in order and the wall-clock seconds.
-    ``route`` gives each question's extra headers (a router's routing key)."""
+    """Every question, ``concurrency`` at a time (``complete``; a chat question through the OpenAI API: ``chat``);
+    the answers in order and the wall-clock seconds. ``route`` gives each question's extra headers (a router's
+    routing key)."""
     if concurrency < 1 or max_tokens < 1:
         raise ValueError("concurrency and max_tokens must be >= 1")
     start = time.perf_counter()
+
+    def ask(question: QARequest) -> Answer:
+        if question.messages is not None and api == "openai":
+            return chat(url, question.messages, max_tokens, api_key)
+        return complete(url, question.prompt, max_tokens, api_key, headers=route(question) if route else None, api=api)
+
     with ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(complete, url, q.prompt, max_tokens, api_key, headers=route(q) if route else None, api=api)
-                   for q in questions]
+        futures = [pool.submit(ask, q) for q in questions]
         answers = [f.result() for f in tqdm(futures, desc=progress, disable=progress is None, unit="req")]
     return answers, time.perf_counter() - start
 
@@ -159,9 +241,10 @@ def choice_logprobs(url: str, question: QARequest, api_key: str | None = None) -
     """The summed log-probability of each choice's tokens after the question's prompt (one batch request)."""
     sampling = {"max_new_tokens": 1, "temperature": 0}
     # SGLang gives no log-prob for the token at logprob_start_len itself: start one before the choice.
+    prompt = question.prompt + question.choice_prefix
     status, body = http_json("POST", f"{url}/generate", {
-        "input_ids": [question.prompt + choice for choice in question.choices], "sampling_params": sampling,
-        "return_logprob": True, "logprob_start_len": len(question.prompt) - 1,
+        "input_ids": [prompt + choice for choice in question.choices], "sampling_params": sampling,
+        "return_logprob": True, "logprob_start_len": len(prompt) - 1,
     }, api_key)
     if status != 200:
         raise RuntimeError(f"scoring the choices failed ({status}): {body}")
@@ -178,10 +261,13 @@ def choice_accuracy(url: str, questions: Sequence[QARequest], concurrency: int =
     return sum(pick == q.answer_index for pick, q in zip(picks, questions)) / len(questions)
 
 
-def summarize(questions: Sequence[QARequest], answers: Sequence[Answer], wall_seconds: float) -> dict:
-    """Short-answer accuracy (``QARequest.is_correct``), throughput and latency percentiles."""
+def summarize(questions: Sequence[QARequest], answers: Sequence[Answer], wall_seconds: float,
+              reference: Sequence[Answer] | None = None) -> dict:
+    """Short-answer accuracy (``QARequest.is_correct``), throughput and latency percentiles, and with the full
+    prefix's answers (``reference``) the answers' agreement with them."""
     done = [a for a in answers if a.error is None]
     correct = sum(a.error is None and q.is_correct(a.text) for q, a in zip(questions, answers))
+    agreed = None if reference is None else sum(agreement(r, a) for r, a in zip(reference, answers)) / len(answers)
 
     def percentile(values: list[float], p: float) -> float | None:
         if not values:
@@ -193,6 +279,7 @@ def summarize(questions: Sequence[QARequest], answers: Sequence[Answer], wall_se
         "requests": len(answers),
         "errors": len(answers) - len(done),
         "accuracy": correct / len(answers),
+        **({} if agreed is None else {"agreement": round(agreed, 4)}),
         "wall_seconds": round(wall_seconds, 3),
         "request_throughput": round(len(done) / wall_seconds, 3),
         "output_tokens_per_second": round(sum(a.completion_tokens for a in done) / wall_seconds, 3),

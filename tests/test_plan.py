@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from sglang_am.core.plan import QUESTION_SHARE, LayerPlan, fill_queries, source_fractions, split_heldout, with_questions
+from sglang_am.core.plan import (
+    QUESTION_SHARE,
+    LayerPlan,
+    fill_queries,
+    heldout_positions,
+    source_fractions,
+    split_heldout,
+    with_questions,
+)
 
 
 def test_questions_join_a_query_agnostic_mixture_at_their_share():
@@ -38,17 +46,17 @@ def test_the_questions_weigh_their_share_of_the_reference_queries():
     assert int((pooled[0, :, 0] == 1.0).sum()) == 300 and int((pooled[0, :, 0] == 2.0).sum()) == 100
 
 
-def test_the_heldout_split_is_seeded_bounded_and_never_takes_a_protected_position():
+def test_the_heldout_split_is_seeded_bounded_and_never_takes_an_ineligible_position():
     rows = torch.arange(3 * 40 * 2, dtype=torch.float32).reshape(3, 40, 2)
-    protected = torch.zeros(40, dtype=torch.bool)
-    protected[9::10] = True  # four answer positions
     split = lambda: split_heldout({"questions": rows, "repeat-prefill": rows[:, :5]}, 0.5, 12,
-                                  torch.Generator().manual_seed(1), {"questions": protected})
+                                  torch.Generator().manual_seed(1))
     fit, heldout = split()
     assert heldout["questions"].shape == (3, 12, 2) and fit["questions"].shape == (3, 28, 2)  # capped at 12
-    taken = heldout["questions"][0, :, 0] // 2  # position indices of the held-out rows
-    assert not protected[taken.long()].any()
     assert heldout["repeat-prefill"].shape[1] == 2 and fit["repeat-prefill"].shape[1] == 3
+    eligible = torch.ones(40, dtype=torch.bool)
+    eligible[9::10] = False  # four answer positions
+    chosen = heldout_positions(eligible, 0.5, 100, torch.Generator().manual_seed(1))
+    assert int(chosen.sum()) == 18 and not (chosen & ~eligible).any()  # half of the 36 eligible
     assert torch.equal(split()[1]["questions"], heldout["questions"])  # the same split every time
     few = {"context-prefill": rows[:, :1]}
     fit, heldout = split_heldout(few, 0.5, 10, torch.Generator().manual_seed(0))

@@ -109,25 +109,28 @@ def fill_queries(queries: torch.Tensor, rows: int, generator: torch.Generator) -
     return queries[:, index.sort().values.to(queries.device)]
 
 
-def split_heldout(queries: Mapping[str, torch.Tensor], fraction: float, max_positions: int, generator: torch.Generator,
-                  protected: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Each source's positions ``[H_q, n, D]`` split into (fit, held out): a seeded ``fraction`` of them, at most
-    ``max_positions``, never one marked in ``protected[source]`` (a bool mask ``[n]``, e.g. a question's
-    answer position, which the fit must keep). A source with too few positions to spare lends none."""
+def heldout_positions(eligible: torch.Tensor, fraction: float, max_positions: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Bool ``[n]``: a seeded ``fraction`` of the ``eligible`` positions (a bool mask ``[n]``), at most
+    ``max_positions``, and never all of them (the fit keeps at least one)."""
+    candidates = eligible.cpu().nonzero().squeeze(1)
+    take = min(max_positions, int(fraction * len(candidates)), len(candidates) - 1)
+    chosen = torch.zeros(len(eligible), dtype=torch.bool)
+    if take > 0:
+        chosen[candidates[torch.randperm(len(candidates), generator=generator)[:take]]] = True
+    return chosen
+
+
+def split_heldout(queries: Mapping[str, torch.Tensor], fraction: float, max_positions: int,
+                  generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each source's positions ``[H_q, n, D]`` split into (fit, held out) by ``heldout_positions``: a source with
+    too few positions to spare lends none."""
     fit, heldout = {}, {}
     for source, rows in queries.items():
-        count = rows.shape[1]
-        eligible = torch.ones(count, dtype=torch.bool)
-        if protected is not None and source in protected:
-            eligible &= ~protected[source].cpu()
-        candidates = eligible.nonzero().squeeze(1)
-        take = min(max_positions, int(fraction * count), len(candidates) - 1)
-        chosen = torch.zeros(count, dtype=torch.bool)
-        if take > 0:
-            chosen[candidates[torch.randperm(len(candidates), generator=generator)[:take]]] = True
+        chosen = heldout_positions(torch.ones(rows.shape[1], dtype=torch.bool), fraction, max_positions, generator)
         device_mask = chosen.to(rows.device)
         fit[source] = rows[:, ~device_mask]
-        if take > 0:
+        if chosen.any():
             heldout[source] = rows[:, device_mask]
     return fit, heldout
 

@@ -1,7 +1,7 @@
 """Quality harness: multiple-choice documents from seeded synthetic tasks or published datasets."""
 
 from .datasets import load_longhealth, load_quality
-from .real_text import RealTextQuestion, choice_text, question_prompt, real_text_qa, short_answer_correct
+from .real_text import RealTextQuestion, answer_mentions, choice_text, question_prompt, real_text_qa, short_answer_correct
 from .tasks import Document, Question, key_value_recall, needle_in_document
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "question_prompt",
     "real_text_qa",
     "short_answer_correct",
+    "answer_mentions",
 ]

@@ -208,6 +208,12 @@ def short_answer_correct(answer_text: str, expected: str) -> bool:
     return bool(want) and got[: len(want)] == want
 
 
+def answer_mentions(answer_text: str, expected: str) -> bool:
+    """Whether ``expected``'s words occur, in order and together, anywhere in a generated answer (lower-cased,
+    punctuation stripped): a chat model restates the question before the value."""
+    return f" {' '.join(_normalise_words(expected))} " in f" {' '.join(_normalise_words(answer_text))} "
+
+
 def real_text_qa(
     num_documents: int = 1,
     num_sentences: int = 140,

@@ -4,8 +4,10 @@ Query-agnostic reference queries lose answers that need binding (docs/question-a
 the questions actually asked keep them. An adapting document therefore keeps:
 
 - ``LiveQueries``: a bounded reservoir of the query rows of the requests served from it (their prompt
-  positions after the document, on every layer the solve compacts), a uniform sample of every such
-  position seen (reservoir sampling, decided once per forward for the whole batch);
+  positions after the document and the decode steps of their answers' first ``answer_tokens``, as the
+  registration fits answers, on every layer the solve compacts), a
+  uniform sample of every such position seen (reservoir sampling, decided once per forward for the whole
+  batch);
 - its solve's inputs in host memory: the document's KV of the layers the solve reads, and the queries
   the registration captured (``Adaptation.start``, on the solver thread, counted by admission).
 
@@ -86,13 +88,15 @@ class Adaptation:
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # per layer the solve reads (host)
     fitted: dict[int, dict[str, torch.Tensor]]  # per compacted layer, the registration's queries by source (host)
-    answers: torch.Tensor | None  # the registration's questions' answer positions among fitted["questions"]
+    answers: torch.Tensor | None  # among fitted["questions"], the rows that predict the questions' answers
+    parts: torch.Tensor | None  # the question each of fitted["questions"] belongs to
     scales: dict[int, float]
     num_kv_heads: int
     plan: SolvePlan  # the registration's, with the live queries joining its questions
     live: LiveQueries
     refit_every: int
     nbytes: int
+    answer_steps: int  # a live request's decode steps sampled: those of the answer tokens a registration fits
     refits: int = 0
     refit_failures: int = 0
     last_error: str | None = None  # why the last failed refit failed
@@ -101,7 +105,7 @@ class Adaptation:
 
     @classmethod
     def start(cls, inputs: SolveInputs, plan: SolvePlan, layers: Sequence[int], windows: Sequence[int | None],
-              length: int, capacity: int, refit_every: int, reserved_bytes: int) -> Adaptation:
+              length: int, capacity: int, refit_every: int, reserved_bytes: int, answer_steps: int) -> Adaptation:
         """On the solver thread, right after the registration's solve: copy what a refit reads to host memory.
         ``layers``: the layers the solve compacts (a window layer's window is all of it the solve reads)."""
         kv = {}
@@ -113,9 +117,11 @@ class Adaptation:
         refit = dataclasses.replace(plan.layers, query_fractions=with_questions(plan.layers.query_fractions))
         fitted = {layer: {source: rows.cpu().clone() for source, rows in inputs.queries(layer).items()
                           if source in refit.query_fractions} for layer in layers}
-        answers = inputs.protected.get("questions")
-        return cls(kv, fitted, None if answers is None else answers.cpu(), dict(inputs.scales), inputs.num_kv_heads,
-                   dataclasses.replace(plan, layers=refit), LiveQueries(layers, capacity), refit_every, reserved_bytes)
+        answers, parts = inputs.answers.get("questions"), inputs.parts.get("questions")
+        return cls(kv, fitted, None if answers is None else answers.cpu(), None if parts is None else parts.cpu(),
+                   dict(inputs.scales), inputs.num_kv_heads,
+                   dataclasses.replace(plan, layers=refit, heldout_questions=frozenset()), LiveQueries(layers, capacity),
+                   refit_every, reserved_bytes, answer_steps)
 
     def due(self) -> bool:
         return self.job is None and self.live.size > 0 and self.live.seen - self.seen_at_fit >= self.refit_every
@@ -134,11 +140,13 @@ class Adaptation:
             sources["questions"] = torch.cat(asked, dim=1)
             return {source: rows.to(device) for source, rows in sources.items()}
 
-        protected = {}
-        if self.answers is not None:  # the registration's answer positions stay in the fit; live rows may be held out
-            first = next(iter(live.values()))
-            protected["questions"] = torch.cat([self.answers, torch.zeros(first.shape[1], dtype=torch.bool)])
-        return SolveInputs(kv, queries, self.scales, len(self.kv), self.num_kv_heads, protected)
+        answers, parts = {}, {}
+        if self.answers is not None:  # the registration's questions stay in the fit; live rows (-1) may be held out
+            count = next(iter(live.values())).shape[1]
+            answers["questions"] = torch.cat([self.answers, torch.zeros(count, dtype=torch.bool)])
+            parts["questions"] = torch.cat([self.parts, torch.full((count,), -1, dtype=torch.long)])
+        return SolveInputs(kv, queries, self.scales, len(self.kv), self.num_kv_heads, answers, parts,
+                           "the document's KV kept in host memory for refits")
 
     def describe(self) -> dict:
         running = self.job is not None and not self.job.done()

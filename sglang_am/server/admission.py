@@ -40,20 +40,23 @@ def compacted_slots(request: RegistrationRequest, length: int) -> int:
 
 def capture_slots(request: RegistrationRequest, length: int, self_study_prompts: int) -> int:
     """KV slots the capture prefills hold at once: the document (twice for repeat-prefill), then the
-    questions and the self-study answers, which run side by side after it."""
+    questions with their answers (generated, then teacher-forced) and the self-study answers, which run
+    side by side after it."""
     sources = request.query_source
     needed = (2 if "repeat-prefill" in sources else 1) * length + CAPTURE_HEADROOM_SLOTS
     if "self-study" in sources:
         needed += self_study_prompts * (request.self_study_max_new_tokens + CAPTURE_HEADROOM_SLOTS)
     if "questions" in sources:
-        needed += sum(len(question) + CAPTURE_HEADROOM_SLOTS for question in request.questions)
+        needed += sum(len(question) + request.answer_length(index) + CAPTURE_HEADROOM_SLOTS
+                      for index, question in enumerate(request.questions))
     return needed
 
 
 def admit(request: RegistrationRequest, length: int, room: ServerRoom, config: ServerConfig, capture_bytes: int,
-          self_study_prompts: int, captures: bool = True) -> int:
+          self_study_prompts: int, captures: bool = True, candidate: bool = False) -> int:
     """The slots the document will take; ``DocumentError`` when it cannot be registered now. A data-parallel
-    rank that installs another rank's compaction (``captures`` false) needs room for the document only."""
+    rank that installs another rank's compaction (``captures`` false) needs room for the document only; a
+    registration certified on held-out questions (``candidate``), room for its candidate too."""
     longest = min(config.max_document_tokens, room.max_prompt_tokens - 1)
     if not MIN_DOCUMENT_TOKENS <= length <= longest:
         raise DocumentError(HTTPStatus.BAD_REQUEST,
@@ -70,14 +73,15 @@ def admit(request: RegistrationRequest, length: int, room: ServerRoom, config: S
                             f"{room.registrations_in_progress} registrations are in progress, the server's limit "
                             "(--am-max-registrations); retry when one finishes")
     slots = compacted_slots(request, length)
+    pinned = slots * (2 if candidate else 1)  # a candidate is pinned beside the node until certified
     if room.auto_budget_slots is not None and slots > room.auto_budget_slots:
         raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{slots} slots exceed the automatic-compaction budget")
-    if room.bias_slots_free is not None and slots > room.bias_slots_free:
+    if room.bias_slots_free is not None and pinned > room.bias_slots_free:
         raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                             f"the bias table has room for {room.bias_slots_free} more compacted slots and this document "
-                            f"needs about {slots}; drop documents or raise --am-bias-slots")
+                            f"needs about {pinned}; drop documents or raise --am-bias-slots")
     free = room.pool_slots - room.pinned_slots  # slots other requests hold now come back; pinned ones do not
-    needed = (capture_slots(request, length, self_study_prompts) if captures else 0) + slots
+    needed = (capture_slots(request, length, self_study_prompts) if captures else 0) + pinned
     if free < needed:  # the capture prefill could never be scheduled: refuse instead of waiting forever
         raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                             f"the KV pool has {free} slots besides compacted documents and registering this document "

@@ -3,16 +3,22 @@ of the GPU kernels).
 
 Per forward, a backend needs each request's document version (for beta on its first t KV positions) and
 the query rows to keep: of registrations' capture requests, and of the requests an adapting document
-serves (``adapt.LiveQueries``). Requests are identified the way SGLang's own backends
-identify them, by their request-pool row: the ``ForwardBatch.init_new`` hook binds each batch's rows
-(``DocumentRows.bind``), and the backend builds its ``DocumentBatch`` in its forward-metadata step from
-the batch's ``req_pool_indices``, which every runner (eager, CUDA-graph replay views) carries.
+serves (``adapt.LiveQueries``: their prompt positions and, in decode steps, their answers'; a decode
+step captured in a CUDA graph runs no Python, so there only eager decode steps are sampled). Requests
+are identified the way SGLang's own backends identify them, by their request-pool row: the
+``ForwardBatch.init_new`` hook binds each batch's rows (``DocumentRows.bind``), and the backend builds its
+``DocumentBatch`` in its forward-metadata step from the batch's ``req_pool_indices``, which every runner
+(eager, CUDA-graph replay views) carries.
 
 The ``torch_native`` backend replaces SGLang's entry of that name (every code path that branches on the
-backend string still sees ``torch_native``). Batches with no document go to SGLang's implementation
-unchanged; otherwise each request is one SDPA call with a float mask: causal ``-inf`` above the
-diagonal, plus the document's beta on KV positions ``< t`` (a document's slots are always a request's
-first t KV positions).
+backend string still sees ``torch_native``). Each request of an extend is one SDPA call over its new
+tokens' queries only, with a float mask: causal ``-inf`` above the diagonal (and outside a sliding
+window), plus the document's beta on KV positions ``< t`` (a document's slots are always a request's
+first t KV positions). SGLang's own extend pads every request's queries to its whole KV length and
+attends T x T (``_run_sdpa_forward_extend``), which a GPU backend never does: served that way, every
+request after a long cached prefix would be slow for a reason that has nothing to do with compaction,
+so requests without a document take the efficient path too. Decode batches with no document, and
+encoder or cross attention, go to SGLang's implementation unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -59,39 +66,41 @@ class DocumentRows:
     """The document (``registry.Served``) and capture request each request-pool row serves now."""
 
     def __init__(self):
-        self._by_row: dict[int, tuple] = {}
+        self._by_row: dict[int, tuple] = {}  # row -> (served, capture, tokens it has generated)
 
     def bind(self, reqs) -> None:
         for req in reqs:
             record = RequestRecord.of(req)
-            entry = (record.served, record.capture)
-            if entry == (None, None):
+            if record.served is None and record.capture is None:
                 self._by_row.pop(req.kv.req_pool_idx, None)
             else:
-                self._by_row[req.kv.req_pool_idx] = entry
+                self._by_row[req.kv.req_pool_idx] = (record.served, record.capture, len(req.output_ids))
 
-    def batch(self, forward_batch) -> DocumentBatch | None:
-        """This forward's documents and captures; None when it has neither (most forwards)."""
+    def batch(self, forward_batch, eager: bool = True) -> DocumentBatch | None:
+        """This forward's documents and captures; None when it has neither (most forwards). A CUDA graph
+        (``eager`` false) runs no Python at replay: no live query is planned there, since none would be stored."""
         mode = forward_batch.forward_mode
         if not self._by_row or mode.is_idle() or not (mode.is_decode() or mode.is_extend()):
             return None
         rows = forward_batch.req_pool_indices_cpu
         rows = (rows if rows is not None else forward_batch.req_pool_indices).tolist()
-        entries = [self._by_row.get(row, (None, None)) for row in rows]
-        if all(entry == (None, None) for entry in entries):
+        entries = [self._by_row.get(row, (None, None, 0)) for row in rows]
+        if all(served is None and capture is None for served, capture, _ in entries):
             return None
-        versions = [served.version if served is not None else None for served, _ in entries]
-        if not mode.is_extend():
-            return DocumentBatch(versions, [1] * len(rows), [])
-        query_lens = list(forward_batch.extend_seq_lens_cpu)
+        versions = [served.version if served is not None else None for served, _, _ in entries]
+        decode = not mode.is_extend()
+        query_lens = [1] * len(rows) if decode else list(forward_batch.extend_seq_lens_cpu)
+        prefixes = [None] * len(rows) if decode else forward_batch.extend_prefix_lens_cpu
         captures, offset = [], 0
-        for (served, capture), prefix, length in zip(entries, forward_batch.extend_prefix_lens_cpu, query_lens):
-            if capture is not None:
+        for (served, capture, generated), prefix, length in zip(entries, prefixes, query_lens):
+            if capture is not None and not decode:
                 planned = capture.rows.plan(prefix, length, offset)
                 if planned is not None:
                     captures.append(CaptureSlice(functools.partial(capture.capture.record, capture.rows), *planned))
             adaptation = served.document.adaptation if served is not None and served.client else None
-            if adaptation is not None:  # the prompt's positions after the document (all of this extend's)
+            # The positions after the document it computes: its prompt's, then its answer's, as far as a registration
+            # fits an answer (a long generation would otherwise crowd the prompts out of the reservoir).
+            if adaptation is not None and eager and (not decode or generated < adaptation.answer_steps):
                 planned = adaptation.live.plan(length)
                 if planned is not None:
                     captures.append(CaptureSlice(adaptation.live.record, planned[0] + offset, planned[1]))
@@ -115,7 +124,7 @@ class DocumentAware:
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
-        self.documents = self.document_rows.batch(forward_batch)
+        self.documents = self.document_rows.batch(forward_batch, eager=False)
 
     def layer_index(self, layer) -> int:
         """``layer``'s index among this rank's layers (a document's per-layer lists are indexed so)."""
@@ -148,16 +157,21 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self.capture_queries(q, layer)
-        if not self.uses_documents(layer):
+        if layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY or forward_batch.encoder_lens is not None:
+            self.uses_documents(layer)  # refuses documents on cross attention
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._biased(q, k, v, layer, forward_batch, save_kv_cache)
+        versions = self.documents.versions if self.uses_documents(layer) else None
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, forward_batch.extend_seq_lens_cpu, versions)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self.capture_queries(q, layer)
         if not self.uses_documents(layer):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._biased(q, k, v, layer, forward_batch, save_kv_cache)
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, self.documents.query_lens, self.documents.versions)
 
-    def _biased(self, q, k, v, layer, forward_batch, save_kv_cache):
+    def _attend(self, q, k, v, layer, forward_batch, save_kv_cache, query_lens, versions):
+        """Each request's last ``query_lens`` positions attend to its KV (``versions``: each request's document
+        version, whose beta is added; None: no document in this forward)."""
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
         heads, kv_heads, dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
@@ -168,8 +182,9 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
         req_to_token = self.req_to_token_pool.req_to_token
         index = self.layer_index(layer)
         start = 0
+        versions = versions or [None] * len(query_lens)
         for row, kv_len, q_len, version in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
-                                               self.documents.query_lens, self.documents.versions):
+                                               query_lens, versions):
             slots = req_to_token[row, :kv_len]
             keys = key_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)  # [1, H_kv, S, D]
             values = value_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)

@@ -5,7 +5,8 @@ seeded random subset of its query positions, drawn when the request arrives, so 
 front (``nbytes``), counted by the admission check, and never grows with the document: the solver
 later caps the pooled queries per KV head at the source's share of ``max_queries_per_head`` and
 needs no more than ``ceil(share / group)`` positions, each carrying all of its query heads. A
-question's capture keeps every position (the registration bounds how many there are). The
+question's capture keeps every position of the question and of its answer (the registration bounds
+how many there are), and knows which question each belongs to and which predict the answer. The
 attention backend copies the kept rows of every layer into the buffer during the forward pass; a
 failure there (out of memory, say) marks the capture failed instead of stopping the forward.
 """
@@ -28,16 +29,20 @@ def capture_salt(salt: str, source: str) -> str:
     return f"{salt}-context" if source == "context-prefill" else salt
 
 
-# Questions are few and decide the answers: each keeps all its positions, its answer position (the last) included.
+# Questions are few and decide the answers: each keeps all its positions, its answer's included.
 EVERY_POSITION_SOURCES = ("questions",)
 
 
 class CaptureRows:
-    """One capture request's kept query positions (absolute, in ``[start, stop)``) and their rows."""
+    """One capture request's kept query positions (absolute, in ``[start, stop)``) and their rows. ``part``:
+    which of its source's requests it is (a question's index); ``answer_from``: the position of the first
+    token of the question's answer (the positions from the one before it predict the answer), else ``stop``."""
 
-    def __init__(self, start: int, stop: int, keep: int, last_layer: int, generator: torch.Generator):
+    def __init__(self, start: int, stop: int, keep: int, last_layer: int, generator: torch.Generator, part: int = 0,
+                 answer_from: int | None = None):
         span = stop - start
-        self.stop = stop
+        self.stop, self.part = stop, part
+        self.answer_from = stop if answer_from is None else answer_from
         chosen = torch.randperm(span, generator=generator)[:keep] if keep < span else torch.arange(span)
         self.positions = chosen.sort().values + start  # CPU int64
         self.last_layer = last_layer
@@ -94,10 +99,13 @@ class QueryCapture:
         self.error: str | None = None
         self._generator = torch.Generator().manual_seed(seed)
 
-    def add_request(self, source: str, start: int, stop: int) -> CaptureRows:
-        if source not in self.requests or len(self.requests[source]) >= self.parts[source] or not 0 <= start < stop:
+    def add_request(self, source: str, start: int, stop: int, part: int = 0, answer_from: int | None = None) -> CaptureRows:
+        requests = self.requests.get(source)
+        if requests is None or len(requests) >= self.parts[source] or not 0 <= start < stop or not (
+            0 <= part < self.parts[source] and all(rows.part != part for rows in requests)
+        ) or (answer_from is not None and not start < answer_from <= stop):
             raise ValueError(f"unexpected capture request for {source!r}")
-        rows = CaptureRows(start, stop, self.keep[source], self.layers[-1], self._generator)
+        rows = CaptureRows(start, stop, self.keep[source], self.layers[-1], self._generator, part, answer_from)
         self.requests[source].append(rows)
         return rows
 
@@ -127,15 +135,23 @@ class QueryCapture:
         return {source: torch.cat([rows.queries(layer) for rows in requests if rows.filled.any()]).transpose(0, 1)
                 for source, requests in self.requests.items()}
 
-    def last_positions(self) -> dict[str, torch.Tensor]:
-        """``{source: bool [n]}`` marking, in ``queries``' order, each request's last position (a question's
-        answer position: the query that predicts the answer's first token)."""
-        marks = {}
+    def answer_positions(self) -> dict[str, torch.Tensor]:
+        """``{source: bool [n]}`` marking, in ``queries``' order, the positions that predict a request's answer
+        (from the question's last position on; without an answer, its last position: the query that predicts
+        the answer's first token)."""
+        return self._per_row(lambda rows: rows.positions[rows.filled] >= rows.answer_from - 1)
+
+    def parts_of_rows(self) -> dict[str, torch.Tensor]:
+        """``{source: int64 [n]}``: in ``queries``' order, which request (a question's index) each row comes from."""
+        return self._per_row(lambda rows: torch.full((int(rows.filled.sum()),), rows.part, dtype=torch.long))
+
+    def _per_row(self, marks) -> dict[str, torch.Tensor]:
+        per_source = {}
         for source, requests in self.requests.items():
             filled = [rows for rows in requests if rows.filled.any()]
             if filled:
-                marks[source] = torch.cat([rows.positions[rows.filled] == rows.stop - 1 for rows in filled])
-        return marks
+                per_source[source] = torch.cat([marks(rows) for rows in filled])
+        return per_source
 
     def release(self) -> None:
         """The registration ended: free the buffers; capture requests still running record nothing more."""

@@ -2,10 +2,14 @@
 
 Capture requests are ordinary prefills, tagged by ``hooks`` so that the forward records their queries:
 context-prefill (the document itself), repeat-prefill (document + repeat instruction + document), the
-questions (each after the document, with the full context's top next-token log-probabilities kept as the
-fidelity reference), and self-study (the server samples answers to the self-study prompts, which are then
-teacher-forced). Once the document is installed, ``next_token_kl`` asks each question again, now served
-from it. With ``--dp-size N`` every request goes to the rank that compacts the document.
+questions, and self-study (the server samples answers to the self-study prompts, which are then
+teacher-forced). A question's answer is generated first with the full prefix (``answer_tokens``, greedy
+unless ``answer_temperature``) unless the client gave it; the capture then teacher-forces question and
+answer after the document, so the node is fitted to the positions a request computes while it answers
+(decode steps included), and keeps the full context's top next-token log-probabilities at the answer
+positions as the fidelity reference (``fidelity.AnswerReference``). ``answer_figures`` asks questions of
+an installed node, or of a certifying registration's candidate. With ``--dp-size N`` every request goes
+to the rank that compacts the document.
 """
 
 from __future__ import annotations
@@ -28,9 +32,8 @@ class CaptureRequests:
         self.tokenizer_manager, self.num_ranks = tokenizer_manager, num_ranks
 
     async def capture(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest,
-                       rank: int) -> tuple[dict, list[tuple[list[int], list]]]:
-        """Run the capture requests; their stage timings, and each question with the full context's top
-        next-token log-probabilities at its answer position (``fidelity``)."""
+                      rank: int) -> tuple[dict, list[fidelity.AnswerReference]]:
+        """Run the capture requests; their stage timings, and each question's reference (``fidelity``)."""
         tokenizer = self.tokenizer_manager.tokenizer
         length, sources = len(ids), request.query_source
         if tokenizer is None and {"repeat-prefill", "self-study"} & set(sources):
@@ -49,16 +52,8 @@ class CaptureRequests:
         references = []
         if "questions" in sources:
             start = time.perf_counter()
-            questions = [list(question) for question in request.questions]
-
-            async def ask(question: list[int]) -> tuple[list[int], list]:
-                output = await self._capture_one(doc_id, salt, "questions", ids + question, length,
-                                                 length + len(question), rank, top_logprobs=fidelity.TOP_TOKENS)
-                return question, fidelity.reference_tokens(output["meta_info"])
-
-            if "repeat-prefill" not in sources:  # the first question prefills the document for the others
-                references.append(await ask(questions[0]))
-            references += await asyncio.gather(*(ask(question) for question in questions[len(references):]))
+            references = await self._capture_questions(doc_id, salt, ids, request, rank,
+                                                       prefilled="repeat-prefill" in sources)
             timings["questions_seconds"] = round(time.perf_counter() - start, 4)
         if "self-study" in sources:
             start = time.perf_counter()
@@ -66,23 +61,70 @@ class CaptureRequests:
             answers = await asyncio.gather(*(self._sample(ids + starter, request.self_study_max_new_tokens)
                                              for starter in starters))
             sequences = [ids + starter + answer for starter, answer in zip(starters, answers)]
-            await asyncio.gather(*(self._capture_one(doc_id, salt, "self-study", sequence, length, len(sequence), rank)
-                                   for sequence in sequences))
+            await asyncio.gather(*(self._capture_one(doc_id, salt, "self-study", sequence, length, len(sequence), rank,
+                                                     part=index) for index, sequence in enumerate(sequences)))
             timings["self_study_seconds"] = round(time.perf_counter() - start, 4)
         return timings, references
 
-    async def next_token_kl(self, doc_id: str, ids: list[int], references: list[tuple[list[int], list]],
-                             rank: int) -> dict:
-        """Each question once more, now served from the compacted document: the KL against the full context."""
-        async def probe(question: list[int], reference: list) -> float:
-            params = {"max_new_tokens": 1, "temperature": 0.0, "custom_params": {"am_op": "probe", "am_doc_id": doc_id}}
-            output = await self._generate(ids + question, params, rank=rank, return_logprob=True,
-                                          token_ids_logprob=[token for token, _ in reference])
-            return fidelity.next_token_kl(reference, fidelity.probed_logprobs(output["meta_info"]))
+    async def _capture_questions(self, doc_id: str, salt: str, ids: list[int], request: RegistrationRequest, rank: int,
+                                 prefilled: bool) -> list[fidelity.AnswerReference]:
+        """Each question's answer (given, or generated with the full prefix), then the question and its answer
+        teacher-forced after the document; each question's reference, in the order given."""
+        length = len(ids)
+        params = {"max_new_tokens": request.answer_tokens, "temperature": request.answer_temperature,
+                  "custom_params": {"am_op": "sample"}}
+
+        async def answer(index: int) -> list[int]:
+            output = await self._generate(ids + list(request.questions[index]), params, cache_salt=salt, rank=rank)
+            return list(output["output_ids"])
+
+        async def capture(index: int, answer: list[int]) -> fidelity.AnswerReference:
+            prompt = list(request.questions[index])
+            stop = length + len(prompt) + len(answer)
+            output = await self._capture_one(doc_id, salt, "questions", ids + prompt + answer, length, stop, rank,
+                                             top_logprobs=fidelity.TOP_TOKENS, part=index, answer_from=length + len(prompt))
+            return fidelity.AnswerReference(prompt, answer, fidelity.reference_top(output["meta_info"], len(prompt)))
+
+        count = len(request.questions)
+        generated = [index for index in range(count) if request.answers[index] is None and request.answer_tokens]
+        answers = {index: list(request.answers[index] or ()) for index in range(count) if index not in generated}
+        answers.update(await self._first_then_rest(answer, generated, prefilled))
+        prefilled = prefilled or bool(generated)
+        captured = await self._first_then_rest(lambda index: capture(index, answers[index]), list(range(count)), prefilled)
+        return [captured[index] for index in range(count)]
+
+    @staticmethod
+    async def _first_then_rest(run, indexes: list[int], prefilled: bool) -> dict:
+        """``{index: await run(index)}``, side by side; unless the document is ``prefilled`` already, the first runs
+        alone and prefills it for the others, which then share its KV."""
+        done = {}
+        if indexes and not prefilled:
+            done[indexes[0]] = await run(indexes[0])
+            indexes = indexes[1:]
+        return {**done, **dict(zip(indexes, await asyncio.gather(*(run(index) for index in indexes))))}
+
+    async def answer_figures(self, doc_id: str, salt: str, ids: list[int], references: list[fidelity.AnswerReference],
+                             rank: int, candidate: bool = False) -> dict:
+        """``references``' questions asked of the installed document (or of its ``candidate``), by probes that
+        carry the registration's ``salt``: ``fidelity.summary``."""
+        custom = {"am_op": "probe", "am_doc_id": doc_id, "am_salt": salt, **({"am_version": "candidate"} if candidate else {})}
+
+        async def probe(reference: fidelity.AnswerReference) -> fidelity.AnswerFigures:
+            prompt, expected = reference.prompt, reference.greedy
+            greedy = self._generate(ids + prompt, {"max_new_tokens": len(expected), "temperature": 0.0,
+                                                   "custom_params": custom}, rank=rank)
+            forced = self._generate(ids + prompt + reference.answer, {"max_new_tokens": 1, "temperature": 0.0,
+                                                                       "custom_params": custom},
+                                    rank=rank, return_logprob=True, logprob_start_len=len(ids),
+                                    token_ids_logprob=reference.tokens)
+            greedy, forced = await asyncio.gather(greedy, forced)
+            probed = fidelity.probed_logprobs(forced["meta_info"], len(prompt))
+            return fidelity.AnswerFigures(fidelity.agreement(expected, greedy["output_ids"]),
+                                          [fidelity.next_token_kl(top, logprobs) for top, logprobs in zip(reference.top, probed)])
 
         start = time.perf_counter()
-        kls = await asyncio.gather(*(probe(question, reference) for question, reference in references))
-        return {**fidelity.summary(kls), "probe_seconds": round(time.perf_counter() - start, 4)}
+        figures = await asyncio.gather(*(probe(reference) for reference in references))
+        return {**fidelity.summary(figures), "probe_seconds": round(time.perf_counter() - start, 4)}
 
     async def _generate(self, input_ids: list[int], sampling_params: dict, cache_salt: str | None = None,
                         rank: int | None = None, **logprobs) -> dict:
@@ -101,11 +143,14 @@ class CaptureRequests:
         return output
 
     async def _capture_one(self, doc_id: str, salt: str, source: str, input_ids: list[int], start: int, stop: int,
-                           rank: int, top_logprobs: int = 0) -> dict:
-        """One capture request, on the rank that compacts the document; with ``top_logprobs``, its output
-        carries that many of the most likely next tokens."""
-        params = {"am_op": "capture", "am_doc_id": doc_id, "am_source": source, "am_from": start, "am_to": stop}
-        logprobs = {"return_logprob": True, "top_logprobs_num": top_logprobs} if top_logprobs else {}
+                           rank: int, top_logprobs: int = 0, part: int = 0, answer_from: int | None = None) -> dict:
+        """One capture request, on the rank that compacts the document; with ``top_logprobs``, its output carries
+        that many of the most likely next tokens at every position from ``start`` on. SGLang then matches no
+        more of the prompt than ``start`` in the radix tree (``logprob_start_len``), so the capture computes
+        every position it records even where another request cached them."""
+        params = {"am_op": "capture", "am_doc_id": doc_id, "am_source": source, "am_from": start, "am_to": stop,
+                  "am_part": part, **({"am_answer": answer_from} if answer_from is not None else {})}
+        logprobs = {"return_logprob": True, "top_logprobs_num": top_logprobs, "logprob_start_len": start} if top_logprobs else {}
         return await self._generate(input_ids, {"max_new_tokens": 1, "temperature": 0.0, "custom_params": params},
                                     cache_salt=capture_salt(salt, source), rank=rank, **logprobs)
 

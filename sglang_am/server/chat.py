@@ -24,23 +24,23 @@ MAX_MESSAGES = 64
 PROBES = ("A", "\n1", " z?", "1.")
 
 
-def checked_messages(messages, max_characters: int) -> tuple[tuple[str, str], ...]:
-    """``messages`` as ``((role, content), ...)``: 1 to ``MAX_MESSAGES`` of them, text content only."""
+def checked_messages(messages, max_characters: int, name: str = "messages") -> tuple[tuple[str, str], ...]:
+    """``messages`` (the field ``name``) as ``((role, content), ...)``: 1 to ``MAX_MESSAGES`` of them, text content only."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not 1 <= len(messages) <= MAX_MESSAGES:
-        raise ValueError(f"messages must be a list of 1 to {MAX_MESSAGES} chat messages")
+        raise ValueError(f"{name} must be a list of 1 to {MAX_MESSAGES} chat messages")
     checked, total = [], 0
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
-            raise ValueError(f'messages[{index}] must be an object with exactly "role" and "content"')
+            raise ValueError(f'{name}[{index}] must be an object with exactly "role" and "content"')
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise ValueError(f"messages[{index}].role must be one of {list(ROLES)}, got {str(role)[:40]!r}")
+            raise ValueError(f"{name}[{index}].role must be one of {list(ROLES)}, got {str(role)[:40]!r}")
         if not isinstance(content, str) or not content:
-            raise ValueError(f"messages[{index}].content must be a non-empty string (documents are text)")
+            raise ValueError(f"{name}[{index}].content must be a non-empty string (documents are text)")
         total += len(content)
         checked.append((role, content))
     if total > max_characters:
-        raise ValueError(f"messages hold {total} characters; this server takes at most {max_characters}")
+        raise ValueError(f"{name} hold {total} characters; this server takes at most {max_characters}")
     return tuple(checked)
 
 
@@ -66,6 +66,19 @@ class ChatRenderer:
         self.app = app
 
     def document_ids(self, messages: tuple[tuple[str, str], ...]) -> list[int]:
+        return common_prefix([self.render((*messages, ("user", probe)), "messages") for probe in PROBES])
+
+    def turn_ids(self, messages: tuple[tuple[str, str], ...], turn: tuple[tuple[str, str], ...], document: list[int],
+                 name: str) -> list[int]:
+        """The ids a ``/v1/chat/completions`` request of ``messages`` followed by ``turn`` (the field ``name``)
+        has after ``document`` (the ids of ``messages``), up to where the assistant's answer begins."""
+        rendered = self.render((*messages, *turn), name)
+        if rendered[: len(document)] != document or len(rendered) == len(document):
+            raise ValueError(f"{name}: the chat template renders it in a way that changes the document's tokens")
+        return rendered[len(document):]
+
+    def render(self, messages: tuple[tuple[str, str], ...], name: str) -> list[int]:
+        """``messages`` as the chat handler renders a request of them, with the generation prompt."""
         from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
 
         chat = getattr(self.app.state, "openai_serving_chat", None)
@@ -73,17 +86,12 @@ class ChatRenderer:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the chat API is not up yet; retry")
         if chat.tokenizer_manager.model_config.is_multimodal:
             raise ValueError("messages: documents through the chat API need a text-only model; register input_ids")
-        leading = [{"role": role, "content": content} for role, content in messages]
-        renders = []
-        for probe in PROBES:
-            request = ChatCompletionRequest(messages=[*leading, {"role": "user", "content": probe}])
-            try:
-                processed = chat._process_messages(request, False)
-            except Exception as error:  # the template's own complaint (roles out of order, no template, ...)
-                raise ValueError(f"messages: the server's chat template cannot render them followed by a user "
-                                 f"turn: {str(error)[:300]}") from None
-            if not isinstance(processed.prompt_ids, list) or not processed.prompt_ids:
-                raise ValueError("messages: this server's chat handler renders text, not token ids; register "
-                                 "input_ids rendered by the client")
-            renders.append(processed.prompt_ids)
-        return common_prefix(renders)
+        request = ChatCompletionRequest(messages=[{"role": role, "content": content} for role, content in messages])
+        try:
+            processed = chat._process_messages(request, False)
+        except Exception as error:  # the template's own complaint (roles out of order, no template, ...)
+            raise ValueError(f"{name}: the server's chat template cannot render it: {str(error)[:300]}") from None
+        if not isinstance(processed.prompt_ids, list) or not processed.prompt_ids:
+            raise ValueError(f"{name}: this server's chat handler renders text, not token ids; register "
+                             "input_ids rendered by the client")
+        return processed.prompt_ids

@@ -198,14 +198,17 @@ HOOKED_ATTRIBUTES = (
     *_touches(_TOKENIZED_REQ, "input_embeds mm_inputs positional_embed_overrides"),
     *_touches("sglang.srt.managers.io_struct.RpcReqInput", "method parameters"),
     *_touches("sglang.srt.managers.io_struct.GenerateReqInput",
-              "input_ids sampling_params cache_salt routed_dp_rank return_logprob top_logprobs_num"),
+              "input_ids sampling_params cache_salt routed_dp_rank return_logprob top_logprobs_num logprob_start_len "
+              "token_ids_logprob"),
     *_touches("sglang.srt.managers.schedule_batch.ScheduleBatch", "reqs extend_lens"),
     *_touches(_FORWARD_BATCH, "forward_mode req_pool_indices req_pool_indices_cpu seq_lens extend_seq_lens_cpu "
-                              "extend_prefix_lens_cpu out_cache_loc"),
+                              "extend_prefix_lens_cpu out_cache_loc encoder_lens"),
     *_touches("sglang.srt.model_executor.forward_batch_info.ForwardMode", "is_idle is_decode is_extend"),
     # The attention layers, and the backends the bias-aware ones extend.
     *_touches("sglang.srt.layers.radix_attention.RadixAttention",
-              "layer_id sliding_window_size tp_q_head_num tp_k_head_num qk_head_dim v_head_dim scaling is_cross_attention"),
+              "layer_id sliding_window_size tp_q_head_num tp_k_head_num qk_head_dim v_head_dim scaling is_cross_attention "
+              "attn_type"),
+    *_touches("sglang.srt.layers.radix_attention.AttentionType", "ENCODER_ONLY"),
     *_touches(_TORCH_NATIVE, "token_to_kv_pool req_to_token_pool swa_out_cache_loc"),
     *_touches(_TRITON, "token_to_kv_pool num_head num_kv_head"),
     *_touches(_FLASHINFER, "token_to_kv_pool num_wrappers indices_updater_decode prefill_kv_access decode_kv_access "

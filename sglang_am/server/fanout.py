@@ -53,8 +53,8 @@ class RankFanout:
         return answers
 
     async def until_ready(self, rank: int, described: Description) -> Description:
-        """Poll ``advance`` on ``rank`` until the document is ready there (a failure raises its error)."""
-        while described["state"] != DocState.READY.value:
+        """Poll ``advance`` on ``rank`` until the document is ready (or certifying) there (a failure raises its error)."""
+        while described["state"] not in (DocState.READY.value, DocState.CERTIFYING.value):
             await asyncio.sleep(POLL_SECONDS)
             described = await self.one(rank, Advance(described["doc_id"]))
         return described

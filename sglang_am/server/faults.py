@@ -6,8 +6,9 @@ rewrites the file to switch faults on and off while the server runs. Points: ``s
 raises), ``solver_exit`` (the solver thread gets ``SystemExit``), ``capture`` (recording queries fails
 inside the forward pass), ``store_write`` (the disk fills up halfway through a save), ``store_slow``
 (a save takes 3 s), ``rpc_slow`` (a stats call takes 3 s), ``refit_slow`` (a refit waits 3 s before it
-solves), ``prepare_rank_1`` (data-parallel rank 1 refuses registrations as if its pool were full). Unset,
-``inject`` does nothing.
+solves), ``prepare_rank_1`` (data-parallel rank 1 refuses registrations as if its pool were full), and one
+that corrupts data instead of failing: ``nonfinite_kv`` (a solve reads NaN in the document's values,
+``enabled``). Unset, ``inject`` does nothing.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ _FAULTS = {
 }
 
 
+_DATA_FAULTS = {"nonfinite_kv"}
+
+
 def active() -> set[str]:
     path = os.environ.get(FAULTS_VARIABLE)
     if not path:
         return set()
     try:
         with open(path) as handle:
-            return {point.strip() for point in handle.read().replace("\n", ",").split(",")} & set(_FAULTS)
+            return {point.strip() for point in handle.read().replace("\n", ",").split(",")} & (set(_FAULTS) | _DATA_FAULTS)
     except OSError:
         return set()
 
@@ -57,3 +61,8 @@ def active() -> set[str]:
 def inject(point: str) -> None:
     if point in active():
         _FAULTS[point]()
+
+
+def enabled(point: str) -> bool:
+    """Is the data fault ``point`` on (the caller corrupts its own data)?"""
+    return point in _DATA_FAULTS and point in active()

@@ -110,4 +110,5 @@ class AMFlashInferAttnBackend(DocumentBiasRows, FlashInferAttnBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._layer = self.layer_index(layer)
+        self.capture_queries(q, layer)
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)

@@ -62,11 +62,22 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
     probe = params.get("am_op") == "probe"  # the registration measuring its document: served, counted nowhere
     forced = params.get("am_doc_id")
     ids = req.origin_input_ids
-    if forced is not None:
+    version = None
+    if probe:  # only the registration knows its salt; a certifying one asks its candidate
+        doc = registry.get(str(forced))
+        candidate = params.get("am_version") == "candidate"
+        if doc is None or not doc.salt or params.get("am_salt") != doc.salt or (
+            doc.candidate is None if candidate else doc.state is not DocState.READY
+        ):
+            _abort(req, "probes are internal to document registration")
+            return req
+        version = doc.candidate if candidate else None
+    elif forced is not None:
         doc = registry.ready(str(forced))
         if doc is None:
             _abort(req, f"am_doc_id {str(forced)[:80]!r} is not a registered, compacted document")
             return req
+    if forced is not None:
         if not doc.is_proper_prefix_of(ids):
             _abort(req, f"the prompt does not start with document {forced}'s {doc.length} tokens followed by at least one more")
             return req
@@ -95,7 +106,7 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
     if starts_late and recv_req.logprob_start_len < doc.length:
         _abort(req, f"input logprobs inside the compacted document (logprob_start_len < {doc.length}) are not available")
         return req
-    served = registry.acquire(doc, req, counted=not probe)
+    served = registry.acquire(doc, req, counted=not probe, version=version)
     if starts_late:
         recv_req.logprob_start_len -= served.position_offset
     req.origin_input_ids = served.version.virtual_ids + array("q", ids[doc.length :])
@@ -117,7 +128,9 @@ def _tag_capture(registry: DocumentRegistry, req, params: dict) -> None:
         _abort(req, "capture requests are internal to document registration")
         return
     try:
-        rows = doc.capture.add_request(source, int(params["am_from"]), int(params["am_to"]))
+        answer_from = params.get("am_answer")
+        rows = doc.capture.add_request(source, int(params["am_from"]), int(params["am_to"]), int(params.get("am_part", 0)),
+                                       None if answer_from is None else int(answer_from))
     except (KeyError, TypeError, ValueError):
         _abort(req, "capture requests are internal to document registration")
         return

@@ -18,6 +18,7 @@ from .jobs import Worker
 from .protocol import (
     Abandon,
     Advance,
+    Certify,
     CollectStats,
     DeleteStored,
     Description,
@@ -54,7 +55,8 @@ class DocumentOperations:
         registrations, store = self.registrations, self.store
         self._handlers: dict[type[Operation], Callable] = {
             ListDocuments: self.list_documents, GetDocument: self.get_document, CollectStats: self.stats,
-            Prepare: registrations.prepare, Advance: registrations.advance, Abandon: registrations.abandon,
+            Prepare: registrations.prepare, Advance: registrations.advance, Certify: registrations.certify,
+            Abandon: registrations.abandon,
             NoteFidelity: registrations.note_fidelity, Drop: registrations.drop,
             PollAutoCandidates: registrations.poll_auto_candidates,
             Save: store.save, Load: store.load, Export: store.export, ReleaseHandoff: store.release_handoff,

@@ -51,13 +51,26 @@ class Prepare(Operation):
 
 @dataclasses.dataclass(frozen=True)
 class Advance(Operation):
-    """Move a registration on: start its solve, install a finished one, or read the ``handoff`` of its copy."""
+    """Move a registration on: start its solve (at ``budget``, a rung the certification tries, else the
+    registration's own), install a finished one, or read the ``handoff`` of its copy."""
 
     name = "advance"
     quiet = True
     doc_id: str
     timings: dict | None = None
     handoff: str | None = None
+    budget: float | int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Certify(Operation):
+    """The HTTP process asked a certifying document's candidate its held-out questions: install the node (``accept``),
+    or drop this rung and solve at ``next_budget``, or (neither) give the registration up."""
+
+    name = "certify"
+    doc_id: str
+    accept: bool
+    next_budget: float | int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +157,7 @@ class PollAutoCandidates(Operation):
 
 
 OPERATIONS: dict[str, type[Operation]] = {kind.name: kind for kind in (
-    ListDocuments, GetDocument, Prepare, Advance, Abandon, NoteFidelity, Drop, Save, Load, Export, ReleaseHandoff,
+    ListDocuments, GetDocument, Prepare, Advance, Certify, Abandon, NoteFidelity, Drop, Save, Load, Export, ReleaseHandoff,
     ListStored, DeleteStored, PollJob, CollectStats, PollAutoCandidates)}
 
 
@@ -169,10 +182,19 @@ class Description(TypedDict, total=False):
     timings: dict
 
 
+class Certification(TypedDict):
+    """How a registration with held-out questions is certified (``Registrations.prepare``)."""
+
+    heldout: list[int]  # the questions its candidates are asked
+    budgets: list[float | int]  # the rungs to try, smallest first (one: a fixed budget)
+    bound: float | None  # the held-out answers' agreement a rung must reach (None: the first rung is taken)
+
+
 class Prepared(Description, total=False):
     existing: bool  # the document was there already: nothing was reserved
     registration: int  # a new one's number on this rank (``Abandon`` names it)
     salt: str  # the cache salt of its capture requests (a new registration on its primary rank)
+    certification: Certification | None  # with held-out questions, on the primary rank
 
 
 class Dropped(TypedDict, total=False):

@@ -31,8 +31,17 @@ MAX_HEAD_BUDGET_ENTRIES = 1 << 14
 # 5 points of full context (docs/question-aware.md).
 RATIO_LADDER = (0.05, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_FIDELITY_BOUND = 0.1
+# With held-out questions, "ratio": "auto" bounds what users would see of questions the node was not fitted
+# to instead: the held-out questions' greedy answers through a node fitted without them must agree with the
+# full prefix's on at least this share of their tokens (docs/question-aware.md#the-fidelity-guard).
+DEFAULT_AGREEMENT_BOUND = 0.8
 # Options the server sets itself, per layer, from the model.
 SERVER_SET_OPTIONS = ("scale", "layer", "num_layers")
+# Tokens of each question's answer the capture generates with the full prefix and fits the node to
+# (``answer_tokens``): the answer's later tokens are computed at decode positions that a fit to the prompt
+# alone never sees (docs/question-aware.md#answers-in-the-fit).
+DEFAULT_ANSWER_TOKENS = 32
+MAX_ANSWER_TEMPERATURE = 2.0
 
 
 def check_vocabulary(name: str, ids, vocab_size: int) -> None:
@@ -106,10 +115,13 @@ class RegistrationRequest:
     """One registration: the document (``text``, ``input_ids`` or chat ``messages``) and how to compact it.
 
     ``budget`` is a ratio (float in (0, 1]), a slot count (int) of the compacted span (the document minus
-    ``keep_first``) or ``"auto"`` (``RATIO_LADDER`` and ``fidelity_bound``); ``query_source`` holds the
+    ``keep_first``) or ``"auto"`` (``RATIO_LADDER``, bounded by ``agreement_bound`` with two or more questions,
+    else by ``fidelity_bound``); ``query_source`` holds the
     source fractions. ``questions`` are the prompts that
-    will follow the document (token ids, or text until the service tokenizes it): with them the
-    query-agnostic source is mixed with their queries (``core.plan.with_questions``).
+    will follow the document (token ids; text or chat messages until the service tokenizes or renders them),
+    and ``answers`` what follows each of them, where a client gave it: the node is fitted to the queries of
+    each question and of its answer (given, or generated with the full prefix, ``answer_tokens`` of them)
+    (``core.plan.with_questions``).
     """
 
     text: str | None
@@ -123,8 +135,12 @@ class RegistrationRequest:
     keep_first: int = 0
     options: Mapping[str, object] = dataclasses.field(default_factory=dict)
     compact_windows: bool = False  # sliding-window layers' windows compacted too (``LayerPlan.compact_window``)
-    questions: tuple[tuple[int, ...] | str, ...] = ()
-    fidelity_bound: float | None = None  # with budget "auto"
+    questions: tuple[Question, ...] = ()  # token ids once the service has tokenized or rendered them
+    answers: tuple[Answer | None, ...] = ()  # per question: the answer a client gave (None: the capture generates one)
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS  # tokens of each generated answer the node is fitted to
+    answer_temperature: float = 0.0  # 0: greedy answers
+    fidelity_bound: float | None = None  # with budget "auto": the attention error's bound
+    agreement_bound: float | None = None  # with budget "auto" and held-out questions: their least answer agreement
     adapt: bool = False  # refit from the queries of the requests it serves (``adapt``)
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content), rendered by the chat API (``chat``)
 
@@ -133,12 +149,15 @@ class RegistrationRequest:
                     method: object = DEFAULT_METHOD, query_source: object = DEFAULT_QUERY_SOURCE, head_budgets=None,
                     max_queries_per_head: object = 5000, self_study_max_new_tokens: object = 64,
                     keep_first: object = 0, options=None, compact_windows: object = False, questions=None,
-                    fidelity_bound=None, adapt: object = False, messages=None, **unknown) -> RegistrationRequest:
+                    answer_tokens: object = DEFAULT_ANSWER_TOKENS, answer_temperature: object = 0.0,
+                    fidelity_bound=None, agreement_bound=None, adapt: object = False, messages=None,
+                    **unknown) -> RegistrationRequest:
         """Validate a client's fields (``ValueError`` naming the bad or unknown one)."""
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)}; a registration takes text, input_ids or messages, ratio or "
                              "budget, method, query_source, head_budgets, max_queries_per_head, "
-                             "self_study_max_new_tokens, keep_first, options, compact_windows, questions, fidelity_bound, adapt")
+                             "self_study_max_new_tokens, keep_first, options, compact_windows, questions, answer_tokens, "
+                             "answer_temperature, fidelity_bound, agreement_bound, adapt")
         longest = config.max_document_tokens
         if sum(field is not None for field in (text, input_ids, messages)) != 1:
             raise ValueError("give exactly one of text, input_ids or messages (the document as it starts prompts, "
@@ -161,12 +180,22 @@ class RegistrationRequest:
             isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1
         ):
             raise ValueError(f'ratio must be in (0, 1] or "auto", got {ratio!r}')
-        if fidelity_bound is not None and ratio != "auto":
-            raise ValueError('fidelity_bound goes with "ratio": "auto" (it picks the ratio)')
+        for name, bound in (("fidelity_bound", fidelity_bound), ("agreement_bound", agreement_bound)):
+            if bound is not None and ratio != "auto":
+                raise ValueError(f'{name} goes with "ratio": "auto" (it picks the ratio)')
         if ratio == "auto":
+            # Two or more questions: the held-out ones' answers certify a rung; else the attention error does.
+            by_answers = isinstance(questions, Sequence) and not isinstance(questions, str) and len(questions) >= 2
+            unused, value = ("fidelity_bound", fidelity_bound) if by_answers else ("agreement_bound", agreement_bound)
+            if value is not None:
+                raise ValueError(f'{unused} does not apply: "auto" is bounded by agreement_bound (the held-out questions\' '
+                                 "answers) with two or more questions, else by fidelity_bound (the attention error)")
             fidelity_bound = DEFAULT_FIDELITY_BOUND if fidelity_bound is None else fidelity_bound
-            if isinstance(fidelity_bound, bool) or not isinstance(fidelity_bound, (int, float)) or not 0 < fidelity_bound <= 10:
-                raise ValueError(f"fidelity_bound must be a relative attention error in (0, 10], got {fidelity_bound!r}")
+            agreement_bound = DEFAULT_AGREEMENT_BOUND if agreement_bound is None else agreement_bound
+            for name, bound, what, top in (("fidelity_bound", fidelity_bound, "a relative attention error", 10),
+                                           ("agreement_bound", agreement_bound, "a share of answer tokens", 1)):
+                if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= top:
+                    raise ValueError(f"{name} must be {what} in (0, {top}], got {bound!r}")
         if budget is not None:
             check_int("budget", budget, 1, longest)
         if not isinstance(method, str):
@@ -177,7 +206,16 @@ class RegistrationRequest:
         fractions = source_fractions(query_source)
         if not set(fractions) <= set(CAPTURED_SOURCES):
             raise ValueError(f"query_source for the server must use {CAPTURED_SOURCES}, got {query_source!r}")
-        questions = _checked_questions(config, questions)
+        questions, answers = _checked_questions(config, questions)
+        if any(isinstance(question, tuple) and question and isinstance(question[0], tuple) for question in questions) and (
+            messages is None
+        ):
+            raise ValueError("a question given as chat messages follows a document given as messages")
+        check_int("answer_tokens", answer_tokens, 0, config.max_answer_tokens)
+        if isinstance(answer_temperature, bool) or not isinstance(answer_temperature, (int, float)) or not (
+            0 <= answer_temperature <= MAX_ANSWER_TEMPERATURE
+        ):
+            raise ValueError(f"answer_temperature must be in [0, {MAX_ANSWER_TEMPERATURE}], got {answer_temperature!r}")
         if questions:
             fractions = with_questions(fractions)
         elif "questions" in fractions:
@@ -196,8 +234,9 @@ class RegistrationRequest:
             raise ValueError(f"adapt must be true or false, got {adapt!r}")
         budget = budget if ratio is None else ratio if ratio == "auto" else float(ratio)
         return cls(text, input_ids, budget, method, fractions, None if head_budgets is None else dict(head_budgets),
-                   max_queries_per_head, self_study_max_new_tokens, keep_first, options, compact_windows, questions,
-                   None if fidelity_bound is None else float(fidelity_bound), adapt, messages)
+                   max_queries_per_head, self_study_max_new_tokens, keep_first, options, compact_windows, questions, answers,
+                   answer_tokens, float(answer_temperature), None if fidelity_bound is None else float(fidelity_bound),
+                   None if agreement_bound is None else float(agreement_bound), adapt, messages)
 
     @property
     def ladder(self) -> tuple[float, ...] | None:
@@ -209,26 +248,50 @@ class RegistrationRequest:
         """The budget admission reserves: the ladder's top for ``"auto"``."""
         return RATIO_LADDER[-1] if self.budget == "auto" else self.budget
 
-    def with_question_ids(self, config: ServerConfig, encode) -> RegistrationRequest:
-        """Text questions tokenized with ``encode`` (no special tokens: they follow the document), bounded."""
-        ids = tuple(question if isinstance(question, tuple) else tuple(encode(question)) for question in self.questions)
-        for index, question in enumerate(ids):
+    def with_question_ids(self, config: ServerConfig, encode, render_turn=None) -> RegistrationRequest:
+        """Questions and answers as token ids, bounded: text tokenized with ``encode`` (no special tokens: it
+        follows the document), except a text question after a document given as messages, which is the user
+        turn that follows them, rendered as ``/v1/chat/completions`` renders it up to where the answer begins
+        (``render_turn(messages)``: the ids after the document); so is a question given as messages."""
+        def question_ids(question: Question) -> tuple[int, ...]:
+            if isinstance(question, str):
+                return tuple(encode(question) if self.messages is None else render_turn((("user", question),)))
+            if question and isinstance(question[0], tuple):  # chat messages
+                return tuple(render_turn(question))
+            return question
+
+        ids = tuple(question_ids(question) for question in self.questions)
+        answers = tuple(answer if answer is None or isinstance(answer, tuple) else tuple(encode(answer))
+                        for answer in self.answers)
+        for index, (question, answer) in enumerate(zip(ids, answers)):
             if not 1 <= len(question) <= config.max_question_tokens:
                 raise ValueError(f"questions[{index}] has {len(question)} tokens; this server takes 1 to "
                                  f"{config.max_question_tokens} (--am-max-question-tokens)")
-        return dataclasses.replace(self, questions=ids)
+            if answer is not None and not 1 <= len(answer) <= config.max_answer_tokens:
+                raise ValueError(f"questions[{index}].answer has {len(answer)} tokens; this server takes 1 to "
+                                 f"{config.max_answer_tokens} (--am-max-answer-tokens)")
+        return dataclasses.replace(self, questions=ids, answers=answers)
+
+    def answer_length(self, index: int) -> int:
+        """How many answer tokens question ``index`` is fitted to: the given answer's, else ``answer_tokens``."""
+        answer = self.answers[index]
+        return self.answer_tokens if answer is None else len(answer)
 
     def to_payload(self) -> dict:
         """JSON-ready fields (the scheduler rebuilds the request with ``from_payload``); questions as token ids."""
-        if any(isinstance(question, str) for question in self.questions):
-            raise ValueError("text questions must be tokenized (with_question_ids) before they reach the scheduler")
+        if not all(_is_ids(question) for question in self.questions) or not all(
+            answer is None or _is_ids(answer) for answer in self.answers
+        ):
+            raise ValueError("questions and answers must be token ids (with_question_ids) before they reach the scheduler")
         return {**dataclasses.asdict(self), "input_ids": None if self.input_ids is None else list(self.input_ids),
-                "questions": [list(question) for question in self.questions]}
+                "questions": [list(question) for question in self.questions],
+                "answers": [None if answer is None else list(answer) for answer in self.answers]}
 
     @classmethod
     def from_payload(cls, payload: Mapping) -> RegistrationRequest:
         return cls(**{**payload, "input_ids": None if payload["input_ids"] is None else tuple(payload["input_ids"]),
                       "questions": tuple(tuple(question) for question in payload["questions"]),
+                      "answers": tuple(None if answer is None else tuple(answer) for answer in payload["answers"]),
                       "messages": None if payload["messages"] is None else tuple(map(tuple, payload["messages"]))})
 
     @property
@@ -236,28 +299,53 @@ class RegistrationRequest:
         return None if self.head_budgets is None else load_head_proportions(self.head_budgets)
 
 
-def _checked_questions(config: ServerConfig, questions) -> tuple[tuple[int, ...] | str, ...]:
-    """Each question as a tuple of token ids or a non-empty string, at most ``max_questions`` of them."""
+Question = tuple[int, ...] | str | tuple[tuple[str, str], ...]  # token ids, text, or chat messages
+Answer = tuple[int, ...] | str  # token ids or text
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, tuple) and all(isinstance(token, int) for token in value)
+
+
+def _checked_questions(config: ServerConfig, questions) -> tuple[tuple[Question, ...], tuple[Answer | None, ...]]:
+    """At most ``max_questions`` questions, each a non-empty string, a list of token ids, a list of chat messages
+    or ``{"question": <one of those>, "answer": <a string or token ids>}``; the questions and, per question,
+    its answer (None where not given)."""
     if questions is None:
-        return ()
+        return (), ()
     if not isinstance(questions, Sequence) or isinstance(questions, str) or not 1 <= len(questions) <= config.max_questions:
         raise ValueError(f"questions must be a list of 1 to {config.max_questions} prompts (--am-max-questions), "
-                         "each a string or a list of token ids")
-    longest_text = config.max_question_tokens * TEXT_CHARACTERS_PER_TOKEN
-    checked = []
-    for index, question in enumerate(questions):
-        if isinstance(question, str):
-            if not question or len(question) > longest_text:
-                raise ValueError(f"questions[{index}] must be a non-empty string of at most {longest_text} characters")
-            checked.append(question)
-            continue
-        if not isinstance(question, Sequence) or not 1 <= len(question) <= config.max_question_tokens or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in question
-        ):
-            raise ValueError(f"questions[{index}] must be a string or a list of 1 to {config.max_question_tokens} "
-                             f"token ids in [0, {MAX_TOKEN_ID}]")
-        checked.append(tuple(question))
-    return tuple(checked)
+                         'each a string, a list of token ids, a list of chat messages or {"question": ..., "answer": ...}')
+    checked, answers = [], []
+    for index, entry in enumerate(questions):
+        answer = None
+        if isinstance(entry, Mapping):
+            if set(entry) != {"question", "answer"}:
+                raise ValueError(f'questions[{index}] as an object must have exactly "question" and "answer"')
+            entry, answer = entry["question"], _checked_text_or_ids(f"questions[{index}].answer", entry["answer"],
+                                                                    config.max_answer_tokens)
+        if isinstance(entry, Sequence) and not isinstance(entry, str) and entry and all(isinstance(m, Mapping) for m in entry):
+            checked.append(checked_messages(entry, config.max_question_tokens * TEXT_CHARACTERS_PER_TOKEN,
+                                            f"questions[{index}]"))
+        else:
+            checked.append(_checked_text_or_ids(f"questions[{index}]", entry, config.max_question_tokens))
+        answers.append(answer)
+    return tuple(checked), tuple(answers)
+
+
+def _checked_text_or_ids(name: str, value, max_tokens: int) -> tuple[int, ...] | str:
+    """A non-empty string (at most ``max_tokens`` times ``TEXT_CHARACTERS_PER_TOKEN`` characters) or 1 to
+    ``max_tokens`` token ids."""
+    longest_text = max_tokens * TEXT_CHARACTERS_PER_TOKEN
+    if isinstance(value, str):
+        if not value or len(value) > longest_text:
+            raise ValueError(f"{name} must be a non-empty string of at most {longest_text} characters")
+        return value
+    if not isinstance(value, Sequence) or not 1 <= len(value) <= max_tokens or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in value
+    ):
+        raise ValueError(f"{name} must be a string or a list of 1 to {max_tokens} token ids in [0, {MAX_TOKEN_ID}]")
+    return tuple(value)
 
 
 def _checked_options(spec, options) -> dict:

@@ -3,10 +3,12 @@
 The HTTP process (``service``) drives a registration: ``prepare`` (validate, admit, reserve the id),
 the capture requests (ordinary prefills through the server, tagged by ``hooks``), then ``advance``
 until the document is ready: the first call hands the solve to the solver thread, a later one installs
-its result. With ``--dp-size N`` every rank runs ``prepare``; only the ``primary`` rank captures and
-solves, the others wait (``DocState.WAITING``) until the primary's copy is written as a handoff, which
-``advance`` then reads and installs on them as a load; a stored document's load (``store_operations``)
-is installed the same way. ``drop`` removes a document in any state, cancelling its solve. Each step
+its result. A registration with held-out questions is certified first: its solve also fits a candidate
+without them, which is installed for the HTTP process to ask them (``certify`` then installs the node,
+or drops the rung and solves the next one). With ``--dp-size N`` every rank runs ``prepare``; only the
+``primary`` rank captures and solves, the others wait (``DocState.WAITING``) until the primary's copy is
+written as a handoff, which ``advance`` then reads and installs on them as a load; a stored document's
+load (``store_operations``) is installed the same way. ``drop`` removes a document in any state, cancelling its solve. Each step
 releases what the previous one took when it fails, and ``reap`` releases what a cancelled solve still
 held once it has stopped. Automatic documents fit a budget: installing one evicts the least recently
 used idle ones (saved to the store first, if the policy says so).
@@ -14,6 +16,8 @@ used idle ones (saved to the store first, if the policy says so).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -33,10 +37,22 @@ from .config import MiB, ServerConfig
 from .errors import DocumentError
 from .jobs import Job, QueueFull, Worker
 from .layout import compacts_windows
-from .protocol import Abandon, Advance, AutoCandidates, Description, Drop, Dropped, NoteFidelity, Prepare, Prepared
+from .protocol import (
+    Abandon,
+    Advance,
+    AutoCandidates,
+    Certification,
+    Certify,
+    Description,
+    Drop,
+    Dropped,
+    NoteFidelity,
+    Prepare,
+    Prepared,
+)
 from .registration import RegistrationRequest
 from .registry import IN_PROGRESS, DocState, Document, Installed, document_id
-from .solve import Solved, SolvePlan, pool_inputs, solve_document
+from .solve import NonFiniteInput, Solved, SolvePlan, heldout_questions, pool_inputs, solve
 from .store import check_document_id
 from .store_operations import StoreOperations
 
@@ -50,15 +66,19 @@ class Registrations:
         self.cache, self.registry, self.config, self.dp_rank = cache, cache.registry, config, dp_rank
         self.solver, self.store = solver, store
         self._abandoned: list[tuple[Job, SourceHold]] = []  # cancelled solves that had not stopped yet
+        self._orphans: list[Installed] = []  # candidates done with, removed once no probe uses them
 
     def reap(self, scheduler) -> None:
         """Release the KV that cancelled solves held, once they have stopped, and the retired versions of
-        refitted documents once no request holds them."""
+        refitted documents and the candidates of certified or failed registrations once no request holds them."""
         if self._abandoned:
             stopped = [(job, hold) for job, hold in self._abandoned if job.done()]
             for _, hold in stopped:
                 self.cache.unlock(hold.lock)
             self._abandoned = [entry for entry in self._abandoned if not entry[0].done()]
+        for version in [version for version in self._orphans if version.users == 0]:
+            self.remove_version(scheduler, version)
+            self._orphans.remove(version)
         for doc in self.registry.documents.values():
             if any(version.users == 0 for version in doc.retired):
                 for version in [version for version in doc.retired if version.users == 0]:
@@ -98,18 +118,20 @@ class Registrations:
         sources, questions = registration.query_source, registration.questions
         parts = {s: len(SELF_STUDY_PROMPTS) if s == "self-study" else len(questions) if s == "questions" else 1
                  for s in sources}
-        # Self-study captures an instruction (64 positions allowed for it) and its answer; a question, itself.
+        # Self-study captures an instruction (64 positions allowed for it) and its answer; a question, itself and its answer.
+        asked = max((len(question) + registration.answer_length(index) for index, question in enumerate(questions)), default=0)
         longest = {s: registration.self_study_max_new_tokens + 64 if s == "self-study" else
-                   max(map(len, questions)) if s == "questions" else len(input_ids) for s in sources}
+                   asked if s == "questions" else len(input_ids) for s in sources}
         if self.dp_rank == 1:
             faults.inject("prepare_rank_1")
         captures = self.dp_rank == primary
         capture = QueryCapture(dict(sources), registration.max_queries_per_head, parts, longest,
                                max(1, q_heads // pool.head_num), self._compacted_layers(registration.compact_windows),
                                q_heads * pool.head_dim * pool.store_dtype.itemsize) if captures else None
+        heldout = heldout_questions(len(questions)) if captures else frozenset()
         room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
         admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0, len(SELF_STUDY_PROMPTS),
-              captures)
+              captures, candidate=bool(heldout))
         adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows)
                        if registration.adapt and captures else 0)
         config = _describe_config(registration)
@@ -126,12 +148,19 @@ class Registrations:
         layers = LayerPlan(registration.method, ladder[0] if ladder else registration.budget,
                            dict(registration.query_source), registration.max_queries_per_head, registration.keep_first,
                            proportions, options=dict(registration.options), compact_windows=registration.compact_windows)
-        plan = SolvePlan(layers, ladder, registration.fidelity_bound, required)
+        certification: Certification | None = None
+        if heldout:  # the HTTP process walks the rungs, asking each rung's candidate the held-out questions
+            certification = {"heldout": sorted(heldout), "budgets": list(ladder or [registration.budget]),
+                             "bound": registration.agreement_bound if ladder else None}
+            plan = SolvePlan(layers, heldout_questions=heldout)
+        else:
+            plan = SolvePlan(layers, ladder, registration.fidelity_bound, required)
         doc = Document(doc_id, self.registry.new_index(), array("q", input_ids), registration.method, config, auto,
                        DocState.CAPTURING, capture=capture, plan=plan, salt=f"sglang-am-capture-{uuid.uuid4().hex}",
                        adapt_bytes=adapt_bytes)
         self.registry.add(doc)
-        return {**doc.describe(), "existing": False, "registration": doc.index, "salt": doc.salt}
+        return {**doc.describe(), "existing": False, "registration": doc.index, "salt": doc.salt,
+                "certification": certification}
 
     def _compacted_layers(self, compact_windows: bool) -> list[int]:
         return [layer for layer, window in enumerate(self.cache.windows) if window is None or compact_windows]
@@ -156,7 +185,7 @@ class Registrations:
         policy = self.registry.policy
         return ServerRoom(
             pool_slots=scheduler.max_total_num_tokens,
-            pinned_slots=self.registry.pinned_slots(),
+            pinned_slots=self.registry.pinned_slots() + sum(version.num_slots for version in self._orphans),
             max_prompt_tokens=scheduler.max_req_input_len,
             registrations_in_progress=len(in_progress),
             capture_bytes_in_use=sum(doc.capture.nbytes for doc in in_progress if doc.capture is not None),
@@ -171,33 +200,64 @@ class Registrations:
             doc.source = self.cache.hold_prefix(doc.tokens, salt)
 
     def advance(self, scheduler, operation: Advance) -> Description:
-        """Move a registration or a load on: start the solve once its captures are done, start reading the
-        primary rank's ``handoff`` on a waiting rank, install once the solve or the read is done. Call until
-        ``state`` is "ready"."""
+        """Move a registration or a load on: start the solve once its captures are done (at ``budget``, a rung
+        the certification tries), start reading the primary rank's ``handoff`` on a waiting rank, install once
+        the solve or the read is done (with held-out questions: install the candidate and wait for ``certify``).
+        Call until ``state`` is "ready" (or "certifying")."""
         doc_id, handoff = operation.doc_id, operation.handoff
         doc = self.registry.existing(doc_id)
-        try:
+        with self._discarding_on_failure(doc):
             if doc.state is DocState.WAITING and handoff is not None:
                 self._start_handoff_read(doc, handoff)
             if doc.state is DocState.CAPTURING:
                 doc.timings.update(operation.timings or {})
-                self._start_solve(scheduler, doc)
+                self._start_solve(scheduler, doc, operation.budget)
             if doc.state in (DocState.SOLVING, DocState.LOADING):
                 if scheduler.tp_size > 1:  # every rank must install in the same call: wait for the job
                     doc.job.wait(self.config.solve_timeout * 2)
                 if doc.job.done():
                     self._install(scheduler, doc)
+        return doc.describe()
+
+    def certify(self, scheduler, operation: Certify) -> Description:
+        """The candidate of a certifying document was asked its held-out questions: install the solved node
+        (``accept``), or drop this rung and solve at ``next_budget``, or give the registration up (422)."""
+        doc = self.registry.existing(operation.doc_id)
+        if doc.state is not DocState.CERTIFYING:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {doc.doc_id} is {doc.state.value}, not certifying")
+        with self._discarding_on_failure(doc):
+            self._retire_candidate(doc)
+            self.reap(scheduler)
+            solved, doc.solved = doc.solved, None
+            if operation.accept:
+                self._install_solved(scheduler, doc, solved)
+            elif operation.next_budget is not None:
+                doc.state = DocState.CAPTURING  # its capture is still held: solve the next rung from it
+                self._start_solve(scheduler, doc, operation.next_budget)
+            else:
+                raise DocumentError(HTTPStatus.UNPROCESSABLE_ENTITY, "no ratio on the ladder keeps the held-out "
+                                    "questions' answers within the agreement bound; the prefix stays uncompacted")
+        return doc.describe()
+
+    @contextlib.contextmanager
+    def _discarding_on_failure(self, doc: Document):
+        """A step of ``doc``'s registration that fails discards it, with a clear error."""
+        try:
+            yield
         except Exception as error:
             self._discard(doc)
             if isinstance(error, DocumentError):
                 raise
             if isinstance(error, CompactionCancelled):  # its deadline passed, or it was dropped
                 raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; the registration was abandoned") from None
-            logger.warning("sglang-am: document %s failed: %r", doc_id, error)
+            if isinstance(error, NonFiniteInput):  # an internal fault: say where, never a bare 500
+                logger.error("sglang-am: document %s: %s", doc.doc_id, error)
+                raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal fault, the registration was abandoned: "
+                                    f"{error}") from None
+            logger.warning("sglang-am: document %s failed: %r", doc.doc_id, error)
             raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"compaction failed: {error!r}") from None
-        return doc.describe()
 
-    def _start_solve(self, scheduler, doc: Document) -> None:
+    def _start_solve(self, scheduler, doc: Document, budget: float | int | None = None) -> None:
         problem = doc.capture.problem()
         if problem is not None:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, problem)
@@ -205,15 +265,21 @@ class Registrations:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                                 "the document's KV was evicted before compaction (KV pool under pressure); register again")
         pool = scheduler.tp_worker.model_runner.token_to_kv_pool
-        inputs, plan, tokens = pool_inputs(pool, doc.source.slots, doc.capture), doc.plan, list(doc.tokens)
+        plan, tokens = doc.plan, list(doc.tokens)
+        if budget is not None:
+            if not plan.heldout_questions:
+                raise DocumentError(HTTPStatus.BAD_REQUEST, "only a registration certified on held-out questions is "
+                                    "solved at a budget it is given")
+            plan = dataclasses.replace(plan, layers=dataclasses.replace(plan.layers, budget=budget))
+        inputs = pool_inputs(pool, doc.source.slots, doc.capture)
         adapt_bytes, layers = doc.adapt_bytes, self._compacted_layers(plan.layers.compact_windows)
 
         def work() -> Solved:
-            prefix = solve_document(inputs, plan, tokens, self.cache.windows, self.store.fingerprint_or_empty(), doc.config)
+            prefix, candidate = solve(inputs, plan, tokens, self.cache.windows, self.store.fingerprint_or_empty(), doc.config)
             adaptation = adapt.Adaptation.start(
                 inputs, plan, layers, self.cache.windows, len(tokens), self.config.adapt_reservoir,
-                self.config.adapt_refit_every, adapt_bytes) if adapt_bytes else None
-            return Solved(prefix, adaptation)
+                self.config.adapt_refit_every, adapt_bytes, doc.config["answer_tokens"]) if adapt_bytes else None
+            return Solved(prefix, adaptation, candidate)
 
         try:
             doc.job = self.solver.submit(work, "the solve", timeout=self.config.solve_timeout)
@@ -230,10 +296,28 @@ class Registrations:
         doc.state, doc.handoff = DocState.LOADING, True
 
     def _install(self, scheduler, doc: Document) -> None:
-        started = time.perf_counter()
+        """The finished solve's (or store read's) node, or with held-out questions its candidate first."""
         solved: Solved = doc.job.result()  # raises what the solve or the read raised
-        prefix = solved.prefix
         doc.job = None
+        if solved.candidate is None:
+            self._install_solved(scheduler, doc, solved)
+            return
+        table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
+        self._check_bias_room(table, solved.candidate.num_slots + solved.prefix.num_slots)
+        doc.candidate = self.cache.install_document(solved.candidate, self.registry.new_index())
+        if table is not None:
+            table.base_of(doc.candidate.index, lambda: doc.candidate.bias)
+        doc.solved, doc.state = solved, DocState.CERTIFYING
+
+    def _retire_candidate(self, doc: Document) -> None:
+        """A certifying document's candidate is done with: ``reap`` removes it once no probe uses it."""
+        if doc.candidate is not None:
+            self._orphans.append(doc.candidate)
+            doc.candidate = None
+
+    def _install_solved(self, scheduler, doc: Document, solved: Solved) -> None:
+        started = time.perf_counter()
+        prefix = solved.prefix
         self._release_capture(doc, doc.source)
         if document_id(prefix.token_ids) != doc.doc_id:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"stored document {doc.doc_id} holds another document's tokens")
@@ -248,9 +332,7 @@ class Registrations:
         if doc.auto:
             self._make_room_for_auto(scheduler, prefix.num_slots)
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
-        if table is not None and prefix.num_slots > table.free_slots():
-            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the bias table has room for {table.free_slots()} "
-                                f"compacted slots, {prefix.num_slots} do not fit; drop documents or raise --am-bias-slots")
+        self._check_bias_room(table, prefix.num_slots)
         doc.installed = self.cache.install_document(prefix, doc.index)
         if table is not None:  # placed now, so the table's free room counts every installed document
             table.base_of(doc.index, lambda: doc.installed.bias)
@@ -270,9 +352,17 @@ class Registrations:
             self.registry.tracker.release(doc.tokens)
         logger.info("sglang-am: document %s ready: T=%d -> t=%d slots", doc.doc_id, doc.length, doc.num_slots)
 
+    @staticmethod
+    def _check_bias_room(table, slots: int) -> None:
+        if table is not None and slots > table.free_slots():
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the bias table has room for {table.free_slots()} "
+                                f"compacted slots, {slots} do not fit; drop documents or raise --am-bias-slots")
+
     def _discard(self, doc: Document) -> None:
         """Forget a document that never became ready, releasing what it held."""
         job, hold = doc.job, doc.source
+        self._retire_candidate(doc)
+        doc.solved = None
         if job is not None and not job.done():
             job.cancel("the registration was cancelled")
             if not job.wait(CANCEL_WAIT_SECONDS):
@@ -388,4 +478,4 @@ def _describe_config(registration: RegistrationRequest) -> dict:
             "head_budgets": registration.head_budgets is not None, "max_queries_per_head": registration.max_queries_per_head,
             "keep_first": registration.keep_first, "options": dict(registration.options),
             "compact_windows": registration.compact_windows, "questions": len(registration.questions),
-            "adapt": registration.adapt}
+            "answer_tokens": registration.answer_tokens, "adapt": registration.adapt}

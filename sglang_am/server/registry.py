@@ -1,8 +1,14 @@
 """The documents of one scheduler process: their states, lookup by prompt, and who is using them.
 
-A document moves through explicit states; what it holds in each is released by whoever moves it on:
+A document moves through explicit states; what it holds in each is released by whoever moves it on
+(a certifying one holds a candidate node, fitted without its held-out questions, that only the
+registration's probes are served from, and its solved node waiting to be installed):
 
     CAPTURING --(captures done)--> SOLVING --(solved)--> READY
+                                      |  ^
+              (with held-out questions)  (the next rung)
+                                      v  |
+                                   CERTIFYING --(accepted)--> READY
     LOADING ----(read from the store)--------------------> READY
 
 Any state can end with removal (drop, cancel, failure). A request rewritten to a document holds a
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
     from .cache import SourceHold
     from .capture import CaptureTag, QueryCapture
     from .jobs import Job
-    from .solve import SolvePlan
+    from .solve import Solved, SolvePlan
 
 # Virtual ids: -(1 + (index << 32) + slot). Negative, so they collide with no vocabulary id and no
 # multimodal pad id (those are large positive values); never embedded (always inside the prefix).
@@ -50,12 +56,13 @@ BOUNDARY_TOKENS = 8
 class DocState(enum.Enum):
     CAPTURING = "capturing"
     SOLVING = "solving"
+    CERTIFYING = "certifying"
     LOADING = "loading"
     WAITING = "waiting"  # on a data-parallel rank, for the rank that compacts it
     READY = "ready"
 
 
-IN_PROGRESS = (DocState.CAPTURING, DocState.SOLVING, DocState.LOADING, DocState.WAITING)
+IN_PROGRESS = (DocState.CAPTURING, DocState.SOLVING, DocState.CERTIFYING, DocState.LOADING, DocState.WAITING)
 
 
 def virtual_ids(index: int, count: int) -> array:
@@ -116,6 +123,8 @@ class Document:
     salt: str = ""  # the capture requests' cache namespace
     adapt_bytes: int = 0  # host memory an adapting document reserved at admission (``adapt``)
     handoff: bool = False  # loading another data-parallel rank's compaction
+    candidate: Installed | None = None  # certifying: the node fitted without the held-out questions
+    solved: Solved | None = None  # certifying: the solve whose node is installed once the candidate passes
     # Once ready:
     installed: Installed | None = None  # the version new requests are served from
     retired: list[Installed] = dataclasses.field(default_factory=list)  # earlier versions requests still hold
@@ -138,8 +147,9 @@ class Document:
 
     @property
     def pinned_slots(self) -> int:
-        """Slots its versions hold in the pool (the current one and retired ones still in use)."""
-        return self.num_slots + sum(version.num_slots for version in self.retired)
+        """Slots its versions hold in the pool (the current one, retired ones still in use, a candidate)."""
+        candidate = 0 if self.candidate is None else self.candidate.num_slots
+        return self.num_slots + candidate + sum(version.num_slots for version in self.retired)
 
     def is_proper_prefix_of(self, token_ids) -> bool:
         """Do ``token_ids`` start with this document and go on for at least one more token?"""
@@ -277,12 +287,13 @@ class DocumentRegistry:
 
     # ----- references held by requests -----
 
-    def acquire(self, doc: Document, req, counted: bool = True) -> Served:
-        """``req`` is rewritten to ``doc``'s current version: it holds both until ``release`` (``counted``: a
-        client's request)."""
-        served = Served(doc, doc.installed, client=counted)
+    def acquire(self, doc: Document, req, counted: bool = True, version: Installed | None = None) -> Served:
+        """``req`` is rewritten to ``doc``'s ``version`` (by default its current one): it holds both until
+        ``release`` (``counted``: a client's request)."""
+        version = version or doc.installed
+        served = Served(doc, version, client=counted)
         doc.users += 1
-        doc.installed.users += 1
+        version.users += 1
         doc.requests_served += counted
         doc.last_used = time.monotonic()
         RequestRecord.attach(req).served = served

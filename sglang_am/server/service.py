@@ -33,6 +33,7 @@ from .fanout import POLL_SECONDS, RankFanout, sum_figures
 from .protocol import (
     Abandon,
     Advance,
+    Certify,
     CollectStats,
     DeleteStored,
     Drop,
@@ -74,12 +75,13 @@ class DocumentService:
         """Register a validated request: a client's, or (``auto``) a prefix the reuse tracker proposed."""
         if request.adapt and self.ranks.num_ranks > 1:  # each rank would learn from its own share of the traffic
             raise DocumentError(HTTPStatus.NOT_IMPLEMENTED, "adapt with --dp-size > 1 is not supported yet")
-        ids = self._document_ids(request)
-        request = request.with_question_ids(self.config, self._encode_question)
+        # On the event loop, as SGLang renders each chat request: at most --am-max-questions renders.
+        ids, request = self._tokenized(request)
         vocab_size = self.tokenizer_manager.model_config.vocab_size
         check_vocabulary("input_ids", ids, vocab_size)
-        for index, question in enumerate(request.questions):
+        for index, (question, answer) in enumerate(zip(request.questions, request.answers)):
             check_vocabulary(f"questions[{index}]", question, vocab_size)
+            check_vocabulary(f"questions[{index}].answer", answer or (), vocab_size)
         doc_id = document_id(ids)
         while True:
             held = await self._held(doc_id)
@@ -135,6 +137,14 @@ class DocumentService:
             raise ValueError(f"text has {len(ids)} tokens; this server takes at most {self.config.max_document_tokens}")
         return ids
 
+    def _tokenized(self, request: RegistrationRequest) -> tuple[list[int], RegistrationRequest]:
+        """The document's ids, and ``request`` with every question as ids (after ``messages``: chat turns)."""
+        ids = self._document_ids(request)
+        render_turn = None
+        if request.messages is not None:
+            render_turn = lambda turn: self.chat.turn_ids(request.messages, turn, ids, "questions")
+        return ids, request.with_question_ids(self.config, self._encode_question, render_turn)
+
     def _encode_question(self, text: str) -> list[int]:
         tokenizer = self.tokenizer_manager.tokenizer
         if tokenizer is None:
@@ -158,14 +168,20 @@ class DocumentService:
     async def _capture_and_compact(self, doc_id: str, prepared: list, primary: int, new: list[int], ids: list[int],
                                    request: RegistrationRequest) -> dict:
         try:
-            references = []
+            references, figures = [], {}
             if primary in new:
                 timings, references = await self.requests.capture(doc_id, prepared[primary]["salt"], ids, request, primary)
-                await self.ranks.until_ready(primary, await self.ranks.one(primary, Advance(doc_id, timings)))
+                certification = prepared[primary].get("certification")
+                if certification is None:
+                    await self.ranks.until_ready(primary, await self.ranks.one(primary, Advance(doc_id, timings)))
+                else:
+                    figures = await self._certify(doc_id, prepared[primary]["salt"], ids, references, certification,
+                                                  timings, primary)
             waiting = [rank for rank in new if rank != primary]
             handoff_seconds = await self._hand_off(doc_id, primary, waiting) if waiting else None
             if references:  # every rank holds the same copy: one measures it, each records it
-                figures = await self.requests.next_token_kl(doc_id, ids, references, primary)
+                answers = await self.requests.answer_figures(doc_id, prepared[primary]["salt"], ids, references, primary)
+                figures.update(answers, answer_tokens=sum(len(reference.answer) for reference in references))
                 await self.ranks.all(NoteFidelity(doc_id, figures), new)
             merged = await self._described_after(doc_id, "registered")
             if handoff_seconds is not None:
@@ -177,6 +193,35 @@ class DocumentService:
                 # A registering document disappears only when it is dropped.
                 raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
             raise
+
+    async def _certify(self, doc_id: str, salt: str, ids: list[int], references: list, certification: dict,
+                       timings: dict, rank: int) -> dict:
+        """Walk the certification's rungs, smallest first: each one's candidate (fitted without the held-out
+        questions) is asked them, and the first whose greedy answers agree with the full prefix's on at least
+        the bound's share of tokens is installed (with no bound, the first rung); if none does, the document
+        is refused (422) and its prefix stays uncompacted. The held-out figures of each rung tried."""
+        heldout = [references[index] for index in certification["heldout"]]
+        budgets, bound = certification["budgets"], certification["bound"]
+        tried = []
+        described = await self.ranks.one(rank, Advance(doc_id, timings, budget=budgets[0]))
+        for step, budget in enumerate(budgets):
+            await self.ranks.until_ready(rank, described)
+            figures = await self.requests.answer_figures(doc_id, salt, ids, heldout, rank, candidate=True)
+            tried.append({"budget": budget, **figures})
+            accept = bound is None or figures["agreement"] >= bound
+            last = step == len(budgets) - 1
+            try:
+                described = await self.ranks.one(rank, Certify(doc_id, accept, None if accept or last else budgets[step + 1]))
+            except DocumentError as error:
+                if error.status == HTTPStatus.UNPROCESSABLE_ENTITY:
+                    missed = f"(at {budget}: {figures['agreement']} < {bound})"
+                    raise DocumentError(error.status, f"{error.message} {missed}") from None
+                raise
+            if accept:
+                break
+        await self.ranks.until_ready(rank, described)
+        return {"heldout": {**tried[-1], "heldout_questions": certification["heldout"]},
+                **({"certification": tried, "agreement_bound": bound} if len(budgets) > 1 else {})}
 
     async def _hand_off(self, doc_id: str, source: int, ranks: list[int]) -> float:
         """Install the ready copy of rank ``source`` on the waiting ``ranks``: written once, read by each;

@@ -5,13 +5,16 @@ document's KV stays locked in the tree (``cache.SourceHold``) until the schedule
 captured queries belong to the registration. The per-layer work is the core's ``LayerPlan``, the same
 loop the transformers adapter runs; the result is the artifact that save, load and install all use.
 
-The fidelity guard, in the prefix's ``config["fidelity"]``: a seeded tenth of each source's captured
-positions (never a question's answer position) is held out, and each compacted layer's relative
-attention-output error on them is reported by source (``heldout``); with questions, also the error at
-their answer positions (``answers``), the queries that predict the answers. Held-out query-agnostic rows
-stay out of the node's fit; the questions' (and a refit's live queries) stay in it, their figure coming
-from a second fit without them.
-The guard's figure is the answers' error when there are questions, else the held-out error (of the live
+The fidelity guard's attention half, in the prefix's ``config["fidelity"]``: each compacted layer's
+relative attention-output error on queries held out of a fit, by source (``heldout``); with questions,
+also the error at the positions that predict their answers (``answers``). A seeded tenth of each
+query-agnostic source's positions is held out and stays out of the node's fit. Questions are served
+positions, so the node is fitted to all of them; the held-out questions (``SolvePlan.heldout_questions``,
+whole questions with their answers) and a seeded tenth of a refit's live positions are judged under a
+second fit without them. With held-out questions that second fit is a whole prefix of its own
+(``Solved.candidate``): the server installs it as a candidate and asks it the held-out questions, to see
+what users would see of questions the node was not fitted to (``certify``).
+The attention figure is the answers' error when there are questions, else the held-out error (of the live
 queries, for a refit). With a
 ladder of ratios (``"ratio": "auto"``) the solve walks it from the smallest and keeps the first whose
 figure meets the bound: several budgets from one capture. Where the bound is ``required`` (automatic
@@ -30,7 +33,7 @@ from http import HTTPStatus
 import torch
 
 from ..core.evaluate import evaluate
-from ..core.plan import LayerPlan, assemble_layer, pad_layers, pool_queries, split_heldout
+from ..core.plan import LayerPlan, assemble_layer, heldout_positions, pad_layers, pool_queries, split_heldout
 from ..prefix import CompactedPrefix
 from . import faults
 from .errors import DocumentError
@@ -38,6 +41,32 @@ from .layout import window_slots
 
 HELDOUT_FRACTION = 0.1
 HELDOUT_MAX_QUERIES = 1000  # pooled held-out queries per KV head and source (the paper keeps 1,000)
+# A registration's questions held out of its candidate, to see how the node serves questions it was not fitted to:
+# half, so that their figure is an average over several questions (on SmolLM2, one held-out question's agreement
+# was 0 or 1 where the questions not given averaged 0.3 to 0.7: docs/question-aware.md).
+HELDOUT_QUESTION_FRACTION = 0.5
+
+
+class NonFiniteInput(Exception):
+    """A solve's input holds NaN or Inf: an internal fault (the model, or KV read that the solve does not hold)."""
+
+
+def heldout_questions(count: int) -> frozenset[int]:
+    """A seeded half of ``count`` questions (at least one), none below two: one must stay in the fit."""
+    if count < 2:
+        return frozenset()
+    take = max(1, round(HELDOUT_QUESTION_FRACTION * count))
+    return frozenset(torch.randperm(count, generator=torch.Generator().manual_seed(0))[:take].tolist())
+
+
+def check_finite(layer: int, what: str, tensor: torch.Tensor) -> None:
+    """``NonFiniteInput`` naming the layer, the input and the positions (dimension 1 of ``[H, n, ...]``) that
+    hold NaN or Inf."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        positions = bad.flatten(2).any(dim=2).any(dim=0).nonzero().flatten().tolist()
+        raise NonFiniteInput(f"layer {layer}: {what} hold {int(bad.sum())} NaN or Inf entries, at positions "
+                             f"{positions[:16]}{' ...' if len(positions) > 16 else ''} of {tensor.shape[1]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +78,21 @@ class SolveInputs:
     scales: Mapping[int, float]  # each compacted layer's softmax scale, as the model runs it
     num_layers: int
     num_kv_heads: int
-    protected: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # positions never held out
+    # {source: bool [n]}: the rows that predict a question's answer (never held out one by one)
+    answers: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # {"questions": int64 [n]}: the question each row belongs to; -1 for a live request's row (a refit's)
+    parts: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    kv_origin: str = "the document's KV read from the pool"  # named when it holds NaN or Inf
 
 
 @dataclasses.dataclass(frozen=True)
 class Solved:
-    """A solver or store job's result: the prefix to install and, for an adapting document, its refit inputs."""
+    """A solver or store job's result: the prefix to install and, for an adapting document, its refit inputs;
+    with held-out questions, the ``candidate`` fitted without them."""
 
     prefix: CompactedPrefix
     adaptation: object = None  # adapt.Adaptation
+    candidate: CompactedPrefix | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,32 +104,45 @@ class SolvePlan:
     ladder: Sequence[float] | None = None
     bound: float | None = None
     required: bool = False
+    heldout_questions: frozenset[int] = frozenset()  # questions judged under a fit without them (``Solved.candidate``)
 
 
 def pool_inputs(pool, source: torch.Tensor, capture) -> SolveInputs:
     """A registration's inputs: its KV in pool ``source`` slots and its capture."""
     def kv(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         # In the pool's dtype: the solver computes in float32, and its GPU path runs FlashInfer in this dtype.
-        return pool.k_buffer[layer][source].permute(1, 0, 2), pool.v_buffer[layer][source].permute(1, 0, 2)
+        keys, values = pool.k_buffer[layer][source].permute(1, 0, 2), pool.v_buffer[layer][source].permute(1, 0, 2)
+        if faults.enabled("nonfinite_kv"):
+            values = values.clone()
+            values[:, 0] = float("nan")
+        return keys, values
 
-    return SolveInputs(kv, capture.queries, capture.scales, pool.layer_num, pool.head_num, capture.last_positions())
+    return SolveInputs(kv, capture.queries, capture.scales, pool.layer_num, pool.head_num, capture.answer_positions(),
+                       capture.parts_of_rows())
 
 
 def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: tuple[int | None, ...],
                    fingerprint: dict, config: dict) -> CompactedPrefix:
+    """The prefix alone (``solve``)."""
+    return solve(inputs, plan, token_ids, windows, fingerprint, config)[0]
+
+
+def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: tuple[int | None, ...],
+          fingerprint: dict, config: dict) -> tuple[CompactedPrefix, CompactedPrefix | None]:
     """Compact every global layer of the document; a sliding-window layer (``windows``) keeps its window of
     the document, verbatim or compacted (``compact_windows``), as the transformers adapter does. With a
-    ladder, the smallest ratio on it whose held-out error is at most the bound, else its largest."""
+    ladder, the smallest ratio on it whose held-out error is at most the bound, else its largest. With
+    held-out questions, also the candidate fitted without them (else None)."""
     started = time.perf_counter()
     clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
-    solutions = {}  # ratio -> (layers, fidelity), in the order solved
+    solutions = {}  # ratio -> (layers, fidelity, the second fit's layers), in the order solved
 
     def meets(ratio: float, give_up: bool = False) -> bool:
         """Solve at ``ratio`` (once); whether it meets the bound (a fixed ratio always does). With ``give_up``,
         ``_OverBound`` as soon as it cannot."""
         if ratio not in solutions:
             solutions[ratio] = _solve(inputs, dataclasses.replace(plan.layers, budget=ratio), len(token_ids), windows,
-                                      clock, give_up_above=plan.bound if give_up else None)
+                                      clock, plan.heldout_questions, give_up_above=plan.bound if give_up else None)
         figure = solutions[ratio][1]["relative_l2"]
         if give_up and (figure is None or figure > plan.bound):
             raise _OverBound(figure)
@@ -109,16 +157,23 @@ def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], w
                                 f"attention error within the fidelity bound {plan.bound} (at {rungs[-1]}: "
                                 f"{over.figure}); the prefix stays uncompacted") from None
     chosen = next((ratio for ratio in rungs if meets(ratio)), rungs[-1])
-    solved, fidelity = solutions[chosen]
+    solved, fidelity, second = solutions[chosen]
     if plan.ladder is not None:
         tried = [{"ratio": ratio, "relative_l2": solution[1]["relative_l2"]} for ratio, solution in solutions.items()]
         fidelity = {**fidelity, "ladder": tried, "bound": plan.bound, "ratio": chosen}
-    keys, values, betas = pad_layers(*solved, fixed=[w is not None for w in windows])
     timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
     timings["solve_seconds"] = round(time.perf_counter() - started, 4)
-    return CompactedPrefix(keys=keys, values=values, beta=betas, logical_length=len(token_ids), token_ids=list(token_ids),
-                           fingerprint=fingerprint, method=plan.layers.method, config={**config, "fidelity": fidelity},
-                           timings=timings)
+
+    def prefix(layers, prefix_config: dict) -> CompactedPrefix:
+        keys, values, betas = pad_layers(*layers, fixed=[w is not None for w in windows])
+        return CompactedPrefix(keys=keys, values=values, beta=betas, logical_length=len(token_ids),
+                               token_ids=list(token_ids), fingerprint=fingerprint, method=plan.layers.method,
+                               config=prefix_config, timings=timings)
+
+    candidate = None
+    if plan.heldout_questions:
+        candidate = prefix(second, {**config, "candidate": sorted(plan.heldout_questions)})
+    return prefix(solved, {**config, "fidelity": fidelity}), candidate
 
 
 class _OverBound(Exception):
@@ -128,10 +183,11 @@ class _OverBound(Exception):
 
 
 def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int | None, ...], clock: dict,
-           give_up_above: float | None = None):
-    """Every layer at ``plan``'s budget: ``(keys, values, betas)`` and the held-out fidelity. With
-    ``give_up_above``, ``_OverBound`` as soon as the layers solved so far put the figure above it."""
-    keys, values, betas, errors = [], [], [], {}
+           heldout_questions: frozenset[int] = frozenset(), give_up_above: float | None = None):
+    """Every layer at ``plan``'s budget: ``(keys, values, betas)``, the held-out fidelity and the layers of the
+    second fit, without the held-out questions. With ``give_up_above``, ``_OverBound`` as soon as the layers
+    solved so far put the figure above it."""
+    layers, second, errors = ([], [], []), ([], [], []), {}
     compacted = sum(window_slots(window, length) is None or plan.compact_windows for window in windows)
     for layer in range(inputs.num_layers):
         faults.inject("solve")
@@ -139,24 +195,35 @@ def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int
         span = _Span(inputs, plan, layer, window_slots(windows[layer], length), length, clock)
         if not span.compacted:
             (layer_k, layer_v, layer_b), _ = span.fit(None)
+            second_kvb = (layer_k, layer_v, layer_b)
         else:
             # The same split and subsample on every layer and every rung of the ladder.
             captured = inputs.queries(layer)
+            for source, rows in captured.items():
+                check_finite(layer, f"the captured {source} queries", rows)
             group = max(1, next(iter(captured.values())).shape[0] // inputs.num_kv_heads)
-            held_in, heldout = split_heldout(captured, HELDOUT_FRACTION, math.ceil(HELDOUT_MAX_QUERIES / group),
-                                             torch.Generator().manual_seed(0), inputs.protected)
-            # A question's positions are served positions: one left out of the node's fit computes its KV wrong
-            # for every request that asks it, and the answer after it follows (3 questions of a Gemma document:
-            # held-out error 1.0, next-token KL 0.9). The node is fitted to all of them; their held-out figure
-            # comes from a second fit without the held-out tenth.
-            served = {**held_in, "questions": captured["questions"]} if "questions" in heldout else held_in
-            (layer_k, layer_v, layer_b), slots = span.fit(served)
-            judged = {name: (rows, slots) for name, rows in heldout.items()}
-            if "questions" in heldout:
-                judged["questions"] = heldout["questions"], span.fit(held_in)[1]
-            if "questions" in inputs.protected:
+            generator = torch.Generator().manual_seed(0)
+            agnostic = {source: rows for source, rows in captured.items() if source != "questions"}
+            held_in, heldout = split_heldout(agnostic, HELDOUT_FRACTION, math.ceil(HELDOUT_MAX_QUERIES / group), generator)
+            if "questions" in captured:
+                # A question's positions are served positions: one left out of the node's fit computes its KV wrong
+                # for every request that asks it, and the answer after it follows (3 questions of a Gemma document:
+                # held-out error 1.0, next-token KL 0.9). The node is fitted to all of them; the held-out ones are
+                # judged under a second fit without them.
                 asked = captured["questions"]
-                judged["answers"] = asked[:, inputs.protected["questions"].to(asked.device)], slots
+                judged_out = _heldout_question_rows(inputs, asked.shape[1], heldout_questions, group, generator)
+                held_in["questions"] = asked[:, ~judged_out.to(asked.device)]
+                if judged_out.any():
+                    heldout["questions"] = asked[:, judged_out.to(asked.device)]
+            served = {**held_in, "questions": captured["questions"]} if "questions" in captured else held_in
+            (layer_k, layer_v, layer_b), slots = span.fit(served)
+            second_kvb, second_slots = (layer_k, layer_v, layer_b), slots
+            if "questions" in heldout:
+                second_kvb, second_slots = span.fit(held_in)
+            judged = {name: (rows, second_slots if name == "questions" else slots) for name, rows in heldout.items()}
+            if "questions" in inputs.answers:
+                asked = captured["questions"]
+                judged["answers"] = asked[:, inputs.answers["questions"].to(asked.device)], slots
             figures = {name: _relative_l2(span.kv, judged_slots, rows, inputs.num_kv_heads, inputs.scales.get(layer))
                        for name, (rows, judged_slots) in judged.items()}
             answers = figures.pop("answers", None)
@@ -166,10 +233,23 @@ def _solve(inputs: SolveInputs, plan: LayerPlan, length: int, windows: tuple[int
                 floor = sum(filter(None, map(_layer_figure, errors.values()))) / compacted
                 if floor > give_up_above:
                     raise _OverBound(floor)
-        keys.append(layer_k)
-        values.append(layer_v)
-        betas.append(layer_b.float())
-    return (keys, values, betas), _fidelity(errors)
+        for part, kept in zip(layers, (layer_k, layer_v, layer_b)):
+            part.append(kept)
+        for part, kept in zip(second, second_kvb):
+            part.append(kept)
+    as_float = lambda kvb: (kvb[0], kvb[1], [beta.float() for beta in kvb[2]])
+    return as_float(layers), _fidelity(errors), as_float(second)
+
+
+def _heldout_question_rows(inputs: SolveInputs, count: int, heldout_questions: frozenset[int], group: int,
+                           generator: torch.Generator) -> torch.Tensor:
+    """Bool ``[count]``: the question rows judged under a fit without them: every row of a held-out question,
+    and a seeded tenth of a refit's live rows."""
+    parts = inputs.parts.get("questions")
+    if parts is None:
+        parts = torch.full((count,), -1, dtype=torch.long)
+    held = heldout_positions(parts == -1, HELDOUT_FRACTION, math.ceil(HELDOUT_MAX_QUERIES / group), generator)
+    return held | torch.isin(parts, torch.tensor(sorted(heldout_questions), dtype=torch.long))
 
 
 class _Span:
@@ -178,6 +258,8 @@ class _Span:
     def __init__(self, inputs: SolveInputs, plan: LayerPlan, layer: int, window: int | None, length: int, clock: dict):
         self.inputs, self.plan, self.layer, self.window, self.length, self.clock = inputs, plan, layer, window, length, clock
         self.keys, self.values = inputs.kv(layer)
+        for part, tensor in (("keys", self.keys), ("values", self.values)):
+            check_finite(layer, f"{inputs.kv_origin} ({part})", tensor)
         self.compacted = window is None or plan.compact_windows
         kept = plan.keep_first
         # The pool's whole document, or a host copy's window.

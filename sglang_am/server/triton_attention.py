@@ -40,6 +40,7 @@ class AMTritonAttnBackend(DocumentBiasRows, TritonAttnBackend):
         return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.capture_queries(q, layer)
         if not is_window_layer(layer):  # window layers never need the bias (``attention.uses_documents``)
             kwargs.update(score_mod=am_bias_score_mod, aux_tensors=[self.bias_table.aux(self.layer_index(layer))])
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)

@@ -47,13 +47,14 @@ def adapting(answers=True):
     if answers:
         fitted["questions"] = torch.randn(2, 6, 8, generator=generator)
     marks = torch.tensor([False, False, True, False, False, True])
+    parts = torch.tensor([0, 0, 0, 1, 1, 1])
     inputs = SolveInputs(lambda layer: kv[layer], lambda layer: dict(fitted), {}, 2, 1,
-                         {"questions": marks} if answers else {})
+                         {"questions": marks} if answers else {}, {"questions": parts} if answers else {})
     # With questions, a client's own mixture; without, the default: the live queries alone.
     fractions = {"questions": 0.5, "repeat-prefill": 0.5} if answers else {"repeat-prefill": 1.0}
     plan = SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.25, fractions, max_queries_per_head=200))
     return Adaptation.start(inputs, plan, layers=[0, 1], windows=[None, None], length=64, capacity=16, refit_every=8,
-                            reserved_bytes=1000)
+                            reserved_bytes=1000, answer_steps=4)
 
 
 def test_an_adaptation_refits_from_its_registration_inputs_with_the_live_queries_as_questions():
@@ -68,7 +69,8 @@ def test_an_adaptation_refits_from_its_registration_inputs_with_the_live_queries
     assert not adaptation.due() and adaptation.seen_at_fit == 10  # counted from here on
     queries = inputs.queries(0)
     assert queries["questions"].shape == (2, 16, 8) and queries["repeat-prefill"].shape == (2, 40, 8)
-    assert inputs.protected["questions"].tolist() == [False, False, True, False, False, True] + [False] * 10
+    assert inputs.answers["questions"].tolist() == [False, False, True, False, False, True] + [False] * 10
+    assert inputs.parts["questions"].tolist() == [0, 0, 0, 1, 1, 1] + [-1] * 10  # live rows belong to no question
     prefix = solve_document(inputs, adaptation.plan, list(range(64)), (None, None), {}, {})
     assert prefix.num_slots == 16 and "answers" in prefix.config["fidelity"]["layers"]["0"]
     adaptation.job = SimpleNamespace(done=lambda: False, cancel=lambda reason: setattr(adaptation, "stopped", reason))
@@ -84,7 +86,7 @@ def test_without_registration_questions_the_live_queries_are_the_questions_and_m
         adaptation.live.record(layer, torch.randn(12, 2, 8), slots, 1.0)
     assert adaptation.plan.layers.query_fractions == {"questions": 1.0}
     inputs = adaptation.refit_inputs(torch.device("cpu"))
-    assert inputs.protected == {} and set(inputs.queries(1)) == {"questions"}  # the repeat queries are not kept
+    assert inputs.answers == {} and set(inputs.queries(1)) == {"questions"}  # the repeat queries are not kept
     assert inputs.queries(1)["questions"].shape == (2, 12, 8)
     fidelity = solve_document(inputs, adaptation.plan, list(range(64)), (None, None), {}, {}).config["fidelity"]
     layer = fidelity["layers"]["1"]

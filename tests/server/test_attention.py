@@ -3,6 +3,7 @@ out by hand, and the document rows of each forward."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from torch.nn.functional import scaled_dot_product_attention
@@ -60,7 +61,7 @@ def test_document_rows_follow_the_request_pool_rows_of_each_forward():
     capture = QueryCapture({"context-prefill": 1.0}, 64, {"context-prefill": 1}, {"context-prefill": 30}, group=1,
                            layers=range(1), bytes_per_row=4)
     tag = CaptureTag(doc, capture, capture.add_request("context-prefill", 0, 30))
-    request = lambda row, **attrs: SimpleNamespace(kv=SimpleNamespace(req_pool_idx=row), **attrs)
+    request = lambda row, **attrs: SimpleNamespace(kv=SimpleNamespace(req_pool_idx=row), output_ids=[], **attrs)
     assert rows.batch(forward(ForwardMode.DECODE, [1, 2])) is None  # nothing bound: the fast path
     rows.bind([request(1, am=RequestRecord(served=Served(doc, doc.installed))), request(2),
                request(3, am=RequestRecord(capture=tag))])
@@ -72,3 +73,69 @@ def test_document_rows_follow_the_request_pool_rows_of_each_forward():
     assert part.slots.tolist() == list(range(10, 30))
     rows.bind([request(1)])  # the row now serves a request without a document
     assert rows.batch(forward(ForwardMode.DECODE, [1])) is None
+
+
+def test_an_adapting_document_samples_decode_steps_only_where_python_runs():
+    from sglang_am.server.adapt import LiveQueries
+
+    rows, doc = DocumentRows(), document(slots=4)
+    doc.adaptation = SimpleNamespace(live=LiveQueries(layers=[0], capacity=8), answer_steps=3)
+    served = RequestRecord(served=Served(doc, doc.installed))
+    request = lambda generated: SimpleNamespace(kv=SimpleNamespace(req_pool_idx=1), am=served, output_ids=[7] * generated)
+    rows.bind([request(2)])
+    (sample,) = rows.batch(forward(ForwardMode.DECODE, [1])).captures  # an eager decode step: its one position
+    assert sample.query_rows.tolist() == [0] and sample.slots.tolist() == [0]
+    # A CUDA graph's replay runs no Python: a planned sample would never be stored.
+    assert rows.batch(forward(ForwardMode.DECODE, [1]), eager=False).captures == []
+    rows.bind([request(3)])  # past the answer tokens a registration fits: a long generation does not crowd the prompts out
+    assert rows.batch(forward(ForwardMode.DECODE, [1])).captures == [] and doc.adaptation.live.seen == 1
+
+
+def _backend_and_batch(window: int | None, dtype=torch.float32):
+    """A torch_native backend of each kind over one real KV pool, a layer, and an extend batch of three requests:
+    10 new tokens after a 40-token cached prefix, a 25-token prompt from scratch, 1 token after 60."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.layers.radix_attention import AttentionType
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    from sglang_am.server.attention import AMTorchNativeAttnBackend
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim = 4, 2, 16
+    pool = MHATokenToKVPool(size=512, page_size=1, dtype=dtype, head_num=kv_heads, head_dim=dim, layer_num=1,
+                            device="cpu", enable_memory_saver=False)
+    rows = ReqToTokenPool(size=4, max_context_len=128, device="cpu", enable_memory_saver=False)
+    runner = SimpleNamespace(device="cpu", req_to_token_pool=rows, token_to_kv_pool=pool)
+    prefixes, news = [40, 0, 60], [10, 25, 1]
+    slots = torch.randperm(500)[: sum(prefixes) + sum(news)] + 1
+    out_cache_loc, start = [], 0
+    for row, (prefix, new) in enumerate(zip(prefixes, news), start=1):
+        row_slots = slots[start : start + prefix + new]
+        rows.req_to_token[row, : prefix + new] = row_slots.to(torch.int32)
+        out_cache_loc.append(row_slots[prefix:])
+        start += prefix + new
+    pool.k_buffer[0][slots] = torch.randn(len(slots), kv_heads, dim, dtype=dtype)  # every prefix's cached KV
+    pool.v_buffer[0][slots] = torch.randn(len(slots), kv_heads, dim, dtype=dtype)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=heads, tp_k_head_num=kv_heads, qk_head_dim=dim, v_head_dim=dim,
+                            scaling=dim ** -0.5, sliding_window_size=window, is_cross_attention=False,
+                            attn_type=AttentionType.DECODER, k_scale=None, v_scale=None)
+    batch = SimpleNamespace(
+        forward_mode=ForwardMode.EXTEND, req_pool_indices=torch.tensor([1, 2, 3]), req_pool_indices_cpu=None,
+        seq_lens=torch.tensor([p + n for p, n in zip(prefixes, news)]), extend_prefix_lens=torch.tensor(prefixes),
+        extend_seq_lens=torch.tensor(news), extend_prefix_lens_cpu=prefixes, extend_seq_lens_cpu=news,
+        out_cache_loc=torch.cat(out_cache_loc), encoder_lens=None)
+    tokens = sum(news)
+    qkv = [torch.randn(tokens, heads * dim, dtype=dtype), torch.randn(tokens, kv_heads, dim, dtype=dtype),
+           torch.randn(tokens, kv_heads, dim, dtype=dtype)]  # as RadixAttention hands them over
+    return TorchNativeAttnBackend(runner), AMTorchNativeAttnBackend(runner), layer, batch, qkv
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_the_extend_computes_only_the_new_tokens_and_matches_sglangs_padded_extend(window):
+    stock, ours, layer, batch, (q, k, v) = _backend_and_batch(window)
+    for backend in (stock, ours):
+        backend.init_forward_metadata(batch)
+    expected = stock.forward_extend(q, k, v, layer, batch)  # writes the new tokens' KV too
+    served = ours.forward_extend(q, k, v, layer, batch)
+    assert ours.documents is None  # no document in this batch: the efficient path all the same
+    torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-5)

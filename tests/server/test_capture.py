@@ -16,6 +16,10 @@ def test_capture_memory_is_fixed_up_front_by_the_query_cap():
                          {"self-study": 100, "repeat-prefill": 2000}, group=2, layers=range(1), bytes_per_row=8)
     assert mixed.keep == {"self-study": 100, "repeat-prefill": 1250}  # a self-study answer has at most 100 positions
     assert mixed.nbytes == (4 * 100 + 1250) * 8
+    for part in range(3):  # a source's requests are told apart by their part
+        mixed.add_request("self-study", 10, 110, part=part)
+    with pytest.raises(ValueError, match="unexpected capture request"):
+        mixed.add_request("self-study", 10, 110, part=1)
     # Only the layers the solve compacts are kept (Gemma-3: its three global layers of 18).
     globals_only = QueryCapture({"repeat-prefill": 1.0}, 40, {"repeat-prefill": 1}, {"repeat-prefill": 100}, group=1,
                                 layers=[5, 11, 17], bytes_per_row=4)
@@ -45,20 +49,29 @@ def test_capture_keeps_a_bounded_subset_across_chunks_and_hands_back_every_layer
         capture.add_request("context-prefill", 0, 100)  # one part only
 
 
-def test_a_question_keeps_every_position_and_its_answer_position_is_marked():
+def test_a_question_keeps_every_position_and_the_positions_that_predict_its_answer_are_marked():
     mixed = QueryCapture({"questions": 0.75, "repeat-prefill": 0.25}, 40, {"questions": 2, "repeat-prefill": 1},
                          {"questions": 6, "repeat-prefill": 100}, group=2, layers=range(1), bytes_per_row=4)
     assert mixed.keep == {"questions": 6, "repeat-prefill": 5}  # a question keeps all of its (at most 6) positions
     capture = QueryCapture({"questions": 1.0}, 40, {"questions": 2}, {"questions": 6}, group=2, layers=range(1),
                            bytes_per_row=4)
-    first, second = capture.add_request("questions", 100, 106), capture.add_request("questions", 100, 104)
+    # The second question arrives first; the first has a 3-token answer from position 103.
+    second, first = capture.add_request("questions", 100, 104, part=1), capture.add_request("questions", 100, 106, 0, 103)
     assert first.positions.tolist() == list(range(100, 106)) and second.positions.tolist() == list(range(100, 104))
     for rows, length in ((first, 6), (second, 4)):
         planned = rows.plan(100, length, offset=0)
         capture.record(rows, 0, torch.ones(length, 2, 3), planned[1], scale=1.0)
-    marks = capture.last_positions()["questions"]
     assert capture.queries(0)["questions"].shape == (2, 10, 3)
-    assert marks.tolist() == [False] * 5 + [True] + [False] * 3 + [True]
+    # in the order they arrived: the question without an answer marks its last position, the other its answer's
+    assert capture.answer_positions()["questions"].tolist() == [False] * 3 + [True] + [False] * 2 + [True] * 4
+    assert capture.parts_of_rows()["questions"].tolist() == [1] * 4 + [0] * 6
+    with pytest.raises(ValueError, match="unexpected capture request"):
+        capture.add_request("questions", 100, 106, part=1)  # every part is taken
+    for bad in ({"part": 2}, {"answer_from": 100}):  # a part out of range; an answer with no question before it
+        fresh = QueryCapture({"questions": 1.0}, 40, {"questions": 2}, {"questions": 6}, group=2, layers=range(1),
+                             bytes_per_row=4)
+        with pytest.raises(ValueError, match="unexpected capture request"):
+            fresh.add_request("questions", 100, 106, **bad)
 
 
 def test_positions_a_cached_prefix_skipped_are_left_out():

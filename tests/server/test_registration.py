@@ -86,6 +86,8 @@ from .samples import CONFIG, IDS, request
     ({"fidelity_bound": 0.2}, 'fidelity_bound goes with "ratio": "auto"'),
     ({"ratio": "auto", "fidelity_bound": 0}, "fidelity_bound must be a relative attention error in (0, 10]"),
     ({"ratio": "auto", "fidelity_bound": True}, "fidelity_bound must be a relative attention error"),
+    ({"ratio": "auto", "questions": [[1], [2]], "fidelity_bound": 0.2}, "fidelity_bound does not apply"),
+    ({"ratio": "auto", "agreement_bound": 0.9}, "agreement_bound does not apply"),
     ({"adapt": "yes"}, "adapt must be true or false"),
 ])
 def test_bad_registration_fields_are_refused_with_the_field_named(fields, reason):
@@ -116,15 +118,43 @@ def test_a_valid_request_round_trips_through_the_scheduler_payload():
 def test_questions_mix_with_the_query_agnostic_source_and_travel_as_token_ids():
     made = request(questions=[[5, 6, 7], "What is K1?"], query_source="ss-plus-repeat", adapt=True)
     assert made.query_source == {"questions": 1.0}  # given questions, they are the reference queries (QUESTION_SHARE)
-    with pytest.raises(ValueError, match="must be tokenized"):
+    with pytest.raises(ValueError, match="must be token ids"):
         made.to_payload()  # text reaches the scheduler only as ids
     tokenized = made.with_question_ids(CONFIG, lambda text: [ord(c) for c in text])
-    assert tokenized.questions == ((5, 6, 7), tuple(ord(c) for c in "What is K1?"))
+    assert tokenized.questions == ((5, 6, 7), tuple(ord(c) for c in "What is K1?")) and tokenized.answers == (None, None)
     assert RegistrationRequest.from_payload(tokenized.to_payload()) == tokenized
     explicit = request(questions=[[1]], query_source={"questions": 0.5, "repeat-prefill": 0.5})
     assert explicit.query_source == {"questions": 0.5, "repeat-prefill": 0.5}  # a client's own mixture is kept
     with pytest.raises(ValueError, match=r"questions\[0\] has 300 tokens; this server takes 1 to 256"):
         request(questions=["long"]).with_question_ids(CONFIG, lambda text: [1] * 300)
+
+
+def test_questions_may_carry_answers_or_be_chat_turns_and_are_bounded():
+    made = request(questions=[{"question": "Who?", "answer": " Bob"}, [{"role": "user", "content": "Where?"}], [7, 8]],
+                   messages=[{"role": "system", "content": "A document."}], input_ids=None, answer_tokens=8,
+                   answer_temperature=0.7)
+    assert made.answers == (" Bob", None, None) and made.questions[1] == (("user", "Where?"),)
+    turns = []
+    tokenized = made.with_question_ids(CONFIG, lambda text: [ord(c) for c in text],
+                                       lambda turn: turns.append(turn) or [1, 2, len(turns)])
+    # Text and messages questions after a messages document are chat turns; an answer is text after them.
+    assert turns == [(("user", "Who?"),), (("user", "Where?"),)]
+    assert tokenized.questions == ((1, 2, 1), (1, 2, 2), (7, 8)) and tokenized.answers == ((32, 66, 111, 98), None, None)
+    assert [tokenized.answer_length(index) for index in range(3)] == [4, 8, 8]
+    assert RegistrationRequest.from_payload(tokenized.to_payload()) == tokenized
+    for fields, message in [
+        ({"questions": [[{"role": "user", "content": "x"}]]}, "follows a document given as messages"),
+        ({"questions": [{"question": "x"}]}, 'exactly "question" and "answer"'),
+        ({"questions": [{"question": "x", "answer": [1] * 65}]}, r"questions\[0\].answer must be a string or a list of 1 to 64"),
+        ({"answer_tokens": 65}, r"answer_tokens must be an int in \[0, 64\]"),
+        ({"answer_temperature": 3}, r"answer_temperature must be in \[0, 2.0\]"),
+        ({"questions": [[{"role": "tool", "content": "x"}]], "messages": [{"role": "system", "content": "d"}], "input_ids": None},
+         r"questions\[0\]\[0\].role must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            request(**fields)
+    with pytest.raises(ValueError, match=r"questions\[0\].answer has 70 tokens; this server takes 1 to 64"):
+        request(questions=[{"question": "x", "answer": "long"}]).with_question_ids(CONFIG, lambda text: [1] * 70)
 
 
 def test_auto_ratio_walks_the_ladder_with_a_bound_and_admission_reserves_its_top():
@@ -136,6 +166,7 @@ def test_auto_ratio_walks_the_ladder_with_a_bound_and_admission_reserves_its_top
     assert request(ratio="auto", fidelity_bound=0.3).fidelity_bound == 0.3 and request().ladder is None
     assert compacted_slots(auto, 200) == round(RATIO_LADDER[-1] * 200) and compacted_slots(request(), 200) == 20
     assert RegistrationRequest.from_payload(auto.to_payload()) == auto
-    asked = request(questions=[[1] * 10, [2] * 30])
-    # The document once (questions alone need no repeat copy), then each question beside the others.
-    assert capture_slots(asked, 200, 4) == 200 + 64 + (10 + 64) + (30 + 64)
+    asked = request(questions=[[1] * 10, {"question": [2] * 30, "answer": [3] * 4}])
+    # The document once (questions alone need no repeat copy), then each question and its answer (32 tokens
+    # generated, or the one given) beside the others.
+    assert capture_slots(asked, 200, 4) == 200 + 64 + (10 + 32 + 64) + (30 + 4 + 64)

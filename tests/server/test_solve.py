@@ -1,5 +1,7 @@
 """The solve step without a server: a document's KV and captured queries to a prefix with its fidelity guard."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from sglang_am.core import evaluate
 from sglang_am.core.plan import LayerPlan, pool_queries, with_questions
 from sglang_am.core.synthetic import clustered_block
 from sglang_am.server.errors import DocumentError
-from sglang_am.server.solve import HELDOUT_FRACTION, SolveInputs, SolvePlan, solve_document
+from sglang_am.server.solve import HELDOUT_FRACTION, NonFiniteInput, SolveInputs, SolvePlan, heldout_questions, solve_document
+from sglang_am.server.solve import solve as solve_document_and_candidate
 
 LENGTH, LAYERS, HEADS, GROUP = 256, 3, 2, 2
 
@@ -26,9 +29,10 @@ def inputs(windows=(None, None, None), questions=True, seed=0) -> SolveInputs:
         return sources
 
     answers = torch.zeros(32, dtype=torch.bool)
-    answers[7::8] = True
+    answers[6::8] = answers[7::8] = True  # each question's last position and its one-token answer's
+    parts = torch.arange(4).repeat_interleave(8)
     return SolveInputs(lambda layer: (blocks[layer].keys, blocks[layer].values), queries, {}, LAYERS, HEADS,
-                       {"questions": answers} if questions else {})
+                       {"questions": answers} if questions else {}, {"questions": parts} if questions else {})
 
 
 def plan(ratio=0.1, questions=True, **fields) -> SolvePlan:
@@ -41,7 +45,7 @@ def solve(solve_inputs, solve_plan, windows=(None, None, None)):
 
 
 def test_every_compacted_layer_reports_its_heldout_and_answer_errors():
-    prefix = solve(inputs(), plan())
+    prefix = solve(inputs(), plan(heldout_questions=frozenset({1})))
     fidelity = prefix.config["fidelity"]
     assert prefix.config["budget"] == "x" and prefix.num_slots == round(0.1 * LENGTH)
     assert set(fidelity["layers"]) == {"0", "1", "2"}
@@ -62,20 +66,46 @@ def test_more_slots_fit_the_questions_better_and_a_document_without_them_reports
     assert HELDOUT_FRACTION == 0.1
 
 
-def test_the_node_is_fitted_to_every_question_position_and_judged_by_a_fit_without_the_heldout_ones():
-    # A question position left out of the fit would be computed wrongly by every request that asks it.
-    questions_only = SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.5, {"questions": 1.0}, max_queries_per_head=500))
+def test_the_node_is_fitted_to_every_question_and_judged_by_a_candidate_fitted_without_the_heldout_ones():
+    # A question left out of the served fit would be computed wrongly by every request that asks it.
+    questions_only = SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.5, {"questions": 1.0}, max_queries_per_head=500),
+                               heldout_questions=frozenset({1, 3}))
     solve_inputs = inputs()
-    prefix = solve(solve_inputs, questions_only)
+    prefix, candidate = solve_document_and_candidate(solve_inputs, questions_only, list(range(LENGTH)),
+                                                     (None, None, None), {}, {"budget": "x"})
+    assert candidate.config == {"budget": "x", "candidate": [1, 3]} and candidate.num_slots == prefix.num_slots
+    heldout = (solve_inputs.parts["questions"] == 1) | (solve_inputs.parts["questions"] == 3)
     for layer, figures in prefix.config["fidelity"]["layers"].items():
         keys, values = solve_inputs.kv(int(layer))
-        asked = pool_queries(solve_inputs.queries(int(layer))["questions"], HEADS)
-        served = evaluate(keys, values, (prefix.keys[int(layer)], prefix.values[int(layer)], prefix.beta[int(layer)]), asked)
-        # 64 pooled rows, 128 slots: the served node reproduces every question position, held out or not
-        # (fitted without the held-out tenth, it missed those by 2%),
-        assert float(served.relative_l2.max()) < 1e-3
-        # while the figure reported for the held-out ones comes from a fit that never saw them.
-        assert figures["heldout"]["questions"] > 0.1
+        asked = solve_inputs.queries(int(layer))["questions"]
+        errors = {}
+        for name, node in (("served", prefix), ("candidate", candidate)):
+            slots = (node.keys[int(layer)], node.values[int(layer)], node.beta[int(layer)])
+            errors[name] = float(evaluate(keys, values, slots, pool_queries(asked[:, heldout], HEADS)).relative_l2.max())
+        # 32 pooled rows, 128 slots: the served node reproduces every question position, held-out ones included,
+        assert errors["served"] < 1e-3
+        # while the figure reported for the held-out questions is the candidate's, which never saw them.
+        assert figures["heldout"]["questions"] > 0.1 and errors["candidate"] > 0.1
+
+
+def test_the_heldout_questions_are_a_seeded_half_and_none_of_a_single_question():
+    assert heldout_questions(1) == frozenset() and len(heldout_questions(2)) == 1 and len(heldout_questions(8)) == 4
+    assert heldout_questions(25) == heldout_questions(25) and len(heldout_questions(25)) == 12
+
+
+def test_a_solve_input_with_nan_or_inf_names_its_layer_and_positions():
+    clean = inputs()
+
+    def kv(layer):
+        keys, values = clean.kv(layer)
+        if layer == 1:
+            values = values.clone()
+            values[:, 17] = float("nan")
+        return keys, values
+
+    with pytest.raises(NonFiniteInput, match=r"layer 1: the document's KV read from the pool \(values\) hold 32 NaN or Inf "
+                                             r"entries, at positions \[17\] of 256"):
+        solve(dataclasses.replace(clean, kv=kv), plan())
 
 
 @pytest.mark.parametrize("bound, ratio", [(10.0, 0.05), (1e-9, 0.5)])
