@@ -134,10 +134,11 @@ def test_registering_an_automatic_document_explicitly_keeps_it_from_eviction(ser
     doc_c, doc_d = (recall_task(num_pairs=100, num_questions=6, seed=seed)[0] for seed in (31, 32))
     ids_c, id_d = automatic_ids(tokenizer, doc_c), document_id(automatic_ids(tokenizer, doc_d))
     reuse(server, doc_c)
-    wait_for(server, lambda s: document_id(ids_c) in documents(server), "the automatic document")
+    ready = lambda s: documents(server).get(document_id(ids_c), {}).get("state") == "ready"
+    wait_for(server, ready, "the automatic document")
     assert documents(server)[document_id(ids_c)]["origin"] == "auto"
     explicit = ok(server, "POST", "/am/documents", {"input_ids": ids_c, "ratio": 0.5})
-    assert explicit["existing"] is True and explicit["origin"] == "explicit"
+    assert explicit["existing"] is True and explicit["origin"] == "explicit", ok(server, "GET", "/am/stats")
     reuse(server, doc_d)  # needs the automatic budget: evicts automatic documents, never doc_c now
     wait_for(server, lambda s: id_d in documents(server), "the next automatic document")
     assert documents(server)[document_id(ids_c)]["origin"] == "explicit"

@@ -149,10 +149,10 @@ class Adaptation:
                            "the document's KV kept in host memory for refits")
 
     def describe(self) -> dict:
-        running = self.job is not None and not self.job.done()
+        # refitting: solving, or solved and waiting for the scheduler to install it
         return {"refits": self.refits, "refit_failures": self.refit_failures, "last_error": self.last_error,
-                "queries_seen": self.live.seen, "reservoir": self.live.size, "refitting": running,
-                "host_bytes": self.nbytes}
+                "queries_seen": self.live.seen, "queries_fitted": self.seen_at_fit, "reservoir": self.live.size,
+                "refitting": self.job is not None, "host_bytes": self.nbytes}
 
     def stop(self) -> None:
         """The document is dropped: cancel a running refit (its result is never installed)."""

@@ -74,9 +74,12 @@ def test_an_adaptation_refits_from_its_registration_inputs_with_the_live_queries
     prefix = solve_document(inputs, adaptation.plan, list(range(64)), (None, None), {}, {})
     assert prefix.num_slots == 16 and "answers" in prefix.config["fidelity"]["layers"]["0"]
     adaptation.job = SimpleNamespace(done=lambda: False, cancel=lambda reason: setattr(adaptation, "stopped", reason))
-    assert adaptation.describe()["refitting"] and adaptation.describe()["queries_seen"] == 10
+    described = adaptation.describe()
+    assert described["refitting"] and described["queries_seen"] == described["queries_fitted"] == 10
     adaptation.stop()
     assert adaptation.stopped == "the document was dropped"
+    adaptation.job.done = lambda: True
+    assert adaptation.describe()["refitting"]  # solved, not yet installed: the served version has not learned it
 
 
 def test_without_registration_questions_the_live_queries_are_the_questions_and_may_be_held_out():
