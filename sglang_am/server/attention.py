@@ -17,8 +17,12 @@ window), plus the document's beta on KV positions ``< t`` (a document's slots ar
 first t KV positions). SGLang's own extend pads every request's queries to its whole KV length and
 attends T x T (``_run_sdpa_forward_extend``), which a GPU backend never does: served that way, every
 request after a long cached prefix would be slow for a reason that has nothing to do with compaction,
-so requests without a document take the efficient path too. Decode batches with no document, and
-encoder or cross attention, go to SGLang's implementation unchanged.
+so requests without a document take the efficient path too. Decode steps take the same path with or
+without documents, so that a document is measured against no document on one attention path. A
+one-token query on a global layer sees every position, so its mask is beta alone, repeated over the
+query heads once per version (``Installed.decode_bias``), and none where beta is zero: a document
+registered at ratio 1.0 decodes as fast as no document. Encoder and cross attention go to SGLang's
+implementation unchanged.
 """
 
 from __future__ import annotations
@@ -165,9 +169,11 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self.capture_queries(q, layer)
-        if not self.uses_documents(layer):
+        if layer.is_cross_attention or forward_batch.encoder_lens is not None:
+            self.uses_documents(layer)  # refuses documents on cross attention
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, self.documents.query_lens, self.documents.versions)
+        versions = self.documents.versions if self.uses_documents(layer) else None
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, [1] * len(forward_batch.seq_lens), versions)
 
     def _attend(self, q, k, v, layer, forward_batch, save_kv_cache, query_lens, versions):
         """Each request's last ``query_lens`` positions attend to its KV (``versions``: each request's document
@@ -180,7 +186,8 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
         key_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         value_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         req_to_token = self.req_to_token_pool.req_to_token
-        index = self.layer_index(layer)
+        index, group = self.layer_index(layer), heads // kv_heads
+        window = layer.sliding_window_size if is_window_layer(layer) else None
         start = 0
         versions = versions or [None] * len(query_lens)
         for row, kv_len, q_len, version in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
@@ -189,11 +196,14 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
             keys = key_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)  # [1, H_kv, S, D]
             values = value_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)
             query = queries[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H_q, L, D]
-            bias = version.bias[index] if version is not None else None
-            mask = attention_mask(q_len, kv_len, bias, heads // kv_heads, queries.device,
-                                  layer.sliding_window_size if is_window_layer(layer) else None)
-            out = scaled_dot_product_attention(query, keys, values, attn_mask=mask.to(queries.dtype),
-                                               scale=layer.scaling, enable_gqa=heads != kv_heads)
+            if q_len == 1 and window is None:  # a decode step sees every position: beta is all there is to add
+                bias = None if version is None else version.decode_bias(index, group, queries.dtype)
+                mask = None if bias is None else decode_mask(bias, kv_len)
+            else:
+                bias = version.bias[index] if version is not None else None
+                mask = attention_mask(q_len, kv_len, bias, group, queries.device, window).to(queries.dtype)
+            out = scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scaling,
+                                               enable_gqa=heads != kv_heads)
             output[start : start + q_len] = out[0].transpose(0, 1)
             start += q_len
         return output.reshape(q.shape[0], heads * layer.v_head_dim)
@@ -244,6 +254,14 @@ class DocumentBiasRows(DocumentAware):
 
 def is_window_layer(layer) -> bool:
     return layer.sliding_window_size is not None and layer.sliding_window_size > -1
+
+
+def decode_mask(bias: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Additive mask ``[1, H_q, 1, kv_len]`` of one query that sees every position: ``bias`` ``[H_q, t]``
+    (``Installed.decode_bias``) on the first t, zero after."""
+    mask = bias.new_zeros(1, bias.shape[0], 1, kv_len)
+    mask[0, :, 0, : bias.shape[1]] = bias
+    return mask
 
 
 def attention_mask(q_len: int, kv_len: int, bias: torch.Tensor | None, group: int, device,

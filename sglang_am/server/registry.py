@@ -89,6 +89,16 @@ class Installed:
     slot_bytes: int  # one slot of one layer in the pool (keys and values)
     index: int  # this version's virtual-id namespace and bias-table key
     users: int = 0  # requests served from this version that have not ended
+    _decode_bias: dict = dataclasses.field(default_factory=dict, repr=False)  # (layer, group, dtype) -> decode_bias
+
+    def decode_bias(self, layer: int, group: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """``layer``'s beta per query head ``[H_q, t]`` in ``dtype``, made once: what a decode step adds to its first
+        t logits; None where beta is all zero (nothing compacted there: plain attention is exact)."""
+        key = (layer, group, dtype)
+        if key not in self._decode_bias:
+            beta = self.bias[layer]
+            self._decode_bias[key] = beta.repeat_interleave(group, dim=0).to(dtype) if beta.any() else None
+        return self._decode_bias[key]
 
     @functools.cached_property
     def virtual_ids(self) -> array:

@@ -139,3 +139,39 @@ def test_the_extend_computes_only_the_new_tokens_and_matches_sglangs_padded_exte
     served = ours.forward_extend(q, k, v, layer, batch)
     assert ours.documents is None  # no document in this batch: the efficient path all the same
     torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_step_adds_each_versions_beta_and_nothing_where_beta_is_zero():
+    from sglang_am.server.registry import Installed
+
+    _, ours, layer, extend, _ = _backend_and_batch(None)
+    lengths = extend.seq_lens.tolist()  # each request's cached KV, now attended by one new query
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=extend.req_pool_indices, seq_lens=extend.seq_lens)
+    heads, kv_heads, dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+    beta = torch.randn(kv_heads, 6)
+    beta[1, -2:] = float("-inf")  # a narrower head's padding
+    version = lambda bias: Installed(torch.arange(bias.shape[1]), None, None, [bias], [], None, 0, 1)  # noqa: E731
+    compacted, verbatim = version(beta), version(torch.zeros(kv_heads, 8))
+    q = torch.randn(len(lengths), heads * dim)
+    served = ours._attend(q, None, None, layer, batch, False, [1] * len(lengths), [compacted, verbatim, None])
+    assert verbatim.decode_bias(0, heads // kv_heads, torch.float32) is None  # plain attention: no mask at all
+    pool, rows = ours.token_to_kv_pool, ours.req_to_token_pool.req_to_token
+    for request, (length, bias) in enumerate(zip(lengths, [beta, torch.zeros(kv_heads, 0), torch.zeros(kv_heads, 0)])):
+        slots = rows[request + 1, :length]
+        keys, values = pool.k_buffer[0][slots].transpose(0, 1), pool.v_buffer[0][slots].transpose(0, 1)
+        expected = _reference(q[request].view(heads, 1, dim), keys, values, bias, layer.scaling)
+        torch.testing.assert_close(served[request].view(heads, dim), expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_a_decode_step_without_documents_matches_sglangs_decode(window):
+    stock, ours, layer, extend, _ = _backend_and_batch(window)
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=extend.req_pool_indices,
+                            req_pool_indices_cpu=None, seq_lens=extend.seq_lens, encoder_lens=None,
+                            out_cache_loc=None)
+    q = torch.randn(3, layer.tp_q_head_num * layer.qk_head_dim)
+    for backend in (stock, ours):
+        backend.init_forward_metadata(batch)
+    expected = stock.forward_decode(q, None, None, layer, batch, save_kv_cache=False)
+    torch.testing.assert_close(ours.forward_decode(q, None, None, layer, batch, save_kv_cache=False), expected,
+                               rtol=1e-5, atol=1e-5)
