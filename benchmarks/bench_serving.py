@@ -5,7 +5,12 @@ Runs ``python -m sglang.bench_serving`` (SGLang's tool itself, as a subprocess) 
 --prompts-per-group questions of --question-len tokens, --output-len tokens out, --concurrency in flight,
 shuffled. Each configuration gets a fresh server with the same --max-total-tokens pool:
 
-- ``stock``: SGLang with its radix cache;
+- ``stock``: SGLang with its radix cache (a reference: its torch_native extend pads each request's queries to
+  the whole prefix, which no GPU backend does);
+- ``baseline``: the extension with nothing registered: the same attention path as every configuration below,
+  SGLang's radix cache holding full prefixes;
+- ``control``: the extension with every group's prefix registered at ratio 1.0 (nothing compacted): a gain is
+  credited to compaction against this row;
 - ``auto``: the extension with ``--am-auto`` and its defaults (or --auto-flags);
 - ``explicit``: the extension with every group's prefix registered at --ratio before the run: the prefix is
   the longest token prefix its prompts share, as the server's own ``/tokenize`` gives them.
@@ -38,7 +43,7 @@ from sglang_am.client import DocumentsClient, http_json
 from sglang_am.serve import MODELS, model_path, serving
 from sglang_am.server.chat import common_prefix
 
-CONFIGS = ("stock", "auto", "explicit")
+CONFIGS = ("stock", "baseline", "control", "auto", "explicit")
 GROUP_KEY_TOKENS = 16  # prompts of one group share their first tokens; random prefixes never do
 
 
@@ -112,9 +117,10 @@ def run(config: str, args, path: str, groups: int, prompts: list[str], home: str
         flags += ["--am-auto", *args.auto_flags]
     with serving(flags, stock=config == "stock") as url:
         row = {"config": config, "groups": groups}
-        if config == "explicit":
+        if config in ("control", "explicit"):
+            ratio = 1.0 if config == "control" else args.ratio
             client = DocumentsClient(url)
-            registered = [client.register(input_ids=ids, ratio=args.ratio) for ids in shared_prefixes(url, prompts, groups)]
+            registered = [client.register(input_ids=ids, ratio=ratio) for ids in shared_prefixes(url, prompts, groups)]
             row["registered_slots"] = sum(doc["slots"] for doc in registered)
         row.update(bench(url, path, args, groups, home, scratch / f"{config}_{groups}.jsonl"))
         if config != "stock":
@@ -130,10 +136,11 @@ def plot(payload: dict) -> Figure:
     groups = sorted({row["groups"] for row in rows})
     fig = Figure(figsize=(14, 4))
     axes = fig.subplots(1, 3)
-    width = 0.8 / len(CONFIGS)
-    for index, config in enumerate(c for c in CONFIGS if any(r["config"] == c for r in rows)):
+    configs = [c for c in CONFIGS if any(r["config"] == c for r in rows)]
+    width = 0.8 / len(configs)
+    for index, config in enumerate(configs):
         mine = {row["groups"]: row for row in rows if row["config"] == config}
-        xs = [g + (index - 1) * width for g in range(len(groups))]
+        xs = [g + (index - (len(configs) - 1) / 2) * width for g in range(len(groups))]
         for axis, key in zip(axes, ("request_throughput", "ttft_p50_ms", "cache_hit_rate")):
             axis.bar(xs, [mine[g][key] or 0 if g in mine else 0 for g in groups], width, label=config)
     for axis, label in zip(axes, ("requests / s", "TTFT p50 (ms)", "SGLang cache-hit rate (%)")):

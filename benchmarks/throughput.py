@@ -5,13 +5,18 @@ same workload: --documents documents, --questions each, interleaved across docum
 --concurrency, after one untimed warm-up request per document. --model recall (the default, fast)
 uses the recall documents; --model gemma3-270m the real-text documents (natural sentences whose facts
 have same-type distractors), scored by greedy short answer (--choices: by answer likelihood too), and every
-configuration's answers by their agreement with the full prefix's (stock SGLang's), token by token.
+configuration's answers by their agreement with the full prefix's (the baseline's, (c) below), token by token.
 Configurations, all with --max-total-tokens slots and the torch_native backend:
-(a) SGLang with the radix cache disabled, (b) stock SGLang (its own radix cache holds full documents),
-(c) the extension with every document registered at each --ratios with the batch's questions
+(a) SGLang with the radix cache disabled and (b) stock SGLang (its own radix cache holds full documents),
+both references only: stock torch_native pads every extend's queries to the whole prefix, a cost no GPU
+backend has; (c) the baseline: the extension's server with no document (its radix cache holds full
+documents, the same attention path as every compacted row, and the answers every row is compared with);
+(d) the control: every document registered at ratio 1.0 (t = T, nothing compacted; those that do not fit
+the pool pinned are refused and served by the radix cache), against which any gain is credited to compaction;
+(e) the extension with every document registered at each --ratios with the batch's questions
 (question-aware: fitted to the queries of the questions that follow it; --question-shares mixes
 repeat-prefill in; --no-questions skips it), and
-(d) registered without them (repeat-prefill queries) (--compact-windows: sliding-window layers' windows
+(f) registered without them (repeat-prefill queries) (--compact-windows: sliding-window layers' windows
 compacted too, so a Gemma document is t slots wide, not max(t, 511)). Per configuration: request
 throughput, output tokens/s, TTFT and latency p50/p99, accuracy, KV slots and bytes per document, how
 many documents are still resident (a probe per document after the run: is its whole prefix a cache hit?),
@@ -36,6 +41,9 @@ from transformers import AutoTokenizer
 from sglang_am.batch_qa import ask_all, choice_accuracy, document_questions, documents_and_questions, summarize
 from sglang_am.client import DocumentsClient, http_json
 from sglang_am.serve import MODELS, model_path, serving
+
+BASELINE = "extension, no document"
+CONTROL = "registered, nothing compacted"
 
 
 def stock_server(path: str, pool: int, dtype: str, extra: list[str]):
@@ -137,28 +145,41 @@ def main() -> None:
     with stock_server(path, pool, args.dtype, ["--disable-radix-cache"]) as url:
         rows.append(workload_row("no radix cache", url, questions, probes, lengths, args, scored)[0])
     with stock_server(path, pool, args.dtype, []) as url:
-        row, reference = workload_row("radix cache, full documents", url, questions, probes, lengths, args, scored)
-        rows.append(row)
+        rows.append(workload_row("stock SGLang, radix cache", url, questions, probes, lengths, args, scored)[0])
     asked = document_questions(document_ids, questions)
     # The node is fitted to as many answer tokens as the questions are asked for.
     variants = [] if args.no_questions else [question_variant(asked, share, args.max_tokens) for share in args.question_shares]
     variants.append(("compacted", lambda i: {}))
     with extension_server(path, pool, args.dtype) as url:
+        row, reference = workload_row(BASELINE, url, questions, probes, lengths, args, scored)
+        rows.append(row)
         client = DocumentsClient(url)
-        for ratio in args.ratios:
-            for name, fields in variants:
-                start = time.perf_counter()
-                registered = [client.register(input_ids=ids, ratio=ratio, method=args.method,
-                                              compact_windows=args.compact_windows, **fields(i))
-                              for i, ids in enumerate(document_ids)]
-                seconds = time.perf_counter() - start
-                captured = sum(capture_tokens(ids, fields(i), doc) for i, (ids, doc) in enumerate(zip(document_ids, registered)))
-                row, _ = workload_row(f"{name} @ {ratio}", url, questions, probes, [d["slots"] for d in registered], args,
-                                      scored, reference)
-                rows.append({**row, "ratio": ratio, "registration_seconds": round(seconds, 3), "capture_tokens": captured,
-                             "kv_bytes_per_document": registered[0]["kv_bytes"]})
-                for doc in registered:
-                    client.drop(doc["doc_id"])
+        for ratio, (name, fields) in [(1.0, (CONTROL, lambda i: {})), *((r, v) for r in args.ratios for v in variants)]:
+            start = time.perf_counter()
+            registered, refused = [], 0
+            for i, ids in enumerate(document_ids):
+                # Full documents pinned at 1.0 may not all fit the pool: those that do not are served as without the
+                # extension (the radix cache), as they would be for a user.
+                status, body = http_json("POST", f"{url}/am/documents", {
+                    "input_ids": ids, "ratio": ratio, "method": args.method, "compact_windows": args.compact_windows,
+                    **fields(i)})
+                if status == 503 and ratio == 1.0:
+                    refused += 1
+                    continue
+                if status != 200:
+                    raise RuntimeError(f"registration failed ({status}): {body}")
+                registered.append((ids, i, body))
+            seconds = time.perf_counter() - start
+            captured = sum(capture_tokens(ids, fields(i), doc) for ids, i, doc in registered)
+            slots = [len(ids) for ids in document_ids]  # per document, in the probes' order
+            for _, i, doc in registered:
+                slots[i] = doc["slots"]
+            row, _ = workload_row(f"{name} @ {ratio}", url, questions, probes, slots, args, scored, reference)
+            rows.append({**row, "ratio": ratio, "registration_seconds": round(seconds, 3), "capture_tokens": captured,
+                         "kv_bytes_per_document": registered[0][2]["kv_bytes"] if registered else None,
+                         "refused_registrations": refused})
+            for _, _, doc in registered:
+                client.drop(doc["doc_id"])
     capacity = measure_capacity(args, tokenizer, path, workload) if args.capacity else None
     payload = {**environment(), "inputs": {**vars(args), "workload": workload, "document_tokens": lengths},
                "rows": rows, "capacity": capacity}

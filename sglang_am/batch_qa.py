@@ -76,6 +76,16 @@ class Answer:
     cached_tokens: int | None = None
     document: str | None = None
     tokens: list | None = None  # the answer's tokens: ids (native API) or token strings (the OpenAI APIs)
+    arrivals: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (seconds, tokens so far) per chunk
+
+    def inter_token_latencies(self) -> list[float]:
+        """Seconds between consecutive streamed tokens after the first (a chunk of k tokens counts k gaps of
+        its delay / k): the decode phase as a client sees it."""
+        gaps = []
+        for (before, count_before), (after, count_after) in zip(self.arrivals, self.arrivals[1:]):
+            if count_after > count_before:
+                gaps += [(after - before) / (count_after - count_before)] * (count_after - count_before)
+        return gaps
 
 
 def agreement(reference: Answer, served: Answer) -> float:
@@ -148,23 +158,24 @@ APIS = ("openai", "native")
 
 
 def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None = None, timeout: float = 600,
-             headers: Mapping[str, str] | None = None, api: str = "openai") -> Answer:
+             headers: Mapping[str, str] | None = None, api: str = "openai", ignore_eos: bool = False) -> Answer:
     """One streaming greedy request for a prompt of token ids: ``/v1/completions`` (``api="openai"``) or
     SGLang's ``/generate`` (``"native"``: sglang-router's completions route takes text prompts only);
-    ``headers`` are added (a router's routing key, for example)."""
+    ``headers`` are added (a router's routing key, for example); ``ignore_eos``: exactly ``max_tokens``."""
     if api == "openai":
         path, body = "/v1/completions", {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                         "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0}
+                                         "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0,
+                                         "ignore_eos": ignore_eos}
     elif api == "native":
-        path, body = "/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0},
-                                   "stream": True}
+        path, body = "/generate", {"input_ids": prompt, "stream": True,
+                                   "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}}
     else:
         raise ValueError(f"api must be one of {APIS}, got {api!r}")
     headers = {"Content-Type": "application/json", **(headers or {})}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     start = time.perf_counter()
-    first, text, count, meta, tokens = None, "", 0, {}, []
+    first, text, count, meta, tokens, arrivals = None, "", 0, {}, [], []
     try:
         request = urllib.request.Request(f"{url}{path}", json.dumps(body).encode(), headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -181,6 +192,7 @@ def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None =
                 else:  # the whole text and output so far, in every chunk
                     text, meta, tokens = chunk["text"], chunk["meta_info"], chunk["output_ids"]
                     count = meta["completion_tokens"]
+                    arrivals.append((time.perf_counter() - start, count))
                 if text and first is None:
                     first = time.perf_counter() - start
     except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
@@ -188,7 +200,7 @@ def complete(url: str, prompt: list[int], max_tokens: int, api_key: str | None =
     latency = time.perf_counter() - start
     document = (meta.get("am_document") or [{}])[0].get("doc_id")
     return Answer(text, first if first is not None else latency, latency, count, cached_tokens=meta.get("cached_tokens"),
-                  document=document, tokens=tokens)
+                  document=document, tokens=tokens, arrivals=arrivals)
 
 
 def chat(url: str, messages: list[dict], max_tokens: int, api_key: str | None = None, timeout: float = 600) -> Answer:

@@ -185,13 +185,17 @@ def test_throughput_benchmark_smoke(tmp_path):
          "--capacity", "3", "--max-total-tokens", "1024", "--question-shares", "1", "0.75", "--output", str(output))
     payload = json.loads(output.read_text())
     rows = {row["config"]: row for row in payload["rows"]}
-    assert list(rows) == ["no radix cache", "radix cache, full documents", "with questions @ 0.5",
+    assert list(rows) == ["no radix cache", "stock SGLang, radix cache", "extension, no document",
+                          "registered, nothing compacted @ 1.0", "with questions @ 0.5",
                           "with questions 0.75 + repeat-prefill @ 0.5", "compacted @ 0.5"]
     assert rows["no radix cache"]["resident_documents"] == 0
+    control = rows["registered, nothing compacted @ 1.0"]  # the same answers as the baseline's: nothing compacted
+    assert control["agreement"] == 1.0 and control["kv_slots_per_document"] == 121
+    assert "agreement" not in rows["extension, no document"]
     assert rows["compacted @ 0.5"]["resident_documents"] == 2 and rows["compacted @ 0.5"]["kv_slots_per_document"] == 60
     aware = rows["with questions @ 0.5"]
     assert aware["accuracy"] == 1.0 and aware["capture_tokens"] < rows["compacted @ 0.5"]["capture_tokens"]
-    assert "agreement" not in rows["radix cache, full documents"] and aware["agreement"] >= 0.75
+    assert "agreement" not in rows["stock SGLang, radix cache"] and aware["agreement"] >= 0.75
     # The mixture's repeat-prefill share prefills each document a second time.
     mixed = rows["with questions 0.75 + repeat-prefill @ 0.5"]
     assert mixed["capture_tokens"] - aware["capture_tokens"] == sum(payload["inputs"]["document_tokens"])
@@ -207,16 +211,41 @@ def test_bench_serving_benchmark_smoke(tmp_path):
     output = tmp_path / "bench_serving.json"
     _run("benchmarks/bench_serving.py", "--groups", "2", "--prompts-per-group", "6", "--system-prompt-len", "300",
          "--question-len", "8", "--output-len", "2", "--concurrency", "2", "--output", str(output),
-         "--auto-flags", "--am-auto-min-requests", "2")
+         "--configs", "baseline", "control", "auto", "explicit", "--auto-flags", "--am-auto-min-requests", "2")
     payload = json.loads(output.read_text())
     rows = {row["config"]: row for row in payload["rows"]}
-    assert list(rows) == ["stock", "auto", "explicit"]
+    assert list(rows) == ["baseline", "control", "auto", "explicit"]
     assert all(row["failed"] == 0 and row["completed"] == 12 and row["healthy_after"] for row in rows.values())
-    # Both prefixes registered before the run: every request served compacted.
-    assert rows["explicit"]["hits"] >= 12 and rows["explicit"]["documents_resident"] == 2
+    assert rows["baseline"]["hits"] == 0 and rows["baseline"]["documents_resident"] == 0
+    # Both prefixes registered before the run (at 1.0, and compacted): every request served from them.
+    assert rows["control"]["registered_slots"] > rows["explicit"]["registered_slots"]
+    assert all(rows[config]["hits"] >= 12 and rows[config]["documents_resident"] == 2 for config in ("control", "explicit"))
     assert rows["auto"]["auto_triggers"] >= 1  # its compactions run in the background: maybe after this short run
     assert payload["inputs"]["auto_flags"] == ["--am-auto-min-requests", "2"]
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_long_decode_and_decode_profile_benchmarks_smoke(tmp_path):
+    output = tmp_path / "long_decode.json"
+    _run("benchmarks/long_decode.py", "--model", "smollm2-135m", "--lengths", "300", "--concurrency", "2",
+         "--max-tokens", "6", "--ratios", "0.5", "--repeats", "1", "--questions", "2", "--answer-tokens", "4",
+         "--stock", "--output", str(output))
+    rows = {row["config"]: row for row in json.loads(output.read_text())["rows"]}
+    assert list(rows) == ["stock SGLang", "no document", "ratio 1 (control)", "ratio 0.5"]
+    assert [rows[config]["served_by_document"] for config in rows] == [0.0, 0.0, 1.0, 1.0]
+    assert rows["stock SGLang"]["outputs"] == rows["ratio 1 (control)"]["outputs"]  # the same prompts, nothing compacted
+    assert all(len(row["outputs"]) == 2 and all(len(tokens) == 6 for tokens in row["outputs"]) for row in rows.values())
+    assert rows["ratio 0.5"]["kv_slots_read_per_step"] < rows["ratio 1 (control)"]["kv_slots_read_per_step"]
+    assert 0 <= rows["ratio 0.5"]["agreement"] <= 1 and rows["no document"]["itl_mean"] > 0
+    assert output.with_suffix(".png").stat().st_size > 0
+    output = tmp_path / "decode_profile.json"
+    _run("benchmarks/decode_profile.py", "--model", "smollm2-135m", "--length", "300", "--concurrency", "2",
+         "--ratios", "0.5", "--seconds", "2", "--output", str(output))
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["config"] for row in rows] == ["no document", "ratio 0.5"]
+    assert all(row["samples"] > 0 and abs(sum(row["shares"].values()) - 1) < 1e-3 for row in rows)
+    assert all(row["shares"]["attention: KV gather"] + row["shares"]["attention: SDPA and the rest"] > 0 for row in rows)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sglang_am.batch_qa import complete
 from sglang_am.client import http_json
 from sglang_am.hf import forward_after_prefix
 from sglang_am.prefix import CompactedPrefix
@@ -129,6 +130,10 @@ def test_identity_compaction_matches_the_stock_server(server, stock_server, toke
         for step_a, step_b in zip(a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]):
             assert [t[1] for t in step_a] == [t[1] for t in step_b]
             assert max(abs(x[0] - y[0]) for x, y in zip(step_a, step_b)) < 1e-3
+    streamed = complete(server, prompts[0], 6, KEY, api="native", ignore_eos=True)  # as benchmarks/long_decode.py asks
+    assert streamed.tokens == ours[0]["output_ids"] and streamed.completion_tokens == 6
+    assert streamed.document == registered["doc_id"]
+    assert len(streamed.inter_token_latencies()) == 6 - streamed.arrivals[0][1]  # a gap per token after the first chunk
     ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
 
 
