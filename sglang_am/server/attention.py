@@ -14,7 +14,8 @@ The ``torch_native`` backend replaces SGLang's entry of that name (every code pa
 backend string still sees ``torch_native``). Each request of an extend is one SDPA call over its new
 tokens' queries only, with a float mask: causal ``-inf`` above the diagonal (and outside a sliding
 window), plus the document's beta on KV positions ``< t`` (a document's slots are always a request's
-first t KV positions). SGLang's own extend pads every request's queries to its whole KV length and
+first t KV positions). On a sliding-window layer only the keys inside some query's window are gathered, as
+a GPU kernel reads them. SGLang's own extend pads every request's queries to its whole KV length and
 attends T x T (``_run_sdpa_forward_extend``), which a GPU backend never does: served that way, every
 request after a long cached prefix would be slow for a reason that has nothing to do with compaction,
 so requests without a document take the efficient path too. Decode steps take the same path with or
@@ -192,7 +193,9 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
         versions = versions or [None] * len(query_lens)
         for row, kv_len, q_len, version in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
                                                query_lens, versions):
-            slots = req_to_token[row, :kv_len]
+            # A window layer's queries see none of the keys before their window: those are not gathered at all.
+            first = 0 if window is None else max(0, kv_len - q_len - window)
+            slots = req_to_token[row, first:kv_len]
             keys = key_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)  # [1, H_kv, S, D]
             values = value_cache[slots].transpose(0, 1).unsqueeze(0).to(queries.dtype)
             query = queries[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H_q, L, D]
@@ -201,7 +204,7 @@ class AMTorchNativeAttnBackend(DocumentAware, TorchNativeAttnBackend):
                 mask = None if bias is None else decode_mask(bias, kv_len)
             else:
                 bias = version.bias[index] if version is not None else None
-                mask = attention_mask(q_len, kv_len, bias, group, queries.device, window).to(queries.dtype)
+                mask = attention_mask(q_len, kv_len, bias, group, queries.device, window, first).to(queries.dtype)
             out = scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scaling,
                                                enable_gqa=heads != kv_heads)
             output[start : start + q_len] = out[0].transpose(0, 1)
@@ -265,19 +268,19 @@ def decode_mask(bias: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 def attention_mask(q_len: int, kv_len: int, bias: torch.Tensor | None, group: int, device,
-                   window: int | None = None) -> torch.Tensor:
-    """Additive mask ``[1, H_q or 1, q_len, kv_len]`` for the last ``q_len`` of ``kv_len`` positions:
-    ``-inf`` above the causal diagonal and, on a sliding-window layer, more than ``window`` positions
-    below it (SGLang's ``sliding_window_size``), and ``bias`` ``[H_kv, t]`` (repeated over each GQA
-    group) on the first t KV positions."""
+                   window: int | None = None, first: int = 0) -> torch.Tensor:
+    """Additive mask ``[1, H_q or 1, q_len, kv_len - first]`` for the last ``q_len`` of ``kv_len`` positions
+    over keys ``first..kv_len - 1``: ``-inf`` above the causal diagonal and, on a sliding-window layer, more
+    than ``window`` positions below it (SGLang's ``sliding_window_size``), and ``bias`` ``[H_kv, t]``
+    (repeated over each GQA group) on KV positions below t."""
     query_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
-    key_pos = torch.arange(kv_len, device=device)
+    key_pos = torch.arange(first, kv_len, device=device)
     hidden = key_pos > query_pos
     if window is not None:
         hidden |= key_pos < query_pos - window
-    causal = torch.zeros(q_len, kv_len, device=device).masked_fill(hidden, float("-inf"))
-    if bias is None:
+    causal = torch.zeros(q_len, kv_len - first, device=device).masked_fill(hidden, float("-inf"))
+    if bias is None or bias.shape[1] <= first:
         return causal[None, None]
-    per_head = causal.expand(bias.shape[0] * group, q_len, kv_len).clone()
-    per_head[:, :, : bias.shape[1]] += bias.repeat_interleave(group, dim=0)[:, None, :]
+    per_head = causal.expand(bias.shape[0] * group, q_len, kv_len - first).clone()
+    per_head[:, :, : bias.shape[1] - first] += bias[:, first:].repeat_interleave(group, dim=0)[:, None, :]
     return per_head[None]

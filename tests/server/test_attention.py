@@ -15,9 +15,10 @@ from sglang_am.server.registry import RequestRecord, Served
 from .samples import document
 
 
-def _reference(query, keys, values, beta, scale):
+def _reference(query, keys, values, beta, scale, window=None):
     """Softmax over ``q·k·scale + beta`` (beta on the first t keys, per KV head, shared by its query
-    heads), causal for the last L of S positions."""
+    heads), causal for the last L of S positions, and on a window layer blind to keys more than ``window``
+    positions back."""
     heads, length, _ = query.shape
     kv_heads, span, _ = keys.shape
     group = heads // kv_heads
@@ -27,6 +28,8 @@ def _reference(query, keys, values, beta, scale):
         logits[:, : beta.shape[1]] += beta[h // group]
         for i in range(length):
             logits[i, span - length + i + 1 :] = float("-inf")
+            if window is not None:
+                logits[i, : max(0, span - length + i - window)] = float("-inf")
         out[h] = torch.softmax(logits, dim=-1) @ values[h // group]
     return out
 
@@ -175,3 +178,26 @@ def test_a_decode_step_without_documents_matches_sglangs_decode(window):
     expected = stock.forward_decode(q, None, None, layer, batch, save_kv_cache=False)
     torch.testing.assert_close(ours.forward_decode(q, None, None, layer, batch, save_kv_cache=False), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_layer_gathers_only_its_window_and_keeps_a_compacted_windows_beta():
+    """Decode steps 50, 25 and 61 positions in, window 45: the first skips 4 of its 6 compacted slots (beta
+    sliced), the second sees all, the third none of them."""
+    from sglang_am.server.registry import Installed
+
+    window = 45
+    _, ours, layer, extend, _ = _backend_and_batch(window)
+    lengths = extend.seq_lens.tolist()
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=extend.req_pool_indices, seq_lens=extend.seq_lens)
+    heads, kv_heads, dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+    beta = torch.randn(kv_heads, 6)
+    beta[:, 0] = float("-inf")  # left of a compacted window's slots
+    version = Installed(torch.arange(6), None, None, [beta], [], None, 0, 1)
+    q = torch.randn(len(lengths), heads * dim)
+    served = ours._attend(q, None, None, layer, batch, False, [1] * len(lengths), [version] * len(lengths))
+    pool, rows = ours.token_to_kv_pool, ours.req_to_token_pool.req_to_token
+    for request, length in enumerate(lengths):
+        slots = rows[request + 1, :length]
+        keys, values = pool.k_buffer[0][slots].transpose(0, 1), pool.v_buffer[0][slots].transpose(0, 1)
+        expected = _reference(q[request].view(heads, 1, dim), keys, values, beta, layer.scaling, window)
+        torch.testing.assert_close(served[request].view(heads, dim), expected[:, 0], rtol=1e-5, atol=1e-5)
