@@ -10,9 +10,10 @@ each with its own question (questions repeat when there are fewer than the reque
 --max-tokens tokens (greedy, ``ignore_eos``), streamed through SGLang's ``/generate``. It reports the time to
 first token and the decode phase apart: inter-token latency mean and p99, decode tokens/s (tokens after each
 request's first, over the time from the first request's first token to the last request's last), the KV slots
-each request's decode step reads (document slots + question + half the answer: computed, not measured), and the
-compacted answers' agreement with the control's (the full document's), token by token up to the control's
-first end-of-answer token (``ignore_eos`` generates past it).
+each request's decode step reads (document slots + question + half the answer, a window layer's window at most,
+averaged over layers: computed, not measured), and the compacted answers' agreement with the control's (the
+full document's), token by token up to the control's first end-of-answer token (``ignore_eos`` generates past
+it).
 
 Documents are real text (``real_text_qa``): for a chat model (SmolLM2-135M-Instruct) a system message with the
 questions as user turns, for a base model (Gemma-3-270M) the plain text with its questions after it. Compacted
@@ -112,8 +113,17 @@ def batches(prompts: list[list[int]], concurrencies: list[int]) -> dict[int, lis
     return {c: [prompts[i % len(prompts)] for i in range(c)] for c in concurrencies}
 
 
-def slots_read(document_slots: int, batch: list[list[int]], document_tokens: int, max_tokens: int) -> float:
-    return document_slots + statistics.fmean(len(p) - document_tokens for p in batch) + (max_tokens - 1) / 2
+def layer_windows(config) -> tuple[int | None, ...]:
+    """Per layer, the keys a sliding-window layer's query sees, or None on a global layer."""
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return tuple(config.sliding_window if kind == "sliding_attention" else None for kind in kinds)
+
+
+def slots_read(document_slots: int, batch: list[list[int]], document_tokens: int, max_tokens: int,
+               windows: tuple[int | None, ...]) -> float:
+    """KV slots a request's decode step reads, averaged over layers (a window layer reads its window at most)."""
+    span = document_slots + statistics.fmean(len(p) - document_tokens for p in batch) + (max_tokens - 1) / 2
+    return statistics.fmean(span if window is None else min(span, window) for window in windows)
 
 
 def measure_length(url: str, doc_ids: list[int], prompts: list[list[int]], asked, args) -> list[dict]:
@@ -134,9 +144,10 @@ def measure_length(url: str, doc_ids: list[int], prompts: list[list[int]], asked
             runs[CONTROL].append(run_batch(url, doc_batches[concurrency], args.max_tokens))
         references[concurrency] = runs[CONTROL][0][0]
         rows.append(report({"config": BASELINE, "concurrency": concurrency, **figures(
-            runs[BASELINE], slots_read(length, twin_batches[concurrency], length, args.max_tokens), None)}))
+            runs[BASELINE], slots_read(length, twin_batches[concurrency], length, args.max_tokens, args.windows), None)}))
         rows.append(report({"config": CONTROL, "concurrency": concurrency, "ratio": 1.0, **figures(
-            runs[CONTROL], slots_read(registered["slots"], doc_batches[concurrency], length, args.max_tokens), None)}))
+            runs[CONTROL], slots_read(registered["slots"], doc_batches[concurrency], length, args.max_tokens, args.windows),
+            None)}))
     client.drop(registered["doc_id"])
     for ratio in args.ratios:
         start = time.perf_counter()
@@ -145,7 +156,7 @@ def measure_length(url: str, doc_ids: list[int], prompts: list[list[int]], asked
         for concurrency in args.concurrency:
             batch = doc_batches[concurrency]
             row = figures([run_batch(url, batch, args.max_tokens)],
-                          slots_read(registered["slots"], batch, length, args.max_tokens), references[concurrency],
+                          slots_read(registered["slots"], batch, length, args.max_tokens, args.windows), references[concurrency],
                           args.stop_tokens)
             rows.append(report({"config": f"ratio {ratio:g}", "concurrency": concurrency, **row, "ratio": ratio,
                                 "registration_seconds": round(seconds, 2)}))
@@ -158,7 +169,8 @@ def measure_stock(url: str, doc_ids: list[int], prompts: list[list[int]], args) 
     complete(url, prompts[0], 1, api="native")
     return [report({"config": STOCK, "concurrency": concurrency, **figures(
         [run_batch(url, doc_batches[concurrency], args.max_tokens)],
-        slots_read(len(doc_ids), doc_batches[concurrency], len(doc_ids), args.max_tokens), None)})
+        # SGLang's torch_native gathers a window layer's whole sequence: every layer reads every slot.
+        slots_read(len(doc_ids), doc_batches[concurrency], len(doc_ids), args.max_tokens, (None,)), None)})
         for concurrency in args.concurrency]
 
 
@@ -184,6 +196,7 @@ def main() -> None:
     path = str(model_path(args.model))
     tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
     workload = "chat" if tokenizer.chat_template else "real-text"
+    args.windows = layer_windows(config)
     # Where an answer ends: the end of the turn, or for a base model the end of its line.
     args.stop_tokens = sorted({tokenizer.eos_token_id, *torch.tensor(config.eos_token_id or []).view(-1).tolist(),
                                *([] if workload == "chat" else tokenizer.encode("\n", add_special_tokens=False))} - {None})

@@ -118,13 +118,19 @@ def stock_server():
 
 def test_identity_compaction_matches_the_stock_server(server, stock_server, tokenizer):
     doc, ids, prompts = document(tokenizer, seed=13, questions=4)
-    registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 1.0})
-    assert registered["t"] == len(ids)
     sampling = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
     extra = {"return_logprob": True, "top_logprobs_num": 10}
-    ours = generate(server, prompts, sampling, **extra)
     status, stock = http_json("POST", stock_server + "/generate", {"input_ids": prompts, "sampling_params": sampling, **extra})
     assert status == 200
+    # No document: the extension's own attention path (only the new tokens' queries) against SGLang's padded one.
+    for a, b in zip(generate(server, prompts, sampling, **extra), stock):
+        assert "am_document" not in a["meta_info"] and a["output_ids"] == b["output_ids"]
+        for step_a, step_b in zip(a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]):
+            assert [t[1] for t in step_a] == [t[1] for t in step_b]
+            assert max(abs(x[0] - y[0]) for x, y in zip(step_a, step_b)) < 1e-4
+    registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 1.0})
+    assert registered["t"] == len(ids)
+    ours = generate(server, prompts, sampling, **extra)
     for a, b in zip(ours, stock):
         assert "am_document" in a["meta_info"] and a["output_ids"] == b["output_ids"]
         for step_a, step_b in zip(a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]):

@@ -93,6 +93,10 @@ def max_gap(served, reference) -> float:
 def test_identity_document_serves_what_stock_sglang_serves(server, prompts, stock_outputs):
     url, _ = server
     document, suffixes = prompts
+    # No document: the extension's attention path (new tokens' queries only, window layers' windows only).
+    for served, stock in zip(generate(url, document, suffixes), stock_outputs):
+        assert "am_document" not in served["meta_info"] and served["output_ids"] == stock["output_ids"]
+        assert max_gap(served, stock) < 1e-4
     registered = register(url, document, 1.0)
     assert registered["slots"] == len(document)
     outputs = generate(url, document, suffixes)
