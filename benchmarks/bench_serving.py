@@ -9,8 +9,8 @@ shuffled. Each configuration gets a fresh server with the same --max-total-token
   the whole prefix, which no GPU backend does);
 - ``baseline``: the extension with nothing registered: the same attention path as every configuration below,
   SGLang's radix cache holding full prefixes;
-- ``control``: the extension with every group's prefix registered at ratio 1.0 (nothing compacted): a gain is
-  credited to compaction against this row;
+- ``control``: the extension with every group's prefix registered at ratio 1.0 (nothing compacted; prefixes the
+  pool cannot pin are refused and served by the radix cache): a gain is credited to compaction against this row;
 - ``auto``: the extension with ``--am-auto`` and its defaults (or --auto-flags);
 - ``explicit``: the extension with every group's prefix registered at --ratio before the run: the prefix is
   the longest token prefix its prompts share, as the server's own ``/tokenize`` gives them.
@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, finish
+from common import RESULTS_DIR, environment, finish, register_or_refused
 from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
@@ -120,8 +120,9 @@ def run(config: str, args, path: str, groups: int, prompts: list[str], home: str
         if config in ("control", "explicit"):
             ratio = 1.0 if config == "control" else args.ratio
             client = DocumentsClient(url)
-            registered = [client.register(input_ids=ids, ratio=ratio) for ids in shared_prefixes(url, prompts, groups)]
-            row["registered_slots"] = sum(doc["slots"] for doc in registered)
+            registered = [register_or_refused(client, ratio, input_ids=ids) for ids in shared_prefixes(url, prompts, groups)]
+            row["registered_slots"] = sum(doc["slots"] for doc in registered if doc is not None)
+            row["refused_registrations"] = registered.count(None)
         row.update(bench(url, path, args, groups, home, scratch / f"{config}_{groups}.jsonl"))
         if config != "stock":
             row.update(extension_stats(url))

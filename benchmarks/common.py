@@ -19,7 +19,21 @@ import psutil
 import torch
 from matplotlib.figure import Figure
 
+from sglang_am.server.errors import DocumentError
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def register_or_refused(client, ratio: float, **fields) -> dict | None:
+    """A registration through ``client`` (``sglang_am.client.DocumentsClient``); None where the control (ratio 1.0:
+    full documents pinned) finds no room in the pool (503): that document is served by the radix cache, as a
+    user's would be. Any other refusal is an error of the benchmark."""
+    try:
+        return client.register(ratio=ratio, **fields)
+    except DocumentError as error:
+        if error.status != 503 or ratio != 1.0:
+            raise
+        return None
 
 
 def _cpu_model() -> str:

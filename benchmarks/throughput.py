@@ -34,14 +34,13 @@ import argparse
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, environment, finish
+from common import RESULTS_DIR, environment, finish, register_or_refused
 from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import ask_all, choice_accuracy, document_questions, documents_and_questions, summarize
 from sglang_am.client import DocumentsClient, http_json
 from sglang_am.serve import MODELS, model_path, serving
-from sglang_am.server.errors import DocumentError
 
 BASELINE = "extension, no document"
 CONTROL = "registered, nothing compacted"
@@ -159,15 +158,12 @@ def main() -> None:
             start = time.perf_counter()
             registered, refused = [], 0
             for i, ids in enumerate(document_ids):
-                try:
-                    registered.append((ids, i, client.register(input_ids=ids, ratio=ratio, method=args.method,
-                                                               compact_windows=args.compact_windows, **fields(i))))
-                except DocumentError as error:
-                    # Full documents pinned at 1.0 may not all fit the pool: those that do not are served as without
-                    # the extension (the radix cache), as they would be for a user.
-                    if error.status != 503 or ratio != 1.0:
-                        raise
+                doc = register_or_refused(client, ratio, input_ids=ids, method=args.method,
+                                          compact_windows=args.compact_windows, **fields(i))
+                if doc is None:
                     refused += 1
+                else:
+                    registered.append((ids, i, doc))
             seconds = time.perf_counter() - start
             captured = sum(capture_tokens(ids, fields(i), doc) for ids, i, doc in registered)
             slots = [len(ids) for ids in document_ids]  # per document, in the probes' order
