@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -138,3 +140,19 @@ def test_incremental_qr_flags_dependent_columns():
     assert not qr.degenerate.any()
     qr.append(columns[:, :, 2:], torch.tensor([[2], [2]]))
     assert qr.degenerate.tolist() == [True, False]
+
+
+def test_a_head_whose_qr_diagonal_hides_its_rank_is_solved_as_lstsq_solves_it():
+    """Kahan's matrix: its R is itself, every diagonal entry above lstsq's cut-off (the smallest 0.016), its
+    smallest singular value 5e-11 of its largest. Solved by unpivoted QR its solution reached 3e9 (past float16:
+    a recall document's registration failed on such a head with "values contains NaN or Inf")."""
+    t, theta = 60, 1.2
+    sine, cosine = math.sin(theta), math.cos(theta)
+    kahan = torch.triu(torch.full((t, t), -cosine, dtype=torch.float64), diagonal=1) + torch.eye(t, dtype=torch.float64)
+    kahan = torch.diag(torch.tensor([sine ** i for i in range(t)], dtype=torch.float64)) @ kahan
+    a = torch.cat([kahan, torch.zeros(20, t, dtype=torch.float64)]).float()[None]
+    b = torch.randn(1, 80, 3, generator=torch.Generator().manual_seed(0))
+    solution = masked_lstsq(a, b, torch.ones(1, t, dtype=torch.bool))
+    reference = torch.linalg.lstsq(a, b, driver="gelsy").solution
+    torch.testing.assert_close(solution, reference, rtol=1e-3, atol=1e-3)
+    assert solution.abs().max() < 1e3

@@ -38,14 +38,21 @@ def _full_rank_qr_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
     n = 5000, t = 3276), and which heads it solved. A tall ``a`` (n >= t) is
     factored as ``a = QR``; a wide one as ``aᵀ = QR``, which gives the minimum-norm solution ``Q R⁻ᵀ b``, as
     ``lstsq`` does. A head whose ``R`` has a diagonal entry within ``lstsq``'s rank cut-off (``eps * max(n, t)``
-    times its largest column) is rank-deficient, and its solution here is not used."""
+    times its largest column), or below ``sqrt(eps)`` times its largest, is (nearly) rank-deficient, and its
+    solution here is not used."""
     rows, cols = a.shape[1], a.shape[2]
     tall = rows >= cols
     factors, tau = torch.geqrf(a if tall else a.transpose(1, 2))
     diagonal = factors.diagonal(dim1=1, dim2=2).abs()
-    cutoff = torch.finfo(a.dtype).eps * max(rows, cols) * a.norm(dim=1).amax(dim=1, keepdim=True)
-    solved = (diagonal > cutoff).all(dim=1) & torch.isfinite(diagonal).all(dim=1)
+    rcond = torch.finfo(a.dtype).eps * max(rows, cols)
+    cutoff = rcond * a.norm(dim=1).amax(dim=1, keepdim=True)
     r = factors[:, : min(rows, cols)].triu()
+    solved = (diagonal > cutoff).all(dim=1) & torch.isfinite(diagonal).all(dim=1)
+    # Without pivoting the diagonal does not reveal rank: a head can pass the cut-off with a smallest singular value
+    # below lstsq's (a recall document's head: 2.9e-6 of its largest, its diagonal's smallest 2e-3; its solution
+    # reached 2e5 against values below 7, past float16's range, where lstsq gave 373 and a smaller error).
+    # The smallest singular value is estimated from R and held to lstsq's cut-off (Frobenius norm: an upper bound).
+    solved &= _smallest_singular_value(r, solved) > rcond * a.norm(dim=(1, 2))
     if tall:
         projected = torch.ormqr(factors, tau, b, left=True, transpose=True)[:, :cols]
         x = torch.linalg.solve_triangular(r, projected, upper=True)
@@ -54,6 +61,21 @@ def _full_rank_qr_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
         x = torch.ormqr(factors, tau, torch.cat([y, y.new_zeros(y.shape[0], cols - rows, y.shape[2])], dim=1),
                         left=True, transpose=False)
     return x, solved & torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def _smallest_singular_value(r: torch.Tensor, invertible: torch.Tensor) -> torch.Tensor:
+    """An estimate of each upper-triangular ``r``'s smallest singular value (from above), by inverse iteration on
+    ``rᵀr`` (two triangular solves a step, from a seeded start); 0 where ``invertible`` is false."""
+    r = torch.where(invertible[:, None, None], r, torch.eye(r.shape[1], dtype=r.dtype, device=r.device))
+    generator = torch.Generator(device=r.device).manual_seed(0)
+    x = torch.randn(r.shape[0], r.shape[1], 1, generator=generator, dtype=r.dtype, device=r.device)
+    growth = torch.ones(r.shape[0], dtype=r.dtype, device=r.device)
+    for _ in range(2 * POWER_ITERATIONS):
+        x = x / x.norm(dim=1, keepdim=True)
+        x = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.transpose(1, 2), x, upper=False), upper=True)
+        growth = x.norm(dim=1).squeeze(-1)  # ||(rᵀr)⁻¹ x|| -> 1 / sigma_min²
+    estimate = growth.rsqrt()
+    return torch.where(invertible & torch.isfinite(estimate), estimate, torch.zeros_like(estimate))
 
 
 def _rank_revealing_lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

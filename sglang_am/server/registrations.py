@@ -254,7 +254,7 @@ class Registrations:
                 logger.error("sglang-am: document %s: %s", doc.doc_id, error)
                 raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal fault, the registration was abandoned: "
                                     f"{error}") from None
-            logger.warning("sglang-am: document %s failed: %r", doc.doc_id, error)
+            logger.warning("sglang-am: document %s failed: %r", doc.doc_id, error, exc_info=error)
             raise DocumentError(HTTPStatus.INTERNAL_SERVER_ERROR, f"compaction failed: {error!r}") from None
 
     def _start_solve(self, scheduler, doc: Document, budget: float | int | None = None) -> None:
