@@ -38,8 +38,8 @@ def _full_rank_qr_solve(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
     n = 5000, t = 3276), and which heads it solved. A tall ``a`` (n >= t) is
     factored as ``a = QR``; a wide one as ``aᵀ = QR``, which gives the minimum-norm solution ``Q R⁻ᵀ b``, as
     ``lstsq`` does. A head whose ``R`` has a diagonal entry within ``lstsq``'s rank cut-off (``eps * max(n, t)``
-    times its largest column), or below ``sqrt(eps)`` times its largest, is (nearly) rank-deficient, and its
-    solution here is not used."""
+    times its largest column), or whose smallest singular value (estimated from ``R``) is within that cut-off of
+    its Frobenius norm, is rank-deficient as ``lstsq`` sees it, and its solution here is not used."""
     rows, cols = a.shape[1], a.shape[2]
     tall = rows >= cols
     factors, tau = torch.geqrf(a if tall else a.transpose(1, 2))
