@@ -144,26 +144,37 @@ def test_the_extend_computes_only_the_new_tokens_and_matches_sglangs_padded_exte
     torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_decode_step_adds_each_versions_beta_and_nothing_where_beta_is_zero():
+def _version(bias: torch.Tensor):
     from sglang_am.server.registry import Installed
 
-    _, ours, layer, extend, _ = _backend_and_batch(None)
+    return Installed(torch.arange(bias.shape[1]), None, None, [bias], [], None, 0, 1)
+
+
+def _assert_decode_matches_reference(ours, layer, extend, versions, betas, window=None):
+    """One decode query per request of ``extend`` through ``_attend`` with ``versions``, against ``_reference``
+    with each request's beta ``[H_kv, t]`` (``betas``)."""
     lengths = extend.seq_lens.tolist()  # each request's cached KV, now attended by one new query
     batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=extend.req_pool_indices, seq_lens=extend.seq_lens)
-    heads, kv_heads, dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-    beta = torch.randn(kv_heads, 6)
-    beta[1, -2:] = float("-inf")  # a narrower head's padding
-    version = lambda bias: Installed(torch.arange(bias.shape[1]), None, None, [bias], [], None, 0, 1)  # noqa: E731
-    compacted, verbatim = version(beta), version(torch.zeros(kv_heads, 8))
+    heads, dim = layer.tp_q_head_num, layer.qk_head_dim
     q = torch.randn(len(lengths), heads * dim)
-    served = ours._attend(q, None, None, layer, batch, False, [1] * len(lengths), [compacted, verbatim, None])
-    assert verbatim.decode_bias(0, heads // kv_heads, torch.float32) is None  # plain attention: no mask at all
+    served = ours._attend(q, None, None, layer, batch, False, [1] * len(lengths), versions)
     pool, rows = ours.token_to_kv_pool, ours.req_to_token_pool.req_to_token
-    for request, (length, bias) in enumerate(zip(lengths, [beta, torch.zeros(kv_heads, 0), torch.zeros(kv_heads, 0)])):
+    for request, (length, bias) in enumerate(zip(lengths, betas)):
         slots = rows[request + 1, :length]
         keys, values = pool.k_buffer[0][slots].transpose(0, 1), pool.v_buffer[0][slots].transpose(0, 1)
-        expected = _reference(q[request].view(heads, 1, dim), keys, values, bias, layer.scaling)
+        expected = _reference(q[request].view(heads, 1, dim), keys, values, bias, layer.scaling, window)
         torch.testing.assert_close(served[request].view(heads, dim), expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_step_adds_each_versions_beta_and_nothing_where_beta_is_zero():
+    _, ours, layer, extend, _ = _backend_and_batch(None)
+    heads, kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
+    beta = torch.randn(kv_heads, 6)
+    beta[1, -2:] = float("-inf")  # a narrower head's padding
+    compacted, verbatim = _version(beta), _version(torch.zeros(kv_heads, 8))
+    none = torch.zeros(kv_heads, 0)
+    _assert_decode_matches_reference(ours, layer, extend, [compacted, verbatim, None], [beta, none, none])
+    assert verbatim.decode_bias(0, heads // kv_heads, torch.float32) is None  # plain attention: no mask at all
 
 
 @pytest.mark.parametrize("window", [None, 7])
@@ -183,21 +194,8 @@ def test_a_decode_step_without_documents_matches_sglangs_decode(window):
 def test_a_window_layer_gathers_only_its_window_and_keeps_a_compacted_windows_beta():
     """Decode steps 50, 25 and 61 positions in, window 45: the first skips 4 of its 6 compacted slots (beta
     sliced), the second sees all, the third none of them."""
-    from sglang_am.server.registry import Installed
-
     window = 45
     _, ours, layer, extend, _ = _backend_and_batch(window)
-    lengths = extend.seq_lens.tolist()
-    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=extend.req_pool_indices, seq_lens=extend.seq_lens)
-    heads, kv_heads, dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-    beta = torch.randn(kv_heads, 6)
+    beta = torch.randn(layer.tp_k_head_num, 6)
     beta[:, 0] = float("-inf")  # left of a compacted window's slots
-    version = Installed(torch.arange(6), None, None, [beta], [], None, 0, 1)
-    q = torch.randn(len(lengths), heads * dim)
-    served = ours._attend(q, None, None, layer, batch, False, [1] * len(lengths), [version] * len(lengths))
-    pool, rows = ours.token_to_kv_pool, ours.req_to_token_pool.req_to_token
-    for request, length in enumerate(lengths):
-        slots = rows[request + 1, :length]
-        keys, values = pool.k_buffer[0][slots].transpose(0, 1), pool.v_buffer[0][slots].transpose(0, 1)
-        expected = _reference(q[request].view(heads, 1, dim), keys, values, beta, layer.scaling, window)
-        torch.testing.assert_close(served[request].view(heads, dim), expected[:, 0], rtol=1e-5, atol=1e-5)
+    _assert_decode_matches_reference(ours, layer, extend, [_version(beta)] * 3, [beta] * 3, window)
