@@ -69,7 +69,6 @@ def _smallest_singular_value(r: torch.Tensor, invertible: torch.Tensor) -> torch
     r = torch.where(invertible[:, None, None], r, torch.eye(r.shape[1], dtype=r.dtype, device=r.device))
     generator = torch.Generator(device=r.device).manual_seed(0)
     x = torch.randn(r.shape[0], r.shape[1], 1, generator=generator, dtype=r.dtype, device=r.device)
-    growth = torch.ones(r.shape[0], dtype=r.dtype, device=r.device)
     for _ in range(2 * POWER_ITERATIONS):
         x = x / x.norm(dim=1, keepdim=True)
         x = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.transpose(1, 2), x, upper=False), upper=True)
