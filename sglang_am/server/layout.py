@@ -81,8 +81,10 @@ def compacts_windows(prefix: CompactedPrefix, windows: tuple[int | None, ...]) -
 
 def check_layout(prefix: CompactedPrefix, pool, windows: tuple[int | None, ...]) -> NodeLayout:
     """Refuse (400) a prefix that does not fit ``pool``'s layout: layers, heads, head sizes, each window
-    layer holding at most its window of the document (beta 0 where it holds it verbatim)."""
+    layer holding at most its window of the document (beta 0 where it holds it verbatim); refuse (422) one
+    whose keys or values the pool's dtype cannot hold (they would turn into Inf in every request's attention)."""
     expected = (pool.head_num, pool.head_dim, pool.v_head_dim)
+    largest = torch.finfo(pool.store_dtype).max
     if prefix.num_layers != pool.layer_num:
         raise DocumentError(HTTPStatus.BAD_REQUEST, f"the document has {prefix.num_layers} layers, this model {pool.layer_num}")
     for layer, (keys, values, beta) in enumerate(zip(prefix.keys, prefix.values, prefix.beta)):
@@ -90,6 +92,12 @@ def check_layout(prefix: CompactedPrefix, pool, windows: tuple[int | None, ...])
         if found != expected:
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"layer {layer} of the document (heads, key size, value size) = "
                                 f"{found} does not fit this model's KV pool {expected}")
+        for part, tensor in (("keys", keys), ("values", values)):
+            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if peak > largest:
+                raise DocumentError(HTTPStatus.UNPROCESSABLE_ENTITY, f"layer {layer}: the document's {part} reach "
+                                    f"{peak:.4g}, beyond what this model's {pool.store_dtype} KV pool holds "
+                                    f"({largest:.4g}); a larger ratio, or a float32 or bfloat16 pool, keeps them")
         window = window_slots(windows[layer], prefix.logical_length)
         if window is not None and (keys.shape[1] > window or (keys.shape[1] == window and bool(beta.ne(0).any()))):
             raise DocumentError(HTTPStatus.BAD_REQUEST, f"layer {layer} is a sliding-window layer: the document must "

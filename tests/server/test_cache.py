@@ -17,15 +17,20 @@ from sglang_am.server.errors import DocumentError
 from sglang_am.server.registry import DocumentRegistry
 
 
-@pytest.fixture(params=[(None, None)])
-def tree(request):
-    """A radix cache over a 2-layer pool; ``request.param`` gives its layers' windows (indirect parametrize)."""
-    pool = MHATokenToKVPool(size=256, page_size=1, dtype=torch.float32, head_num=2, head_dim=8, layer_num=2,
+def radix_cache(windows, dtype=torch.float32):
+    """A radix cache over a 2-layer pool of ``dtype`` whose layers have ``windows``."""
+    pool = MHATokenToKVPool(size=256, page_size=1, dtype=dtype, head_num=2, head_dim=8, layer_num=2,
                             device="cpu", enable_memory_saver=False)
-    allocator = TokenToKVPoolAllocator(size=256, dtype=torch.float32, device="cpu", kvcache=pool, need_sort=False)
+    allocator = TokenToKVPoolAllocator(size=256, dtype=dtype, device="cpu", kvcache=pool, need_sort=False)
     requests = ReqToTokenPool(size=4, max_context_len=512, device="cpu", enable_memory_saver=False)
     params = CacheInitParams(disable=False, req_to_token_pool=requests, token_to_kv_pool_allocator=allocator, page_size=1)
-    return AMRadixCache(params, DocumentRegistry(None), request.param), pool, allocator
+    return AMRadixCache(params, DocumentRegistry(None), windows), pool, allocator
+
+
+@pytest.fixture(params=[(None, None)])
+def tree(request):
+    """``radix_cache``; ``request.param`` gives its layers' windows (indirect parametrize)."""
+    return radix_cache(request.param)
 
 
 def prefix(slots=12, heads=2, dim=8, value_dim=8, layers=2, length=50) -> CompactedPrefix:
@@ -104,6 +109,22 @@ def test_a_prefix_that_does_not_fit_is_refused_before_anything_is_allocated(tree
         cache.install_document(made, 1)
     assert error.value.status == 400 and reason in error.value.message
     assert allocator.available_size() == 256
+
+
+def test_values_a_float16_pool_cannot_hold_are_refused_naming_the_layer_and_nothing_is_allocated():
+    """Casting a fitted value above 65504 into a float16 pool gives Inf, which would poison every request's
+    attention on the document; within range, the same prefix installs."""
+    cache, _, allocator = radix_cache((None, None), torch.float16)
+    made = prefix()
+    made.values[1][0, 3, 2] = -7.0e4
+    with pytest.raises(DocumentError) as error:
+        cache.install_document(made, 1)
+    assert error.value.status == 422 and allocator.available_size() == 256
+    assert "layer 1: the document's values reach 7e+04" in error.value.message and "torch.float16" in error.value.message
+    made.values[1][0, 3, 2] = -6.0e4
+    installed = cache.install_document(made, 1)
+    assert allocator.available_size() == 256 - 12
+    cache.remove_document(installed)
 
 
 def test_a_full_pool_gives_503_and_a_failing_step_frees_its_slots(tree, monkeypatch):
