@@ -82,16 +82,18 @@ _FIELD_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "floa
 def am_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sglang_am.serve", add_help=False, allow_abbrev=False,
                                      description="sglang-am flags (every other flag goes to SGLang)")
-    for field in dataclasses.fields(ServerConfig):
+    def add(flag: str, dest: str, field: dataclasses.Field) -> None:
         parse = _size if field.name.endswith("_bytes") else _FIELD_TYPES[field.type]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        parser.add_argument(f"--am-{field.name.replace('_', '-')}", dest=f"config.{field.name}", type=parse,
-                            default=argparse.SUPPRESS, help=f"(default {default})")
+        parser.add_argument(flag, dest=dest, type=parse, default=argparse.SUPPRESS, metavar=field.metadata["metavar"],
+                            help=f"{field.metadata['help'][0].upper()}{field.metadata['help'][1:]} (default {default}).")
+
+    for field in dataclasses.fields(ServerConfig):
+        add(f"--am-{field.name.replace('_', '-')}", f"config.{field.name}", field)
     parser.add_argument("--am-auto", action="store_true",
-                        help="compact radix-tree prefixes that many requests reuse, in the background")
+                        help="Compact radix-tree prefixes that many requests reuse, in the background.")
     for field in dataclasses.fields(AutoPolicy):
-        parser.add_argument(f"--am-auto-{field.name.replace('_', '-')}", dest=f"auto.{field.name}", default=argparse.SUPPRESS,
-                            type=_FIELD_TYPES[field.type], help=f"automatic compaction: {field.name} (default {field.default})")
+        add(f"--am-auto-{field.name.replace('_', '-')}", f"auto.{field.name}", field)
     return parser
 
 

@@ -128,6 +128,9 @@ def test_malformed_bodies_paths_and_ids_get_a_4xx_with_the_reason(server, tokeni
          "one proportion per (global layer, KV head)"),
         ("POST", "/am/documents", {"text": "x" * 40000 + "y"}, 400, "exactly one of ratio"),
         ("POST", "/am/documents", {"input_ids": ids * 100, "ratio": 0.1}, 413, "limited to"),  # over the body limit
+        # 10 MB, far more than the socket buffers: the client still gets the 413, not a reset connection
+        ("POST", "/am/documents", {"messages": [{"role": "system", "content": "x" * 10_000_000}]}, 413,
+         f"limited to {BODY_LIMIT} bytes (--am-max-body-bytes)"),
         ("POST", "/am/documents", {"input_ids": long, "ratio": 0.1, "max_queries_per_head": 20000}, 503,
          "captured queries would need"),
         ("GET", "/am/nowhere", None, 404, ""),

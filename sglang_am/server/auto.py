@@ -32,7 +32,7 @@ from collections import OrderedDict, deque
 from ..core import get_method
 from ..core.plan import source_fractions
 from .chat import common_length
-from .config import check_int, from_environment
+from .config import check_int, flag, from_environment
 from .registration import CAPTURED_SOURCES, DEFAULT_FIDELITY_BOUND
 
 POLICY_VARIABLE = "SGLANG_AM_AUTO"
@@ -44,19 +44,27 @@ AUTO_LADDER_TOP = 0.2
 
 @dataclasses.dataclass(frozen=True)
 class AutoPolicy:
-    min_tokens: int = 256  # L: the shortest prefix worth compacting
-    min_requests: int = 4  # N: reuses within the window that trigger compaction
-    window_seconds: float = 300.0
-    ratio: float | str = "auto"  # compacted slots per token of the compacted span, or "auto": the fidelity guard's pick
-    fidelity_bound: float = DEFAULT_FIDELITY_BOUND  # the guard's bound with ratio "auto"
-    budget: float | int = 0.5  # automatic documents' KV slots: a fraction of the pool, or a slot count
-    keep_first: int = 4  # attention-sink tokens kept verbatim at the start
-    keep_last: int = 16  # protected tail (template tokens, the last few): left to the requests' suffix
-    method: str = "AM-HighestAttnKeys"
-    query_source: str = "repeat-prefill"
-    save_evicted: bool = True  # evicted automatic documents go to the store, and come back from it on reuse
-    poll_seconds: float = 0.5  # how often the HTTP process asks the scheduler for candidates
-    adapt: bool = False  # automatic documents refit from the requests they serve (``adapt``)
+    min_tokens: int = flag(256, metavar="N", help="tokens of the shortest prefix worth compacting")
+    min_requests: int = flag(4, metavar="N", help="reuses of a prefix within the window that make it a candidate")
+    window_seconds: float = flag(300.0, metavar="SECONDS", help="seconds over which a prefix's reuses are counted")
+    ratio: float | str = flag("auto", metavar="RATIO", help="compacted slots per token of the prefix, in (0, 1), or "
+                                                            "auto: the smallest the fidelity guard accepts")
+    fidelity_bound: float = flag(DEFAULT_FIDELITY_BOUND, metavar="ERROR", help="the guard's bound on the held-out "
+                                 "relative attention error, with ratio auto")
+    budget: float | int = flag(0.5, metavar="FRACTION|N", help="KV slots automatic documents may hold: a fraction "
+                                                               "of the pool, or a slot count")
+    keep_first: int = flag(4, metavar="N", help="attention-sink tokens kept verbatim at the start of a prefix")
+    keep_last: int = flag(16, metavar="N", help="tokens at a prefix's end left to the requests' own suffix "
+                                                "(template tokens)")
+    method: str = flag("AM-HighestAttnKeys", metavar="METHOD", help="the compaction method's name (AM-OMP, "
+                                                                    "AM-OMP-fast, ...)")
+    query_source: str = flag("repeat-prefill", metavar="SOURCE", help="where reference queries come from: "
+                             "repeat-prefill, context-prefill, self-study or a mixture")
+    save_evicted: bool = flag(True, metavar="BOOL", help="evicted automatic documents go to the store, and come "
+                                                         "back from it on reuse")
+    poll_seconds: float = flag(0.5, metavar="SECONDS", help="seconds between the HTTP process's polls for "
+                                                            "candidates")
+    adapt: bool = flag(False, metavar="BOOL", help="automatic documents refit from the requests they serve")
 
     def __post_init__(self):
         for name, low in (("min_tokens", 2), ("min_requests", 1), ("keep_first", 0),

@@ -15,7 +15,8 @@ Every route is ``ADMIN_OPTIONAL``, like SGLang's own admin routes: with ``--api-
 it needs that bearer token. File routes follow SGLang's rule for routes that touch storage (its
 hierarchical-cache storage routes): they refuse to run unless the server has ``--admin-api-key``, so
 an open server never writes to disk for a client. Clients name documents by id, never a path. Bodies
-larger than ``--am-max-body-bytes`` get 413; malformed input 400 with the reason; unknown documents
+larger than ``--am-max-body-bytes`` get 413 (the excess read and dropped up to ``MAX_DROPPED_BODY_BYTES``, so
+that a client still sending receives it rather than a reset connection); malformed input 400 with the reason; unknown documents
 404; conflicts (drop while in use) 409; no room now 503; a full store 507.
 """
 
@@ -33,6 +34,7 @@ from .errors import DocumentError
 from .service import DocumentService
 from .store import check_document_id
 
+MAX_DROPPED_BODY_BYTES = 64 << 20  # beyond the body limit; a body longer still is not read (its connection closes)
 DOCUMENTS = "/am/documents"
 STORE = "/am/store"
 STATS = "/am/stats"
@@ -51,15 +53,23 @@ def install_routes(app, service: DocumentService, config: ServerConfig, admin_ke
 
     async def body(request: Request, allow_empty: bool = False) -> dict:
         too_large = DocumentError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  f"request bodies are limited to {config.max_body_bytes} bytes")
+                                  f"request bodies are limited to {config.max_body_bytes} bytes "
+                                  f"(--am-max-body-bytes)")
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > config.max_body_bytes):
+        if declared is not None and not declared.isdigit():
+            raise ValueError("the Content-Length header must be a number of bytes")
+        read_at_most = config.max_body_bytes + MAX_DROPPED_BODY_BYTES
+        if declared is not None and int(declared) > read_at_most:
             raise too_large
-        data = bytearray()
+        data, received = bytearray(), 0
         async for chunk in request.stream():  # a body without a length is counted as it arrives
-            data += chunk
-            if len(data) > config.max_body_bytes:
+            received += len(chunk)
+            if received > read_at_most:
                 raise too_large
+            if received <= config.max_body_bytes:
+                data += chunk
+        if received > config.max_body_bytes:
+            raise too_large
         if not data.strip() and allow_empty:
             return {}
         try:

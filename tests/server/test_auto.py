@@ -1,10 +1,11 @@
 """Automatic compaction's policy, launcher flags, reuse tracker and eviction order (no server)."""
 
+import dataclasses
 import json
 
 import pytest
 
-from sglang_am.serve import launch_command, split_am_flags
+from sglang_am.serve import am_parser, launch_command, split_am_flags
 from sglang_am.server.auto import POLICY_VARIABLE, AutoPolicy, ReuseTracker, eviction_order, policy_from_environment
 from sglang_am.server.config import CONFIG_VARIABLE, GiB, ServerConfig
 
@@ -129,6 +130,17 @@ def test_launcher_turns_am_flags_into_the_config_and_policy_and_passes_the_rest_
         with pytest.raises(SystemExit):
             split_am_flags(flags)
         assert reason in capsys.readouterr().err
+
+
+def test_every_am_flag_has_a_sentence_of_help_and_a_metavar_that_names_its_value():
+    actions = [action for action in am_parser()._actions if action.option_strings != ["--am-auto"]]
+    assert len(actions) == len(dataclasses.fields(ServerConfig)) + len(dataclasses.fields(AutoPolicy))
+    for action in actions:
+        assert action.metavar in {"N", "BYTES", "SECONDS", "PATH", "RATIO", "ERROR", "FRACTION|N", "METHOD", "SOURCE",
+                                  "BOOL"}, action.option_strings
+        assert action.help[0].isupper() and action.help.endswith(").") and "(default " in action.help
+    bytes_flags = [action for action in actions if action.option_strings[0].endswith("-bytes")]
+    assert bytes_flags and all(action.metavar == "BYTES" for action in bytes_flags)
 
 
 def test_eviction_takes_the_least_recently_used_idle_automatic_documents():
