@@ -141,10 +141,13 @@ def test_an_adapting_document_refits_from_its_traffic_and_running_requests_finis
     described = settled(server, doc_id)  # the installed version has learned every pass but maybe the last
     assert described["adapt"]["refits"] >= 1 and described["adapt"]["queries_seen"] > 0
     assert described["fidelity"]["relative_l2"] is not None
+    live = described["adapt"]["live_fidelity"]  # the version serving, on positions none of its fits saw
+    assert live["positions"] > 0 and 0 < live["relative_l2"] < 1 and live["version"] < described["adapt"]["refits"]
     assert outcome["output_ids"] == before["output_ids"]  # it started on the first version and finished there
     assert correct(server, doc, ids, asked) >= max(first_pass, len(asked) - 1)
     stats = ok(server, "GET", "/am/stats")
     assert stats["counters"]["refits"] >= 1 and stats["gauges"]["compacted_slots"] == slots  # old versions are gone
+    assert stats["gauges"]["adapt_live_error_max"] == live["relative_l2"]
     assert idle_check(server)["leak"] is False
     assert ok(server, "DELETE", f"/am/documents/{doc_id}")["freed_slots"] >= slots
 

@@ -9,13 +9,17 @@ the questions actually asked keep them. An adapting document therefore keeps:
   uniform sample of every such position seen (reservoir sampling, decided once per forward for the whole
   batch);
 - its solve's inputs in host memory: the document's KV of the layers the solve reads, and the queries
-  the registration captured (``Adaptation.start``, on the solver thread, counted by admission).
+  the registration captured, and the compacted layers of the version serving (``Adaptation.start``, on the
+  solver thread, counted by admission).
 
-When ``refit_every`` new positions have arrived and no refit runs, the solver thread refits the document
-from those inputs, the live queries joining its questions (``core.plan.with_questions``: they weigh
-``QUESTION_SHARE``); the scheduler installs the refit as a new version (``operations``). Running requests
-finish on the version they started with. The fidelity guard reports the refit on held-out live queries;
-the next-token KL needs full-context logits, which live traffic does not have, so refits report none.
+When ``refit_every`` new positions have arrived and no refit runs, the solver thread first measures the
+**live fidelity** of the version serving now: the relative attention-output error, against the full KV kept
+for refits, of the positions that arrived since the last fit began (requests that version was never fitted
+to), averaged over the compacted layers. Then it refits the document from those inputs, the live queries
+joining its questions (``core.plan.with_questions``: they weigh ``QUESTION_SHARE``); the scheduler installs
+the refit as a new version (``operations``). Running requests finish on the version they started with. The
+fidelity guard reports the refit on held-out live queries; the next-token KL needs full-context logits, which
+live traffic does not have, so refits report none.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.plan import with_questions
+from ..core.evaluate import evaluate
+from ..core.plan import pool_queries, with_questions
+from ..prefix import CompactedPrefix
 from .solve import SolveInputs, SolvePlan
 
 
@@ -37,6 +43,7 @@ class LiveQueries:
         self.layers, self.capacity = tuple(layers), capacity
         self.rows: dict[int, torch.Tensor] = {}  # layer -> [capacity, H_q, D], allocated on the first record
         self.valid = torch.zeros(capacity, dtype=torch.bool)  # every layer holds this slot's current position
+        self.arrival = torch.zeros(capacity, dtype=torch.long)  # which position seen (1, 2, ...) each slot holds
         self.seen = 0  # positions offered so far
         self._random = random.Random(seed)
 
@@ -55,6 +62,7 @@ class LiveQueries:
             return None
         slots = torch.tensor(slots)
         self.valid[slots] = False
+        self.arrival[slots] = torch.tensor(kept) + self.seen - count + 1
         return torch.tensor(kept), slots
 
     def record(self, layer: int, queries: torch.Tensor, slots: torch.Tensor, scale: float) -> None:
@@ -67,14 +75,20 @@ class LiveQueries:
         if layer == self.layers[-1]:
             self.valid[slots] = True
 
-    def snapshot(self) -> dict[int, torch.Tensor]:
-        """The valid rows of each layer ``[H_q, n, D]``, copied (the reservoir keeps changing)."""
-        valid = self.valid.clone()
+    def snapshot(self, after: int = 0) -> dict[int, torch.Tensor]:
+        """The valid rows of each layer ``[H_q, n, D]`` of the positions that arrived after the first ``after``,
+        copied (the reservoir keeps changing)."""
+        valid = self.valid & (self.arrival > after)
         return {layer: rows[valid.to(rows.device)].transpose(0, 1).clone() for layer, rows in self.rows.items()}
 
     @property
     def size(self) -> int:
         return int(self.valid.sum())
+
+
+def host_layers(prefix: CompactedPrefix, layers: Sequence[int]) -> dict[int, tuple[torch.Tensor, ...]]:
+    """``prefix``'s (keys, values, β) of ``layers``, in host memory."""
+    return {layer: tuple(part[layer].cpu() for part in (prefix.keys, prefix.values, prefix.beta)) for layer in layers}
 
 
 def nbytes(layers: int, capacity: int, query_heads: int, head_dim: int, itemsize: int) -> int:
@@ -97,6 +111,8 @@ class Adaptation:
     refit_every: int
     nbytes: int
     answer_steps: int  # a live request's decode steps sampled: those of the answer tokens a registration fits
+    serving: dict[int, tuple[torch.Tensor, ...]]  # per compacted layer, the serving version's (keys, values, β) (host)
+    live_fidelity: dict | None = None  # the serving version's error on live positions it was not fitted to
     refits: int = 0
     refit_failures: int = 0
     last_error: str | None = None  # why the last failed refit failed
@@ -105,9 +121,11 @@ class Adaptation:
 
     @classmethod
     def start(cls, inputs: SolveInputs, plan: SolvePlan, layers: Sequence[int], windows: Sequence[int | None],
-              length: int, capacity: int, refit_every: int, reserved_bytes: int, answer_steps: int) -> Adaptation:
-        """On the solver thread, right after the registration's solve: copy what a refit reads to host memory.
-        ``layers``: the layers the solve compacts (a window layer's window is all of it the solve reads)."""
+              length: int, capacity: int, refit_every: int, reserved_bytes: int, answer_steps: int,
+              prefix: CompactedPrefix) -> Adaptation:
+        """On the solver thread, right after the registration's solve gave ``prefix``: copy what a refit reads to
+        host memory. ``layers``: the layers the solve compacts (a window layer's window is all of it the solve
+        reads)."""
         kv = {}
         for layer in range(inputs.num_layers):
             keys, values = inputs.kv(layer)
@@ -121,10 +139,28 @@ class Adaptation:
         return cls(kv, fitted, None if answers is None else answers.cpu(), None if parts is None else parts.cpu(),
                    dict(inputs.scales), inputs.num_kv_heads,
                    dataclasses.replace(plan, layers=refit, heldout_questions=frozenset()), LiveQueries(layers, capacity),
-                   refit_every, reserved_bytes, answer_steps)
+                   refit_every, reserved_bytes, answer_steps, host_layers(prefix, layers))
 
     def due(self) -> bool:
         return self.job is None and self.live.size > 0 and self.live.seen - self.seen_at_fit >= self.refit_every
+
+    def unfitted(self) -> dict[int, torch.Tensor]:
+        """The live rows that arrived since the last fit began: no version serving now was fitted to them."""
+        return self.live.snapshot(after=self.seen_at_fit)
+
+    def measure_live(self, rows: dict[int, torch.Tensor]) -> None:
+        """On the solver thread: the serving version's relative attention-output error on ``rows`` (from
+        ``unfitted``) against the document's full KV, averaged over the compacted layers (``live_fidelity``)."""
+        serving, figures = self.serving, []
+        for layer, queries in rows.items():
+            if queries.shape[1]:
+                keys, values = self.kv[layer]
+                error = evaluate(keys, values, serving[layer], pool_queries(queries.cpu().float(), self.num_kv_heads),
+                                 scale=self.scales.get(layer))
+                figures.append(float(error.relative_l2.mean()))
+        if figures:
+            self.live_fidelity = {"relative_l2": round(sum(figures) / len(figures), 5),
+                                  "positions": next(iter(rows.values())).shape[1], "version": self.refits}
 
     def refit_inputs(self, device) -> SolveInputs:
         """The registration's inputs with a snapshot of the live queries joining its questions."""
@@ -152,7 +188,7 @@ class Adaptation:
         # refitting: solving, or solved and waiting for the scheduler to install it
         return {"refits": self.refits, "refit_failures": self.refit_failures, "last_error": self.last_error,
                 "queries_seen": self.live.seen, "queries_fitted": self.seen_at_fit, "reservoir": self.live.size,
-                "refitting": self.job is not None, "host_bytes": self.nbytes}
+                "refitting": self.job is not None, "host_bytes": self.nbytes, "live_fidelity": self.live_fidelity}
 
     def stop(self) -> None:
         """The document is dropped: cancel a running refit (its result is never installed)."""

@@ -32,6 +32,8 @@ GAUGES = {
     "slots_saved": "Document tokens minus compacted slots, over installed documents.",
     "auto_slots": "KV slots held by automatic documents.",
     "adapt_host_bytes": "Host memory reserved by adapting documents (their refit inputs and live queries).",
+    "adapt_live_error_max": "The largest live fidelity among adapting documents: the relative attention error of "
+                            "the version serving on live positions it was not fitted to (0: none measured).",
 }
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..prefix import CompactedPrefix
 from . import faults
+from .adapt import host_layers
 from .config import ServerConfig
 from .errors import DocumentError
 from .jobs import QueueFull, Worker
@@ -37,17 +38,20 @@ class Refits:
                 continue
             if adaptation.job is not None and adaptation.job.done():
                 self._install_refit(scheduler, doc)
+                self.registry.update_gauges()  # the live fidelity the refit measured first
             elif adaptation.due():
                 self._start_refit(doc)
 
     def _start_refit(self, doc: Document) -> None:
         adaptation, seen_before = doc.adaptation, doc.adaptation.seen_at_fit
+        unfitted = adaptation.unfitted()
         inputs = adaptation.refit_inputs(self.solver.device or torch.device("cpu"))
         plan, tokens, config = adaptation.plan, list(doc.tokens), {**doc.config, "fidelity": None}
         fingerprint = self.registrations.store.fingerprint_or_empty()
 
         def work() -> CompactedPrefix:
             faults.inject("refit_slow")
+            adaptation.measure_live(unfitted)
             return solve_document(inputs, plan, tokens, self.cache.windows, fingerprint, config)
 
         try:
@@ -76,6 +80,7 @@ class Refits:
             table.base_of(version.index, lambda: version.bias)
         doc.retired.append(doc.installed)
         doc.installed, doc.config = version, prefix.config
+        adaptation.serving = host_layers(prefix, adaptation.live.layers)
         adaptation.refits += 1
         doc.timings["refit_seconds"] = prefix.timings["solve_seconds"]
         self.registry.stats.add("refits")

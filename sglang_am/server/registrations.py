@@ -28,7 +28,7 @@ from ..core.cancel import CompactionCancelled
 from ..core.plan import LayerPlan
 from ..prompts import SELF_STUDY_PROMPTS
 from . import adapt, faults
-from .admission import ServerRoom, admit
+from .admission import ServerRoom, admit, compacted_slots
 from .auto import AUTO_LADDER_TOP, eviction_order
 from .cache import AMRadixCache, SourceHold
 from .capture import QueryCapture
@@ -132,7 +132,8 @@ class Registrations:
         room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
         admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0, len(SELF_STUDY_PROMPTS),
               captures, candidate=bool(heldout))
-        adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows)
+        adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows,
+                                              compacted_slots(registration, len(input_ids)))
                        if registration.adapt and captures else 0)
         config = _describe_config(registration)
         if not captures:
@@ -165,13 +166,16 @@ class Registrations:
     def _compacted_layers(self, compact_windows: bool) -> list[int]:
         return [layer for layer, window in enumerate(self.cache.windows) if window is None or compact_windows]
 
-    def _admit_adaptation(self, pool, length: int, q_heads: int, capture: QueryCapture, compact_windows: bool) -> int:
-        """The host memory an adapting document will hold (its refit inputs and live queries), within the
-        server's bound (``--am-adapt-memory-bytes``), or 503."""
+    def _admit_adaptation(self, pool, length: int, q_heads: int, capture: QueryCapture, compact_windows: bool,
+                          slots: int) -> int:
+        """The host memory an adapting document will hold (its refit inputs, live queries and the compacted
+        layers of the version serving, ``slots`` wide, in float32), within the server's bound
+        (``--am-adapt-memory-bytes``), or 503."""
         itemsize = pool.store_dtype.itemsize
         tokens = sum(length if window is None else min(window, length) for window in self.cache.windows)
         layers = len(self._compacted_layers(compact_windows))
-        needed = (tokens * pool.head_num * (pool.head_dim + pool.v_head_dim) * itemsize + capture.nbytes
+        serving = layers * slots * pool.head_num * (pool.head_dim + pool.v_head_dim + 1) * 4
+        needed = (tokens * pool.head_num * (pool.head_dim + pool.v_head_dim) * itemsize + capture.nbytes + serving
                   + adapt.nbytes(layers, self.config.adapt_reservoir, q_heads, pool.head_dim, itemsize))
         free = self.config.adapt_memory_bytes - self.registry.adapt_bytes()
         if needed > free:
@@ -278,7 +282,7 @@ class Registrations:
             prefix, candidate = solve(inputs, plan, tokens, self.cache.windows, self.store.fingerprint_or_empty(), doc.config)
             adaptation = adapt.Adaptation.start(
                 inputs, plan, layers, self.cache.windows, len(tokens), self.config.adapt_reservoir,
-                self.config.adapt_refit_every, adapt_bytes, doc.config["answer_tokens"]) if adapt_bytes else None
+                self.config.adapt_refit_every, adapt_bytes, doc.config["answer_tokens"], prefix) if adapt_bytes else None
             return Solved(prefix, adaptation, candidate)
 
         try:

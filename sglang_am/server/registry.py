@@ -322,4 +322,6 @@ class DocumentRegistry:
         ready = self.in_state(DocState.READY)
         self.stats.set(documents=len(ready), compacted_slots=sum(d.num_slots for d in ready),
                        slots_saved=sum(d.length - d.num_slots for d in ready),
-                       auto_slots=sum(d.num_slots for d in ready if d.auto), adapt_host_bytes=self.adapt_bytes())
+                       auto_slots=sum(d.num_slots for d in ready if d.auto), adapt_host_bytes=self.adapt_bytes(),
+                       adapt_live_error_max=max((d.adaptation.live_fidelity["relative_l2"] for d in ready
+                                                 if d.adaptation is not None and d.adaptation.live_fidelity), default=0.0))

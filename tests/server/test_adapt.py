@@ -53,8 +53,18 @@ def adapting(answers=True):
     # With questions, a client's own mixture; without, the default: the live queries alone.
     fractions = {"questions": 0.5, "repeat-prefill": 0.5} if answers else {"repeat-prefill": 1.0}
     plan = SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.25, fractions, max_queries_per_head=200))
+    prefix = solve_document(inputs, plan, list(range(64)), (None, None), {}, {})
     return Adaptation.start(inputs, plan, layers=[0, 1], windows=[None, None], length=64, capacity=16, refit_every=8,
-                            reserved_bytes=1000, answer_steps=4)
+                            reserved_bytes=1000, answer_steps=4, prefix=prefix)
+
+
+def record(adaptation, count: int) -> torch.Tensor:
+    """``count`` new live positions on both layers; their rows ``[count, H_q, D]``."""
+    rows = torch.randn(count, 2, 8)
+    kept, slots = adaptation.live.plan(count)
+    for layer in (0, 1):
+        adaptation.live.record(layer, rows[kept], slots, 1.0)
+    return rows
 
 
 def test_an_adaptation_refits_from_its_registration_inputs_with_the_live_queries_as_questions():
@@ -96,3 +106,21 @@ def test_without_registration_questions_the_live_queries_are_the_questions_and_m
     assert "answers" not in layer and set(layer["heldout"]) == {"questions"}
     assert fidelity["relative_l2"] == pytest.approx(
         sum(entry["heldout"]["questions"] for entry in fidelity["layers"].values()) / 2, abs=1e-4)
+
+
+def test_the_live_fidelity_judges_the_serving_version_on_the_positions_that_arrived_after_its_fit():
+    adaptation = adapting()
+    record(adaptation, 10)
+    adaptation.refit_inputs(torch.device("cpu"))  # a refit began: these 10 are in its fit
+    assert all(rows.shape[1] == 0 for rows in adaptation.unfitted().values())
+    new = record(adaptation, 5)
+    unfitted = adaptation.unfitted()
+    assert unfitted[0].shape == (2, 5, 8) and torch.equal(unfitted[0].transpose(0, 1), new)
+    adaptation.measure_live(unfitted)
+    compacted = adaptation.live_fidelity
+    assert compacted["positions"] == 5 and compacted["version"] == 0 and compacted["relative_l2"] > 0.05
+    assert adaptation.describe()["live_fidelity"] == compacted
+    # A version that holds the document whole (beta 0) serves exactly what the full KV does.
+    adaptation.serving = {layer: (*adaptation.kv[layer], torch.zeros(1, 64)) for layer in (0, 1)}
+    adaptation.measure_live(unfitted)
+    assert adaptation.live_fidelity["relative_l2"] < 1e-5
