@@ -33,11 +33,11 @@ from pathlib import Path
 
 import psutil
 from common import RESULTS_DIR, environment, finish
-from long_decode import batches, run_batch, sized_document
+from long_decode import batches, run_batch, sized_documents
 from matplotlib.figure import Figure
 from transformers import AutoConfig, AutoTokenizer
 
-from sglang_am.batch_qa import complete, document_questions
+from sglang_am.batch_qa import complete
 from sglang_am.client import DocumentsClient
 from sglang_am.serve import MODELS, model_path, server_process
 
@@ -145,9 +145,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     args.context = AutoConfig.from_pretrained(path).max_position_embeddings
     workload = "chat" if tokenizer.chat_template else "real-text"
-    doc_ids, questions = sized_document(tokenizer, workload, min(args.length, args.context - 1024), 16)
-    (asked,) = document_questions([doc_ids], questions)
-    prompts = batches([question.prompt for question in questions], [args.concurrency])[args.concurrency]
+    (document,) = sized_documents(tokenizer, workload, min(args.length, args.context - 1024), 1, 16)
+    doc_ids, asked = document.ids, document.asked
+    prompts = batches([document], [args.concurrency])[args.concurrency]
     pool = 4 * len(doc_ids) + args.concurrency * 4096 + 4096
     server = server_process(["--model-path", path, "--max-total-tokens", str(pool), "--dtype", "float32"]).start()
     rows = []

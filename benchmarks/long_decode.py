@@ -18,11 +18,15 @@ it).
 Documents are real text (``real_text_qa``): for a chat model (SmolLM2-135M-Instruct) a system message with the
 questions as user turns, for a base model (Gemma-3-270M) the plain text with its questions after it. Compacted
 registrations are question-aware (fitted to the asked questions and ``--answer-tokens`` of each answer).
---stock adds unmodified SGLang (torch_native) as a reference row. Writes JSON and a PNG (ITL against
+With --documents D, request i asks document i mod D, and --pool-documents sizes the KV pool to hold that many
+full documents besides the requests' tokens: below D, the pool binds (the control's registrations that find no
+room are refused and served by the radix cache, as a user's would be). --stock adds unmodified SGLang
+(torch_native) as a reference row. Writes JSON and a PNG (ITL against
 document length) under benchmarks/results/.
 
     python benchmarks/long_decode.py --model smollm2-135m --lengths 1024 2048 4096 8192 --concurrency 1 16
     python benchmarks/long_decode.py --model gemma3-270m --lengths 1024 2048 4096 8192 --concurrency 1 16
+    python benchmarks/long_decode.py --model smollm2-135m --lengths 2048 --documents 8 --pool-documents 4 --concurrency 16
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, environment, finish
+from common import RESULTS_DIR, environment, finish, register_or_refused
 from matplotlib.figure import Figure
 from transformers import AutoConfig, AutoTokenizer
 
@@ -48,15 +52,30 @@ CONTROL = "ratio 1 (control)"
 STOCK = "stock SGLang"
 
 
-def sized_document(tokenizer, workload: str, length: int, questions: int):
-    """One real-text document of at most about ``length`` tokens (sentences vary: two sizing rounds), its ids and
-    its questions."""
+@dataclasses.dataclass(frozen=True)
+class SharedDocument:
+    """A document's ids, its questions' prompts (each starts with the ids) and the questions registered with it."""
+
+    ids: list[int]
+    prompts: list[list[int]]
+    asked: list
+
+    def twin(self) -> SharedDocument:
+        """The same document but for its second token: the baseline's, never registered (a different prefix)."""
+        ids = [self.ids[0], self.ids[1] - 1 if self.ids[1] > 0 else 1, *self.ids[2:]]
+        return SharedDocument(ids, [ids + prompt[len(ids):] for prompt in self.prompts], self.asked)
+
+
+def sized_documents(tokenizer, workload: str, length: int, count: int, questions: int) -> list[SharedDocument]:
+    """``count`` real-text documents of at most about ``length`` tokens each (sentences vary: two sizing rounds on
+    the first) with their questions."""
     sentences = 100
     for _ in range(2):
         _, ids, _ = documents_and_questions(tokenizer, 1, 1, workload, sentences)
         sentences = max(10, int(sentences * length / len(ids[0])))
-    _, ids, asked = documents_and_questions(tokenizer, 1, questions, workload, sentences)
-    return ids[0], asked
+    _, ids, questions = documents_and_questions(tokenizer, count, questions, workload, sentences)
+    return [SharedDocument(doc_ids, [q.prompt for q in questions if q.document == d], asked)
+            for d, (doc_ids, asked) in enumerate(zip(ids, document_questions(ids, questions)))]
 
 
 def run_batch(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[Answer], float]:
@@ -109,8 +128,13 @@ def report(row: dict) -> dict:
     return row
 
 
-def batches(prompts: list[list[int]], concurrencies: list[int]) -> dict[int, list[list[int]]]:
-    return {c: [prompts[i % len(prompts)] for i in range(c)] for c in concurrencies}
+def batches(documents: list[SharedDocument], concurrencies: list[int]) -> dict[int, list[list[int]]]:
+    """Request i asks document i mod D its question i // D (questions repeat when there are fewer)."""
+    def prompt(i: int) -> list[int]:
+        prompts = documents[i % len(documents)].prompts
+        return prompts[(i // len(documents)) % len(prompts)]
+
+    return {c: [prompt(i) for i in range(c)] for c in concurrencies}
 
 
 def layer_windows(config) -> tuple[int | None, ...]:
@@ -119,24 +143,35 @@ def layer_windows(config) -> tuple[int | None, ...]:
     return tuple(config.sliding_window if kind == "sliding_attention" else None for kind in kinds)
 
 
-def slots_read(document_slots: int, batch: list[list[int]], document_tokens: int, max_tokens: int,
+def slots_read(documents: list[SharedDocument], slots: list[int], batch: list[list[int]], max_tokens: int,
                windows: tuple[int | None, ...]) -> float:
-    """KV slots a request's decode step reads, averaged over layers (a window layer reads its window at most)."""
-    span = document_slots + statistics.fmean(len(p) - document_tokens for p in batch) + (max_tokens - 1) / 2
-    return statistics.fmean(span if window is None else min(span, window) for window in windows)
+    """KV slots a request's decode step reads (its document's ``slots``, its question, half its answer), averaged
+    over the batch and over layers (a window layer reads its window at most)."""
+    spans = [slots[i % len(documents)] + len(prompt) - len(documents[i % len(documents)].ids) + (max_tokens - 1) / 2
+             for i, prompt in enumerate(batch)]
+    return statistics.fmean(span if window is None else min(span, window) for span in spans for window in windows)
 
 
-def measure_length(url: str, doc_ids: list[int], prompts: list[list[int]], asked, args) -> list[dict]:
+def register_all(client, documents: list[SharedDocument], ratio: float, args) -> tuple[list[dict | None], float]:
+    """Each document registered at ``ratio`` (the control's refused where the pool has no room: None), and the
+    seconds it took."""
+    start = time.perf_counter()
+    registered = [register_or_refused(client, ratio, input_ids=document.ids, questions=document.asked,
+                                      answer_tokens=args.answer_tokens) for document in documents]
+    return registered, time.perf_counter() - start
+
+
+def measure_length(url: str, documents: list[SharedDocument], args) -> list[dict]:
     """Baseline and control in turns, then each compacted ratio: this length's rows."""
-    length = len(doc_ids)
-    # The same document but for its second token: the baseline, never registered (a different prefix throughout).
-    twin = [doc_ids[0], doc_ids[1] - 1 if doc_ids[1] > 0 else 1, *doc_ids[2:]]
-    doc_batches = batches(prompts, args.concurrency)
-    twin_batches = batches([twin + prompt[length:] for prompt in prompts], args.concurrency)
+    twins = [document.twin() for document in documents]
+    doc_batches, twin_batches = batches(documents, args.concurrency), batches(twins, args.concurrency)
     client = DocumentsClient(url)
-    complete(url, twin_batches[args.concurrency[0]][0], 1, api="native")  # the baseline's document is cached
+    for twin in twins:  # the baseline's documents are cached (as many as the pool holds)
+        complete(url, twin.prompts[0], 1, api="native")
     rows, references = [], {}
-    registered = client.register(input_ids=doc_ids, ratio=1.0, questions=asked, answer_tokens=args.answer_tokens)
+    lengths = [len(document.ids) for document in documents]
+    registered, _ = register_all(client, documents, 1.0, args)
+    control_slots = [length if doc is None else doc["slots"] for doc, length in zip(registered, lengths)]
     for concurrency in args.concurrency:
         runs = {BASELINE: [], CONTROL: []}
         for _ in range(args.repeats):
@@ -144,33 +179,40 @@ def measure_length(url: str, doc_ids: list[int], prompts: list[list[int]], asked
             runs[CONTROL].append(run_batch(url, doc_batches[concurrency], args.max_tokens))
         references[concurrency] = runs[CONTROL][0][0]
         rows.append(report({"config": BASELINE, "concurrency": concurrency, **figures(
-            runs[BASELINE], slots_read(length, twin_batches[concurrency], length, args.max_tokens, args.windows), None)}))
-        rows.append(report({"config": CONTROL, "concurrency": concurrency, "ratio": 1.0, **figures(
-            runs[CONTROL], slots_read(registered["slots"], doc_batches[concurrency], length, args.max_tokens, args.windows),
+            runs[BASELINE], slots_read(twins, lengths, twin_batches[concurrency], args.max_tokens, args.windows), None)}))
+        rows.append(report({"config": CONTROL, "concurrency": concurrency, "ratio": 1.0,
+                            "refused_registrations": registered.count(None), **figures(
+            runs[CONTROL], slots_read(documents, control_slots, doc_batches[concurrency], args.max_tokens, args.windows),
             None)}))
-    client.drop(registered["doc_id"])
+    drop_all(client, registered)
     for ratio in args.ratios:
-        start = time.perf_counter()
-        registered = client.register(input_ids=doc_ids, ratio=ratio, questions=asked, answer_tokens=args.answer_tokens)
-        seconds = time.perf_counter() - start
+        registered, seconds = register_all(client, documents, ratio, args)
         for concurrency in args.concurrency:
             batch = doc_batches[concurrency]
             row = figures([run_batch(url, batch, args.max_tokens)],
-                          slots_read(registered["slots"], batch, length, args.max_tokens, args.windows), references[concurrency],
-                          args.stop_tokens)
+                          slots_read(documents, [doc["slots"] for doc in registered], batch, args.max_tokens, args.windows),
+                          references[concurrency], args.stop_tokens)
             rows.append(report({"config": f"ratio {ratio:g}", "concurrency": concurrency, **row, "ratio": ratio,
                                 "registration_seconds": round(seconds, 2)}))
-        client.drop(registered["doc_id"])
+        drop_all(client, registered)
     return rows
 
 
-def measure_stock(url: str, doc_ids: list[int], prompts: list[list[int]], args) -> list[dict]:
-    doc_batches = batches(prompts, args.concurrency)
-    complete(url, prompts[0], 1, api="native")
+def drop_all(client, registered: list[dict | None]) -> None:
+    for doc in registered:
+        if doc is not None:
+            client.drop(doc["doc_id"])
+
+
+def measure_stock(url: str, documents: list[SharedDocument], args) -> list[dict]:
+    doc_batches = batches(documents, args.concurrency)
+    for document in documents:
+        complete(url, document.prompts[0], 1, api="native")
+    lengths = [len(document.ids) for document in documents]
     return [report({"config": STOCK, "concurrency": concurrency, **figures(
         [run_batch(url, doc_batches[concurrency], args.max_tokens)],
         # SGLang's torch_native gathers a window layer's whole sequence: every layer reads every slot.
-        slots_read(len(doc_ids), doc_batches[concurrency], len(doc_ids), args.max_tokens, (None,)), None)})
+        slots_read(documents, lengths, doc_batches[concurrency], args.max_tokens, (None,)), None)})
         for concurrency in args.concurrency]
 
 
@@ -185,11 +227,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the baseline and the control, in turns")
     parser.add_argument("--questions", type=int, default=16, help="distinct questions per document (at most 16)")
     parser.add_argument("--answer-tokens", type=int, default=32, help="answer tokens each registration is fitted to")
+    parser.add_argument("--documents", type=int, default=1, help="documents asked at once (request i asks "
+                        "document i mod D)")
+    parser.add_argument("--pool-documents", type=float, help="size the KV pool to hold this many full documents "
+                        "besides the requests' own tokens, so that it binds (default: room for every document, "
+                        "its capture and its twin)")
     parser.add_argument("--stock", action="store_true", help="add unmodified SGLang as a reference row")
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/long_decode_MODEL.json)")
     args = parser.parse_args()
-    if not 1 <= args.questions <= 16 or min(args.concurrency) < 1 or args.max_tokens < 2:
-        parser.error("--questions must be in [1, 16], --concurrency >= 1 and --max-tokens >= 2")
+    if not 1 <= args.questions <= 16 or min(args.concurrency) < 1 or args.max_tokens < 2 or args.documents < 1:
+        parser.error("--questions must be in [1, 16], --concurrency and --documents >= 1 and --max-tokens >= 2")
+    if args.pool_documents is not None and args.pool_documents <= 0:
+        parser.error(f"--pool-documents must be positive, got {args.pool_documents}")
     if not all(0 < ratio < 1 for ratio in args.ratios) or args.repeats < 1:
         parser.error(f"--ratios must be in (0, 1) and --repeats >= 1, got {args.ratios} and {args.repeats}")
 
@@ -200,26 +249,27 @@ def main() -> None:
     # Where an answer ends: the end of the turn, or for a base model the end of its line.
     args.stop_tokens = sorted({tokenizer.eos_token_id, *torch.tensor(config.eos_token_id or []).view(-1).tolist(),
                                *([] if workload == "chat" else tokenizer.encode("\n", add_special_tokens=False))} - {None})
-    # The longest document's cached full prefix, a registration's capture of it (the document again, its questions and
-    # their answers) and every request's tokens.
-    pool = 4 * max(args.lengths) + max(args.concurrency) * (args.max_tokens + 256) + 4096
+    # Every request's tokens and, by default, the documents' cached full prefixes and twins and a registration's
+    # capture (the document again, its questions and their answers).
+    pool = max(args.concurrency) * (args.max_tokens + 256) + (
+        4 * args.documents * max(args.lengths) + 4096 if args.pool_documents is None
+        else int(args.pool_documents * max(args.lengths)))
     flags = ["--model-path", path, "--max-total-tokens", str(pool), "--dtype", "float32"]
     # A document, a question and the answer fit the model's context (SmolLM2: 8,192 positions).
     longest = config.max_position_embeddings - args.max_tokens - 256
     output = Path(args.output or RESULTS_DIR / f"long_decode_{args.model}.json")
     rows = []
     for length in args.lengths:
-        doc_ids, questions = sized_document(tokenizer, workload, min(length, longest), args.questions)
-        prompts = [question.prompt for question in questions]
-        (asked,) = document_questions([doc_ids], questions)
-        print(f"document of {len(doc_ids)} tokens, {len(prompts)} questions", flush=True)
+        documents = sized_documents(tokenizer, workload, min(length, longest), args.documents, args.questions)
+        tokens = round(statistics.fmean(len(document.ids) for document in documents))
+        print(f"{args.documents} document(s) of {tokens} tokens, {args.questions} questions each", flush=True)
         per_length = []
         if args.stock:
             with serving([*flags, "--attention-backend", "torch_native"], stock=True) as url:
-                per_length += measure_stock(url, doc_ids, prompts, args)
+                per_length += measure_stock(url, documents, args)
         with serving(flags) as url:
-            per_length += measure_length(url, doc_ids, prompts, asked, args)
-        rows += [{"document_tokens": len(doc_ids), **row} for row in per_length]
+            per_length += measure_length(url, documents, args)
+        rows += [{"document_tokens": tokens, "documents": args.documents, **row} for row in per_length]
         payload = {**environment(), "inputs": {**vars(args), "workload": workload, "max_total_tokens": pool}, "rows": rows}
         finish(payload, output, plot)  # after every length: a long run keeps what it measured
 

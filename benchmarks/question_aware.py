@@ -14,8 +14,9 @@ asked, and the documents dropped:
 - ``half given``: half of the questions given, as many of each relation; the others are scored apart as
   ``not given``: how the node serves questions like those given that it was not fitted to.
 
-With --auto, each document is also registered at ``"ratio": "auto"`` with its questions (a document the
-guard refuses, 422, is served with its full prefix and recorded as refused). Every question
+With --head-budgets FILE (a head-sensitivity file), ``with questions`` also runs with those nonuniform head
+budgets at the same total slots. With --auto, each document is also registered at ``"ratio": "auto"`` with its
+questions (a document the guard refuses, 422, is served with its full prefix and recorded as refused). Every question
 is scored three ways: the greedy answer's agreement with the full prefix's, token by token (what a user
 sees); whether it states the expected value (exact match); and, on real text, multiple choice by answer
 likelihood. Every registration's fidelity guard is recorded per document (the attention error; the
@@ -30,6 +31,7 @@ candidate fitted without them), so the JSON and plot show how well the guard pre
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -82,6 +84,9 @@ def main() -> None:
                         help="share of repeat-prefill queries mixed into the questions' (one row each)")
     parser.add_argument("--configs", nargs="+", default=["without", "with", "half"], choices=["without", "with", "half"])
     parser.add_argument("--auto", action="store_true", help='also register at "ratio": "auto" with the questions')
+    parser.add_argument("--head-budgets", type=Path, help="a head-sensitivity proportions file (python -m "
+                        "sglang_am.hf.head_sensitivity): the with-questions rows are also run with these nonuniform "
+                        "head budgets, at the same total slots")
     parser.add_argument("--no-choices", action="store_true", help="skip multiple choice by likelihood")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per answer")
@@ -95,6 +100,7 @@ def main() -> None:
         return
     args.output = args.output or RESULTS_DIR / f"question_aware_{args.model}_{args.questions}q.json"
 
+    head_budgets = json.loads(args.head_budgets.read_text()) if args.head_budgets else None
     path = model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     workload = WORKLOADS[args.model]
@@ -160,25 +166,28 @@ def main() -> None:
             if "with" in args.configs:
                 for tokens in args.answer_tokens:
                     for share in args.repeat_share:
-                        fields = {"answer_tokens": tokens}
-                        if share:
-                            fields["query_source"] = {"questions": 1 - share, "repeat-prefill": share}
-                        run("with questions", ratio, lambda i, fields=fields: {"questions": asked[i], **fields},
-                            {"all": questions}, answer_tokens=tokens, repeat_share=share)
+                        for budgets in [None, head_budgets] if head_budgets else [None]:
+                            fields = {"answer_tokens": tokens}
+                            if share:
+                                fields["query_source"] = {"questions": 1 - share, "repeat-prefill": share}
+                            if budgets:
+                                fields["head_budgets"] = budgets
+                            run("with questions", ratio, lambda i, fields=fields: {"questions": asked[i], **fields},
+                                {"all": questions}, answer_tokens=tokens, repeat_share=share,
+                                head_budgets="nonuniform" if budgets else "uniform")
             if "half" in args.configs:
                 run("half given", ratio, lambda i: {"questions": [q for q, kept in zip(asked[i], half) if kept]},
                     {"given": given, "not_given": not_given})
         if args.auto:
             run("auto ratio, with questions", "auto", lambda i: {"questions": asked[i]}, {"all": questions})
     payload = {**environment(), "inputs": {**vars(args), "output": str(args.output), "workload": workload,
+                                           "head_budgets": args.head_budgets and str(args.head_budgets),
                                            "document_tokens": [len(ids) for ids in document_ids]}, "rows": rows}
     finish(payload, args.output, plot)
 
 
 def replot(path: Path) -> None:
     """Draw a result file's plot again (``python benchmarks/question_aware.py --replot FILE``)."""
-    import json
-
     finish(json.loads(path.read_text()), path, plot)
 
 
@@ -252,7 +261,8 @@ def plot(payload: dict) -> Figure:
 
 def label(row: dict) -> str:
     extras = [f"{row['answer_tokens']} answer tokens" if "answer_tokens" in row else "",
-              f"repeat {row['repeat_share']}" if row.get("repeat_share") else ""]
+              f"repeat {row['repeat_share']}" if row.get("repeat_share") else "",
+              "nonuniform heads" if row.get("head_budgets") == "nonuniform" else ""]
     return ", ".join([row["config"], *filter(None, extras)])
 
 

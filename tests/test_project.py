@@ -230,8 +230,9 @@ def test_long_decode_and_decode_profile_benchmarks_smoke(tmp_path):
     output = tmp_path / "long_decode.json"
     _run("benchmarks/long_decode.py", "--model", "smollm2-135m", "--lengths", "300", "--concurrency", "2",
          "--max-tokens", "6", "--ratios", "0.5", "--repeats", "1", "--questions", "2", "--answer-tokens", "4",
-         "--stock", "--output", str(output))
+         "--documents", "2", "--stock", "--output", str(output))
     rows = {row["config"]: row for row in json.loads(output.read_text())["rows"]}
+    assert {row["documents"] for row in rows.values()} == {2} and rows["ratio 1 (control)"]["refused_registrations"] == 0
     assert list(rows) == ["stock SGLang", "no document", "ratio 1 (control)", "ratio 0.5"]
     assert [rows[config]["served_by_document"] for config in rows] == [0.0, 0.0, 1.0, 1.0]
     assert rows["stock SGLang"]["outputs"] == rows["ratio 1 (control)"]["outputs"]  # the same prompts, nothing compacted
