@@ -21,12 +21,12 @@ registrations are question-aware (fitted to the asked questions and ``--answer-t
 With --documents D, request i asks document i mod D, and --pool-documents sizes the KV pool to hold that many
 full documents besides the requests' tokens: below D, the pool binds (the control's registrations that find no
 room are refused and served by the radix cache, as a user's would be). --stock adds unmodified SGLang
-(torch_native) as a reference row. Writes JSON and a PNG (ITL against
-document length) under benchmarks/results/.
+(torch_native) as a reference row. Writes JSON and a PNG (ITL against document length) under
+benchmarks/results/.
 
     python benchmarks/long_decode.py --model smollm2-135m --lengths 1024 2048 4096 8192 --concurrency 1 16
     python benchmarks/long_decode.py --model gemma3-270m --lengths 1024 2048 4096 8192 --concurrency 1 16
-    python benchmarks/long_decode.py --model smollm2-135m --lengths 2048 --documents 8 --pool-documents 4 --concurrency 16
+    python benchmarks/long_decode.py --model smollm2-135m --lengths 2048 --documents 8 --pool-documents 3 --concurrency 16
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ it needs that bearer token. File routes follow SGLang's rule for routes that tou
 hierarchical-cache storage routes): they refuse to run unless the server has ``--admin-api-key``, so
 an open server never writes to disk for a client. Clients name documents by id, never a path. Bodies
 larger than ``--am-max-body-bytes`` get 413 (the excess read and dropped up to ``MAX_DROPPED_BODY_BYTES``, so
-that a client still sending receives it rather than a reset connection); malformed input 400 with the reason; unknown documents
-404; conflicts (drop while in use) 409; no room now 503; a full store 507.
+that a client still sending receives it rather than a reset connection); malformed input 400 with the
+reason; unknown documents 404; conflicts (drop while in use) 409; no room now 503; a full store 507.
 """
 
 from __future__ import annotations
