@@ -15,8 +15,9 @@ shuffled. Each configuration gets a fresh server with the same --max-total-token
 - ``explicit``: the extension with every group's prefix registered at --ratio before the run: the prefix is
   the longest token prefix its prompts share, as the server's own ``/tokenize`` gives them.
 
-Per run: req/s, TTFT p50/p99, SGLang's own cache-hit rate (cached / prompt tokens), failed requests, and
-for the extension ``/am/stats`` (requests served compacted, fallbacks, compactions, documents resident).
+Per run: req/s, TTFT p50/p99, ITL mean/p99, SGLang's own cache-hit rate (cached / prompt tokens), failed
+requests, and for the extension ``/am/stats`` (requests served compacted, fallbacks, compactions, documents
+resident).
 Both processes see the same prompts: the dataset is generated once per run into a private cache directory
 that ``bench_serving`` then reads.
 
@@ -94,7 +95,8 @@ def bench(url: str, model: str, args, groups: int, home: str, output: Path) -> d
     result = json.loads(output.read_text().splitlines()[-1])
     total = groups * args.prompts_per_group
     return {"request_throughput": result["request_throughput"], "ttft_p50_ms": result["median_ttft_ms"],
-            "ttft_p99_ms": result["p99_ttft_ms"], "completed": result["completed"],
+            "ttft_p99_ms": result["p99_ttft_ms"], "itl_mean_ms": result["mean_itl_ms"], "itl_p99_ms": result["p99_itl_ms"],
+            "completed": result["completed"],
             "failed": total - result["completed"], "duration_s": result["duration"],
             "cache_hit_rate": result.get("cache_report", {}).get("cache_hit_rate_pct")}
 

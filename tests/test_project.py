@@ -216,6 +216,7 @@ def test_bench_serving_benchmark_smoke(tmp_path):
     rows = {row["config"]: row for row in payload["rows"]}
     assert list(rows) == ["baseline", "control", "auto", "explicit"]
     assert all(row["failed"] == 0 and row["completed"] == 12 and row["healthy_after"] for row in rows.values())
+    assert all(row["itl_mean_ms"] > 0 and row["itl_p99_ms"] > 0 for row in rows.values())
     assert rows["baseline"]["hits"] == 0 and rows["baseline"]["documents_resident"] == 0
     # Both prefixes registered before the run (at 1.0, and compacted): every request served from them.
     assert rows["control"]["registered_slots"] > rows["explicit"]["registered_slots"]
