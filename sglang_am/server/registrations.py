@@ -28,7 +28,7 @@ from ..core.cancel import CompactionCancelled
 from ..core.plan import LayerPlan
 from ..prompts import SELF_STUDY_PROMPTS
 from . import adapt, faults
-from .admission import ServerRoom, admit, compacted_slots
+from .admission import ServerRoom, admit
 from .auto import AUTO_LADDER_TOP, eviction_order
 from .cache import AMRadixCache, SourceHold
 from .capture import QueryCapture
@@ -130,10 +130,9 @@ class Registrations:
                                q_heads * pool.head_dim * pool.store_dtype.itemsize) if captures else None
         heldout = heldout_questions(len(questions)) if captures else frozenset()
         room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
-        admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0, len(SELF_STUDY_PROMPTS),
-              captures, candidate=bool(heldout))
-        adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows,
-                                              compacted_slots(registration, len(input_ids)))
+        slots = admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0,
+                      len(SELF_STUDY_PROMPTS), captures, candidate=bool(heldout))
+        adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows, slots)
                        if registration.adapt and captures else 0)
         config = _describe_config(registration)
         if not captures:
