@@ -106,7 +106,8 @@ def extension_stats(url: str) -> dict:
     counters = stats["counters"]
     return {"hits": counters.get("hits", 0), "fallbacks": counters.get("fallbacks", {}),
             "compactions": counters.get("compactions", {}), "compaction_failures": counters.get("compaction_failures", {}),
-            "auto_triggers": counters.get("auto_triggers", 0),
+            "auto_triggers": counters.get("auto_triggers", 0), "observed_requests": counters.get("observed_requests", 0),
+            "reverts": counters.get("reverts", 0),
             "auto_evictions": counters.get("auto_evictions", 0),
             "documents_resident": stats["gauges"]["documents"], "compacted_slots": stats["gauges"]["compacted_slots"]}
 

@@ -22,8 +22,9 @@ from .live_server import STRICT_CHECKS
 pytestmark = pytest.mark.slow
 KEEP_FIRST, KEEP_LAST, RATIO, BUDGET = 4, 16, 0.1, 40
 KEY = "admin-key"  # the store's routes need the server's admin key
+# The captured source: these documents are compacted right after their trigger (test_sglang_learn covers "live").
 AUTO_FLAGS = ["--am-auto", "--am-auto-min-tokens", "64", "--am-auto-min-requests", "3", "--am-auto-poll-seconds", "0.2",
-              "--am-auto-ratio", str(RATIO), "--am-auto-budget", str(BUDGET)]
+              "--am-auto-ratio", str(RATIO), "--am-auto-budget", str(BUDGET), "--am-auto-query-source", "repeat-prefill"]
 ok = partial(live_server.ok, key=KEY)
 
 
@@ -154,7 +155,7 @@ def test_with_the_default_guarded_ratio_prefixes_no_rung_certifies_stay_uncompac
 
     rng = random.Random(0)
     flags = ["--max-total-tokens", "4096", "--am-auto", "--am-auto-min-tokens", "64", "--am-auto-min-requests", "3",
-             "--am-auto-poll-seconds", "0.2"]
+             "--am-auto-poll-seconds", "0.2", "--am-auto-query-source", "repeat-prefill"]
     with serving(flags, env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}) as url:
         def answer(ids):
             return ok(url, "POST", "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 3,

@@ -33,24 +33,28 @@ import torch
 from ..core.evaluate import evaluate
 from ..core.plan import pool_queries, with_questions
 from ..prefix import CompactedPrefix
-from .solve import SolveInputs, SolvePlan
+from .solve import SolveInputs, SolvePlan, heldout_questions
 
 
 class LiveQueries:
-    """Up to ``capacity`` query positions of live requests, each with its rows on ``layers``."""
+    """Up to ``capacity`` query positions of live requests, each with its rows on ``layers`` and the request it
+    came from (``parts``: an observed request's number; -1 where requests are not told apart, as in refits)."""
 
     def __init__(self, layers: Sequence[int], capacity: int, seed: int = 0):
         self.layers, self.capacity = tuple(layers), capacity
         self.rows: dict[int, torch.Tensor] = {}  # layer -> [capacity, H_q, D], allocated on the first record
+        self.scales: dict[int, float] = {}  # each layer's softmax scale, as the model runs it
         self.valid = torch.zeros(capacity, dtype=torch.bool)  # every layer holds this slot's current position
         self.arrival = torch.zeros(capacity, dtype=torch.long)  # which position seen (1, 2, ...) each slot holds
+        self.parts = torch.full((capacity,), -1, dtype=torch.long)
         self.seen = 0  # positions offered so far
+        self.requests: set[int] = set()  # the observed requests a position was kept of (counted once planned)
         self._random = random.Random(seed)
 
-    def plan(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For ``count`` new positions: (which of them to keep, the slots they go to), or None. Algorithm R: the
-        kept positions are a uniform sample of all positions seen; a slot being rewritten is invalid until its
-        last layer is written."""
+    def plan(self, count: int, parts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For ``count`` new positions (of observed requests ``parts``, one per position): (which of them to keep,
+        the slots they go to), or None. Algorithm R: the kept positions are a uniform sample of all positions
+        seen; a slot being rewritten is invalid until its last layer is written."""
         kept, slots = [], []
         for position in range(count):
             self.seen += 1
@@ -62,8 +66,13 @@ class LiveQueries:
             return None
         slots = torch.tensor(slots)
         self.valid[slots] = False
-        self.arrival[slots] = torch.tensor(kept) + self.seen - count + 1
-        return torch.tensor(kept), slots
+        kept = torch.tensor(kept)
+        self.arrival[slots] = kept + self.seen - count + 1
+        if parts is not None:
+            kept_parts = torch.tensor(parts)[kept]
+            self.parts[slots] = kept_parts
+            self.requests.update(kept_parts.tolist())
+        return kept, slots
 
     def record(self, layer: int, queries: torch.Tensor, slots: torch.Tensor, scale: float) -> None:
         """Called inside the forward pass with this forward's kept rows ``[n, H_q, D]`` of ``layer``."""
@@ -72,6 +81,7 @@ class LiveQueries:
         if layer not in self.rows:
             self.rows[layer] = queries.new_empty((self.capacity, *queries.shape[1:]))
         self.rows[layer][slots.to(queries.device)] = queries
+        self.scales[layer] = scale
         if layer == self.layers[-1]:
             self.valid[slots] = True
 
@@ -80,6 +90,10 @@ class LiveQueries:
         copied (the reservoir keeps changing)."""
         valid = self.valid & (self.arrival > after)
         return {layer: rows[valid.to(rows.device)].transpose(0, 1).clone() for layer, rows in self.rows.items()}
+
+    def snapshot_parts(self) -> torch.Tensor:
+        """The request of each row of ``snapshot()``, in its order."""
+        return self.parts[self.valid].clone()
 
     @property
     def size(self) -> int:
@@ -113,6 +127,12 @@ class Adaptation:
     answer_steps: int  # a live request's decode steps sampled: those of the answer tokens a registration fits
     serving: dict[int, tuple[torch.Tensor, ...]]  # per compacted layer, the serving version's (keys, values, β) (host)
     live_fidelity: dict | None = None  # the serving version's error on live positions it was not fitted to
+    # "adapt": refit whenever due. A learned document's (``refits``): "guard" (ratio auto) refits only when its live
+    # figure is above ``bound`` and goes back to observing when a refit does not bring it back; "watch" (a fixed
+    # ratio: capacity chosen over fidelity) only measures.
+    mode: str = "adapt"
+    bound: float | None = None
+    over_bound: int = 0  # live measurements in a row above ``bound``
     refits: int = 0
     refit_failures: int = 0
     last_error: str | None = None  # why the last failed refit failed
@@ -161,6 +181,12 @@ class Adaptation:
         if figures:
             self.live_fidelity = {"relative_l2": round(sum(figures) / len(figures), 5),
                                   "positions": next(iter(rows.values())).shape[1], "version": self.refits}
+            over = self.bound is not None and self.live_fidelity["relative_l2"] > self.bound
+            self.over_bound = self.over_bound + 1 if over else 0
+
+    def needs_refit(self) -> bool:
+        """After ``measure_live``: does this document refit now (``mode``)?"""
+        return self.mode == "adapt" or (self.mode == "guard" and self.over_bound > 0)
 
     def refit_inputs(self, device) -> SolveInputs:
         """The registration's inputs with a snapshot of the live queries joining its questions."""
@@ -194,3 +220,42 @@ class Adaptation:
         """The document is dropped: cancel a running refit (its result is never installed)."""
         if self.job is not None and not self.job.done():
             self.job.cancel("the document was dropped")
+
+
+@dataclasses.dataclass(eq=False)
+class Observation:
+    """An automatic document learning its node from the requests that reuse its prefix, which are served in full
+    meanwhile, as without the extension: their query rows after the prefix (prompt positions and their answers'
+    first ``answer_steps`` decode steps, on every layer the solve compacts), tagged by request. Once
+    ``requests_needed`` distinct requests are in the reservoir, ``refits`` solves the node from them and certifies
+    it on a seeded half held out of a second fit: the guard's figure is how the node serves requests it was not
+    fitted to. A refused solve waits for twice as many requests, ``tries`` times at most."""
+
+    live: LiveQueries
+    requests_needed: int
+    answer_steps: int
+    tagged: int = 0  # requests tagged so far
+    tries: int = 0  # solves the guard refused
+    last_error: str | None = None
+
+    def tag(self) -> int:
+        """A new request reusing the prefix: its number."""
+        self.tagged += 1
+        return self.tagged - 1
+
+    def due(self) -> bool:
+        return len(self.live.requests) >= self.requests_needed << self.tries
+
+    def fit_inputs(self, kv, num_layers: int, num_kv_heads: int) -> tuple[SolveInputs, frozenset[int]]:
+        """The solve's inputs (``kv``: layer -> the prefix's keys and values, from the pool) and the requests
+        held out of the second fit."""
+        rows, parts = self.live.snapshot(), self.live.snapshot_parts()
+        present = torch.unique(parts).tolist()
+        heldout = frozenset(present[index] for index in heldout_questions(len(present)))
+        return SolveInputs(kv, lambda layer: {"questions": rows[layer]}, dict(self.live.scales), num_layers, num_kv_heads,
+                           {}, {"questions": parts}, "the prefix's KV read from the pool"), heldout
+
+    def describe(self) -> dict:
+        return {"requests_tagged": self.tagged, "requests_observed": len(self.live.requests),
+                "requests_needed": self.requests_needed << self.tries, "reservoir": self.live.size, "tries": self.tries,
+                "last_error": self.last_error}

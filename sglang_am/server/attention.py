@@ -2,8 +2,9 @@
 of the GPU kernels).
 
 Per forward, a backend needs each request's document version (for beta on its first t KV positions) and
-the query rows to keep: of registrations' capture requests, and of the requests an adapting document
-serves (``adapt.LiveQueries``: their prompt positions and, in decode steps, their answers'; a decode
+the query rows to keep: of registrations' capture requests, of the requests an adapting document
+serves and of those an observing document's prefix serves in full (``adapt.LiveQueries``: their prompt
+positions after the document and, in decode steps, their answers'; a decode
 step captured in a CUDA graph runs no Python, so there only eager decode steps are sampled). Requests
 are identified the way SGLang's own backends identify them, by their request-pool row: the
 ``ForwardBatch.init_new`` hook binds each batch's rows (``DocumentRows.bind``), and the backend builds its
@@ -71,15 +72,15 @@ class DocumentRows:
     """The document (``registry.Served``) and capture request each request-pool row serves now."""
 
     def __init__(self):
-        self._by_row: dict[int, tuple] = {}  # row -> (served, capture, tokens it has generated)
+        self._by_row: dict[int, tuple] = {}  # row -> (served, capture, observed, tokens it has generated)
 
     def bind(self, reqs) -> None:
         for req in reqs:
             record = RequestRecord.of(req)
-            if record.served is None and record.capture is None:
+            if record.served is None and record.capture is None and record.observed is None:
                 self._by_row.pop(req.kv.req_pool_idx, None)
             else:
-                self._by_row[req.kv.req_pool_idx] = (record.served, record.capture, len(req.output_ids))
+                self._by_row[req.kv.req_pool_idx] = (record.served, record.capture, record.observed, len(req.output_ids))
 
     def batch(self, forward_batch, eager: bool = True) -> DocumentBatch | None:
         """This forward's documents and captures; None when it has neither (most forwards). A CUDA graph
@@ -89,15 +90,16 @@ class DocumentRows:
             return None
         rows = forward_batch.req_pool_indices_cpu
         rows = (rows if rows is not None else forward_batch.req_pool_indices).tolist()
-        entries = [self._by_row.get(row, (None, None, 0)) for row in rows]
-        if all(served is None and capture is None for served, capture, _ in entries):
+        entries = [self._by_row.get(row, (None, None, None, 0)) for row in rows]
+        if all(entry[:3] == (None, None, None) for entry in entries):
             return None
-        versions = [served.version if served is not None else None for served, _, _ in entries]
+        versions = [served.version if served is not None else None for served, *_ in entries]
         decode = not mode.is_extend()
         query_lens = [1] * len(rows) if decode else list(forward_batch.extend_seq_lens_cpu)
         prefixes = [None] * len(rows) if decode else forward_batch.extend_prefix_lens_cpu
         captures, offset = [], 0
-        for (served, capture, generated), prefix, length in zip(entries, prefixes, query_lens):
+        observing: dict[int, tuple] = {}  # id(observation) -> (observation, its rows in this forward, their requests)
+        for (served, capture, observed, generated), prefix, length in zip(entries, prefixes, query_lens):
             if capture is not None and not decode:
                 planned = capture.rows.plan(prefix, length, offset)
                 if planned is not None:
@@ -109,7 +111,17 @@ class DocumentRows:
                 planned = adaptation.live.plan(length)
                 if planned is not None:
                     captures.append(CaptureSlice(adaptation.live.record, planned[0] + offset, planned[1]))
+            if observed is not None and eager and (not decode or generated < observed.observation.answer_steps):
+                # An extend may compute the document's own positions too (nothing cached): only those after it count.
+                skip = 0 if decode else min(length, max(0, observed.start - prefix))
+                _, rows, parts = observing.setdefault(id(observed.observation), (observed.observation, [], []))
+                rows.extend(range(offset + skip, offset + length))
+                parts.extend([observed.part] * (length - skip))
             offset += length
+        for observation, rows, parts in observing.values():  # one slice per observation: decode steps come in batches
+            planned = observation.live.plan(len(rows), parts) if rows else None
+            if planned is not None:
+                captures.append(CaptureSlice(observation.live.record, torch.tensor(rows)[planned[0]], planned[1]))
         return DocumentBatch(versions, query_lens, captures)
 
 

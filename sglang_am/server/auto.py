@@ -6,15 +6,19 @@ match (``AMRadixCache.match_prefix``): requests of at least ``min_tokens`` (plus
 are grouped by their first ``min_tokens``, whether the tree still holds them or not, and the group keeps
 the longest common prefix of their prompts. Once ``min_requests`` of them arrive within
 ``window_seconds``, that prefix minus a protected tail of ``keep_last`` tokens becomes a candidate. The
-HTTP process polls for candidates and registers them through the ordinary registration path, two at a
-time, in the background (``background.AutoCompactor``); new requests on the prefix then use the compacted
-node, requests in flight keep their full prefix.
+HTTP process polls for candidates (``background.AutoCompactor``). With the default query source ``live``
+each candidate learns from traffic, with no extra prefill (``refits``): the requests that reuse it are
+served in full and keep their queries until ``observe_requests`` of them certify a node on the half held
+out. With a captured source it is registered through the ordinary registration path, two at a time, in the
+background. Either way new requests on the prefix then use the compacted node, requests in flight keep
+their full prefix.
 
 Each is compacted at ``ratio``, by default ``"auto"``: the smallest ratio on the ladder up to
 ``AUTO_LADDER_TOP`` whose fidelity guard meets ``fidelity_bound`` (``solve``); a prefix that none meets is
 not compacted (the registration fails with 422, counted in ``compaction_failures``), and is proposed again
-after a window. A fixed ``ratio`` compacts every candidate, whatever its figure. With ``adapt``, automatic
-documents start on the whole ladder's pick and refit from the requests they serve (``adapt``). Compacted
+after a window. A fixed ``ratio`` compacts every candidate, whatever its figure. Live documents keep refitting
+from the requests they serve (``adapt``) and go back to observing when what those ask leaves the bound; with
+``adapt``, captured automatic documents start on the whole ladder's pick and refit too. Compacted
 content from this path is capped by ``budget`` (KV slots, or a fraction of the pool): the least recently
 used automatic documents that no request uses are dropped, and saved to the server's document store
 first (``save_evicted``), from where they are loaded back instead of compacted again when their prefix
@@ -40,6 +44,8 @@ MAX_TRACKED_GROUPS = 1024  # prefixes watched at once; the least recently seen i
 # With ratio "auto", an automatic document climbs the fidelity ladder only this far, and is refused when even
 # this rung misses the bound: a larger rung saves under 5x, solves slowest, and the exact prefix is a cache hit away.
 AUTO_LADDER_TOP = 0.2
+GUARD_REFUSALS_BEFORE_PAUSE = 3  # automatic prefixes in a row the fidelity guard refused, before a pause
+LIVE_SOURCE = "live"  # the query source of automatic documents that learn from the requests reusing them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +64,20 @@ class AutoPolicy:
                                                 "(template tokens)")
     method: str = flag("AM-HighestAttnKeys", metavar="METHOD", help="the compaction method's name (AM-OMP, "
                                                                     "AM-OMP-fast, ...)")
-    query_source: str = flag("repeat-prefill", metavar="SOURCE", help="where reference queries come from: "
-                             "repeat-prefill, context-prefill, self-study or a mixture")
+    query_source: str = flag(LIVE_SOURCE, metavar="SOURCE", help="where reference queries come from: live (the "
+                             "requests that reuse the prefix, certified on held-out ones; no extra prefill), or a "
+                             "capture: repeat-prefill, context-prefill, self-study or a mixture")
+    observe_requests: int = flag(8, metavar="N", help="distinct requests a live prefix observes before its first "
+                                                      "solve; half of them are held out to certify it")
     save_evicted: bool = flag(True, metavar="BOOL", help="evicted automatic documents go to the store, and come "
                                                          "back from it on reuse")
     poll_seconds: float = flag(0.5, metavar="SECONDS", help="seconds between the HTTP process's polls for "
                                                             "candidates")
-    adapt: bool = flag(False, metavar="BOOL", help="automatic documents refit from the requests they serve")
+    adapt: bool = flag(False, metavar="BOOL", help="captured automatic documents refit from the requests they serve "
+                                                   "(live ones always do)")
 
     def __post_init__(self):
-        for name, low in (("min_tokens", 2), ("min_requests", 1), ("keep_first", 0),
+        for name, low in (("min_tokens", 2), ("min_requests", 1), ("keep_first", 0), ("observe_requests", 2),
                           ("keep_last", 1)):  # keep_last >= 1: a request must go on after the document
             check_int(name, getattr(self, name), low)
         for name in ("window_seconds", "poll_seconds"):
@@ -90,8 +100,8 @@ class AutoPolicy:
             raise ValueError(f"keep_first + keep_last ({self.keep_first} + {self.keep_last}) must be below "
                              f"min_tokens ({self.min_tokens})")
         get_method(self.method)  # ValueError naming the known methods
-        if not set(source_fractions(self.query_source)) <= set(CAPTURED_SOURCES):
-            raise ValueError(f"query_source must use {CAPTURED_SOURCES}, got {self.query_source!r}")
+        if self.query_source != LIVE_SOURCE and not set(source_fractions(self.query_source)) <= set(CAPTURED_SOURCES):
+            raise ValueError(f"query_source must be {LIVE_SOURCE!r} or use {CAPTURED_SOURCES}, got {self.query_source!r}")
         for name in ("save_evicted", "adapt"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

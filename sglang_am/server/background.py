@@ -2,8 +2,9 @@
 start-up load of ``--am-load-store``; both started with FastAPI's lifespan, after SGLang's own start-up.
 
 ``AutoCompactor`` is the HTTP process's side of automatic compaction: it polls the scheduler for the
-prefixes its reuse tracker proposes (``auto``) and loads them from the store or registers them through the
-service's registration entry point, like a client's, two at a time.
+prefixes its reuse tracker proposes (``auto``) and loads them from the store, or has the ranks observe them
+(query source ``live``), or registers them through the service's registration entry point, like a client's,
+two at a time.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import logging
 import time
 from http import HTTPStatus
 
-from .auto import AutoPolicy
+from .auto import GUARD_REFUSALS_BEFORE_PAUSE, LIVE_SOURCE, AutoPolicy
 from .errors import DocumentError
 from .registration import RegistrationRequest
 from .service import DocumentService
 
 logger = logging.getLogger(__name__)
-GUARD_REFUSALS_BEFORE_PAUSE = 3  # automatic prefixes in a row the fidelity guard refused, before a pause
 
 
 class AutoCompactor:
@@ -70,6 +70,9 @@ class AutoCompactor:
             except DocumentError as error:
                 if error.status != HTTPStatus.NOT_FOUND:
                     raise
+                if policy.query_source == LIVE_SOURCE:  # learns from the requests that reuse it: nothing to capture
+                    await self.service.observe(input_ids)
+                    return
                 bound = {"fidelity_bound": policy.fidelity_bound} if policy.ratio == "auto" else {}
                 request = RegistrationRequest.from_client(
                     self.service.config, input_ids=input_ids, ratio=policy.ratio, method=policy.method,

@@ -7,7 +7,8 @@ the pool's layout before it allocates anything and freeing what it took if a ste
 ``remove_document`` unpins the node and frees it and every suffix cached beneath it that no request
 holds, so the slots return to the pool when the user asks. The tree owns the scheduler's documents
 (``registry``), and reports every client request's match to the reuse tracker when automatic
-compaction is on.
+compaction is on. A request that an observing document learns from matches at most the document, so that
+it computes (and the document sees) every position after it.
 """
 
 from __future__ import annotations
@@ -43,9 +44,16 @@ class AMRadixCache(RadixCache):
         self.windows = windows  # per layer: its sliding window (``layout.layer_windows``) or None
 
     def match_prefix(self, params):
-        result = super().match_prefix(params)
         req, tracker = params.req, self.registry.tracker
         record = RequestRecord.of(req)
+        if record.observed is not None:
+            # An observed request computes every position after the document, the template tail that requests
+            # share included: a node that serves them must be fitted to those queries too.
+            key = params.key
+            limit = record.observed.start if key.limit is None else min(key.limit, record.observed.start)
+            params = dataclasses.replace(params, key=RadixKey(key.token_ids, extra_key=key.extra_key, is_bigram=key.is_bigram,
+                                                              limit=limit, cache_salt=key.cache_salt))
+        result = super().match_prefix(params)
         # Only clients' plain requests in the default namespace count as reuse: not documents' requests,
         # registrations' internal ones, nor LoRA and other namespaces (they never share a compacted node).
         if tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (

@@ -33,6 +33,9 @@ HOOKED_SIGNATURES = {
     f"{_RADIX}.__init__": ("self", "params"),
     f"{_RADIX}.insert": ("self", "params"),
     f"{_RADIX}.match_prefix": ("self", "params"),
+    "sglang.srt.mem_cache.radix_cache.RadixKey.__init__": (
+        "self", "token_ids", "extra_key", "is_bigram", "limit", "cache_salt",
+    ),
     f"{_RADIX}.evict": ("self", "params"),
     f"{_RADIX}.path_device_indices": ("self", "node"),
     f"{_RADIX}._delete_leaf": ("self", "node"),

@@ -2,8 +2,9 @@
 
 - ``after_create_req`` (``Scheduler._create_generation_req``): a request whose prompt starts with a
   ready document (or names one in ``custom_params["am_doc_id"]``) is rewritten to ``virtual ids +
-  suffix`` and holds the document until it ends; a registration's capture requests are tagged; a prompt
-  that leaves a document within its last tokens is counted as a boundary miss.
+  suffix`` and holds the document until it ends; a registration's capture requests are tagged, and so
+  are the requests that reuse an observing document's prefix (served in full); a prompt that leaves a
+  document within its last tokens is counted as a boundary miss.
 - ``after_stream_output`` / ``after_send_abort_output``: the two ways a request ends (its last output,
   or an abort reported outside the stream); it releases its document.
 - ``after_process_batch_result``: a finished capture request's KV is locked in the tree until its
@@ -37,7 +38,7 @@ from .capture import CaptureTag, capture_salt
 from .channel import RPC_METHOD, DocumentCallReqOutput
 from .errors import DocumentError
 from .registration import check_vocabulary
-from .registry import DocState, DocumentRegistry, RequestRecord
+from .registry import DocState, DocumentRegistry, Observed, RequestRecord
 
 DOCUMENT_INFO_KEY = "am_document"
 logger = logging.getLogger(__name__)
@@ -87,6 +88,12 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
             if registry.boundary_miss(ids) is not None:
                 registry.stats.add("fallbacks", reason="boundary_miss")
             return req
+        if doc.state is DocState.OBSERVING:  # served in full, as stock serves it; its queries teach the document
+            if _default_namespace(req, recv_req):
+                observation = doc.observation
+                RequestRecord.attach(req).observed = Observed(observation, observation.tag(), doc.length)
+                registry.stats.add("observed_requests")
+            return req
         if doc.state is not DocState.READY:  # still registering: the full prefix serves meanwhile
             registry.stats.add("fallbacks", reason="not_ready")
             return req
@@ -94,9 +101,7 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
         registry.stats.add("fallbacks", reason="too_long")
         return req
     # Compacted nodes live in the default namespace of a text-only request; anything else falls back.
-    if req.extra_key is not None or req.cache_salt is not None or recv_req.input_embeds is not None or (
-        recv_req.mm_inputs is not None or getattr(recv_req, "positional_embed_overrides", None) is not None
-    ):
+    if not _default_namespace(req, recv_req):
         if forced is not None:
             _abort(req, "am_doc_id cannot be combined with lora, extra_key, cache_salt, embeddings or multimodal inputs")
         else:
@@ -117,6 +122,12 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
         "logical_prompt_tokens": len(ids),
     }]}
     return req
+
+
+def _default_namespace(req, recv_req) -> bool:
+    """Is ``req`` a text-only request in the radix cache's default namespace (where documents live)?"""
+    return req.extra_key is None and req.cache_salt is None and recv_req.input_embeds is None and (
+        recv_req.mm_inputs is None and getattr(recv_req, "positional_embed_overrides", None) is None)
 
 
 def _tag_capture(registry: DocumentRegistry, req, params: dict) -> None:

@@ -25,6 +25,8 @@ COUNTERS = {
     "store_failures": ("Writes to the document store that failed (disk full, quota, I/O errors).", ()),
     "refits": ("Adapting documents refitted from live queries and installed as a new version.", ()),
     "refit_failures": ("Refits that failed or found no room to install; the document kept serving its version.", ()),
+    "observed_requests": ("Requests served in full while their prefix's automatic document learned from them.", ()),
+    "reverts": ("Learned documents whose live error stayed above the bound: back to their full prefix, observing.", ()),
 }
 GAUGES = {
     "documents": "Compacted documents installed.",

@@ -1,8 +1,9 @@
 """The document operations of one scheduler process: one RPC each, on the scheduler's thread.
 
 ``hooks.around_rpc`` decodes each call into its ``protocol`` record and hands it to ``call``, which runs
-the part that owns it: ``registrations`` (prepare, advance, abandon, drop, automatic candidates),
-``store_operations`` (save, load, export and their jobs) or, here, the reading ones (list, get, stats).
+the part that owns it: ``registrations`` (prepare, advance, abandon, drop, automatic candidates), ``refits``
+(observe an automatic document), ``store_operations`` (save, load, export and their jobs) or, here, the
+reading ones (list, get, stats).
 This object owns those parts and the two worker threads they share: the solver (solves and refits) and
 the store's I/O thread. Before every call it releases what cancelled solves and retired versions held.
 """
@@ -29,6 +30,7 @@ from .protocol import (
     ListStored,
     Load,
     NoteFidelity,
+    Observe,
     Operation,
     PollAutoCandidates,
     PollJob,
@@ -58,7 +60,7 @@ class DocumentOperations:
             Prepare: registrations.prepare, Advance: registrations.advance, Certify: registrations.certify,
             Abandon: registrations.abandon,
             NoteFidelity: registrations.note_fidelity, Drop: registrations.drop,
-            PollAutoCandidates: registrations.poll_auto_candidates,
+            PollAutoCandidates: registrations.poll_auto_candidates, Observe: self.refits.observe,
             Save: store.save, Load: store.load, Export: store.export, ReleaseHandoff: store.release_handoff,
             ListStored: store.list_stored, DeleteStored: store.delete_stored, PollJob: store.poll_job,
         }
@@ -89,7 +91,8 @@ class DocumentOperations:
             "dp_rank": self.dp_rank,
             **registry.stats.snapshot(),
             "kv_bytes": {kind: sum(entry[kind] for entry in held) for kind in ("global", "sliding", "total", "uncompacted")},
-            "documents": {"ready": states.count(DocState.READY), "registering": len(states) - states.count(DocState.READY),
+            "documents": {"ready": states.count(DocState.READY), "observing": states.count(DocState.OBSERVING),
+                          "registering": len(states) - states.count(DocState.READY) - states.count(DocState.OBSERVING),
                           "auto": sum(doc.auto and doc.state is DocState.READY for doc in registry.documents.values())},
             "pool": {"total": scheduler.max_total_num_tokens,
                      "available": scheduler.tp_worker.model_runner.token_to_kv_pool_allocator.available_size(),

@@ -151,6 +151,14 @@ class CollectStats(Operation):
 
 
 @dataclasses.dataclass(frozen=True)
+class Observe(Operation):
+    """Start learning an automatic document from the requests that reuse it (``adapt.Observation``)."""
+
+    name = "observe"
+    input_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
 class PollAutoCandidates(Operation):
     name = "auto_poll"
     quiet = True
@@ -158,7 +166,7 @@ class PollAutoCandidates(Operation):
 
 OPERATIONS: dict[str, type[Operation]] = {kind.name: kind for kind in (
     ListDocuments, GetDocument, Prepare, Advance, Certify, Abandon, NoteFidelity, Drop, Save, Load, Export, ReleaseHandoff,
-    ListStored, DeleteStored, PollJob, CollectStats, PollAutoCandidates)}
+    ListStored, DeleteStored, PollJob, CollectStats, Observe, PollAutoCandidates)}
 
 
 def decode(name: str, fields: str) -> Operation:

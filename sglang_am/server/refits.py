@@ -1,37 +1,64 @@
-"""Refits of adapting documents from live traffic, on the scheduler's thread (see ``adapt``).
+"""Documents that learn from live traffic, on the scheduler's thread (see ``adapt``).
 
-Once enough new live queries arrived at a ready adapting document, its refit is solved on the solver
+Adapting documents: once enough new live queries arrived at a ready one, its refit is solved on the solver
 thread; when that is done the refit is installed as a new version of the document, and the version it
 replaces is retired (``Registrations.reap`` removes it once no request holds it).
+
+Learned documents (``--am-auto`` with the query source ``live``): ``observe`` adds an automatic document
+that serves nothing yet (``DocState.OBSERVING``) while the requests reusing its prefix are served in full and
+tagged (``hooks``). Once enough of them are in its reservoir, its prefix's KV is copied from the pool to host
+memory, and the node is solved from their queries and certified on the half held out (``adapt.Observation``),
+one document at a time: the ladder's smallest rung within the bound is installed, with an adaptation that
+watches it; a refusal keeps observing, and three documents given up in a row pause observing for a window.
+Installed, it is measured on the new live queries whenever a refit would be due. With ratio auto it is refitted
+only when that live figure is above the bound, and goes back to observing (its versions retired) when the
+figure is above the bound twice in a row, or its refit's own figure is: no refit keeps up with what the
+traffic asks now. With a fixed ratio it is only measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import time
+from array import array
 from http import HTTPStatus
 
 import torch
 
+from ..core.plan import LayerPlan
 from ..prefix import CompactedPrefix
 from . import faults
-from .adapt import host_layers
+from .adapt import Adaptation, LiveQueries, Observation, host_layers, nbytes
+from .auto import AUTO_LADDER_TOP, GUARD_REFUSALS_BEFORE_PAUSE
+from .compat import check_model, single_rank
 from .config import ServerConfig
 from .errors import DocumentError
 from .jobs import QueueFull, Worker
+from .protocol import Description, Observe
+from .registration import DEFAULT_ANSWER_TOKENS, RATIO_LADDER
 from .registrations import Registrations
-from .registry import DocState, Document
-from .solve import solve_document
+from .registry import DocState, Document, document_id
+from .solve import Solved, SolvePlan, pool_kv, solve, solve_document
 
 logger = logging.getLogger(__name__)
+# Guard refusals an observing document takes (each after twice the requests of the one before) before it is
+# given up; the reuse tracker proposes its prefix again after a window.
+OBSERVE_TRIES = 2
+LEARNED_MAX_QUERIES_PER_HEAD = 5000  # as a registration's default
 
 
 class Refits:
     def __init__(self, registrations: Registrations, config: ServerConfig, solver: Worker):
         self.registrations, self.config, self.solver = registrations, config, solver
         self.cache, self.registry = registrations.cache, registrations.registry
+        self.given_up_in_a_row = 0  # learned documents in a row whose guard refused them to the end
+        self.paused_until = 0.0  # no prefix is observed before then (``_note_given_up``)
 
     def advance(self, scheduler) -> None:
-        """Install the adapting documents' finished refits; start one where enough new live queries arrived."""
+        """Install the adapting documents' finished refits; start one where enough new live queries arrived.
+        Solve the observing documents that observed enough requests, and install what their guard certifies."""
         for doc in self.registry.in_state(DocState.READY):
             adaptation = doc.adaptation
             if adaptation is None:
@@ -41,6 +68,15 @@ class Refits:
                 self.registry.update_gauges()  # the live fidelity the refit measured first
             elif adaptation.due():
                 self._start_refit(doc)
+        for doc in self.registry.in_state(DocState.OBSERVING):
+            if doc.job is not None and doc.job.done():
+                self._finish_learning(scheduler, doc)
+        # One at a time: the solver thread runs one job at a time anyway, and a document that waits keeps observing.
+        observing = self.registry.in_state(DocState.OBSERVING)  # without those just installed or given up
+        if all(doc.job is None for doc in observing):
+            due = next((doc for doc in observing if doc.observation.due()), None)
+            if due is not None:
+                self._start_learning(scheduler, due)
 
     def _start_refit(self, doc: Document) -> None:
         adaptation, seen_before = doc.adaptation, doc.adaptation.seen_at_fit
@@ -49,9 +85,11 @@ class Refits:
         plan, tokens, config = adaptation.plan, list(doc.tokens), {**doc.config, "fidelity": None}
         fingerprint = self.registrations.store.fingerprint_or_empty()
 
-        def work() -> CompactedPrefix:
+        def work() -> CompactedPrefix | None:
             faults.inject("refit_slow")
             adaptation.measure_live(unfitted)
+            if not adaptation.needs_refit():  # a learned document within its bound: watched, not refitted
+                return None
             return solve_document(inputs, plan, tokens, self.cache.windows, fingerprint, config)
 
         try:
@@ -66,7 +104,13 @@ class Refits:
         job, adaptation.job = adaptation.job, None
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
         try:
-            prefix: CompactedPrefix = job.result()
+            prefix: CompactedPrefix | None = job.result()
+            if prefix is None:
+                return
+            figure = (prefix.config.get("fidelity") or {}).get("relative_l2")
+            if adaptation.mode == "guard" and (adaptation.over_bound >= 2 or (figure or 0.0) > adaptation.bound):
+                self._revert(scheduler, doc)
+                return
             if table is not None and prefix.num_slots > table.free_slots():
                 raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "no room in the bias table")
             version = self.cache.install_document(prefix, self.registry.new_index())
@@ -88,4 +132,129 @@ class Refits:
         logger.info("sglang-am: document %s refitted from %d live queries (refit %d)", doc.doc_id, adaptation.live.seen,
                     adaptation.refits)
 
-    # ----- automatic documents -----
+    # ----- learned documents -----
+
+    def observe(self, scheduler, operation: Observe) -> Description:
+        """Add an automatic document that learns from the requests reusing ``input_ids`` (503 without room for its
+        reservoir and the adaptation that will watch it, within ``--am-adapt-memory-bytes``)."""
+        ids, registry, policy = operation.input_ids, self.registry, self.registry.policy
+        doc_id = document_id(ids)
+        existing = registry.get(doc_id)
+        if existing is not None:
+            return {**existing.describe(), "existing": True}
+        if time.monotonic() < self.paused_until:
+            raise DocumentError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{GUARD_REFUSALS_BEFORE_PAUSE} learned prefixes in a "
+                                "row did not generalise to requests held out of their fit: no prefix is observed "
+                                "for a window")
+        check_model(scheduler)
+        single_rank(scheduler, "learning from traffic")
+        runner = scheduler.tp_worker.model_runner
+        pool, q_heads = runner.token_to_kv_pool, runner.model_config.num_attention_heads // scheduler.tp_size
+        layers = self.registrations.compacted_layers(False)
+        capacity = self.config.adapt_reservoir
+        reservoir = nbytes(len(layers), capacity, q_heads, pool.head_dim, pool.store_dtype.itemsize)
+        top = AUTO_LADDER_TOP if policy.ratio == "auto" else policy.ratio
+        slots = policy.keep_first + math.ceil(top * len(ids))
+        # The reservoir twice: the queries the node is fitted to stay for its refits, beside new live ones.
+        needed = self.registrations.admit_adaptation(pool, len(ids), q_heads, reservoir, False, slots) + reservoir
+        config = {"budget": policy.ratio, "query_source": "live", "max_queries_per_head": LEARNED_MAX_QUERIES_PER_HEAD,
+                  "keep_first": policy.keep_first, "options": {}, "compact_windows": False, "questions": 0,
+                  "answer_tokens": DEFAULT_ANSWER_TOKENS, "adapt": True}
+        observation = Observation(LiveQueries(layers, capacity), policy.observe_requests, DEFAULT_ANSWER_TOKENS)
+        doc = Document(doc_id, registry.new_index(), array("q", ids), policy.method, config, True, DocState.OBSERVING,
+                       adapt_bytes=needed, observation=observation)
+        registry.add(doc)
+        registry.update_gauges()
+        logger.info("sglang-am: observing a reused %d-token prefix (document %s)", len(ids), doc_id)
+        return {**doc.describe(), "existing": False}
+
+    def _start_learning(self, scheduler, doc: Document) -> None:
+        """Copy the prefix's KV to host memory (it stays there for the refits of the node) and solve its node from
+        the observed requests, on the solver thread. No tree lock is held: the pool keeps its room for requests."""
+        hold = self.cache.hold_prefix(doc.tokens, None)
+        if hold is None:  # evicted from the pool: the next request that reuses it computes it again
+            return
+        pool, policy, observation = scheduler.tp_worker.model_runner.token_to_kv_pool, self.registry.policy, doc.observation
+        try:
+            read = pool_kv(pool, hold.slots)
+            kv = {layer: tuple(part.cpu().clone() for part in read(layer)) for layer in range(pool.layer_num)}
+        finally:
+            self.cache.unlock(hold.lock)
+        inputs, heldout = observation.fit_inputs(kv.__getitem__, pool.layer_num, pool.head_num)
+        ladder = tuple(ratio for ratio in RATIO_LADDER if ratio <= AUTO_LADDER_TOP) if policy.ratio == "auto" else None
+        layers = LayerPlan(policy.method, ladder[0] if ladder else policy.ratio, {"questions": 1.0},
+                           LEARNED_MAX_QUERIES_PER_HEAD, policy.keep_first)
+        plan = SolvePlan(layers, ladder, policy.fidelity_bound if ladder else None, bool(ladder), heldout)
+        tokens, config, windows = list(doc.tokens), doc.config, self.cache.windows
+        compacted, adapt_bytes = self.registrations.compacted_layers(False), doc.adapt_bytes
+        fingerprint = self.registrations.store.fingerprint_or_empty()
+
+        def work() -> Solved:
+            prefix, _ = solve(inputs, plan, tokens, windows, fingerprint, config)
+            chosen = prefix.config["fidelity"].get("ratio", layers.budget)
+            watch = SolvePlan(dataclasses.replace(layers, budget=chosen))  # refits keep the certified rung
+            adaptation = Adaptation.start(inputs, watch, compacted, windows, len(tokens), self.config.adapt_reservoir,
+                                          self.config.adapt_refit_every, adapt_bytes, observation.answer_steps, prefix)
+            adaptation.mode, adaptation.bound = "guard" if plan.bound is not None else "watch", policy.fidelity_bound
+            return Solved(prefix, adaptation)
+
+        try:
+            doc.job = self.solver.submit(work, "a learned document's solve", timeout=self.config.solve_timeout)
+        except QueueFull:  # registrations go first; the solve waits for the next batch
+            pass
+
+    def _finish_learning(self, scheduler, doc: Document) -> None:
+        """Install the certified node; after a refusal keep observing, until ``OBSERVE_TRIES`` refusals."""
+        observation = doc.observation
+        try:
+            solved: Solved = doc.job.result()
+        except Exception as error:  # noqa: BLE001  (the radix cache keeps serving the prefix in full)
+            doc.job = None
+            refused = isinstance(error, DocumentError) and error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+            observation.last_error = error.message if isinstance(error, DocumentError) else repr(error)
+            observation.tries += refused
+            if not refused or observation.tries >= OBSERVE_TRIES:
+                logger.warning("sglang-am: gave up learning document %s: %s", doc.doc_id, observation.last_error)
+                self.registrations.discard(doc)
+                self._note_given_up()
+            return
+        doc.job = None
+        self.given_up_in_a_row = 0
+        try:
+            with self.registrations.discarding_on_failure(doc):
+                self.registrations.install_solved(scheduler, doc, solved)
+        except DocumentError as error:
+            logger.warning("sglang-am: learned document %s not installed: %s", doc.doc_id, error.message)
+            return
+        doc.observation = None
+
+    def _note_given_up(self) -> None:
+        """After ``GUARD_REFUSALS_BEFORE_PAUSE`` learned documents in a row were given up, this traffic's questions
+        do not generalise: stop observing for a window (each solve competes with serving for the cores)."""
+        self.given_up_in_a_row += 1
+        if self.given_up_in_a_row < GUARD_REFUSALS_BEFORE_PAUSE:
+            return
+        self.given_up_in_a_row = 0
+        self.paused_until = time.monotonic() + self.registry.policy.window_seconds
+        stopped = [doc for doc in self.registry.in_state(DocState.OBSERVING) if doc.job is None]
+        for doc in stopped:
+            self.registrations.discard(doc, failed=False)
+        logger.warning("sglang-am: %d learned prefixes in a row were refused on requests held out of their fit: no "
+                       "prefix is observed for %.0f s (%d observing stopped). For capacity over fidelity, give "
+                       "--am-auto-ratio 0.1", GUARD_REFUSALS_BEFORE_PAUSE, self.registry.policy.window_seconds,
+                       len(stopped))
+
+    def _revert(self, scheduler, doc: Document) -> None:
+        """The traffic asks what the node no longer answers: new requests get the full prefix, and the document
+        learns again from them; its versions go once no request holds them."""
+        adaptation, policy = doc.adaptation, self.registry.policy
+        figure = (adaptation.live_fidelity or {}).get("relative_l2")
+        doc.retired.append(doc.installed)
+        doc.installed, doc.adaptation, doc.state = None, None, DocState.OBSERVING
+        doc.observation = Observation(LiveQueries(adaptation.live.layers, self.config.adapt_reservoir),
+                                      policy.observe_requests, adaptation.answer_steps)
+        doc.observation.last_error = f"reverted: live error {figure} above the bound {adaptation.bound}"
+        self.registry.stats.add("reverts")
+        self.registrations.reap(scheduler)
+        self.registry.update_gauges()
+        logger.warning("sglang-am: document %s reverted to its full prefix: %s", doc.doc_id, doc.observation.last_error)

@@ -95,6 +95,9 @@ class Registrations:
         registration = RegistrationRequest.from_payload(operation.request)
         doc_id = document_id(input_ids)
         existing = self.registry.get(doc_id)
+        if existing is not None and existing.state is DocState.OBSERVING and not auto:
+            self.discard(existing, failed=False)  # a client registers what traffic was teaching: its registration wins
+            existing = None
         if existing is not None:
             if existing.auto and not auto:  # a client registered it explicitly: no longer evictable
                 existing.auto = False
@@ -126,14 +129,14 @@ class Registrations:
             faults.inject("prepare_rank_1")
         captures = self.dp_rank == primary
         capture = QueryCapture(dict(sources), registration.max_queries_per_head, parts, longest,
-                               max(1, q_heads // pool.head_num), self._compacted_layers(registration.compact_windows),
+                               max(1, q_heads // pool.head_num), self.compacted_layers(registration.compact_windows),
                                q_heads * pool.head_dim * pool.store_dtype.itemsize) if captures else None
         heldout = heldout_questions(len(questions)) if captures else frozenset()
         room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
         slots = admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0,
                       len(SELF_STUDY_PROMPTS), captures, candidate=bool(heldout))
-        adapt_bytes = (self._admit_adaptation(pool, len(input_ids), q_heads, capture, registration.compact_windows, slots)
-                       if registration.adapt and captures else 0)
+        adapt_bytes = (self.admit_adaptation(pool, len(input_ids), q_heads, capture.nbytes, registration.compact_windows,
+                                             slots) if registration.adapt and captures else 0)
         config = _describe_config(registration)
         if not captures:
             single_rank(scheduler, "installing another data-parallel rank's compaction")
@@ -162,19 +165,19 @@ class Registrations:
         return {**doc.describe(), "existing": False, "registration": doc.index, "salt": doc.salt,
                 "certification": certification}
 
-    def _compacted_layers(self, compact_windows: bool) -> list[int]:
+    def compacted_layers(self, compact_windows: bool) -> list[int]:
         return [layer for layer, window in enumerate(self.cache.windows) if window is None or compact_windows]
 
-    def _admit_adaptation(self, pool, length: int, q_heads: int, capture: QueryCapture, compact_windows: bool,
-                          slots: int) -> int:
-        """The host memory an adapting document will hold (its refit inputs, live queries and the compacted
-        layers of the version serving, ``slots`` wide, in float32), within the server's bound
-        (``--am-adapt-memory-bytes``), or 503."""
+    def admit_adaptation(self, pool, length: int, q_heads: int, fitted_bytes: int, compact_windows: bool,
+                         slots: int) -> int:
+        """The host memory an adapting document will hold (its refit inputs: KV and the ``fitted_bytes`` of
+        queries it was fitted to; live queries; the compacted layers of the version serving, ``slots`` wide, in
+        float32), within the server's bound (``--am-adapt-memory-bytes``), or 503."""
         itemsize = pool.store_dtype.itemsize
         tokens = sum(length if window is None else min(window, length) for window in self.cache.windows)
-        layers = len(self._compacted_layers(compact_windows))
+        layers = len(self.compacted_layers(compact_windows))
         serving = layers * slots * pool.head_num * (pool.head_dim + pool.v_head_dim + 1) * 4
-        needed = (tokens * pool.head_num * (pool.head_dim + pool.v_head_dim) * itemsize + capture.nbytes + serving
+        needed = (tokens * pool.head_num * (pool.head_dim + pool.v_head_dim) * itemsize + fitted_bytes + serving
                   + adapt.nbytes(layers, self.config.adapt_reservoir, q_heads, pool.head_dim, itemsize))
         free = self.config.adapt_memory_bytes - self.registry.adapt_bytes()
         if needed > free:
@@ -209,7 +212,7 @@ class Registrations:
         Call until ``state`` is "ready" (or "certifying")."""
         doc_id, handoff = operation.doc_id, operation.handoff
         doc = self.registry.existing(doc_id)
-        with self._discarding_on_failure(doc):
+        with self.discarding_on_failure(doc):
             if doc.state is DocState.WAITING and handoff is not None:
                 self._start_handoff_read(doc, handoff)
             if doc.state is DocState.CAPTURING:
@@ -228,12 +231,12 @@ class Registrations:
         doc = self.registry.existing(operation.doc_id)
         if doc.state is not DocState.CERTIFYING:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc.doc_id} is {doc.state.value}, not certifying")
-        with self._discarding_on_failure(doc):
+        with self.discarding_on_failure(doc):
             self._retire_candidate(doc)
             self.reap(scheduler)
             solved, doc.solved = doc.solved, None
             if operation.accept:
-                self._install_solved(scheduler, doc, solved)
+                self.install_solved(scheduler, doc, solved)
             elif operation.next_budget is not None:
                 doc.state = DocState.CAPTURING  # its capture is still held: solve the next rung from it
                 self._start_solve(scheduler, doc, operation.next_budget)
@@ -243,12 +246,12 @@ class Registrations:
         return doc.describe()
 
     @contextlib.contextmanager
-    def _discarding_on_failure(self, doc: Document):
+    def discarding_on_failure(self, doc: Document):
         """A step of ``doc``'s registration that fails discards it, with a clear error."""
         try:
             yield
         except Exception as error:
-            self._discard(doc)
+            self.discard(doc)
             if isinstance(error, DocumentError):
                 raise
             if isinstance(error, CompactionCancelled):  # its deadline passed, or it was dropped
@@ -275,7 +278,7 @@ class Registrations:
                                     "solved at a budget it is given")
             plan = dataclasses.replace(plan, layers=dataclasses.replace(plan.layers, budget=budget))
         inputs = pool_inputs(pool, doc.source.slots, doc.capture)
-        adapt_bytes, layers = doc.adapt_bytes, self._compacted_layers(plan.layers.compact_windows)
+        adapt_bytes, layers = doc.adapt_bytes, self.compacted_layers(plan.layers.compact_windows)
 
         def work() -> Solved:
             prefix, candidate = solve(inputs, plan, tokens, self.cache.windows, self.store.fingerprint_or_empty(), doc.config)
@@ -303,7 +306,7 @@ class Registrations:
         solved: Solved = doc.job.result()  # raises what the solve or the read raised
         doc.job = None
         if solved.candidate is None:
-            self._install_solved(scheduler, doc, solved)
+            self.install_solved(scheduler, doc, solved)
             return
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
         self._check_bias_room(table, solved.candidate.num_slots + solved.prefix.num_slots)
@@ -318,7 +321,7 @@ class Registrations:
             self._orphans.append(doc.candidate)
             doc.candidate = None
 
-    def _install_solved(self, scheduler, doc: Document, solved: Solved) -> None:
+    def install_solved(self, scheduler, doc: Document, solved: Solved) -> None:
         started = time.perf_counter()
         prefix = solved.prefix
         self._release_capture(doc, doc.source)
@@ -361,10 +364,12 @@ class Registrations:
             raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the bias table has room for {table.free_slots()} "
                                 f"compacted slots, {slots} do not fit; drop documents or raise --am-bias-slots")
 
-    def _discard(self, doc: Document) -> None:
-        """Forget a document that never became ready, releasing what it held."""
+    def discard(self, doc: Document, failed: bool = True) -> None:
+        """Forget a document that is not ready, releasing what it held (``failed``: count it as a failure)."""
         job, hold = doc.job, doc.source
         self._retire_candidate(doc)
+        self._orphans.extend(doc.retired)  # versions from before a revert that requests still hold
+        doc.retired = []
         doc.solved = None
         if job is not None and not job.done():
             job.cancel("the registration was cancelled")
@@ -380,7 +385,7 @@ class Registrations:
         if self.registry.is_current(doc):
             self.registry.remove(doc)
             # A load that finds nothing stored is no failure; a waiting rank's is counted by its primary.
-            if doc.state is not DocState.LOADING and doc.state is not DocState.WAITING:
+            if failed and doc.state is not DocState.LOADING and doc.state is not DocState.WAITING:
                 self.registry.stats.add("compaction_failures", origin=doc.origin)
 
     def _release_capture(self, doc: Document, hold: SourceHold | None) -> None:
@@ -410,7 +415,7 @@ class Registrations:
         if doc is None or doc.index != operation.registration:
             return {"doc_id": doc_id}
         if doc.state is not DocState.READY:
-            self._discard(doc)
+            self.discard(doc)
         elif operation.ready_too and not doc.users:
             self.remove_ready(scheduler, doc)
         return {"doc_id": doc_id}
@@ -423,7 +428,7 @@ class Registrations:
         doc = self.registry.existing(doc_id)
         if doc.state is not DocState.READY:
             state = doc.state.value
-            self._discard(doc)
+            self.discard(doc)
             return {"doc_id": doc_id, "dropped": True, "cancelled": state, "freed_slots": 0}
         if doc.users:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} is in use by {doc.users} request(s); "

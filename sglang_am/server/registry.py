@@ -10,12 +10,15 @@ registration's probes are served from, and its solved node waiting to be install
                                       v  |
                                    CERTIFYING --(accepted)--> READY
     LOADING ----(read from the store)--------------------> READY
+    OBSERVING --(its requests' queries certify a node)----> READY --(live figure out of bounds)--> OBSERVING
 
 Any state can end with removal (drop, cancel, failure). A request rewritten to a document holds a
 reference until it ends (``acquire``/``release``), so drop and eviction refuse while one is held:
 a request that is queued, grammar-queued or retracted still needs the document's node. A ready
 document can be refitted (``adapt``): the refit is a new version, a node of its own, and a request
-finishes on the version it started with; a retired version is removed once no request holds it.
+finishes on the version it started with; a retired version is removed once no request holds it. An
+observing document (automatic compaction learning from traffic, ``adapt.Observation``) is no registration in
+progress: the requests that reuse its prefix are served in full, and tagged so that their queries are kept.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .store import check_document_id
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.radix_cache import TreeNode
 
-    from .adapt import Adaptation
+    from .adapt import Adaptation, Observation
     from .cache import SourceHold
     from .capture import CaptureTag, QueryCapture
     from .jobs import Job
@@ -59,6 +62,7 @@ class DocState(enum.Enum):
     CERTIFYING = "certifying"
     LOADING = "loading"
     WAITING = "waiting"  # on a data-parallel rank, for the rank that compacts it
+    OBSERVING = "observing"  # learning from the requests that reuse it (``adapt.Observation``)
     READY = "ready"
 
 
@@ -139,6 +143,7 @@ class Document:
     installed: Installed | None = None  # the version new requests are served from
     retired: list[Installed] = dataclasses.field(default_factory=list)  # earlier versions requests still hold
     adaptation: Adaptation | None = None  # live queries and refits, for a document registered with adapt
+    observation: Observation | None = None  # an automatic document learning from traffic, until it is installed
     users: int = 0  # requests rewritten to it that have not ended
     requests_served: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -184,6 +189,7 @@ class Document:
             "requests_served": self.requests_served,
             "requests_active": self.users,
             **({} if self.adaptation is None else {"adapt": self.adaptation.describe()}),
+            **({} if self.observation is None else {"observe": self.observation.describe()}),
         }
 
 
@@ -203,6 +209,15 @@ class Served:
         return self.document.length - self.version.num_slots
 
 
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """A request that reuses an observing document's prefix: the observation its queries go to, under its number."""
+
+    observation: Observation
+    part: int
+    start: int  # the document's length: the request's positions from here on are kept
+
+
 @dataclasses.dataclass(eq=False)
 class RequestRecord:
     """The extension's state on one SGLang ``Req``, its ``am`` attribute (the one it adds to SGLang's ``Req``)."""
@@ -210,6 +225,7 @@ class RequestRecord:
     internal: bool = False  # a registration's own request (self-study sample): not a client's reuse
     capture: CaptureTag | None = None  # a registration's capture request: the rows it records
     served: Served | None = None  # the document the request was rewritten to
+    observed: Observed | None = None  # served in full while its document learns from it
 
     @staticmethod
     def attach(req) -> RequestRecord:

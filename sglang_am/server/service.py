@@ -43,6 +43,7 @@ from .protocol import (
     ListStored,
     Load,
     NoteFidelity,
+    Observe,
     PollAutoCandidates,
     Prepare,
     ReleaseHandoff,
@@ -307,6 +308,13 @@ class DocumentService:
             await self._abandon(doc_id, answers, started, ready_too=True)
             raise
         return {**await self._described_after(doc_id, "loaded"), "existing": not started}
+
+    async def observe(self, input_ids: list[int]) -> None:
+        """Every rank learns an automatic document from the traffic it serves (``refits.Refits.observe``); a rank
+        without room for it serves the prefix in full (its error raised once the others have started)."""
+        for rank, answer in enumerate(await self.ranks.each(Observe(input_ids))):
+            if isinstance(answer, DocumentError):
+                raise self.ranks.failure(rank, answer)
 
     async def load_store(self) -> dict:
         """Install every stored document this server does not hold yet; each document's outcome."""

@@ -107,8 +107,8 @@ class SolvePlan:
     heldout_questions: frozenset[int] = frozenset()  # questions judged under a fit without them (``Solved.candidate``)
 
 
-def pool_inputs(pool, source: torch.Tensor, capture) -> SolveInputs:
-    """A registration's inputs: its KV in pool ``source`` slots and its capture."""
+def pool_kv(pool, source: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> the keys and values ``[H_kv, T, D]`` in pool ``source`` slots (locked by the caller)."""
     def kv(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         # In the pool's dtype: the solver computes in float32, and its GPU path runs FlashInfer in this dtype.
         keys, values = pool.k_buffer[layer][source].permute(1, 0, 2), pool.v_buffer[layer][source].permute(1, 0, 2)
@@ -117,8 +117,13 @@ def pool_inputs(pool, source: torch.Tensor, capture) -> SolveInputs:
             values[:, 0] = float("nan")
         return keys, values
 
-    return SolveInputs(kv, capture.queries, capture.scales, pool.layer_num, pool.head_num, capture.answer_positions(),
-                       capture.parts_of_rows())
+    return kv
+
+
+def pool_inputs(pool, source: torch.Tensor, capture) -> SolveInputs:
+    """A registration's inputs: its KV in pool ``source`` slots and its capture."""
+    return SolveInputs(pool_kv(pool, source), capture.queries, capture.scales, pool.layer_num, pool.head_num,
+                       capture.answer_positions(), capture.parts_of_rows())
 
 
 def solve_document(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: tuple[int | None, ...],

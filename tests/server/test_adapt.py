@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglang_am.core.plan import LayerPlan
-from sglang_am.server.adapt import Adaptation, LiveQueries, nbytes
+from sglang_am.server.adapt import Adaptation, LiveQueries, Observation, nbytes
 from sglang_am.server.solve import SolveInputs, SolvePlan, solve_document
 
 
@@ -124,3 +124,24 @@ def test_the_live_fidelity_judges_the_serving_version_on_the_positions_that_arri
     adaptation.serving = {layer: (*adaptation.kv[layer], torch.zeros(1, 64)) for layer in (0, 1)}
     adaptation.measure_live(unfitted)
     assert adaptation.live_fidelity["relative_l2"] < 1e-5
+
+
+def test_an_observation_solves_once_enough_distinct_requests_are_in_and_holds_out_whole_requests():
+    observation = Observation(LiveQueries(layers=[0, 1], capacity=64), requests_needed=4, answer_steps=2)
+    for request in range(5):
+        assert observation.due() == (request == 4)
+        part = observation.tag()
+        count = 3 if request < 4 else 2
+        kept, slots = observation.live.plan(count, [part] * count)
+        for layer in (0, 1):
+            observation.live.record(layer, torch.full((len(kept), 2, 8), float(part)), slots, 0.5)
+    assert observation.due() and observation.live.requests == set(range(5))
+    kv = {layer: (torch.randn(1, 32, 8), torch.randn(1, 32, 8)) for layer in range(2)}
+    inputs, heldout = observation.fit_inputs(lambda layer: kv[layer], num_layers=2, num_kv_heads=1)
+    parts = inputs.parts["questions"]
+    assert parts.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 2 and inputs.scales == {0: 0.5, 1: 0.5}
+    assert len(heldout) == 2 and heldout < set(range(5))  # a seeded half of the requests, rows and all
+    rows = inputs.queries(0)["questions"]
+    assert rows.shape == (2, 14, 8) and torch.equal(rows[0, :, 0], parts.float())
+    observation.tries = 1  # a refusal: twice as many requests before the next solve
+    assert not observation.due() and observation.describe()["requests_needed"] == 8

@@ -94,6 +94,28 @@ def test_an_adapting_document_samples_decode_steps_only_where_python_runs():
     assert rows.batch(forward(ForwardMode.DECODE, [1])).captures == [] and doc.adaptation.live.seen == 1
 
 
+def test_an_observed_request_keeps_its_positions_after_the_document_its_answer_included():
+    from sglang_am.server.adapt import LiveQueries, Observation
+    from sglang_am.server.registry import Observed
+
+    rows, observation = DocumentRows(), Observation(LiveQueries(layers=[0], capacity=64), requests_needed=2, answer_steps=2)
+    records = {row: RequestRecord(observed=Observed(observation, observation.tag(), start=30)) for row in (1, 3)}
+    request = lambda row, generated: SimpleNamespace(kv=SimpleNamespace(req_pool_idx=row), am=records[row],
+                                                     output_ids=[7] * generated)
+    other = RequestRecord(served=Served(document(slots=4), document(slots=4).installed))
+    rows.bind([request(1, 0), request(3, 0), SimpleNamespace(kv=SimpleNamespace(req_pool_idx=2), am=other, output_ids=[])])
+    # Request 1: nothing cached, the extend computes the document's 30 positions and 5 after it, from row 3 of the
+    # batch; request 3: 2 positions after its cached document, from row 38.
+    extend = rows.batch(forward(ForwardMode.EXTEND, [2, 1, 3], prefix_lens=[4, 0, 30], seq_lens=[3, 35, 2]))
+    (part,) = extend.captures  # one slice per observation
+    assert part.query_rows.tolist() == [33, 34, 35, 36, 37, 38, 39] and extend.versions[1] is None
+    assert observation.live.parts[part.slots].tolist() == [0] * 5 + [1] * 2 and observation.live.requests == {0, 1}
+    (step,) = rows.batch(forward(ForwardMode.DECODE, [1, 2])).captures  # its answer's first decode step
+    assert step.query_rows.tolist() == [0]
+    rows.bind([request(1, 2)])  # past the answer steps
+    assert rows.batch(forward(ForwardMode.DECODE, [1])).captures == []
+
+
 def _backend_and_batch(window: int | None, dtype=torch.float32):
     """A torch_native backend of each kind over one real KV pool, a layer, and an extend batch of three requests:
     10 new tokens after a 40-token cached prefix, a 25-token prompt from scratch, 1 token after 60."""

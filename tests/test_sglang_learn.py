@@ -1,0 +1,113 @@
+"""Automatic compaction that learns from the requests it serves (the default query source, "live"), on a real
+SGLang server on loopback (the embedded recall model, float32): a reused prefix is observed with no capture
+prefill, its node is certified on requests held out of the fit and installed, and when the questions change
+it goes back to its full prefix."""
+
+import time
+
+import pytest
+
+from sglang_am.recall_model import recall_task
+from sglang_am.serve import serving
+
+from .live_server import STRICT_CHECKS, ok
+
+pytestmark = pytest.mark.slow
+OBSERVE, BOUND = 4, 0.3  # the recall model's node fits its questions to about 0.1 at 0.2; other keys' stay near 0.4
+FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--am-auto", "--am-auto-min-tokens", "64",
+         "--am-auto-min-requests", "3", "--am-auto-poll-seconds", "0.2", "--am-auto-observe-requests", str(OBSERVE),
+         "--am-auto-fidelity-bound", str(BOUND)]
+
+
+def test_a_reused_prefix_is_learned_from_its_requests_certified_installed_and_reverted_when_the_questions_change():
+    (doc,) = recall_task(num_pairs=100, num_questions=40, seed=11)
+    asked, drifted = doc.questions[:4], doc.questions[10:40]
+    with serving(FLAGS, env=STRICT_CHECKS) as url:
+        def generate(question):
+            return ok(url, "POST", "/generate", {"text": f"{doc.text}\n{question.question}",
+                                                 "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
+
+        def learned():
+            documents = ok(url, "GET", "/am/documents")["documents"]
+            return documents[0] if documents else None
+
+        full = {q.question: generate(q)["output_ids"] for q in asked[:3]}  # the third triggers the tracker
+        deadline = time.monotonic() + 30
+        while (learned() or {}).get("state") != "observing":
+            assert time.monotonic() < deadline, "the reused prefix was never observed"
+            time.sleep(0.2)
+        states, served = [], []
+        for turn in range(40):
+            question = asked[turn % len(asked)]
+            out = generate(question)
+            full.setdefault(question.question, out["output_ids"])
+            states.append((learned() or {}).get("state"))
+            if "am_document" in out["meta_info"]:
+                served.append((question.question, out["output_ids"]))
+            if len(served) >= 8:
+                break
+        assert states[0] == "observing", states
+        assert len(served) == 8, states
+        document = learned()
+        stats = ok(url, "GET", "/am/stats")
+        assert document["origin"] == "auto" and document["config"]["query_source"] == "live"
+        # Certified on requests held out of its fit, at a rung within the bound (refits keep it there since); no
+        # capture prefill ran.
+        assert document["fidelity"]["relative_l2"] <= BOUND and document["t"] <= 4 + round(0.2 * (document["T"] - 4))
+        assert stats["counters"]["observed_requests"] >= OBSERVE and stats["counters"]["compactions"] == {"auto": 1}
+        # The answers it was fitted to (a recall answer is its first token; the model babbles after it).
+        assert all(output[0] == full[question][0] for question, output in served)
+
+        # The questions change: the live figure leaves the bound, and the prefix is served in full again.
+        for question in drifted:
+            generate(question)
+            if ok(url, "GET", "/am/stats")["counters"]["reverts"]:
+                break
+        else:
+            raise AssertionError(f"no revert after {len(drifted)} new questions: {learned()}")
+        reverted = learned()
+        assert reverted["state"] == "observing" and reverted["observe"]["last_error"].startswith("reverted")
+        after = generate(doc.questions[0])
+        assert "am_document" not in after["meta_info"] and after["output_ids"] == full[doc.questions[0].question]
+
+        deadline = time.monotonic() + 60
+        while not (stats := ok(url, "GET", "/am/stats"))["idle_check"]["idle"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stats["idle_check"]["leak"] is False, stats["idle_check"]
+        assert stats["gauges"]["compacted_slots"] == 0  # the reverted version went once no request held it
+
+
+def test_prefixes_whose_held_out_requests_miss_the_bound_stay_in_full_and_three_in_a_row_pause_observing():
+    """Random-token questions on random-token prefixes never generalise: each learned document is refused twice
+    on its held-out requests and given up, its prefix served in full throughout; after three, the next reused
+    prefix is not observed."""
+    import random
+
+    rng = random.Random(0)
+    flags = ["--max-total-tokens", "4096", "--am-auto", "--am-auto-min-tokens", "64", "--am-auto-min-requests", "2",
+             "--am-auto-poll-seconds", "0.2", "--am-auto-observe-requests", "2"]
+    with serving(flags, env=STRICT_CHECKS) as url:
+        def answer(ids):
+            return ok(url, "POST", "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 3,
+                                                                                      "temperature": 0}})
+
+        for given_up in range(1, 5):
+            prefix = [rng.randrange(10, 1000) for _ in range(300)]
+            for turn in range(40):
+                out = answer(prefix + [rng.randrange(10, 1000) for _ in range(20)])
+                assert "am_document" not in out["meta_info"]
+                stats = ok(url, "GET", "/am/stats")
+                if stats["counters"]["compaction_failures"].get("auto", 0) == min(given_up, 3) and (
+                    given_up < 4 or turn >= 10
+                ):
+                    break
+            else:
+                raise AssertionError(f"prefix {given_up} was never given up: {stats}")
+            assert stats["documents"]["ready"] == 0 and not stats["counters"]["compactions"]
+        # The fourth prefix was proposed but never observed: the pause.
+        assert stats["counters"]["auto_triggers"] == 4 and stats["documents"]["observing"] == 0
+        assert stats["counters"]["compaction_failures"] == {"auto": 3}
+        deadline = time.monotonic() + 60
+        while not (stats := ok(url, "GET", "/am/stats"))["idle_check"]["idle"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stats["idle_check"]["leak"] is False
