@@ -369,7 +369,7 @@ def test_a_fault_during_registration_releases_everything(server, tokenizer, faul
         faults.write_text("")
     assert code == status and reason in body["error"], (code, body)
     stats = clean(server)
-    assert stats["documents"] == {"ready": 0, "registering": 0, "auto": 0}
+    assert stats["documents"] == {"ready": 0, "observing": 0, "registering": 0, "auto": 0}
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1})  # the solver thread lives on
     assert registered["state"] == "ready"
     status, out = call(server, "POST", "/generate", {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 1}})

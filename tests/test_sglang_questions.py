@@ -93,7 +93,8 @@ def test_auto_ratio_refuses_a_document_whose_heldout_questions_no_rung_certifies
     assert status == 422 and "no ratio on the ladder keeps the held-out questions' answers" in body["error"], body
     assert body["error"].endswith("< 0.9)") and "(at 0.5: " in body["error"]  # every rung was tried
     stats = ok(server, "GET", "/am/stats")
-    assert stats["documents"] == {"ready": 0, "registering": 0, "auto": 0} and stats["gauges"]["compacted_slots"] == 0
+    assert stats["documents"] == {"ready": 0, "observing": 0, "registering": 0, "auto": 0}
+    assert stats["gauges"]["compacted_slots"] == 0
     single = ok(server, "POST", "/am/documents", {**fields, "questions": asked[:1], "fidelity_bound": 5.0})
     assert single["fidelity"]["ratio"] == 0.05 and "heldout" not in single["fidelity"]  # one question: the attention ladder
     ok(server, "DELETE", f"/am/documents/{single['doc_id']}")
