@@ -247,13 +247,13 @@ class Observation:
         return len(self.live.requests) >= self.requests_needed << self.tries
 
     def fit_inputs(self, kv, num_layers: int, num_kv_heads: int) -> tuple[SolveInputs, frozenset[int]]:
-        """The solve's inputs (``kv``: layer -> the prefix's keys and values, from the pool) and the requests
+        """The solve's inputs (``kv``: layer -> the prefix's keys and values, copied from the pool) and the requests
         held out of the second fit."""
         rows, parts = self.live.snapshot(), self.live.snapshot_parts()
         present = torch.unique(parts).tolist()
         heldout = frozenset(present[index] for index in heldout_questions(len(present)))
         return SolveInputs(kv, lambda layer: {"questions": rows[layer]}, dict(self.live.scales), num_layers, num_kv_heads,
-                           {}, {"questions": parts}, "the prefix's KV read from the pool"), heldout
+                           {}, {"questions": parts}, "the prefix's KV copied from the pool"), heldout
 
     def describe(self) -> dict:
         return {"requests_tagged": self.tagged, "requests_observed": len(self.live.requests),

@@ -160,13 +160,17 @@ class Refits:
         config = {"budget": policy.ratio, "query_source": "live", "max_queries_per_head": LEARNED_MAX_QUERIES_PER_HEAD,
                   "keep_first": policy.keep_first, "options": {}, "compact_windows": False, "questions": 0,
                   "answer_tokens": DEFAULT_ANSWER_TOKENS, "adapt": True}
-        observation = Observation(LiveQueries(layers, capacity), policy.observe_requests, DEFAULT_ANSWER_TOKENS)
+        observation = self._new_observation(layers)
         doc = Document(doc_id, registry.new_index(), array("q", ids), policy.method, config, True, DocState.OBSERVING,
                        adapt_bytes=needed, observation=observation)
         registry.add(doc)
         registry.update_gauges()
         logger.info("sglang-am: observing a reused %d-token prefix (document %s)", len(ids), doc_id)
         return {**doc.describe(), "existing": False}
+
+    def _new_observation(self, layers) -> Observation:
+        return Observation(LiveQueries(layers, self.config.adapt_reservoir), self.registry.policy.observe_requests,
+                           DEFAULT_ANSWER_TOKENS)
 
     def _start_learning(self, scheduler, doc: Document) -> None:
         """Copy the prefix's KV to host memory (it stays there for the refits of the node) and solve its node from
@@ -177,7 +181,8 @@ class Refits:
         pool, policy, observation = scheduler.tp_worker.model_runner.token_to_kv_pool, self.registry.policy, doc.observation
         try:
             read = pool_kv(pool, hold.slots)
-            kv = {layer: tuple(part.cpu().clone() for part in read(layer)) for layer in range(pool.layer_num)}
+            # Indexing the pool by slots already copies: ``cpu`` moves a GPU pool's copy, a CPU one's stays as it is.
+            kv = {layer: tuple(part.cpu() for part in read(layer)) for layer in range(pool.layer_num)}
         finally:
             self.cache.unlock(hold.lock)
         inputs, heldout = observation.fit_inputs(kv.__getitem__, pool.layer_num, pool.head_num)
@@ -206,10 +211,10 @@ class Refits:
     def _finish_learning(self, scheduler, doc: Document) -> None:
         """Install the certified node; after a refusal keep observing, until ``OBSERVE_TRIES`` refusals."""
         observation = doc.observation
+        job, doc.job = doc.job, None
         try:
-            solved: Solved = doc.job.result()
+            solved: Solved = job.result()
         except Exception as error:  # noqa: BLE001  (the radix cache keeps serving the prefix in full)
-            doc.job = None
             refused = isinstance(error, DocumentError) and error.status == HTTPStatus.UNPROCESSABLE_ENTITY
             observation.last_error = error.message if isinstance(error, DocumentError) else repr(error)
             observation.tries += refused
@@ -218,7 +223,6 @@ class Refits:
                 self.registrations.discard(doc)
                 self._note_given_up()
             return
-        doc.job = None
         self.given_up_in_a_row = 0
         try:
             with self.registrations.discarding_on_failure(doc):
@@ -247,12 +251,11 @@ class Refits:
     def _revert(self, scheduler, doc: Document) -> None:
         """The traffic asks what the node no longer answers: new requests get the full prefix, and the document
         learns again from them; its versions go once no request holds them."""
-        adaptation, policy = doc.adaptation, self.registry.policy
+        adaptation = doc.adaptation
         figure = (adaptation.live_fidelity or {}).get("relative_l2")
         doc.retired.append(doc.installed)
         doc.installed, doc.adaptation, doc.state = None, None, DocState.OBSERVING
-        doc.observation = Observation(LiveQueries(adaptation.live.layers, self.config.adapt_reservoir),
-                                      policy.observe_requests, adaptation.answer_steps)
+        doc.observation = self._new_observation(adaptation.live.layers)
         doc.observation.last_error = f"reverted: live error {figure} above the bound {adaptation.bound}"
         self.registry.stats.add("reverts")
         self.registrations.reap(scheduler)
