@@ -156,6 +156,26 @@ def test_an_adapting_document_refits_from_its_traffic_and_running_requests_finis
     assert ok(server, "DELETE", f"/am/documents/{doc_id}")["freed_slots"] >= slots
 
 
+def test_a_document_registered_without_adapt_is_watched_and_never_refitted(server, tokenizer):
+    doc, ids, asked = task(tokenizer, seed=38)
+    registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1})
+    watch, refits = registered["watch"], ok(server, "GET", "/am/stats")["counters"]["refits"]
+    assert "adapt" not in registered and watch["mode"] == "watch" and watch["live_fidelity"] is None
+    assert watch["host_bytes"] > 0 and "refits" not in watch
+    for _ in range(50):  # the questions' positions after the document; measured on the solver thread once due
+        correct(server, doc, ids, asked)
+        described = ok(server, "GET", f"/am/documents/{registered['doc_id']}")
+        if described["watch"]["live_fidelity"] is not None:
+            break
+    live = described["watch"]["live_fidelity"]
+    assert live["positions"] > 0 and 0 < live["relative_l2"] < math.inf and live["version"] == 0
+    stats = ok(server, "GET", "/am/stats")
+    assert stats["counters"]["refits"] == refits and described["t"] == registered["t"]
+    assert stats["gauges"]["adapt_host_bytes"] == watch["host_bytes"] and stats["gauges"]["adapt_live_error_max"] > 0
+    ok(server, "DELETE", f"/am/documents/{registered['doc_id']}")
+    assert ok(server, "GET", "/am/stats")["gauges"]["adapt_host_bytes"] == 0
+
+
 def test_a_failed_refit_keeps_the_document_and_a_drop_cancels_a_running_one(server, tokenizer, faults):
     doc, ids, asked = task(tokenizer, seed=34)
     registered = ok(server, "POST", "/am/documents", {"input_ids": ids, "ratio": 0.1, "adapt": True})

@@ -20,6 +20,10 @@ joining its questions (``core.plan.with_questions``: they weigh ``QUESTION_SHARE
 the refit as a new version (``operations``). Running requests finish on the version they started with. The
 fidelity guard reports the refit on held-out live queries; the next-token KL needs full-context logits, which
 live traffic does not have, so refits report none.
+
+Every other document the server compacts is **watched** (``--am-watch-documents``, on by default): it keeps the
+same reservoir and the KV of its compacted layers (not what a refit reads), and its live fidelity is measured
+as often, but it is never refitted.
 """
 
 from __future__ import annotations
@@ -127,9 +131,9 @@ class Adaptation:
     answer_steps: int  # a live request's decode steps sampled: those of the answer tokens a registration fits
     serving: dict[int, tuple[torch.Tensor, ...]]  # per compacted layer, the serving version's (keys, values, β) (host)
     live_fidelity: dict | None = None  # the serving version's error on live positions it was not fitted to
-    # "adapt": refit whenever due. A learned document's (``refits``): "guard" (ratio auto) refits only when its live
-    # figure is above ``bound`` and goes back to observing when a refit does not bring it back; "watch" (a fixed
-    # ratio: capacity chosen over fidelity) only measures.
+    # "adapt": refit whenever due. "watch" (a document registered without adapt, or a learned one at a fixed ratio:
+    # capacity chosen over fidelity) only measures. A learned document at ratio auto (``refits``): "guard" refits
+    # only when its live figure is above ``bound`` and goes back to observing when a refit does not bring it back.
     mode: str = "adapt"
     bound: float | None = None
     over_bound: int = 0  # live measurements in a row above ``bound``
@@ -142,24 +146,25 @@ class Adaptation:
     @classmethod
     def start(cls, inputs: SolveInputs, plan: SolvePlan, layers: Sequence[int], windows: Sequence[int | None],
               length: int, capacity: int, refit_every: int, reserved_bytes: int, answer_steps: int,
-              prefix: CompactedPrefix) -> Adaptation:
+              prefix: CompactedPrefix, mode: str = "adapt", bound: float | None = None) -> Adaptation:
         """On the solver thread, right after the registration's solve gave ``prefix``: copy what a refit reads to
-        host memory. ``layers``: the layers the solve compacts (a window layer's window is all of it the solve
-        reads)."""
+        host memory (``mode`` "watch", which never refits: only the compacted layers' KV, which the live figure
+        reads). ``layers``: the layers the solve compacts (a window layer's window is all of it the solve reads)."""
+        refits = mode != "watch"
         kv = {}
-        for layer in range(inputs.num_layers):
+        for layer in range(inputs.num_layers) if refits else layers:
             keys, values = inputs.kv(layer)
             if windows[layer] is not None:
                 keys, values = keys[:, -min(windows[layer], length) :], values[:, -min(windows[layer], length) :]
             kv[layer] = keys.cpu().clone(), values.cpu().clone()
         refit = dataclasses.replace(plan.layers, query_fractions=with_questions(plan.layers.query_fractions))
         fitted = {layer: {source: rows.cpu().clone() for source, rows in inputs.queries(layer).items()
-                          if source in refit.query_fractions} for layer in layers}
+                          if source in refit.query_fractions} for layer in layers} if refits else {}
         answers, parts = inputs.answers.get("questions"), inputs.parts.get("questions")
         return cls(kv, fitted, None if answers is None else answers.cpu(), None if parts is None else parts.cpu(),
                    dict(inputs.scales), inputs.num_kv_heads,
                    dataclasses.replace(plan, layers=refit, heldout_questions=frozenset()), LiveQueries(layers, capacity),
-                   refit_every, reserved_bytes, answer_steps, host_layers(prefix, layers))
+                   refit_every, reserved_bytes, answer_steps, host_layers(prefix, layers), mode=mode, bound=bound)
 
     def due(self) -> bool:
         return self.job is None and self.live.size > 0 and self.live.seen - self.seen_at_fit >= self.refit_every
@@ -185,8 +190,8 @@ class Adaptation:
             self.over_bound = self.over_bound + 1 if over else 0
 
     def needs_refit(self) -> bool:
-        """After ``measure_live``: does this document refit now (``mode``)?"""
-        return self.mode == "adapt" or (self.mode == "guard" and self.over_bound > 0)
+        """After ``measure_live``: does this adapting or guarded document refit now (``mode``)?"""
+        return self.mode == "adapt" or self.over_bound > 0
 
     def refit_inputs(self, device) -> SolveInputs:
         """The registration's inputs with a snapshot of the live queries joining its questions."""
@@ -211,10 +216,12 @@ class Adaptation:
                            "the document's KV kept in host memory for refits")
 
     def describe(self) -> dict:
-        # refitting: solving, or solved and waiting for the scheduler to install it
-        return {"refits": self.refits, "refit_failures": self.refit_failures, "last_error": self.last_error,
-                "queries_seen": self.live.seen, "queries_fitted": self.seen_at_fit, "reservoir": self.live.size,
-                "refitting": self.job is not None, "host_bytes": self.nbytes, "live_fidelity": self.live_fidelity}
+        described = {"mode": self.mode, "queries_seen": self.live.seen, "reservoir": self.live.size,
+                     "host_bytes": self.nbytes, "live_fidelity": self.live_fidelity}
+        if self.mode != "watch":  # refitting: solving, or solved and waiting for the scheduler to install it
+            described.update(refits=self.refits, refit_failures=self.refit_failures, last_error=self.last_error,
+                             queries_fitted=self.seen_at_fit, refitting=self.job is not None)
+        return described
 
     def stop(self) -> None:
         """The document is dropped: cancel a running refit (its result is never installed)."""

@@ -62,7 +62,11 @@ class ServerConfig:
                                                                   "refit inputs and live queries")
     adapt_reservoir: int = flag(1024, metavar="N", help="live query positions an adapting document keeps")
     adapt_refit_every: int = flag(32, metavar="N", help="new live query positions between an adapting document's "
-                                                        "refits (a repeated question adds one)")
+                                                        "refits (a repeated question adds one), and between two "
+                                                        "measures of a watched document's live fidelity")
+    watch_documents: bool = flag(True, metavar="BOOL", help="measure every compacted document's live fidelity on the "
+                                                            "requests it serves (host memory: its compacted layers' "
+                                                            "full KV and live queries, within --am-adapt-memory-bytes)")
     rpc_timeout: float = flag(120.0, metavar="SECONDS", help="seconds the HTTP process waits for one scheduler "
                                                              "operation")
     max_body_bytes: int = flag(8 * MiB, metavar="BYTES", help="largest request body of the /am/ routes; larger "
@@ -79,8 +83,9 @@ class ServerConfig:
                      "max_queries_per_head", "max_questions", "max_question_tokens", "max_answer_tokens", "capture_memory_bytes",
                      "adapt_memory_bytes", "adapt_reservoir", "adapt_refit_every", "max_body_bytes", "bias_slots"):
             check_int(name, getattr(self, name), 1)
-        if not isinstance(self.load_store, bool):
-            raise ValueError(f"load_store must be true or false, got {self.load_store!r}")
+        for name in ("load_store", "watch_documents"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("solve_timeout", "rpc_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):

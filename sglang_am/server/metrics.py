@@ -33,9 +33,10 @@ GAUGES = {
     "compacted_slots": "KV slots held by compacted documents.",
     "slots_saved": "Document tokens minus compacted slots, over installed documents.",
     "auto_slots": "KV slots held by automatic documents.",
-    "adapt_host_bytes": "Host memory reserved by adapting documents (their refit inputs and live queries).",
-    "adapt_live_error_max": "The largest live fidelity among adapting documents: the relative attention error of "
-                            "the version serving on live positions it was not fitted to (0: none measured).",
+    "adapt_host_bytes": "Host memory reserved by adapting and watched documents (their refit inputs or compacted "
+                        "layers' KV, and live queries).",
+    "adapt_live_error_max": "The largest live fidelity among adapting and watched documents: the relative attention "
+                            "error of the version serving on live positions it was not fitted to (0: none measured).",
 }
 
 

@@ -81,16 +81,22 @@ class Refits:
     def _start_refit(self, doc: Document) -> None:
         adaptation, seen_before = doc.adaptation, doc.adaptation.seen_at_fit
         unfitted = adaptation.unfitted()
-        inputs = adaptation.refit_inputs(self.solver.device or torch.device("cpu"))
-        plan, tokens, config = adaptation.plan, list(doc.tokens), {**doc.config, "fidelity": None}
-        fingerprint = self.registrations.store.fingerprint_or_empty()
+        if adaptation.mode == "watch":  # measured, never refitted
+            adaptation.seen_at_fit = adaptation.live.seen
 
-        def work() -> CompactedPrefix | None:
-            faults.inject("refit_slow")
-            adaptation.measure_live(unfitted)
-            if not adaptation.needs_refit():  # a learned document within its bound: watched, not refitted
-                return None
-            return solve_document(inputs, plan, tokens, self.cache.windows, fingerprint, config)
+            def work() -> None:
+                adaptation.measure_live(unfitted)
+        else:
+            inputs = adaptation.refit_inputs(self.solver.device or torch.device("cpu"))
+            plan, tokens, config = adaptation.plan, list(doc.tokens), {**doc.config, "fidelity": None}
+            fingerprint = self.registrations.store.fingerprint_or_empty()
+
+            def work() -> CompactedPrefix | None:
+                faults.inject("refit_slow")
+                adaptation.measure_live(unfitted)
+                if not adaptation.needs_refit():  # a learned document within its bound: not refitted
+                    return None
+                return solve_document(inputs, plan, tokens, self.cache.windows, fingerprint, config)
 
         try:
             adaptation.job = self.solver.submit(work, "a refit", timeout=self.config.solve_timeout)
@@ -199,8 +205,8 @@ class Refits:
             chosen = prefix.config["fidelity"].get("ratio", layers.budget)
             watch = SolvePlan(dataclasses.replace(layers, budget=chosen))  # refits keep the certified rung
             adaptation = Adaptation.start(inputs, watch, compacted, windows, len(tokens), self.config.adapt_reservoir,
-                                          self.config.adapt_refit_every, adapt_bytes, observation.answer_steps, prefix)
-            adaptation.mode, adaptation.bound = "guard" if plan.bound is not None else "watch", policy.fidelity_bound
+                                          self.config.adapt_refit_every, adapt_bytes, observation.answer_steps, prefix,
+                                          "guard" if plan.bound is not None else "watch", policy.fidelity_bound)
             return Solved(prefix, adaptation)
 
         try:

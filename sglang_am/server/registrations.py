@@ -135,8 +135,16 @@ class Registrations:
         room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
         slots = admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0,
                       len(SELF_STUDY_PROMPTS), captures, candidate=bool(heldout))
-        adapt_bytes = (self.admit_adaptation(pool, len(input_ids), q_heads, capture.nbytes, registration.compact_windows,
-                                             slots) if registration.adapt and captures else 0)
+        adapt_bytes = 0
+        if captures and registration.adapt:
+            adapt_bytes = self.admit_adaptation(pool, len(input_ids), q_heads, capture.nbytes, registration.compact_windows,
+                                                slots)
+        elif captures and self.config.watch_documents:
+            try:
+                adapt_bytes = self.admit_adaptation(pool, len(input_ids), q_heads, 0, registration.compact_windows, slots,
+                                                    watch=True)
+            except DocumentError as error:  # the document is compacted all the same, unwatched
+                logger.info("sglang-am: document %s is not watched: %s", doc_id, error.message)
         config = _describe_config(registration)
         if not captures:
             single_rank(scheduler, "installing another data-parallel rank's compaction")
@@ -169,13 +177,16 @@ class Registrations:
         return [layer for layer, window in enumerate(self.cache.windows) if window is None or compact_windows]
 
     def admit_adaptation(self, pool, length: int, q_heads: int, fitted_bytes: int, compact_windows: bool,
-                         slots: int) -> int:
+                         slots: int, watch: bool = False) -> int:
         """The host memory an adapting document will hold (its refit inputs: KV and the ``fitted_bytes`` of
         queries it was fitted to; live queries; the compacted layers of the version serving, ``slots`` wide, in
-        float32), within the server's bound (``--am-adapt-memory-bytes``), or 503."""
+        float32), within the server's bound (``--am-adapt-memory-bytes``), or 503. A ``watch``ed document keeps the
+        KV of its compacted layers only."""
         itemsize = pool.store_dtype.itemsize
-        tokens = sum(length if window is None else min(window, length) for window in self.cache.windows)
-        layers = len(self.compacted_layers(compact_windows))
+        compacted = self.compacted_layers(compact_windows)
+        tokens = sum(length if window is None else min(window, length) for layer, window in enumerate(self.cache.windows)
+                     if not watch or layer in compacted)
+        layers = len(compacted)
         serving = layers * slots * pool.head_num * (pool.head_dim + pool.v_head_dim + 1) * 4
         needed = (tokens * pool.head_num * (pool.head_dim + pool.v_head_dim) * itemsize + fitted_bytes + serving
                   + adapt.nbytes(layers, self.config.adapt_reservoir, q_heads, pool.head_dim, itemsize))
@@ -284,7 +295,8 @@ class Registrations:
             prefix, candidate = solve(inputs, plan, tokens, self.cache.windows, self.store.fingerprint_or_empty(), doc.config)
             adaptation = adapt.Adaptation.start(
                 inputs, plan, layers, self.cache.windows, len(tokens), self.config.adapt_reservoir,
-                self.config.adapt_refit_every, adapt_bytes, doc.config["answer_tokens"], prefix) if adapt_bytes else None
+                self.config.adapt_refit_every, adapt_bytes, doc.config["answer_tokens"], prefix,
+                "adapt" if doc.config["adapt"] else "watch") if adapt_bytes else None
             return Solved(prefix, adaptation, candidate)
 
         try:

@@ -188,7 +188,9 @@ class Document:
             "timings": self.timings,
             "requests_served": self.requests_served,
             "requests_active": self.users,
-            **({} if self.adaptation is None else {"adapt": self.adaptation.describe()}),
+            # An adapting or learned document's refits and live figure; a watched one's live figure ("watch").
+            **({} if self.adaptation is None else
+               {"adapt" if self.config.get("adapt") else "watch": self.adaptation.describe()}),
             **({} if self.observation is None else {"observe": self.observation.describe()}),
         }
 

@@ -39,7 +39,7 @@ def test_a_slot_being_rewritten_is_invalid_until_its_last_layer_is_written():
     assert live.size == 4 and nbytes(2, 4, 1, 1, 4) == 32
 
 
-def adapting(answers=True):
+def adapting(answers=True, mode="adapt", layers=(0, 1)):
     generator = torch.Generator().manual_seed(0)
     kv = {layer: (torch.randn(1, 64, 8, generator=generator), torch.randn(1, 64, 8, generator=generator))
           for layer in range(2)}
@@ -54,8 +54,8 @@ def adapting(answers=True):
     fractions = {"questions": 0.5, "repeat-prefill": 0.5} if answers else {"repeat-prefill": 1.0}
     plan = SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.25, fractions, max_queries_per_head=200))
     prefix = solve_document(inputs, plan, list(range(64)), (None, None), {}, {})
-    return Adaptation.start(inputs, plan, layers=[0, 1], windows=[None, None], length=64, capacity=16, refit_every=8,
-                            reserved_bytes=1000, answer_steps=4, prefix=prefix)
+    return Adaptation.start(inputs, plan, layers=list(layers), windows=[None, None], length=64, capacity=16,
+                            refit_every=8, reserved_bytes=1000, answer_steps=4, prefix=prefix, mode=mode)
 
 
 def record(adaptation, count: int) -> torch.Tensor:
@@ -124,6 +124,18 @@ def test_the_live_fidelity_judges_the_serving_version_on_the_positions_that_arri
     adaptation.serving = {layer: (*adaptation.kv[layer], torch.zeros(1, 64)) for layer in (0, 1)}
     adaptation.measure_live(unfitted)
     assert adaptation.live_fidelity["relative_l2"] < 1e-5
+
+
+def test_a_watched_document_keeps_only_what_its_live_figure_reads():
+    adaptation = adapting(mode="watch", layers=(1,))  # as if only layer 1 were compacted
+    assert set(adaptation.kv) == {1} and adaptation.fitted == {} and set(adaptation.serving) == {1}
+    kept, slots = adaptation.live.plan(9)
+    adaptation.live.record(1, torch.randn(9, 2, 8), slots, 1.0)
+    assert adaptation.due()
+    adaptation.measure_live(adaptation.unfitted())
+    described = adaptation.describe()
+    assert described["mode"] == "watch" and described["live_fidelity"]["positions"] == 9
+    assert described["live_fidelity"]["relative_l2"] > 0 and "refits" not in described
 
 
 def test_an_observation_solves_once_enough_distinct_requests_are_in_and_holds_out_whole_requests():

@@ -107,13 +107,15 @@ def test_policy_travels_in_the_environment(monkeypatch):
 def test_launcher_turns_am_flags_into_the_config_and_policy_and_passes_the_rest_to_sglang(capsys):
     command, env = launch_command(["--am-auto", "--am-auto-min-requests", "5", "--am-auto-budget", "4096",
                                    "--am-auto-save-evicted", "false", "--am-store-dir", "/tmp/am",
-                                   "--am-store-quota-bytes", "2GiB", "--am-solve-timeout", "30", "--port", "30001"])
+                                   "--am-store-quota-bytes", "2GiB", "--am-solve-timeout", "30", "--am-watch-documents",
+                                   "false", "--port", "30001"])
     assert not any(arg.startswith("--am-") for arg in command)
     assert command[command.index("--port") + 1] == "30001"
     policy = json.loads(env[POLICY_VARIABLE])
     assert (policy["min_requests"], policy["budget"], policy["save_evicted"]) == (5, 4096, False)
     config = ServerConfig(**json.loads(env[CONFIG_VARIABLE]))
     assert (config.store_dir, config.store_quota_bytes, config.solve_timeout) == ("/tmp/am", 2 * GiB, 30.0)
+    assert config.watch_documents is False and ServerConfig().watch_documents is True
     assert split_am_flags(["--port", "1"]) == (["--port", "1"], None, None)
     assert AutoPolicy().ratio == "auto"  # the fidelity guard picks each prefix's ratio
     _, _, fixed = split_am_flags(["--am-auto", "--am-auto-ratio", "0.2", "--am-auto-adapt", "true"])
