@@ -22,8 +22,8 @@ fidelity guard reports the refit on held-out live queries; the next-token KL nee
 live traffic does not have, so refits report none.
 
 Every other document the server compacts is **watched** (``--am-watch-documents``, on by default): it keeps the
-same reservoir and the KV of its compacted layers (not what a refit reads), and its live fidelity is measured
-as often, but it is never refitted.
+same reservoir and the KV of its compacted layers (not what a refit reads), and its live fidelity is measured,
+one watched document at a time within ``refits.WATCH_SHARE`` of the solver thread, but it is never refitted.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ class Refits:
             if not refused or observation.tries >= OBSERVE_TRIES:
                 logger.warning("sglang-am: gave up learning document %s: %s", doc.doc_id, observation.last_error)
                 self.registrations.discard(doc)
-                self._note_given_up()
+                if refused:  # a fault or an evicted prefix says nothing about whether the traffic generalises
+                    self._note_given_up()
             return
         self.given_up_in_a_row = 0
         try:
