@@ -87,6 +87,7 @@ def run_stream(url: str, stream: list, args, extension: bool, label: str) -> tup
 
 
 def summary(stream, answers, wall: float, switch: int | None, reference=None) -> dict:
+    """Accuracy (and with stock's answers, agreement) over the stream and each half (split at a switch); TTFT."""
     half = switch or len(stream) // 2
     series = {"accuracy": [a.error is None and q.is_correct(a.text) for q, a in zip(stream, answers)]}
     if reference is not None:
@@ -104,7 +105,7 @@ def summary(stream, answers, wall: float, switch: int | None, reference=None) ->
 
 def learning(timeline: list, switch: int | None, total: int) -> dict:
     """What the timeline says: the share of the second half served compacted, and after a switch, the requests
-    until the live figure crossed the bound (a refit or revert followed) and until the first revert."""
+    until the first revert (the live figure at each read is in the timeline)."""
     half = switch or total // 2
     before = next((point for point in reversed(timeline) if point["requests"] <= half), {"hits": 0})
     end = timeline[-1]
