@@ -35,20 +35,22 @@ from sglang_am.client import DocumentsClient
 from sglang_am.serve import MODELS, model_path, serving
 
 
+def zipf_draws(pool: list, count: int, exponent: float, rng: random.Random) -> list:
+    """``count`` draws from ``pool`` (weight 1/rank^exponent; which question is the most asked is random too)."""
+    order = rng.sample(pool, len(pool))
+    return rng.choices(order, [1 / (rank + 1) ** exponent for rank in range(len(order))], k=count)
+
+
 def zipf_stream(questions, documents: int, requests: int, exponent: float, seed: int) -> list:
-    """``requests`` draws per document from its questions (weight 1/rank^exponent), interleaved across documents."""
+    """``requests`` draws per document from its questions (``zipf_draws``), interleaved across documents."""
     rng = random.Random(seed)
-    per_document = [[q for q in questions if q.document == d] for d in range(documents)]
-    draws = []
-    for pool in per_document:
-        order = rng.sample(pool, len(pool))  # which question is the most asked is random too
-        weights = [1 / (rank + 1) ** exponent for rank in range(len(order))]
-        draws.append(rng.choices(order, weights, k=requests))
+    draws = [zipf_draws([q for q in questions if q.document == d], requests, exponent, rng) for d in range(documents)]
     return [draws[d][i] for i in range(requests) for d in range(documents)]
 
 
-def summary(stream, answers, wall: float, reference=None) -> dict:
-    """Accuracy (and with the full prefix's answers, agreement) over each half and tenth of the stream; TTFT."""
+def summary(stream, answers, wall: float, reference=None, half: int | None = None) -> dict:
+    """Accuracy (and with the reference answers, agreement) over the stream, each half (split at ``half``, by
+    default the middle) and each tenth; TTFT."""
     series = {"accuracy": [a.error is None and q.is_correct(a.text) for q, a in zip(stream, answers)]}
     if reference is not None:
         series["agreement"] = [agreement(full, served) for full, served in zip(reference, answers)]
@@ -57,8 +59,9 @@ def summary(stream, answers, wall: float, reference=None) -> dict:
     row = {"requests": len(answers), "errors": sum(a.error is not None for a in answers),
            "ttft_p50": round(quantile(50), 4), "ttft_p99": round(quantile(99), 4),
            "request_throughput": round(len(answers) / wall, 3)}
+    half = half or len(answers) // 2
     for name, values in series.items():
-        half = len(values) // 2
+        row[name] = round(sum(values) / len(values), 4)
         row[f"{name}_first_half"] = round(sum(values[:half]) / half, 4)
         row[f"{name}_second_half"] = round(sum(values[half:]) / (len(values) - half), 4)
         row[f"{name}_by_tenth"] = [round(sum(part) / len(part), 4) for part in _tenths(values)]

@@ -25,24 +25,19 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from pathlib import Path
 
+from adapt_stream import summary, zipf_draws
 from common import RESULTS_DIR, environment, finish
 from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
-from sglang_am.batch_qa import agreement, ask_all, documents_and_questions
+from sglang_am.batch_qa import ask_all, documents_and_questions
 from sglang_am.client import DocumentsClient
 from sglang_am.serve import MODELS, model_path, serving
 
 STREAMS = ("zipf", "unique", "drift")
-
-
-def zipf_draws(pool: list, count: int, exponent: float, rng: random.Random) -> list:
-    order = rng.sample(pool, len(pool))  # which question is the most asked is random too
-    return rng.choices(order, [1 / (rank + 1) ** exponent for rank in range(len(order))], k=count)
 
 
 def make_stream(kind: str, questions: list, documents: int, args) -> tuple[list, int | None]:
@@ -84,23 +79,6 @@ def run_stream(url: str, stream: list, args, extension: bool, label: str) -> tup
         print(f"\r{label}: {start + len(chunk)}/{len(stream)}", end="", flush=True)
     print(flush=True)
     return answers, timeline, wall
-
-
-def summary(stream, answers, wall: float, switch: int | None, reference=None) -> dict:
-    """Accuracy (and with stock's answers, agreement) over the stream and each half (split at a switch); TTFT."""
-    half = switch or len(stream) // 2
-    series = {"accuracy": [a.error is None and q.is_correct(a.text) for q, a in zip(stream, answers)]}
-    if reference is not None:
-        series["agreement"] = [agreement(full, served) for full, served in zip(reference, answers)]
-    ttft = [a.ttft for a in answers if a.error is None]
-    quantile = lambda p: round(statistics.quantiles(ttft, n=100, method="inclusive")[p - 1], 4)  # noqa: E731
-    row = {"requests": len(answers), "errors": sum(a.error is not None for a in answers), "ttft_p50": quantile(50),
-           "ttft_p99": quantile(99), "request_throughput": round(len(answers) / wall, 3)}
-    for name, values in series.items():
-        row[name] = round(sum(values) / len(values), 4)
-        row[f"{name}_first_half"] = round(sum(values[:half]) / half, 4)
-        row[f"{name}_second_half"] = round(sum(values[half:]) / (len(values) - half), 4)
-    return row
 
 
 def learning(timeline: list, switch: int | None, total: int) -> dict:
@@ -158,13 +136,13 @@ def main() -> None:
         stream, switch = make_stream(kind, questions, args.documents, args)
         with serving([*flags, "--attention-backend", "torch_native"], stock=True) as url:
             reference, _, wall = run_stream(url, stream, args, False, f"{kind}, stock")
-        rows.append({"stream": kind, "config": "stock", **summary(stream, reference, wall, switch)})
+        rows.append({"stream": kind, "config": "stock", **summary(stream, reference, wall, half=switch)})
         with serving([*flags, "--am-auto"]) as url:
             answers, timeline, wall = run_stream(url, stream, args, True, f"{kind}, --am-auto")
             time.sleep(1)
             client = DocumentsClient(url)
             idle, documents = client.stats()["idle_check"], [learned(doc) for doc in client.list()]
-        rows.append({"stream": kind, "config": "--am-auto", **summary(stream, answers, wall, switch, reference),
+        rows.append({"stream": kind, "config": "--am-auto", **summary(stream, answers, wall, reference, switch),
                      **learning(timeline, switch, len(stream)), "idle_check": idle, "documents": documents,
                      "timeline": timeline})
         print({key: value for key, value in rows[-1].items() if key != "timeline"}, flush=True)
