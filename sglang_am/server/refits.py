@@ -67,16 +67,18 @@ class Refits:
         ready = [doc for doc in self.registry.in_state(DocState.READY) if doc.adaptation is not None]
         measuring = any(doc.adaptation.mode == "watch" and doc.adaptation.job is not None for doc in ready)
         for doc in ready:
-            adaptation = doc.adaptation
+            adaptation, watched = doc.adaptation, doc.adaptation.mode == "watch"
             if adaptation.job is not None and adaptation.job.done():
-                self._install_refit(scheduler, doc)
-                self.registry.update_gauges()  # the live fidelity the refit measured first
-            elif adaptation.due():
-                if adaptation.mode == "watch":
-                    if measuring or time.monotonic() < self.watch_resumes_at:
-                        continue
-                    measuring = True
+                if watched:
+                    self._finish_measure(doc)
+                else:
+                    self._install_refit(scheduler, doc)
+                self.registry.update_gauges()  # the live fidelity the job measured first
+            elif adaptation.due() and not watched:
                 self._start_refit(doc)
+            elif adaptation.due() and not measuring and time.monotonic() >= self.watch_resumes_at:
+                self._start_measure(doc)
+                measuring = True
         for doc in self.registry.in_state(DocState.OBSERVING):
             if doc.job is not None and doc.job.done():
                 self._finish_learning(scheduler, doc)
@@ -90,43 +92,53 @@ class Refits:
     def _start_refit(self, doc: Document) -> None:
         adaptation, seen_before = doc.adaptation, doc.adaptation.seen_at_fit
         unfitted = adaptation.unfitted()
-        if adaptation.mode == "watch":  # measured, never refitted
-            adaptation.seen_at_fit = adaptation.live.seen
+        inputs = adaptation.refit_inputs(self.solver.device or torch.device("cpu"))
+        plan, tokens, config = adaptation.plan, list(doc.tokens), {**doc.config, "fidelity": None}
+        fingerprint = self.registrations.store.fingerprint_or_empty()
 
-            def work() -> float:
-                start = time.perf_counter()
-                adaptation.measure_live(unfitted)
-                return time.perf_counter() - start
-        else:
-            inputs = adaptation.refit_inputs(self.solver.device or torch.device("cpu"))
-            plan, tokens, config = adaptation.plan, list(doc.tokens), {**doc.config, "fidelity": None}
-            fingerprint = self.registrations.store.fingerprint_or_empty()
+        def work() -> CompactedPrefix | None:
+            faults.inject("refit_slow")
+            adaptation.measure_live(unfitted)
+            if not adaptation.needs_refit():  # a learned document within its bound: not refitted
+                return None
+            return solve_document(inputs, plan, tokens, self.cache.windows, fingerprint, config)
 
-            def work() -> CompactedPrefix | None:
-                faults.inject("refit_slow")
-                adaptation.measure_live(unfitted)
-                if not adaptation.needs_refit():  # a learned document within its bound: not refitted
-                    return None
-                return solve_document(inputs, plan, tokens, self.cache.windows, fingerprint, config)
+        self._submit(adaptation, work, "a refit", seen_before)
 
+    def _start_measure(self, doc: Document) -> None:
+        """A watched document's live fidelity on the positions it has not been measured on; never a refit."""
+        adaptation, seen_before = doc.adaptation, doc.adaptation.seen_at_fit
+        unfitted = adaptation.unfitted()
+        adaptation.seen_at_fit = adaptation.live.seen
+
+        def work() -> float:
+            start = time.perf_counter()
+            adaptation.measure_live(unfitted)
+            return time.perf_counter() - start
+
+        self._submit(adaptation, work, "a live-fidelity measure", seen_before)
+
+    def _submit(self, adaptation: Adaptation, work, what: str, seen_before: int) -> None:
         try:
-            adaptation.job = self.solver.submit(work, "a refit", timeout=self.config.solve_timeout)
-        except QueueFull:  # registrations go first; the refit waits for the next batch
+            adaptation.job = self.solver.submit(work, what, timeout=self.config.solve_timeout)
+        except QueueFull:  # registrations go first; the job waits for the next batch
             adaptation.seen_at_fit = seen_before
+
+    def _finish_measure(self, doc: Document) -> None:
+        """The next watched document is measured after a pause ``1 / WATCH_SHARE - 1`` times as long as this one."""
+        job, doc.adaptation.job = doc.adaptation.job, None
+        try:
+            seconds = job.result()
+        except Exception as error:  # noqa: BLE001  (the document serves on, unmeasured this time)
+            seconds = 0.0
+            logger.warning("sglang-am: measuring document %s failed: %r", doc.doc_id, error)
+        self.watch_resumes_at = time.monotonic() + seconds * (1 / WATCH_SHARE - 1)
 
     def _install_refit(self, scheduler, doc: Document) -> None:
         """The refit becomes the version new requests are served from; the old one is retired (``reap``
         removes it once the requests that started on it end). A failure leaves the document as it was."""
         adaptation = doc.adaptation
         job, adaptation.job = adaptation.job, None
-        if adaptation.mode == "watch":  # a measure, not a refit
-            try:
-                seconds = job.result()
-            except Exception as error:  # noqa: BLE001  (the document serves on, unmeasured this time)
-                seconds = 0.0
-                logger.warning("sglang-am: measuring document %s failed: %r", doc.doc_id, error)
-            self.watch_resumes_at = time.monotonic() + seconds * (1 / WATCH_SHARE - 1)
-            return
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
         try:
             prefix: CompactedPrefix | None = job.result()
