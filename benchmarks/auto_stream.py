@@ -63,6 +63,7 @@ def counters(url: str) -> dict:
             "installed": values.get("compactions", {}).get("auto", 0),
             "given_up": values.get("compaction_failures", {}).get("auto", 0),
             "refits": values.get("refits", 0), "reverts": values.get("reverts", 0),
+            "answer_refusals": values.get("answer_refusals", 0),
             "live_error_max": stats["gauges"].get("adapt_live_error_max"), "observing": stats["documents"]["observing"]}
 
 
@@ -87,7 +88,7 @@ def learning(timeline: list, switch: int | None, total: int) -> dict:
     half = switch or total // 2
     before = next((point for point in reversed(timeline) if point["requests"] <= half), {"hits": 0})
     end = timeline[-1]
-    row = {**{key: end[key] for key in ("observed", "installed", "given_up", "refits", "reverts")},
+    row = {**{key: end[key] for key in ("observed", "installed", "given_up", "answer_refusals", "refits", "reverts")},
            "served_compacted_second_half": round((end["hits"] - before["hits"]) / (total - half), 4)}
     if switch is not None:
         reverted = next((point["requests"] for point in timeline
@@ -97,10 +98,12 @@ def learning(timeline: list, switch: int | None, total: int) -> dict:
 
 
 def learned(doc: dict) -> dict:
-    """What a learned document ended as: its state, ratio, certified figure, live figure and observation."""
+    """What a learned document ended as: its state, ratio, certified figures (attention, held-out answers), live
+    figure and observation."""
     fidelity = doc.get("fidelity") or {}
     return {"state": doc["state"], "T": doc["T"], "t": doc["t"], "ratio": doc["ratio"],
-            "certified_relative_l2": fidelity.get("relative_l2"), "requests_served": doc["requests_served"],
+            "certified_relative_l2": fidelity.get("relative_l2"), "heldout_answers": fidelity.get("heldout_answers"),
+            "requests_served": doc["requests_served"],
             "live_fidelity": (doc.get("adapt") or {}).get("live_fidelity"), "observe": doc.get("observe")}
 
 

@@ -2,7 +2,8 @@
 
 Every malformed body, path and id gets a 4xx with a reason; every size, count and duration a client can
 ask for is bounded; files are written only inside the server's store; and after each injected fault
-(solver exception, solver thread exit, capture failure, disk full, slow disk, slow scheduler) SGLang's
+(solver exception, solver thread exit, capture failure, disk full, slow disk, slow scheduler, failing upkeep
+after a batch) SGLang's
 own pool invariant check finds nothing leaked and the next registration works. Stopping a server
 mid-solve takes seconds, and a server killed mid-solve comes back with its store intact."""
 
@@ -375,6 +376,20 @@ def test_a_fault_during_registration_releases_everything(server, tokenizer, faul
     status, out = call(server, "POST", "/generate", {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 1}})
     assert status == 200 and out["meta_info"]["am_document"][0]["doc_id"] == registered["doc_id"]
     drop_all(server)
+    clean(server)
+
+
+def test_a_failing_upkeep_step_after_batches_is_counted_and_serving_goes_on(server, tokenizer, faults):
+    _, prompts = ids_of(tokenizer, seed=32)
+    before = ok(server, "GET", "/am/stats")["counters"].get("background_failures", 0)
+    faults.write_text("upkeep")
+    try:
+        outputs = [call(server, "POST", "/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": 2}})
+                   for prompt in prompts[:2]]
+    finally:
+        faults.write_text("")
+    assert [status for status, _ in outputs] == [200, 200]
+    assert ok(server, "GET", "/am/stats")["counters"]["background_failures"] > before
     clean(server)
 
 

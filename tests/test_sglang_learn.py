@@ -1,7 +1,7 @@
 """Automatic compaction that learns from the requests it serves (the default query source, "live"), on a real
 SGLang server on loopback (the embedded recall model, float32): a reused prefix is observed with no capture
-prefill, its node is certified on requests held out of the fit and installed, and when the questions change
-it goes back to its full prefix."""
+prefill, its node is certified on requests held out of the fit (their attention, and the greedy answers they
+were served) and installed, and when the questions change it goes back to its full prefix."""
 
 import time
 
@@ -13,7 +13,7 @@ from sglang_am.serve import serving
 from .live_server import STRICT_CHECKS, ok
 
 pytestmark = pytest.mark.slow
-OBSERVE, BOUND = 4, 0.3  # the recall model's node fits its questions to about 0.1 at 0.2; other keys' stay near 0.4
+OBSERVE, BOUND = 8, 0.3  # the recall model's node fits its questions to about 0.1 at 0.2; other keys' stay near 0.4
 FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--am-auto", "--am-auto-min-tokens", "64",
          "--am-auto-min-requests", "3", "--am-auto-poll-seconds", "0.2", "--am-auto-observe-requests", str(OBSERVE),
          "--am-auto-fidelity-bound", str(BOUND)]
@@ -21,23 +21,25 @@ FLAGS = ["--max-total-tokens", "8192", "--dtype", "float32", "--am-auto", "--am-
 
 def test_a_reused_prefix_is_learned_from_its_requests_certified_installed_and_reverted_when_the_questions_change():
     (doc,) = recall_task(num_pairs=100, num_questions=40, seed=11)
-    asked, drifted = doc.questions[:4], doc.questions[10:40]
+    # Two questions asked four times each while observed: the requests held out ask what the fit saw (a question
+    # asked only by held-out requests is answered wrong, and refused: what a node answers is what it was fitted to).
+    asked, drifted = doc.questions[:2], doc.questions[10:40]
     with serving(FLAGS, env=STRICT_CHECKS) as url:
-        def generate(question):
+        def generate(question, tokens=1):
             return ok(url, "POST", "/generate", {"text": f"{doc.text}\n{question.question}",
-                                                 "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
+                                                 "sampling_params": {"max_new_tokens": tokens, "temperature": 0}})
 
         def learned():
             documents = ok(url, "GET", "/am/documents")["documents"]
             return documents[0] if documents else None
 
-        full = {q.question: generate(q)["output_ids"] for q in asked[:3]}  # the third triggers the tracker
+        full = {q.question: generate(q)["output_ids"] for q in (*asked, asked[0])}  # the third triggers the tracker
         deadline = time.monotonic() + 30
         while (learned() or {}).get("state") != "observing":
             assert time.monotonic() < deadline, "the reused prefix was never observed"
             time.sleep(0.2)
         states, served = [], []
-        for turn in range(40):
+        for turn in range(80):  # a refused first try observes twice as many requests
             question = asked[turn % len(asked)]
             out = generate(question)
             full.setdefault(question.question, out["output_ids"])
@@ -47,20 +49,25 @@ def test_a_reused_prefix_is_learned_from_its_requests_certified_installed_and_re
             if len(served) >= 8:
                 break
         assert states[0] == "observing", states
-        assert len(served) == 8, states
+        assert len(served) == 8, (states, learned(), ok(url, "GET", "/am/stats")["counters"])
         document = learned()
         stats = ok(url, "GET", "/am/stats")
         assert document["origin"] == "auto" and document["config"]["query_source"] == "live"
         # Certified on requests held out of its fit, at a rung within the bound (refits keep it there since); no
         # capture prefill ran.
         assert document["fidelity"]["relative_l2"] <= BOUND and document["t"] <= 4 + round(0.2 * (document["T"] - 4))
+        # ... and on what they were served: the held-out requests' questions asked of the node fitted without them.
+        # (Answers are one token: the recall model answers in its first and babbles after it, and its babble through a
+        # node agrees with the full prefix's on about 1 token in 16.)
+        answers = document["fidelity"]["heldout_answers"]
+        assert answers["questions"] >= 1 and answers["agreement"] >= 0.8, answers
         assert stats["counters"]["observed_requests"] >= OBSERVE and stats["counters"]["compactions"] == {"auto": 1}
-        # The answers it was fitted to (a recall answer is its first token; the model babbles after it).
-        assert all(output[0] == full[question][0] for question, output in served)
+        # The answers it was fitted to.
+        assert all(output == full[question] for question, output in served)
 
         # The questions change: the live figure leaves the bound, and the prefix is served in full again.
         for question in drifted:
-            generate(question)
+            generate(question, tokens=8)  # decode steps too: more new positions per request
             if ok(url, "GET", "/am/stats")["counters"]["reverts"]:
                 break
         else:
@@ -93,18 +100,23 @@ def test_prefixes_whose_held_out_requests_miss_the_bound_stay_in_full_and_three_
 
         for given_up in range(1, 5):
             prefix = [rng.randrange(10, 1000) for _ in range(300)]
-            for turn in range(40):
+            for _ in range(40):
                 out = answer(prefix + [rng.randrange(10, 1000) for _ in range(20)])
                 assert "am_document" not in out["meta_info"]
                 stats = ok(url, "GET", "/am/stats")
-                if stats["counters"]["compaction_failures"].get("auto", 0) == min(given_up, 3) and (
-                    given_up < 4 or turn >= 10
+                if stats["counters"]["compaction_failures"].get("auto", 0) == given_up if given_up < 4 else (
+                    stats["counters"]["auto_triggers"] == 4  # the fourth is proposed (the poller took it)
                 ):
                     break
+                time.sleep(0.1)
             else:
-                raise AssertionError(f"prefix {given_up} was never given up: {stats}")
+                raise AssertionError(f"prefix {given_up} was never given up (or proposed): {stats}")
             assert stats["documents"]["ready"] == 0 and not stats["counters"]["compactions"]
         # The fourth prefix was proposed but never observed: the pause.
+        for _ in range(4):
+            answer(prefix + [rng.randrange(10, 1000) for _ in range(20)])
+        time.sleep(1.0)  # several polls
+        stats = ok(url, "GET", "/am/stats")
         assert stats["counters"]["auto_triggers"] == 4 and stats["documents"]["observing"] == 0
         assert stats["counters"]["compaction_failures"] == {"auto": 3}
         deadline = time.monotonic() + 60

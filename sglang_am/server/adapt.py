@@ -229,6 +229,30 @@ class Adaptation:
             self.job.cancel("the document was dropped")
 
 
+# Observed greedy requests whose answers are kept for certification, and the longest prompt kept (tokens).
+ANSWERS_KEPT = 64
+MAX_PROMPT_KEPT = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedAnswer:
+    """What an observed greedy request was served with the full prefix: its prompt after the prefix and its answer."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
+@dataclasses.dataclass
+class LearnedCertification:
+    """A learned document's candidate (fitted without the held-out requests) is installed, waiting for the HTTP
+    process to ask it their questions (``handed_out``: it has them) until ``deadline`` (``time.monotonic``)."""
+
+    heldout: list[ServedAnswer]
+    ratio: float  # the rung the solve picked
+    deadline: float
+    handed_out: bool = False
+
+
 @dataclasses.dataclass(eq=False)
 class Observation:
     """An automatic document learning its node from the requests that reuse its prefix, which are served in full
@@ -236,7 +260,10 @@ class Observation:
     first ``answer_steps`` decode steps, on every layer the solve compacts), tagged by request. Once
     ``requests_needed`` distinct requests are in the reservoir, ``refits`` solves the node from them and certifies
     it on a seeded half held out of a second fit: the guard's figure is how the node serves requests it was not
-    fitted to. A refused solve waits for twice as many requests, ``tries`` times at most."""
+    fitted to. Greedy requests also leave what they were served (``note_answer``): the held-out ones' questions
+    are then asked of a candidate fitted without them (``certifying``), and the node is installed only if its
+    greedy answers agree with theirs. A refused solve waits for twice as many requests, ``tries`` times at most;
+    after a refusal by the answers, the next solve starts from the rung above (``lowest_ratio``)."""
 
     live: LiveQueries
     requests_needed: int
@@ -244,25 +271,40 @@ class Observation:
     tagged: int = 0  # requests tagged so far
     tries: int = 0  # solves the guard refused
     last_error: str | None = None
+    answers: dict[int, ServedAnswer] = dataclasses.field(default_factory=dict)  # request number -> its greedy answer
+    heldout: frozenset[int] = frozenset()  # the requests held out of the last solve's second fit
+    certifying: LearnedCertification | None = None  # a candidate being asked the held-out requests' questions
+    lowest_ratio: float = 0.0  # the smallest rung the next solve may pick
 
     def tag(self) -> int:
         """A new request reusing the prefix: its number."""
         self.tagged += 1
         return self.tagged - 1
 
+    def note_answer(self, part: int, prompt: Sequence[int], answer: Sequence[int]) -> None:
+        """A greedy observed request ended: its prompt after the prefix and the first ``answer_steps`` tokens it was
+        served, for the first ``ANSWERS_KEPT`` such requests (the reservoir holds the early requests anyway)."""
+        if len(self.answers) < ANSWERS_KEPT and answer and len(prompt) <= MAX_PROMPT_KEPT:
+            self.answers[part] = ServedAnswer(list(prompt), list(answer[: self.answer_steps]))
+
+    def heldout_answers(self) -> list[ServedAnswer]:
+        """The held-out requests' answers to certify a candidate with (none: the attention figure alone decides)."""
+        return [self.answers[part] for part in sorted(self.heldout) if part in self.answers]
+
     def due(self) -> bool:
-        return len(self.live.requests) >= self.requests_needed << self.tries
+        return self.certifying is None and len(self.live.requests) >= self.requests_needed << self.tries
 
     def fit_inputs(self, kv, num_layers: int, num_kv_heads: int) -> tuple[SolveInputs, frozenset[int]]:
         """The solve's inputs (``kv``: layer -> the prefix's keys and values, copied from the pool) and the requests
         held out of the second fit."""
         rows, parts = self.live.snapshot(), self.live.snapshot_parts()
         present = torch.unique(parts).tolist()
-        heldout = frozenset(present[index] for index in heldout_questions(len(present)))
+        heldout = self.heldout = frozenset(present[index] for index in heldout_questions(len(present)))
         return SolveInputs(kv, lambda layer: {"questions": rows[layer]}, dict(self.live.scales), num_layers, num_kv_heads,
                            {}, {"questions": parts}, "the prefix's KV copied from the pool"), heldout
 
     def describe(self) -> dict:
         return {"requests_tagged": self.tagged, "requests_observed": len(self.live.requests),
                 "requests_needed": self.requests_needed << self.tries, "reservoir": self.live.size, "tries": self.tries,
-                "last_error": self.last_error}
+                "answers_kept": len(self.answers), "certifying": self.certifying is not None,
+                "lowest_ratio": self.lowest_ratio or None, "last_error": self.last_error}

@@ -9,9 +9,9 @@ the longest common prefix of their prompts. Once ``min_requests`` of them arrive
 HTTP process polls for candidates (``background.AutoCompactor``). With the default query source ``live``
 each candidate learns from traffic, with no extra prefill (``refits``): the requests that reuse it are
 served in full and keep their queries until ``observe_requests`` of them certify a node on the half held
-out. With a captured source it is registered through the ordinary registration path, two at a time, in the
-background. Either way new requests on the prefix then use the compacted node, requests in flight keep
-their full prefix.
+out (their attention error, and their greedy answers: ``agreement_bound``). With a captured source it is
+registered through the ordinary registration path, two at a time, in the background. Either way new
+requests on the prefix then use the compacted node, requests in flight keep their full prefix.
 
 Each is compacted at ``ratio``, by default ``"auto"``: the smallest ratio on the ladder up to
 ``AUTO_LADDER_TOP`` whose fidelity guard meets ``fidelity_bound`` (``solve``); a prefix that none meets is
@@ -37,7 +37,7 @@ from ..core import get_method
 from ..core.plan import source_fractions
 from .chat import common_length
 from .config import check_int, flag, from_environment
-from .registration import CAPTURED_SOURCES, DEFAULT_FIDELITY_BOUND
+from .registration import CAPTURED_SOURCES, DEFAULT_AGREEMENT_BOUND, DEFAULT_FIDELITY_BOUND
 
 POLICY_VARIABLE = "SGLANG_AM_AUTO"
 MAX_TRACKED_GROUPS = 1024  # prefixes watched at once; the least recently seen is forgotten first
@@ -57,6 +57,9 @@ class AutoPolicy:
                                                             "auto: the smallest the fidelity guard accepts")
     fidelity_bound: float = flag(DEFAULT_FIDELITY_BOUND, metavar="ERROR", help="the guard's bound on the held-out "
                                  "relative attention error, with ratio auto")
+    agreement_bound: float = flag(DEFAULT_AGREEMENT_BOUND, metavar="FRACTION", help="with query source live and ratio "
+                                  "auto: the share of held-out greedy requests' answer tokens a learned node must "
+                                  "reproduce")
     budget: float | int = flag(0.5, metavar="FRACTION|N", help="KV slots automatic documents may hold: a fraction "
                                                                "of the pool, or a slot count")
     keep_first: int = flag(4, metavar="N", help="attention-sink tokens kept verbatim at the start of a prefix")
@@ -91,6 +94,9 @@ class AutoPolicy:
         bound = self.fidelity_bound
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= 10:
             raise ValueError(f"fidelity_bound must be in (0, 10], got {bound!r}")
+        agreement = self.agreement_bound
+        if isinstance(agreement, bool) or not isinstance(agreement, (int, float)) or not 0 < agreement <= 1:
+            raise ValueError(f"agreement_bound must be in (0, 1], got {agreement!r}")
         budget = self.budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
             isinstance(budget, float) and budget > 1

@@ -4,7 +4,8 @@ start-up load of ``--am-load-store``; both started with FastAPI's lifespan, afte
 ``AutoCompactor`` is the HTTP process's side of automatic compaction: it polls the scheduler for the
 prefixes its reuse tracker proposes (``auto``) and loads them from the store, or has the ranks observe them
 (query source ``live``), or registers them through the service's registration entry point, like a client's,
-two at a time.
+two at a time. It also asks the learned documents' candidates their held-out requests' questions
+(``DocumentService.certify_learned``).
 """
 
 from __future__ import annotations
@@ -41,17 +42,22 @@ class AutoCompactor:
             while True:
                 await asyncio.sleep(self.policy.poll_seconds)
                 try:
-                    candidates = await self.service.auto_candidates()
+                    candidates, learned = await self.service.auto_candidates()
                 except Exception:  # keep polling: a failed poll must not stop automatic compaction
                     logger.exception("sglang-am: polling for automatic compaction failed")
                     continue
                 for candidate in candidates:
-                    task = asyncio.create_task(self.compact(candidate["doc_id"], candidate["input_ids"]))
-                    self.running.add(task)
-                    task.add_done_callback(self.running.discard)
+                    self._start(self.compact(candidate["doc_id"], candidate["input_ids"]))
+                for rank, candidate in learned:
+                    self._start(self.service.certify_learned(rank, candidate))
         finally:
             for task in self.running:
                 task.cancel()
+
+    def _start(self, work) -> None:
+        task = asyncio.create_task(work)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
 
     async def compact(self, doc_id: str, input_ids: list[int]) -> None:
         async with self.slots:

@@ -8,7 +8,8 @@ unless ``answer_temperature``) unless the client gave it; the capture then teach
 answer after the document, so the node is fitted to the positions a request computes while it answers
 (decode steps included), and keeps the full context's top next-token log-probabilities at the answer
 positions as the fidelity reference (``fidelity.AnswerReference``). ``answer_figures`` asks questions of
-an installed node, or of a certifying registration's candidate. With ``--dp-size N`` every request goes
+an installed node, or of a certifying registration's candidate; ``full_context_references`` makes the
+references of requests a learned document observed, for its candidate. With ``--dp-size N`` every request goes
 to the rank that compacts the document.
 """
 
@@ -102,6 +103,20 @@ class CaptureRequests:
             done[indexes[0]] = await run(indexes[0])
             indexes = indexes[1:]
         return {**done, **dict(zip(indexes, await asyncio.gather(*(run(index) for index in indexes))))}
+
+    async def full_context_references(self, ids: list[int], served: list[dict], rank: int) -> list[fidelity.AnswerReference]:
+        """References for requests that were served with the full prefix ``ids`` (each ``prompt`` after it and the
+        ``answer`` it got): each teacher-forced once more with the full prefix (which the tree still holds),
+        asking the top tokens at its answer positions; counted nowhere and observed by no document."""
+        async def reference(request: dict) -> fidelity.AnswerReference:
+            prompt, answer = request["prompt"], request["answer"]
+            output = await self._generate(ids + prompt + answer, {"max_new_tokens": 1, "temperature": 0.0,
+                                                                  "custom_params": {"am_op": "sample"}},
+                                          rank=rank, return_logprob=True, logprob_start_len=len(ids),
+                                          top_logprobs_num=fidelity.TOP_TOKENS)
+            return fidelity.AnswerReference(prompt, answer, fidelity.reference_top(output["meta_info"], len(prompt)))
+
+        return list(await asyncio.gather(*(reference(request) for request in served)))
 
     async def answer_figures(self, doc_id: str, salt: str, ids: list[int], references: list[fidelity.AnswerReference],
                              rank: int, candidate: bool = False) -> dict:

@@ -6,7 +6,8 @@ rewrites the file to switch faults on and off while the server runs. Points: ``s
 raises), ``solver_exit`` (the solver thread gets ``SystemExit``), ``capture`` (recording queries fails
 inside the forward pass), ``store_write`` (the disk fills up halfway through a save), ``store_slow``
 (a save takes 3 s), ``rpc_slow`` (a stats call takes 3 s), ``refit_slow`` (a refit waits 3 s before it
-solves), ``prepare_rank_1`` (data-parallel rank 1 refuses registrations as if its pool were full), and one
+solves), ``prepare_rank_1`` (data-parallel rank 1 refuses registrations as if its pool were full), ``upkeep``
+(the scheduler's document upkeep after a batch raises, ``operations.background_step``), and one
 that corrupts data instead of failing: ``nonfinite_kv`` (a solve reads NaN in the document's values,
 ``enabled``). Unset, ``inject`` does nothing.
 """
@@ -39,6 +40,7 @@ _FAULTS = {
     "store_slow": lambda: time.sleep(SLOW_SECONDS),
     "rpc_slow": lambda: time.sleep(SLOW_SECONDS),
     "refit_slow": lambda: time.sleep(SLOW_SECONDS),
+    "upkeep": _raise(RuntimeError("injected upkeep failure")),
     "prepare_rank_1": _raise(DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the KV pool has no room for this document "
                                                                           "(injected)")),
 }

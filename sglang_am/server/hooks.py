@@ -8,7 +8,8 @@
 - ``after_stream_output`` / ``after_send_abort_output``: the two ways a request ends (its last output,
   or an abort reported outside the stream); it releases its document.
 - ``after_process_batch_result``: a finished capture request's KV is locked in the tree until its
-  document's solve has read it; what cancelled solves held is released once they stop.
+  document's solve has read it; a finished greedy request that an observing document learns from leaves it
+  its answer; then ``operations.background_step``.
 - ``after_init_max_new_tokens``: SGLang clamped ``max_new_tokens`` with the rewritten (shorter)
   prompt; clamp again with the logical length so positions stay inside the model's context.
 - ``after_init_new`` (``ForwardBatch.init_new``): tokens after a document take RoPE positions from T
@@ -165,21 +166,24 @@ def after_process_batch_result(result, scheduler, batch, *args, **kwargs):
     if operations is None:
         return result
     for req in batch.reqs:
-        capture = RequestRecord.of(req).capture
-        if capture is not None and req.finished() and not isinstance(req.finished_reason, FINISH_ABORT):
-            capture.rows.finished = True
-            operations.registrations.hold_source(capture.document, req.cache_salt)
+        if not req.finished() or isinstance(req.finished_reason, FINISH_ABORT):
+            continue
+        record = RequestRecord.of(req)
+        if record.capture is not None:
+            record.capture.rows.finished = True
+            operations.registrations.hold_source(record.capture.document, req.cache_salt)
+        elif record.observed is not None and req.sampling_params.top_k == 1:  # SGLang's greedy (temperature 0)
+            observed = record.observed
+            observed.observation.note_answer(observed.part, req.origin_input_ids[observed.start:], req.output_ids)
     if scheduler.tp_size == 1:  # with TP, ranks release together, in an RPC (and documents do not adapt)
-        operations.registrations.reap(scheduler)
-        operations.refits.advance(scheduler)
+        operations.background_step(scheduler)
     return result
 
 
 def after_on_idle(result, scheduler, *args, **kwargs):
     operations = getattr(scheduler.tree_cache, "operations", None)
     if operations is not None and scheduler.tp_size == 1:
-        operations.registrations.reap(scheduler)
-        operations.refits.advance(scheduler)
+        operations.background_step(scheduler)
     return result
 
 

@@ -27,6 +27,10 @@ COUNTERS = {
     "refit_failures": ("Refits that failed or found no room to install; the document kept serving its version.", ()),
     "observed_requests": ("Requests served in full while their prefix's automatic document learned from them.", ()),
     "reverts": ("Learned documents whose live error stayed above the bound: back to their full prefix, observing.", ()),
+    "answer_refusals": ("Learned nodes whose held-out requests' greedy answers through them missed the agreement "
+                        "bound: not installed.", ()),
+    "background_failures": ("Failed steps of the scheduler's document upkeep after a batch (an extension bug; "
+                            "serving went on).", ()),
 }
 GAUGES = {
     "documents": "Compacted documents installed.",

@@ -10,6 +10,7 @@ the store's I/O thread. Before every call it releases what cancelled solves and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from . import faults
@@ -19,7 +20,9 @@ from .jobs import Worker
 from .protocol import (
     Abandon,
     Advance,
+    AutoCandidates,
     Certify,
+    CertifyLearned,
     CollectStats,
     DeleteStored,
     Description,
@@ -44,6 +47,7 @@ from .registry import DocState
 from .store_operations import StoreOperations
 
 SOLVER_NICE = 10
+logger = logging.getLogger(__name__)
 
 
 class DocumentOperations:
@@ -60,14 +64,31 @@ class DocumentOperations:
             Prepare: registrations.prepare, Advance: registrations.advance, Certify: registrations.certify,
             Abandon: registrations.abandon,
             NoteFidelity: registrations.note_fidelity, Drop: registrations.drop,
-            PollAutoCandidates: registrations.poll_auto_candidates, Observe: self.refits.observe,
+            PollAutoCandidates: self.poll_auto, Observe: self.refits.observe,
+            CertifyLearned: self.refits.certify_learned,
             Save: store.save, Load: store.load, Export: store.export, ReleaseHandoff: store.release_handoff,
             ListStored: store.list_stored, DeleteStored: store.delete_stored, PollJob: store.poll_job,
         }
 
+    def background_step(self, scheduler) -> None:
+        """After each batch and when idle: release what ended, and move refits and learned documents on. A failure
+        here is the extension's bug, not the batch's: it is logged and counted (``background_failures``), and
+        serving goes on."""
+        try:
+            faults.inject("upkeep")
+            self.registrations.reap(scheduler)
+            self.refits.advance(scheduler)
+        except Exception:  # noqa: BLE001  (raised into SGLang's event loop, it would stop the scheduler)
+            self.registry.stats.add("background_failures")
+            logger.exception("sglang-am: a background step of the document operations failed")
+
     def call(self, scheduler, operation: Operation) -> dict:
         self.registrations.reap(scheduler)
         return self._handlers[type(operation)](scheduler, operation)
+
+    def poll_auto(self, scheduler, operation: PollAutoCandidates) -> AutoCandidates:
+        """The reuse tracker's new candidates, and the learned candidates waiting for their held-out questions."""
+        return {"candidates": self.registrations.take_auto_candidates(), "certify": self.refits.certifications()}
 
     def list_documents(self, scheduler, operation: ListDocuments) -> dict:
         return {"documents": [doc.describe() for doc in self.registry.documents.values()]}

@@ -164,9 +164,20 @@ class PollAutoCandidates(Operation):
     quiet = True
 
 
+@dataclasses.dataclass(frozen=True)
+class CertifyLearned(Operation):
+    """A learned document's candidate was asked its held-out requests' questions (``fidelity.summary`` of the
+    answers), or asking failed (``error``)."""
+
+    name = "certify_learned"
+    doc_id: str
+    figures: dict | None = None
+    error: str | None = None
+
+
 OPERATIONS: dict[str, type[Operation]] = {kind.name: kind for kind in (
     ListDocuments, GetDocument, Prepare, Advance, Certify, Abandon, NoteFidelity, Drop, Save, Load, Export, ReleaseHandoff,
-    ListStored, DeleteStored, PollJob, CollectStats, Observe, PollAutoCandidates)}
+    ListStored, DeleteStored, PollJob, CollectStats, Observe, PollAutoCandidates, CertifyLearned)}
 
 
 def decode(name: str, fields: str) -> Operation:
@@ -225,5 +236,15 @@ class AutoCandidate(TypedDict):
     input_ids: list[int]
 
 
+class LearnedCandidate(TypedDict):
+    """A learned document's candidate to ask its held-out requests' questions (``refits.Refits.certifications``)."""
+
+    doc_id: str
+    salt: str
+    input_ids: list[int]  # the prefix
+    heldout: list[dict]  # each request's ``prompt`` after the prefix and the ``answer`` it was served
+
+
 class AutoCandidates(TypedDict):
     candidates: list[AutoCandidate]
+    certify: list[LearnedCandidate]

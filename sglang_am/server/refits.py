@@ -8,8 +8,11 @@ Learned documents (``--am-auto`` with the query source ``live``): ``observe`` ad
 that serves nothing yet (``DocState.OBSERVING``) while the requests reusing its prefix are served in full and
 tagged (``hooks``). Once enough of them are in its reservoir, its prefix's KV is copied from the pool to host
 memory, and the node is solved from their queries and certified on the half held out (``adapt.Observation``),
-one document at a time: the ladder's smallest rung within the bound is installed, with an adaptation that
-watches it; a refusal keeps observing, and three documents given up in a row pause observing for a window.
+one document at a time: the ladder's smallest rung within the attention bound is picked; with held-out greedy
+requests its candidate is installed for probes and handed to the HTTP process (``certifications``), which asks
+it their questions and answers ``certify_learned``: the node is installed, with an adaptation that watches it,
+only if its answers agree with what those requests were served. A refusal keeps observing, and three documents
+given up in a row pause observing for a window.
 Installed, it is measured on the new live queries whenever a refit would be due. With ratio auto it is refitted
 only when that live figure is above the bound, and goes back to observing (its versions retired) when the
 figure is above the bound twice in a row, or its refit's own figure is: no refit keeps up with what the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import secrets
 import time
 from array import array
 from http import HTTPStatus
@@ -30,13 +34,13 @@ import torch
 from ..core.plan import LayerPlan
 from ..prefix import CompactedPrefix
 from . import faults
-from .adapt import Adaptation, LiveQueries, Observation, host_layers, nbytes
+from .adapt import Adaptation, LearnedCertification, LiveQueries, Observation, host_layers, nbytes
 from .auto import AUTO_LADDER_TOP, GUARD_REFUSALS_BEFORE_PAUSE
 from .compat import check_model, single_rank
 from .config import ServerConfig
 from .errors import DocumentError
 from .jobs import QueueFull, Worker
-from .protocol import Description, Observe
+from .protocol import CertifyLearned, Description, Observe
 from .registration import DEFAULT_ANSWER_TOKENS, RATIO_LADDER
 from .registrations import Registrations
 from .registry import DocState, Document, document_id
@@ -51,6 +55,11 @@ OBSERVE_TRIES = 2
 # adapting ones cut bench_serving's 32 registered prefixes from 2.21x to 1.61x the requests/s of no document).
 WATCH_SHARE = 0.1
 LEARNED_MAX_QUERIES_PER_HEAD = 5000  # as a registration's default
+
+
+def _ladder(lowest: float) -> tuple[float, ...]:
+    """The rungs a learned document with ratio auto may pick, from ``lowest`` up."""
+    return tuple(ratio for ratio in RATIO_LADDER if lowest <= ratio <= AUTO_LADDER_TOP)
 
 
 class Refits:
@@ -82,6 +91,9 @@ class Refits:
         for doc in self.registry.in_state(DocState.OBSERVING):
             if doc.job is not None and doc.job.done():
                 self._finish_learning(scheduler, doc)
+            elif doc.observation.certifying is not None and time.monotonic() > doc.observation.certifying.deadline:
+                self._end_certification(doc)
+                self._give_up(doc, "its held-out requests were not asked of its candidate in time", refused=False)
         # One at a time: the solver thread runs one job at a time anyway, and a document that waits keeps observing.
         observing = self.registry.in_state(DocState.OBSERVING)  # without those just installed or given up
         if all(doc.job is None for doc in observing):
@@ -198,8 +210,9 @@ class Refits:
                   "keep_first": policy.keep_first, "options": {}, "compact_windows": False, "questions": 0,
                   "answer_tokens": DEFAULT_ANSWER_TOKENS, "adapt": True}
         observation = self._new_observation(layers)
+        # The salt lets the HTTP process's probes, and no client's request, reach the candidate (``hooks``).
         doc = Document(doc_id, registry.new_index(), array("q", ids), policy.method, config, True, DocState.OBSERVING,
-                       adapt_bytes=needed, observation=observation)
+                       salt=secrets.token_hex(16), adapt_bytes=needed, observation=observation)
         registry.add(doc)
         registry.update_gauges()
         logger.info("sglang-am: observing a reused %d-token prefix (document %s)", len(ids), doc_id)
@@ -223,7 +236,7 @@ class Refits:
         finally:
             self.cache.unlock(hold.lock)
         inputs, heldout = observation.fit_inputs(kv.__getitem__, pool.layer_num, pool.head_num)
-        ladder = tuple(ratio for ratio in RATIO_LADDER if ratio <= AUTO_LADDER_TOP) if policy.ratio == "auto" else None
+        ladder = _ladder(observation.lowest_ratio) if policy.ratio == "auto" else None
         layers = LayerPlan(policy.method, ladder[0] if ladder else policy.ratio, {"questions": 1.0},
                            LEARNED_MAX_QUERIES_PER_HEAD, policy.keep_first)
         plan = SolvePlan(layers, ladder, policy.fidelity_bound if ladder else None, bool(ladder), heldout)
@@ -232,13 +245,13 @@ class Refits:
         fingerprint = self.registrations.store.fingerprint_or_empty()
 
         def work() -> Solved:
-            prefix, _ = solve(inputs, plan, tokens, windows, fingerprint, config)
+            prefix, candidate = solve(inputs, plan, tokens, windows, fingerprint, config)
             chosen = prefix.config["fidelity"].get("ratio", layers.budget)
             watch = SolvePlan(dataclasses.replace(layers, budget=chosen))  # refits keep the certified rung
             adaptation = Adaptation.start(inputs, watch, compacted, windows, len(tokens), self.config.adapt_reservoir,
                                           self.config.adapt_refit_every, adapt_bytes, observation.answer_steps, prefix,
                                           "guard" if plan.bound is not None else "watch", policy.fidelity_bound)
-            return Solved(prefix, adaptation)
+            return Solved(prefix, adaptation, candidate)
 
         try:
             doc.job = self.solver.submit(work, "a learned document's solve", timeout=self.config.solve_timeout)
@@ -246,21 +259,77 @@ class Refits:
             pass
 
     def _finish_learning(self, scheduler, doc: Document) -> None:
-        """Install the certified node; after a refusal keep observing, until ``OBSERVE_TRIES`` refusals."""
+        """A certified solve: with held-out greedy requests, install its candidate for their questions
+        (``certifications``), else the node; after a refusal keep observing, until ``OBSERVE_TRIES`` refusals."""
         observation = doc.observation
         job, doc.job = doc.job, None
         try:
             solved: Solved = job.result()
         except Exception as error:  # noqa: BLE001  (the radix cache keeps serving the prefix in full)
             refused = isinstance(error, DocumentError) and error.status == HTTPStatus.UNPROCESSABLE_ENTITY
-            observation.last_error = error.message if isinstance(error, DocumentError) else repr(error)
-            observation.tries += refused
-            if not refused or observation.tries >= OBSERVE_TRIES:
-                logger.warning("sglang-am: gave up learning document %s: %s", doc.doc_id, observation.last_error)
-                self.registrations.discard(doc)
-                if refused:  # a fault or an evicted prefix says nothing about whether the traffic generalises
-                    self._note_given_up()
+            self._refused(doc, error.message if isinstance(error, DocumentError) else repr(error), refused)
             return
+        heldout = observation.heldout_answers()
+        if solved.candidate is None or not heldout:
+            self._install_learned(scheduler, doc, solved)
+            return
+        try:
+            with self.registrations.discarding_on_failure(doc):
+                self.registrations.install_candidate(scheduler, doc, solved)
+        except DocumentError as error:
+            logger.warning("sglang-am: learned document %s: its candidate was not installed: %s", doc.doc_id,
+                           error.message)
+            return
+        ratio = solved.prefix.config["fidelity"].get("ratio", solved.prefix.config["budget"])
+        observation.certifying = LearnedCertification(heldout, ratio, time.monotonic() + self.config.solve_timeout)
+
+    def certifications(self) -> list[dict]:
+        """The learned documents whose candidates wait for their held-out requests' questions, each handed out once
+        (the HTTP process asks them and answers ``certify_learned``)."""
+        waiting = []
+        for doc in self.registry.in_state(DocState.OBSERVING):
+            certification = doc.observation.certifying
+            if certification is not None and not certification.handed_out:
+                certification.handed_out = True
+                waiting.append({"doc_id": doc.doc_id, "salt": doc.salt, "input_ids": list(doc.tokens),
+                                "heldout": [dataclasses.asdict(answer) for answer in certification.heldout]})
+        return waiting
+
+    def certify_learned(self, scheduler, operation: CertifyLearned) -> Description:
+        """The candidate's greedy answers to the held-out requests, against what those were served: with ratio auto
+        the node is installed if they agree on at least ``agreement_bound`` of the tokens (a fixed ratio installs
+        it and reports them); else the document observes on, its next solve from the rung above."""
+        doc = self.registry.get(operation.doc_id)
+        if doc is None or doc.observation is None or doc.observation.certifying is None:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {operation.doc_id} is not certifying a learned node")
+        observation, policy = doc.observation, self.registry.policy
+        ratio = observation.certifying.ratio
+        solved = self._end_certification(doc)
+        if operation.figures is None:
+            self._give_up(doc, f"asking its candidate the held-out requests' questions failed: {operation.error}",
+                          refused=False)
+            return doc.describe()
+        agreement = operation.figures["agreement"]
+        if policy.ratio == "auto" and agreement < policy.agreement_bound:
+            self.registry.stats.add("answer_refusals")
+            higher = _ladder(ratio)[1:]
+            if higher:
+                observation.lowest_ratio = higher[0]
+            self._refused(doc, f"held-out requests' answers through the node at {ratio} agree on {agreement} of their "
+                          f"tokens, below the bound {policy.agreement_bound}", refused=True, last_chance=not higher)
+            return doc.describe()
+        prefix = solved.prefix
+        fidelity = {**prefix.config["fidelity"], "heldout_answers": operation.figures}
+        self._install_learned(scheduler, doc, dataclasses.replace(
+            solved, prefix=dataclasses.replace(prefix, config={**prefix.config, "fidelity": fidelity})))
+        return doc.describe()
+
+    def _end_certification(self, doc: Document) -> Solved | None:
+        solved, doc.solved, doc.observation.certifying = doc.solved, None, None
+        self.registrations.retire_candidate(doc)
+        return solved
+
+    def _install_learned(self, scheduler, doc: Document, solved: Solved) -> None:
         self.given_up_in_a_row = 0
         try:
             with self.registrations.discarding_on_failure(doc):
@@ -269,6 +338,21 @@ class Refits:
             logger.warning("sglang-am: learned document %s not installed: %s", doc.doc_id, error.message)
             return
         doc.observation = None
+
+    def _refused(self, doc: Document, why: str, refused: bool, last_chance: bool = False) -> None:
+        """A solve or certification that did not install: a guard's refusal (``refused``) keeps observing until
+        ``OBSERVE_TRIES`` (or ``last_chance``); anything else gives the document up at once."""
+        observation = doc.observation
+        observation.last_error = why
+        observation.tries += refused
+        if not refused or last_chance or observation.tries >= OBSERVE_TRIES:
+            self._give_up(doc, why, refused)
+
+    def _give_up(self, doc: Document, why: str, refused: bool) -> None:
+        logger.warning("sglang-am: gave up learning document %s: %s", doc.doc_id, why)
+        self.registrations.discard(doc)
+        if refused:  # a fault or an evicted prefix says nothing about whether the traffic generalises
+            self._note_given_up()
 
     def _note_given_up(self) -> None:
         """After ``GUARD_REFUSALS_BEFORE_PAUSE`` learned documents in a row were given up, this traffic's questions

@@ -40,7 +40,7 @@ from .layout import compacts_windows
 from .protocol import (
     Abandon,
     Advance,
-    AutoCandidates,
+    AutoCandidate,
     Certification,
     Certify,
     Description,
@@ -243,7 +243,7 @@ class Registrations:
         if doc.state is not DocState.CERTIFYING:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc.doc_id} is {doc.state.value}, not certifying")
         with self.discarding_on_failure(doc):
-            self._retire_candidate(doc)
+            self.retire_candidate(doc)
             self.reap(scheduler)
             solved, doc.solved = doc.solved, None
             if operation.accept:
@@ -320,14 +320,19 @@ class Registrations:
         if solved.candidate is None:
             self.install_solved(scheduler, doc, solved)
             return
+        self.install_candidate(scheduler, doc, solved)
+        doc.state = DocState.CERTIFYING
+
+    def install_candidate(self, scheduler, doc: Document, solved: Solved) -> None:
+        """Install ``solved``'s candidate for probes only (room is checked for the node that may follow it)."""
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
         self._check_bias_room(table, solved.candidate.num_slots + solved.prefix.num_slots)
         doc.candidate = self.cache.install_document(solved.candidate, self.registry.new_index())
         if table is not None:
             table.base_of(doc.candidate.index, lambda: doc.candidate.bias)
-        doc.solved, doc.state = solved, DocState.CERTIFYING
+        doc.solved = solved
 
-    def _retire_candidate(self, doc: Document) -> None:
+    def retire_candidate(self, doc: Document) -> None:
         """A certifying document's candidate is done with: ``reap`` removes it once no probe uses it."""
         if doc.candidate is not None:
             self._orphans.append(doc.candidate)
@@ -379,7 +384,7 @@ class Registrations:
     def discard(self, doc: Document, failed: bool = True) -> None:
         """Forget a document that is not ready, releasing what it held (``failed``: count it as a failure)."""
         job, hold = doc.job, doc.source
-        self._retire_candidate(doc)
+        self.retire_candidate(doc)
         self._orphans.extend(doc.retired)  # versions from before a revert that requests still hold
         doc.retired = []
         doc.solved = None
@@ -481,15 +486,15 @@ class Registrations:
             self.remove_ready(scheduler, victim)
             self.registry.stats.add("auto_evictions")
 
-    def poll_auto_candidates(self, scheduler, operation) -> AutoCandidates:
+    def take_auto_candidates(self) -> list[AutoCandidate]:
         """Prefixes the reuse tracker proposes that are not documents yet (the HTTP process compacts them)."""
         tracker = self.registry.tracker
         if tracker is None:
-            return {"candidates": []}
+            return []
         named = ((document_id(ids), ids) for ids in tracker.take_candidates())
         candidates = [{"doc_id": doc_id, "input_ids": ids} for doc_id, ids in named if self.registry.get(doc_id) is None]
         self.registry.stats.add("auto_triggers", len(candidates))
-        return {"candidates": candidates}
+        return candidates
 
 
 def _describe_config(registration: RegistrationRequest) -> dict:

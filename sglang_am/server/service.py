@@ -34,6 +34,7 @@ from .protocol import (
     Abandon,
     Advance,
     Certify,
+    CertifyLearned,
     CollectStats,
     DeleteStored,
     Drop,
@@ -346,10 +347,34 @@ class DocumentService:
         shared = {key: value for key, value in first.items() if key != "dp_rank"}
         return {**shared, **totals, "idle_check": check, "dp_size": len(ranks), "ranks": ranks}
 
-    async def auto_candidates(self) -> list[dict]:
-        """Prefixes the ranks' reuse trackers propose, each once."""
+    async def auto_candidates(self) -> tuple[list[dict], list[tuple[int, dict]]]:
+        """Prefixes the ranks' reuse trackers propose, each once; and each rank's learned candidates waiting for
+        their held-out questions, with the rank."""
         candidates: dict[str, dict] = {}
-        for answer in await self.ranks.all(PollAutoCandidates()):
+        certify = []
+        for rank, answer in enumerate(await self.ranks.all(PollAutoCandidates())):
             for candidate in answer["candidates"]:
                 candidates.setdefault(candidate["doc_id"], candidate)
-        return list(candidates.values())
+            certify.extend((rank, learned) for learned in answer["certify"])
+        return list(candidates.values()), certify
+
+    async def certify_learned(self, rank: int, learned: dict) -> None:
+        """Ask a learned document's candidate on ``rank`` its held-out requests' questions and tell the rank what
+        its greedy answers were (``refits.Refits.certify_learned`` decides); a failure is told too, so that the
+        candidate never waits for an answer that does not come."""
+        doc_id = learned["doc_id"]
+        try:
+            ids = learned["input_ids"]
+            references = await self.requests.full_context_references(ids, learned["heldout"], rank)
+            figures = await self.requests.answer_figures(doc_id, learned["salt"], ids, references, rank, candidate=True)
+            outcome = CertifyLearned(doc_id, figures=figures)
+        except Exception as error:  # noqa: BLE001  (told to the rank, which gives the document up)
+            logger.warning("sglang-am: asking learned document %s its held-out questions failed: %r", doc_id, error)
+            outcome = CertifyLearned(doc_id, error=repr(error))
+        try:
+            described = await self.ranks.one(rank, outcome)
+        except DocumentError as error:  # dropped, or given up when its certification ran out of time
+            logger.warning("sglang-am: learned document %s: %s", doc_id, error.message)
+            return
+        logger.info("sglang-am: learned document %s on DP rank %d: held-out answers agree %s: %s", doc_id, rank,
+                    (outcome.figures or {}).get("agreement"), described.get("state", "given up"))

@@ -138,8 +138,8 @@ def test_every_am_flag_has_a_sentence_of_help_and_a_metavar_that_names_its_value
     actions = [action for action in am_parser()._actions if action.option_strings != ["--am-auto"]]
     assert len(actions) == len(dataclasses.fields(ServerConfig)) + len(dataclasses.fields(AutoPolicy))
     for action in actions:
-        assert action.metavar in {"N", "BYTES", "SECONDS", "PATH", "RATIO", "ERROR", "FRACTION|N", "METHOD", "SOURCE",
-                                  "BOOL"}, action.option_strings
+        assert action.metavar in {"N", "BYTES", "SECONDS", "PATH", "RATIO", "ERROR", "FRACTION|N", "FRACTION", "METHOD",
+                                  "SOURCE", "BOOL"}, action.option_strings
         assert action.help[0].isupper() and action.help.endswith(").") and "(default " in action.help
     bytes_flags = [action for action in actions if action.option_strings[0].endswith("-bytes")]
     assert bytes_flags and all(action.metavar == "BYTES" for action in bytes_flags)

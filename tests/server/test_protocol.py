@@ -10,7 +10,7 @@ from sglang_am.server.protocol import OPERATIONS, Advance, Prepare, decode
 
 
 def test_every_operation_has_its_own_name_and_decodes_to_what_was_encoded():
-    assert len(OPERATIONS) == 18 and all(kind.name == name for name, kind in OPERATIONS.items())
+    assert len(OPERATIONS) == 19 and all(kind.name == name for name, kind in OPERATIONS.items())
     sent = [Prepare({"ratio": 0.1}, [5, 6, 7], auto=True, primary=1), Advance("a" * 64, {"prefill_seconds": 0.5}),
             Advance("b" * 64, handoff="h")]
     for operation in sent:
