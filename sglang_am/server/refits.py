@@ -347,6 +347,8 @@ class Refits:
         observation.tries += refused
         if not refused or last_chance or observation.tries >= OBSERVE_TRIES:
             self._give_up(doc, why, refused)
+        else:
+            logger.info("sglang-am: learned document %s refused, observing on: %s", doc.doc_id, why)
 
     def _give_up(self, doc: Document, why: str, refused: bool) -> None:
         logger.warning("sglang-am: gave up learning document %s: %s", doc.doc_id, why)

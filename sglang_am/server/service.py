@@ -372,9 +372,6 @@ class DocumentService:
             logger.warning("sglang-am: asking learned document %s its held-out questions failed: %r", doc_id, error)
             outcome = CertifyLearned(doc_id, error=repr(error))
         try:
-            described = await self.ranks.one(rank, outcome)
+            await self.ranks.one(rank, outcome)  # the rank logs what it decided
         except DocumentError as error:  # dropped, or given up when its certification ran out of time
             logger.warning("sglang-am: learned document %s: %s", doc_id, error.message)
-            return
-        logger.info("sglang-am: learned document %s on DP rank %d: held-out answers agree %s: %s", doc_id, rank,
-                    (outcome.figures or {}).get("agreement"), described.get("state", "given up"))
