@@ -225,6 +225,7 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        self._log.close()
 
     def stop(self) -> None:
         if self.process is None:
@@ -258,14 +259,15 @@ def serving(
     stock: bool = False,
     startup_seconds: float = 300,
 ) -> Iterator[str]:
-    """A server (``server_process``) for the duration of a ``with`` block; yields its URL. The whole process
-    group is stopped on exit. A server that exits or stays unhealthy raises ``RuntimeError`` with the end of
-    its log."""
+    """A server (``server_process``) for the duration of a ``with`` block; yields its URL. A server that exits or
+    stays unhealthy raises ``RuntimeError`` with the end of its log. On exit the whole process group is killed:
+    the block's requests are over, the document store survives a kill (``tests/server/test_store.py``), and
+    SGLang's graceful stop would spend about 5 s draining nothing."""
     server = server_process(flags, env, stock).start(startup_seconds)
     try:
         yield server.url
     finally:
-        server.stop()
+        server.kill()
 
 
 def healthy(url: str) -> bool:
