@@ -248,7 +248,6 @@ class LearnedCertification:
     process to ask it their questions (``handed_out``: it has them) until ``deadline`` (``time.monotonic``)."""
 
     heldout: list[ServedAnswer]
-    ratio: float  # the rung the solve picked
     deadline: float
     handed_out: bool = False
 
@@ -281,11 +280,12 @@ class Observation:
         self.tagged += 1
         return self.tagged - 1
 
-    def note_answer(self, part: int, prompt: Sequence[int], answer: Sequence[int]) -> None:
-        """A greedy observed request ended: its prompt after the prefix and the first ``answer_steps`` tokens it was
-        served, for the first ``ANSWERS_KEPT`` such requests (the reservoir holds the early requests anyway)."""
-        if len(self.answers) < ANSWERS_KEPT and answer and len(prompt) <= MAX_PROMPT_KEPT:
-            self.answers[part] = ServedAnswer(list(prompt), list(answer[: self.answer_steps]))
+    def note_answer(self, part: int, input_ids: Sequence[int], start: int, answer: Sequence[int]) -> None:
+        """A greedy observed request ended: its prompt after the prefix (``input_ids`` from ``start``) and the first
+        ``answer_steps`` tokens it was served, for the first ``ANSWERS_KEPT`` such requests (the reservoir holds the
+        early requests anyway); copied only when kept."""
+        if len(self.answers) < ANSWERS_KEPT and answer and len(input_ids) - start <= MAX_PROMPT_KEPT:
+            self.answers[part] = ServedAnswer(list(input_ids[start:]), list(answer[: self.answer_steps]))
 
     def heldout_answers(self) -> list[ServedAnswer]:
         """The held-out requests' answers to certify a candidate with (none: the attention figure alone decides)."""

@@ -174,7 +174,7 @@ def after_process_batch_result(result, scheduler, batch, *args, **kwargs):
             operations.registrations.hold_source(record.capture.document, req.cache_salt)
         elif record.observed is not None and req.sampling_params.top_k == 1:  # SGLang's greedy (temperature 0)
             observed = record.observed
-            observed.observation.note_answer(observed.part, req.origin_input_ids[observed.start:], req.output_ids)
+            observed.observation.note_answer(observed.part, req.origin_input_ids, observed.start, req.output_ids)
     if scheduler.tp_size == 1:  # with TP, ranks release together, in an RPC (and documents do not adapt)
         operations.background_step(scheduler)
     return result

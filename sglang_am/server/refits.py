@@ -57,6 +57,11 @@ WATCH_SHARE = 0.1
 LEARNED_MAX_QUERIES_PER_HEAD = 5000  # as a registration's default
 
 
+def _picked_ratio(prefix: CompactedPrefix) -> float:
+    """The ratio a learned solve installed: the ladder's pick, or the fixed ratio."""
+    return prefix.config["fidelity"].get("ratio", prefix.config["budget"])
+
+
 def _ladder(lowest: float) -> tuple[float, ...]:
     """The rungs a learned document with ratio auto may pick, from ``lowest`` up."""
     return tuple(ratio for ratio in RATIO_LADDER if lowest <= ratio <= AUTO_LADDER_TOP)
@@ -246,8 +251,7 @@ class Refits:
 
         def work() -> Solved:
             prefix, candidate = solve(inputs, plan, tokens, windows, fingerprint, config)
-            chosen = prefix.config["fidelity"].get("ratio", layers.budget)
-            watch = SolvePlan(dataclasses.replace(layers, budget=chosen))  # refits keep the certified rung
+            watch = SolvePlan(dataclasses.replace(layers, budget=_picked_ratio(prefix)))  # refits keep the certified rung
             adaptation = Adaptation.start(inputs, watch, compacted, windows, len(tokens), self.config.adapt_reservoir,
                                           self.config.adapt_refit_every, adapt_bytes, observation.answer_steps, prefix,
                                           "guard" if plan.bound is not None else "watch", policy.fidelity_bound)
@@ -280,8 +284,7 @@ class Refits:
             logger.warning("sglang-am: learned document %s: its candidate was not installed: %s", doc.doc_id,
                            error.message)
             return
-        ratio = solved.prefix.config["fidelity"].get("ratio", solved.prefix.config["budget"])
-        observation.certifying = LearnedCertification(heldout, ratio, time.monotonic() + self.config.solve_timeout)
+        observation.certifying = LearnedCertification(heldout, time.monotonic() + self.config.solve_timeout)
 
     def certifications(self) -> list[dict]:
         """The learned documents whose candidates wait for their held-out requests' questions, each handed out once
@@ -303,13 +306,12 @@ class Refits:
         if doc is None or doc.observation is None or doc.observation.certifying is None:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {operation.doc_id} is not certifying a learned node")
         observation, policy = doc.observation, self.registry.policy
-        ratio = observation.certifying.ratio
         solved = self._end_certification(doc)
         if operation.figures is None:
             self._give_up(doc, f"asking its candidate the held-out requests' questions failed: {operation.error}",
                           refused=False)
             return doc.describe()
-        agreement = operation.figures["agreement"]
+        agreement, ratio = operation.figures["agreement"], _picked_ratio(solved.prefix)
         if policy.ratio == "auto" and agreement < policy.agreement_bound:
             self.registry.stats.add("answer_refusals")
             higher = _ladder(ratio)[1:]

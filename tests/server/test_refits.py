@@ -1,6 +1,7 @@
 """Learned documents' bookkeeping in the scheduler, without a server."""
 
 import contextlib
+import dataclasses
 from http import HTTPStatus
 from types import SimpleNamespace
 
@@ -75,7 +76,7 @@ def learned_setup(ratio="auto"):
     refits = Refits(registrations, CONFIG, solver=None)
     observation = Observation(LiveQueries([0], 4), requests_needed=2, answer_steps=4)
     rung = _ladder(0.0)[0]
-    observation.certifying = LearnedCertification([ServedAnswer([1], [2])], rung, deadline=float("inf"))
+    observation.certifying = LearnedCertification([ServedAnswer([1], [2])], deadline=float("inf"))
     one = torch.zeros(1, 1, 1)
     prefix = CompactedPrefix([one], [one], [one[0]], 1, [5], {}, "AM-HighestAttnKeys",
                              {"budget": ratio, "fidelity": {"relative_l2": 0.05, "ratio": rung}})
@@ -110,8 +111,8 @@ def test_a_learned_node_whose_held_out_answers_disagree_observes_on_from_the_run
     assert not asked["installed"] and not asked["discarded"] and asked["retired"] == ["d"]
     assert observation.tries == 1 and observation.lowest_ratio == second and "0.5" in observation.last_error
     assert observation.certifying is None and refits.registry.stats.counts == {"answer_refusals": 1}
-    observation.certifying = LearnedCertification([ServedAnswer([1], [2])], second, deadline=float("inf"))
-    doc.solved = Solved(prefix)
+    observation.certifying = LearnedCertification([ServedAnswer([1], [2])], deadline=float("inf"))
+    doc.solved = Solved(dataclasses.replace(prefix, config={**prefix.config, "fidelity": {"ratio": second}}))
     refits.certify_learned(None, CertifyLearned("d", figures(0.5)))
     assert asked["discarded"] == ["d"] and refits.given_up_in_a_row == 1  # OBSERVE_TRIES refusals: a guard's give-up
     assert first < second
@@ -128,16 +129,16 @@ def test_a_fixed_ratio_installs_a_learned_node_whatever_its_answers_and_a_failed
 
 def test_an_observation_keeps_a_bounded_number_of_greedy_answers_and_waits_while_certifying():
     observation = Observation(LiveQueries([0], 4), requests_needed=1, answer_steps=3)
-    observation.note_answer(0, [1, 2], [7, 8, 9, 10])
-    observation.note_answer(1, [0] * (MAX_PROMPT_KEPT + 1), [7])  # too long a prompt to keep
-    observation.note_answer(2, [1], [])  # nothing served
+    observation.note_answer(0, [9, 9, 1, 2], 2, [7, 8, 9, 10])  # the prompt after a 2-token prefix
+    observation.note_answer(1, [0] * (MAX_PROMPT_KEPT + 3), 2, [7])  # too long a prompt to keep
+    observation.note_answer(2, [1], 0, [])  # nothing served
     assert observation.answers == {0: ServedAnswer([1, 2], [7, 8, 9])}
     for part in range(3, 3 + ANSWERS_KEPT):
-        observation.note_answer(part, [1], [5])
+        observation.note_answer(part, [1], 0, [5])
     assert len(observation.answers) == ANSWERS_KEPT and 3 + ANSWERS_KEPT - 1 not in observation.answers
     observation.heldout = frozenset({4, 0, 2})
     assert observation.heldout_answers() == [ServedAnswer([1, 2], [7, 8, 9]), ServedAnswer([1], [5])]
     observation.live.requests.add(0)
     assert observation.due()
-    observation.certifying = LearnedCertification([], 0.1, deadline=0.0)
+    observation.certifying = LearnedCertification([], deadline=0.0)
     assert not observation.due()
