@@ -163,7 +163,7 @@ def main() -> None:
             if registered is not None:
                 client.drop(registered["doc_id"])
     finally:
-        server.stop()
+        server.kill()  # the runs are over: nothing to drain
     output = Path(args.output or RESULTS_DIR / f"decode_profile_{args.model}_{args.length}.json")
     payload = {**environment(), "inputs": {**vars(args), "document_tokens": len(doc_ids), "max_total_tokens": pool},
                "rows": rows}

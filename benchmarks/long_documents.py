@@ -175,7 +175,7 @@ def main() -> None:
                            + f"  solve/prefill {row['solve_over_prefill']:.3f}"
                            + f"  peak {row['server_rss_peak_registration_mib']} MiB")
         finally:
-            server.stop()
+            server.kill()  # the runs are over: nothing to drain
     payload = {
         "benchmark": "long_documents",
         "inputs": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -227,14 +227,19 @@ class ServerProcess:
         self.process.wait()
         self._log.close()
 
+    def terminate(self) -> None:
+        """SIGTERM the whole process group: SGLang's graceful stop begins (``stop`` waits for it)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                os.killpg(self.process.pid, signal.SIGTERM)
+
     def stop(self) -> None:
+        """``terminate``, then wait for the group's leader (a kill after 60 s)."""
         if self.process is None:
             return
+        self.terminate()
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=60)
-        except ProcessLookupError:  # already gone
-            self.process.wait()
         except subprocess.TimeoutExpired:
             self.kill()
         self._log.close()

@@ -468,5 +468,5 @@ def test_sigterm_mid_solve_stops_within_10_s_and_a_kill_mid_solve_leaves_the_sto
         assert status == 200 and out["meta_info"]["am_document"][0]["doc_id"] == saved_id
         clean(url)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
