@@ -51,7 +51,7 @@ def gather_lines() -> set[tuple[str, int]]:
     """(file name, line) of each attention loop line that indexes the KV pool, read from the installed sources."""
     import sglang.srt.layers.attention.torch_native_backend as stock
 
-    import sglang_am.server.attention as ours
+    import sglang_am.server.sglang_hooks.attention as ours
 
     lines = set()
     for module in (ours, stock):

@@ -49,7 +49,7 @@ from sglang_am.core.block import Block  # noqa: E402
 from sglang_am.core.synthetic import clustered_block  # noqa: E402
 from sglang_am.kernels.bias_table import BiasTable, am_bias_score_mod  # noqa: E402
 from sglang_am.kernels.key_scores import key_stats, row_max  # noqa: E402
-from sglang_am.server.attention import attention_mask  # noqa: E402
+from sglang_am.server.sglang_hooks.attention import attention_mask  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 NO_FLASHINFER = "no CUDA device: FlashInfer has no CPU or interpreter path"

@@ -31,7 +31,7 @@ from sglang_am.batch_qa import ask_all, documents_and_questions, summarize
 from sglang_am.client import ClusterDocuments, DocumentsClient, http_json
 from sglang_am.cluster import POLICIES, cluster
 from sglang_am.serve import model_path, serving
-from sglang_am.server.registry import document_id
+from sglang_am.server.scheduler.registry import document_id
 
 GREEDY = {"max_new_tokens": 1, "temperature": 0}
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from sglang_am.recall_model import default_model_path, recall_task
 from sglang_am.server.cpu import DEFAULT_CPU_MAX_TOTAL_TOKENS, has_cuda
-from sglang_am.server.engine import EngineDocuments
+from sglang_am.server.entrypoints.engine import EngineDocuments
 
 
 def main() -> None:

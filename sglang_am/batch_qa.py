@@ -32,8 +32,8 @@ from .client import http_json
 from .quality import answer_mentions, choice_text, question_prompt, real_text_qa, short_answer_correct
 from .quality.tasks import Document
 from .recall_model import recall_task
-from .server import fidelity
 from .server.chat import PROBES, common_prefix
+from .server.entrypoints import fidelity
 
 WORKLOADS = ("recall", "real-text", "chat")
 

@@ -23,7 +23,7 @@ from sglang_am.core.block import Block, resolve_stats_backend
 from sglang_am.kernels.bias_table import BiasTable, am_bias_score_mod
 from sglang_am.kernels.flashinfer_bias import TENSOR_NAMES, VARIANT_NAME, generate_sources, jit_args
 from sglang_am.kernels.key_scores import key_stats, row_max
-from sglang_am.server.attention import attention_mask
+from sglang_am.server.sglang_hooks.attention import attention_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

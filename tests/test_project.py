@@ -55,7 +55,8 @@ def test_server_package_never_imports_the_transformers_adapter():
         imported = [name for name in _imported_modules(path) if name.startswith("sglang_am.hf")]
         assert not imported, (path, imported)
     code = (
-        "import sys, sglang_am.server.operations, sglang_am.server.service, sglang_am.server.routes;"
+        "import sys, sglang_am.server.scheduler.operations, sglang_am.server.entrypoints.service,"
+        " sglang_am.server.entrypoints.routes;"
         "assert not [m for m in sys.modules if m.startswith('sglang_am.hf')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -130,7 +130,7 @@ def automatic_ids(tokenizer, doc) -> list[int]:
 
 
 def test_registering_an_automatic_document_explicitly_keeps_it_from_eviction(server, tokenizer):
-    from sglang_am.server.registry import document_id
+    from sglang_am.server.scheduler.registry import document_id
 
     doc_c, doc_d = (recall_task(num_pairs=100, num_questions=6, seed=seed)[0] for seed in (31, 32))
     ids_c, id_d = automatic_ids(tokenizer, doc_c), document_id(automatic_ids(tokenizer, doc_d))

@@ -24,7 +24,7 @@ from sglang_am.client import http_json
 from sglang_am.prefix import CompactedPrefix
 from sglang_am.recall_model import recall_task
 from sglang_am.serve import free_port, healthy, serving
-from sglang_am.server.registry import document_id
+from sglang_am.server.scheduler.registry import document_id
 
 from .live_server import STRICT_CHECKS
 

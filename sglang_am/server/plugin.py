@@ -36,11 +36,11 @@ def _radix_cache(ctx):
     from sglang.srt.runtime_context import get_parallel
 
     from .auto import policy_from_environment
-    from .cache import AMRadixCache
     from .config import server_config
-    from .layout import layer_windows
-    from .operations import DocumentOperations
-    from .registry import DocumentRegistry
+    from .scheduler.cache import AMRadixCache
+    from .scheduler.layout import layer_windows
+    from .scheduler.operations import DocumentOperations
+    from .scheduler.registry import DocumentRegistry
 
     if not ctx.server_args.disable_overlap_schedule:
         raise ValueError("--radix-cache-backend am needs --disable-overlap-schedule: with overlap scheduling the next "
@@ -58,7 +58,7 @@ def _radix_cache(ctx):
 
 
 def _torch_native_backend(runner):
-    from .attention import AMTorchNativeAttnBackend
+    from .sglang_hooks.attention import AMTorchNativeAttnBackend
 
     return AMTorchNativeAttnBackend(runner)
 
@@ -66,7 +66,7 @@ def _torch_native_backend(runner):
 def _triton_backend(runner):
     if runner.model_config.is_encoder_decoder:
         raise ValueError("sglang-am's triton backend does not support encoder-decoder models")
-    from .triton_attention import AMTritonAttnBackend
+    from .sglang_hooks.triton_attention import AMTritonAttnBackend
 
     return AMTritonAttnBackend(runner)
 
@@ -74,7 +74,7 @@ def _triton_backend(runner):
 def _flashinfer_backend(runner):
     if runner.use_mla_backend:
         raise ValueError("sglang-am's flashinfer backend does not support MLA models")
-    from .flashinfer_attention import AMFlashInferAttnBackend
+    from .sglang_hooks.flashinfer_attention import AMFlashInferAttnBackend
 
     return AMFlashInferAttnBackend(runner, init_new_workspace=runner.init_new_workspace)
 
@@ -84,12 +84,12 @@ def _before_http_server(*args, **kwargs):
     from sglang.srt.entrypoints import http_server
 
     from .auto import policy_from_environment
-    from .background import AutoCompactor, load_store_at_start, run_during_lifespan
     from .channel import channel_for
     from .chat import ChatRenderer
     from .config import server_config
-    from .routes import install_routes
-    from .service import DocumentService
+    from .entrypoints.background import AutoCompactor, load_store_at_start, run_during_lifespan
+    from .entrypoints.routes import install_routes
+    from .entrypoints.service import DocumentService
 
     bound = inspect.signature(http_server._setup_and_run_http_server).bind(*args, **kwargs).arguments
     config = server_config()
@@ -118,7 +118,7 @@ def register() -> None:
     from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from . import hooks
+    from .sglang_hooks import hooks
 
     if RADIX_CACHE_BACKEND not in registered_radix_cache_backends():
         register_radix_cache_backend(RADIX_CACHE_BACKEND, _radix_cache)

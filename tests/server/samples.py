@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from sglang_am.server.config import ServerConfig
 from sglang_am.server.registration import RegistrationRequest
-from sglang_am.server.registry import DocState, Document, document_id
+from sglang_am.server.scheduler.registry import DocState, Document, document_id
 
 CONFIG = ServerConfig(store_dir="/nonexistent", max_document_tokens=4096, max_queries_per_head=8000)
 IDS = list(range(100, 300))  # a 200-token document

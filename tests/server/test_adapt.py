@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sglang_am.core.plan import LayerPlan
-from sglang_am.server.adapt import Adaptation, LiveQueries, Observation, nbytes
-from sglang_am.server.solve import SolveInputs, SolvePlan, solve_document
+from sglang_am.server.scheduler.adapt import Adaptation, LiveQueries, Observation, nbytes
+from sglang_am.server.scheduler.solve import SolveInputs, SolvePlan, solve_document
 
 
 def test_the_reservoir_keeps_a_uniform_sample_of_every_position_seen():

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from sglang_am.server.admission import ServerRoom, admit
 from sglang_am.server.errors import DocumentError
+from sglang_am.server.scheduler.admission import ServerRoom, admit
 
 from .samples import CONFIG, IDS, request
 

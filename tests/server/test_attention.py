@@ -8,9 +8,9 @@ import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from torch.nn.functional import scaled_dot_product_attention
 
-from sglang_am.server.attention import DocumentRows, attention_mask
-from sglang_am.server.capture import CaptureTag, QueryCapture
-from sglang_am.server.registry import RequestRecord, Served
+from sglang_am.server.scheduler.capture import CaptureTag, QueryCapture
+from sglang_am.server.scheduler.registry import RequestRecord, Served
+from sglang_am.server.sglang_hooks.attention import DocumentRows, attention_mask
 
 from .samples import document
 
@@ -79,7 +79,7 @@ def test_document_rows_follow_the_request_pool_rows_of_each_forward():
 
 
 def test_an_adapting_document_samples_decode_steps_only_where_python_runs():
-    from sglang_am.server.adapt import LiveQueries
+    from sglang_am.server.scheduler.adapt import LiveQueries
 
     rows, doc = DocumentRows(), document(slots=4)
     doc.adaptation = SimpleNamespace(live=LiveQueries(layers=[0], capacity=8), answer_steps=3)
@@ -95,8 +95,8 @@ def test_an_adapting_document_samples_decode_steps_only_where_python_runs():
 
 
 def test_an_observed_request_keeps_its_positions_after_the_document_its_answer_included():
-    from sglang_am.server.adapt import LiveQueries, Observation
-    from sglang_am.server.registry import Observed
+    from sglang_am.server.scheduler.adapt import LiveQueries, Observation
+    from sglang_am.server.scheduler.registry import Observed
 
     rows, observation = DocumentRows(), Observation(LiveQueries(layers=[0], capacity=64), requests_needed=2, answer_steps=2)
     records = {row: RequestRecord(observed=Observed(observation, observation.tag(), start=30)) for row in (1, 3)}
@@ -123,7 +123,7 @@ def _backend_and_batch(window: int | None, dtype=torch.float32):
     from sglang.srt.layers.radix_attention import AttentionType
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
-    from sglang_am.server.attention import AMTorchNativeAttnBackend
+    from sglang_am.server.sglang_hooks.attention import AMTorchNativeAttnBackend
 
     torch.manual_seed(0)
     heads, kv_heads, dim = 4, 2, 16
@@ -167,7 +167,7 @@ def test_the_extend_computes_only_the_new_tokens_and_matches_sglangs_padded_exte
 
 
 def _version(bias: torch.Tensor):
-    from sglang_am.server.registry import Installed
+    from sglang_am.server.scheduler.registry import Installed
 
     return Installed(torch.arange(bias.shape[1]), None, None, [bias], [], None, 0, 1)
 

@@ -12,9 +12,9 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.server.cache import AMRadixCache
 from sglang_am.server.errors import DocumentError
-from sglang_am.server.registry import DocumentRegistry
+from sglang_am.server.scheduler.cache import AMRadixCache
+from sglang_am.server.scheduler.registry import DocumentRegistry
 
 
 def radix_cache(windows, dtype=torch.float32):

@@ -4,7 +4,7 @@ failure while recording marked without raising inside the forward pass."""
 import pytest
 import torch
 
-from sglang_am.server.capture import QueryCapture
+from sglang_am.server.scheduler.capture import QueryCapture
 
 
 def test_capture_memory_is_fixed_up_front_by_the_query_cap():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sglang_am.server.fidelity import (
+from sglang_am.server.entrypoints.fidelity import (
     AnswerFigures,
     AnswerReference,
     agreement,

@@ -11,7 +11,7 @@ import torch
 from sglang_am.core import compact
 from sglang_am.core.cancel import CompactionCancelled
 from sglang_am.core.synthetic import clustered_block
-from sglang_am.server.jobs import QueueFull, Worker
+from sglang_am.server.scheduler.jobs import QueueFull, Worker
 
 
 def slow_solve():

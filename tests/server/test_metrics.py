@@ -2,7 +2,7 @@
 
 import pytest
 
-from sglang_am.server.metrics import Stats
+from sglang_am.server.scheduler.metrics import Stats
 
 
 def test_stats_count_by_label_and_refuse_wrong_labels():

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.server.adapt import (
+from sglang_am.server.auto import GUARD_REFUSALS_BEFORE_PAUSE
+from sglang_am.server.errors import DocumentError
+from sglang_am.server.protocol import CertifyLearned
+from sglang_am.server.scheduler.adapt import (
     ANSWERS_KEPT,
     MAX_PROMPT_KEPT,
     LearnedCertification,
@@ -17,12 +20,9 @@ from sglang_am.server.adapt import (
     Observation,
     ServedAnswer,
 )
-from sglang_am.server.auto import GUARD_REFUSALS_BEFORE_PAUSE
-from sglang_am.server.errors import DocumentError
-from sglang_am.server.protocol import CertifyLearned
-from sglang_am.server.refits import OBSERVE_TRIES, Refits, _ladder
-from sglang_am.server.registry import DocState
-from sglang_am.server.solve import Solved
+from sglang_am.server.scheduler.refits import OBSERVE_TRIES, Refits, _ladder
+from sglang_am.server.scheduler.registry import DocState
+from sglang_am.server.scheduler.solve import Solved
 
 from .samples import CONFIG
 

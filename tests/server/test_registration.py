@@ -158,8 +158,8 @@ def test_questions_may_carry_answers_or_be_chat_turns_and_are_bounded():
 
 
 def test_auto_ratio_walks_the_ladder_with_a_bound_and_admission_reserves_its_top():
-    from sglang_am.server.admission import capture_slots, compacted_slots
     from sglang_am.server.registration import DEFAULT_FIDELITY_BOUND, RATIO_LADDER
+    from sglang_am.server.scheduler.admission import capture_slots, compacted_slots
 
     auto = request(ratio="auto")
     assert auto.budget == "auto" and auto.ladder == RATIO_LADDER and auto.fidelity_bound == DEFAULT_FIDELITY_BOUND

@@ -3,8 +3,8 @@
 from types import SimpleNamespace
 
 from sglang_am.server.protocol import Abandon
-from sglang_am.server.registrations import Registrations
-from sglang_am.server.registry import DocState, DocumentRegistry
+from sglang_am.server.scheduler.registrations import Registrations
+from sglang_am.server.scheduler.registry import DocState, DocumentRegistry
 
 from .samples import CONFIG, document
 

@@ -3,7 +3,7 @@
 from array import array
 from types import SimpleNamespace
 
-from sglang_am.server.registry import BOUNDARY_TOKENS, DocState, Document, DocumentRegistry, document_id
+from sglang_am.server.scheduler.registry import BOUNDARY_TOKENS, DocState, Document, DocumentRegistry, document_id
 
 from .samples import IDS, document
 

@@ -5,8 +5,8 @@ from http import HTTPStatus
 
 import pytest
 
+from sglang_am.server.entrypoints.service import DocumentService
 from sglang_am.server.errors import DocumentError
-from sglang_am.server.service import DocumentService
 
 from .samples import CONFIG
 

@@ -9,8 +9,15 @@ from sglang_am.core import evaluate
 from sglang_am.core.plan import LayerPlan, pool_queries, with_questions
 from sglang_am.core.synthetic import clustered_block
 from sglang_am.server.errors import DocumentError
-from sglang_am.server.solve import HELDOUT_FRACTION, NonFiniteInput, SolveInputs, SolvePlan, heldout_questions, solve_document
-from sglang_am.server.solve import solve as solve_document_and_candidate
+from sglang_am.server.scheduler.solve import (
+    HELDOUT_FRACTION,
+    NonFiniteInput,
+    SolveInputs,
+    SolvePlan,
+    heldout_questions,
+    solve_document,
+)
+from sglang_am.server.scheduler.solve import solve as solve_document_and_candidate
 
 LENGTH, LAYERS, HEADS, GROUP = 256, 3, 2, 2
 

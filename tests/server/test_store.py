@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.server.store import DocumentStore, Handoffs, StoreError, check_document_id
+from sglang_am.server.scheduler.store import DocumentStore, Handoffs, StoreError, check_document_id
 
 FINGERPRINT = {"model_type": "llama", "weights": "abc123"}
 A, B, C = "a" * 64, "0123456789abcdef" * 4, "c" * 64

@@ -16,9 +16,9 @@ import logging
 import time
 from http import HTTPStatus
 
-from .auto import GUARD_REFUSALS_BEFORE_PAUSE, LIVE_SOURCE, AutoPolicy
-from .errors import DocumentError
-from .registration import RegistrationRequest
+from ..auto import GUARD_REFUSALS_BEFORE_PAUSE, LIVE_SOURCE, AutoPolicy
+from ..errors import DocumentError
+from ..registration import RegistrationRequest
 from .service import DocumentService
 
 logger = logging.getLogger(__name__)

@@ -31,17 +31,17 @@ from http import HTTPStatus
 
 import torch
 
-from ..core.plan import LayerPlan
-from ..prefix import CompactedPrefix
-from . import faults
+from ...core.plan import LayerPlan
+from ...prefix import CompactedPrefix
+from .. import faults
+from ..auto import AUTO_LADDER_TOP, GUARD_REFUSALS_BEFORE_PAUSE
+from ..compat import check_model, single_rank
+from ..config import ServerConfig
+from ..errors import DocumentError
+from ..protocol import CertifyLearned, Description, Observe
+from ..registration import DEFAULT_ANSWER_TOKENS, RATIO_LADDER
 from .adapt import Adaptation, LearnedCertification, LiveQueries, Observation, host_layers, nbytes
-from .auto import AUTO_LADDER_TOP, GUARD_REFUSALS_BEFORE_PAUSE
-from .compat import check_model, single_rank
-from .config import ServerConfig
-from .errors import DocumentError
 from .jobs import QueueFull, Worker
-from .protocol import CertifyLearned, Description, Observe
-from .registration import DEFAULT_ANSWER_TOKENS, RATIO_LADDER
 from .registrations import Registrations
 from .registry import DocState, Document, document_id
 from .solve import Solved, SolvePlan, pool_kv, solve, solve_document

@@ -21,8 +21,8 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-from ..prefix import CompactedPrefix
-from .errors import DocumentError
+from ...prefix import CompactedPrefix
+from ..errors import DocumentError
 from .layout import check_layout
 from .registry import DocumentRegistry, Installed, RequestRecord, virtual_ids
 

@@ -32,11 +32,11 @@ from http import HTTPStatus
 
 import torch
 
-from ..core.evaluate import evaluate
-from ..core.plan import LayerPlan, assemble_layer, heldout_positions, pad_layers, pool_queries, split_heldout
-from ..prefix import CompactedPrefix
-from . import faults
-from .errors import DocumentError
+from ...core.evaluate import evaluate
+from ...core.plan import LayerPlan, assemble_layer, heldout_positions, pad_layers, pool_queries, split_heldout
+from ...prefix import CompactedPrefix
+from .. import faults
+from ..errors import DocumentError
 from .layout import window_slots
 
 HELDOUT_FRACTION = 0.1

@@ -18,13 +18,13 @@ from array import array
 from http import HTTPStatus
 from pathlib import Path
 
-from ..fingerprint import checkpoint_fingerprint
-from ..prefix import CompactedPrefix
-from .compat import check_model, single_rank
-from .config import ServerConfig
-from .errors import DocumentError
+from ...fingerprint import checkpoint_fingerprint
+from ...prefix import CompactedPrefix
+from ..compat import check_model, single_rank
+from ..config import ServerConfig
+from ..errors import DocumentError
+from ..protocol import DeleteStored, Export, JobStarted, JobState, ListStored, Load, PollJob, Prepared, ReleaseHandoff, Save
 from .jobs import Job, QueueFull, Worker
-from .protocol import DeleteStored, Export, JobStarted, JobState, ListStored, Load, PollJob, Prepared, ReleaseHandoff, Save
 from .registry import IN_PROGRESS, DocState, Document, DocumentRegistry
 from .solve import Solved
 from .store import DocumentStore, Handoffs, check_document_id

@@ -19,9 +19,9 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
 from sglang_am.kernels.flashinfer_bias import jit_args
 
+from ..compat import FLASHINFER_ATTRIBUTES, FLASHINFER_SIGNATURES, check_sglang
+from ..config import server_config
 from .attention import DocumentBiasRows
-from .compat import FLASHINFER_ATTRIBUTES, FLASHINFER_SIGNATURES, check_sglang
-from .config import server_config
 
 
 def _bias_wrapper(base: type, backend: AMFlashInferAttnBackend, forced: dict) -> type:

@@ -12,8 +12,8 @@ operations need no admin key here.
 
 from __future__ import annotations
 
-from .channel import channel_for
-from .config import server_config
+from ..channel import channel_for
+from ..config import server_config
 from .service import DocumentService
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import faults
+from .. import faults
 
 
 def capture_salt(salt: str, source: str) -> str:

@@ -19,8 +19,8 @@ from http import HTTPStatus
 import torch
 from sglang.srt.layers.radix_attention import RadixAttention
 
-from ..prefix import CompactedPrefix
-from .errors import DocumentError
+from ...prefix import CompactedPrefix
+from ..errors import DocumentError
 
 
 def layer_windows(model: torch.nn.Module, start_layer: int, num_layers: int) -> tuple[int | None, ...]:

@@ -24,13 +24,11 @@ import logging
 import time
 from http import HTTPStatus
 
-from .capture_requests import CaptureRequests
-from .channel import SchedulerChannel
-from .chat import ChatRenderer
-from .config import ServerConfig
-from .errors import DocumentError
-from .fanout import POLL_SECONDS, RankFanout, sum_figures
-from .protocol import (
+from ..channel import SchedulerChannel
+from ..chat import ChatRenderer
+from ..config import ServerConfig
+from ..errors import DocumentError
+from ..protocol import (
     Abandon,
     Advance,
     Certify,
@@ -50,8 +48,10 @@ from .protocol import (
     ReleaseHandoff,
     Save,
 )
-from .registration import MIN_DOCUMENT_TOKENS, RegistrationRequest, check_vocabulary
-from .registry import DocState, document_id
+from ..registration import MIN_DOCUMENT_TOKENS, RegistrationRequest, check_vocabulary
+from ..scheduler.registry import DocState, document_id
+from .capture_requests import CaptureRequests
+from .fanout import POLL_SECONDS, RankFanout, sum_figures
 
 logger = logging.getLogger(__name__)
 

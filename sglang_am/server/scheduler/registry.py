@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .auto import AutoPolicy, ReuseTracker
-from .errors import DocumentError
+from ..auto import AutoPolicy, ReuseTracker
+from ..errors import DocumentError
 from .layout import NodeLayout
 from .metrics import Stats
 from .store import check_document_id

@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from . import faults
-from .cache import AMRadixCache
-from .config import ServerConfig
-from .jobs import Worker
-from .protocol import (
+from .. import faults
+from ..config import ServerConfig
+from ..protocol import (
     Abandon,
     Advance,
     AutoCandidates,
@@ -41,6 +39,8 @@ from .protocol import (
     ReleaseHandoff,
     Save,
 )
+from .cache import AMRadixCache
+from .jobs import Worker
 from .refits import Refits
 from .registrations import Registrations
 from .registry import DocState

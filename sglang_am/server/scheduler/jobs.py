@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..core.cancel import cancellation
+from ...core.cancel import cancellation
 
 
 class QueueFull(Exception):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 
-from .channel import SchedulerChannel
-from .errors import DocumentError
-from .protocol import Advance, Description, JobStarted, Operation, PollJob
-from .registry import DocState
+from ..channel import SchedulerChannel
+from ..errors import DocumentError
+from ..protocol import Advance, Description, JobStarted, Operation, PollJob
+from ..scheduler.registry import DocState
 
 POLL_SECONDS = 0.05
 

@@ -34,12 +34,12 @@ from http import HTTPStatus
 import torch
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-from . import protocol
-from .capture import CaptureTag, capture_salt
-from .channel import RPC_METHOD, DocumentCallReqOutput
-from .errors import DocumentError
-from .registration import check_vocabulary
-from .registry import DocState, DocumentRegistry, Observed, RequestRecord
+from .. import protocol
+from ..channel import RPC_METHOD, DocumentCallReqOutput
+from ..errors import DocumentError
+from ..registration import check_vocabulary
+from ..scheduler.capture import CaptureTag, capture_salt
+from ..scheduler.registry import DocState, DocumentRegistry, Observed, RequestRecord
 
 DOCUMENT_INFO_KEY = "am_document"
 logger = logging.getLogger(__name__)

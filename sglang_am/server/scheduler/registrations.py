@@ -24,20 +24,15 @@ import uuid
 from array import array
 from http import HTTPStatus
 
-from ..core.cancel import CompactionCancelled
-from ..core.plan import LayerPlan
-from ..prompts import SELF_STUDY_PROMPTS
-from . import adapt, faults
-from .admission import ServerRoom, admit
-from .auto import AUTO_LADDER_TOP, eviction_order
-from .cache import AMRadixCache, SourceHold
-from .capture import QueryCapture
-from .compat import check_compacted_windows, check_model, single_rank
-from .config import MiB, ServerConfig
-from .errors import DocumentError
-from .jobs import Job, QueueFull, Worker
-from .layout import compacts_windows
-from .protocol import (
+from ...core.cancel import CompactionCancelled
+from ...core.plan import LayerPlan
+from ...prompts import SELF_STUDY_PROMPTS
+from .. import faults
+from ..auto import AUTO_LADDER_TOP, eviction_order
+from ..compat import check_compacted_windows, check_model, single_rank
+from ..config import MiB, ServerConfig
+from ..errors import DocumentError
+from ..protocol import (
     Abandon,
     Advance,
     AutoCandidate,
@@ -50,7 +45,13 @@ from .protocol import (
     Prepare,
     Prepared,
 )
-from .registration import RegistrationRequest
+from ..registration import RegistrationRequest
+from . import adapt
+from .admission import ServerRoom, admit
+from .cache import AMRadixCache, SourceHold
+from .capture import QueryCapture
+from .jobs import Job, QueueFull, Worker
+from .layout import compacts_windows
 from .registry import IN_PROGRESS, DocState, Document, Installed, document_id
 from .solve import NonFiniteInput, Solved, SolvePlan, heldout_questions, pool_inputs, solve
 from .store import check_document_id

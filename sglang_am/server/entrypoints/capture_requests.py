@@ -19,11 +19,11 @@ import asyncio
 import time
 from http import HTTPStatus
 
-from ..prompts import SELF_STUDY_PROMPTS, instruction_ids, repeat_ids
+from ...prompts import SELF_STUDY_PROMPTS, instruction_ids, repeat_ids
+from ..errors import DocumentError
+from ..registration import RegistrationRequest
+from ..scheduler.capture import capture_salt
 from . import fidelity
-from .capture import capture_salt
-from .errors import DocumentError
-from .registration import RegistrationRequest
 
 SELF_STUDY_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 

@@ -29,10 +29,10 @@ from fastapi import Request
 from fastapi.responses import ORJSONResponse
 from sglang.srt.utils.auth import AuthLevel, auth_level
 
-from .config import ServerConfig
-from .errors import DocumentError
+from ..config import ServerConfig
+from ..errors import DocumentError
+from ..scheduler.store import check_document_id
 from .service import DocumentService
-from .store import check_document_id
 
 MAX_DROPPED_BODY_BYTES = 64 << 20  # beyond the body limit; a body longer still is not read (its connection closes)
 DOCUMENTS = "/am/documents"

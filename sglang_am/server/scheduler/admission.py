@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from http import HTTPStatus
 
-from .config import MiB, ServerConfig
-from .errors import DocumentError
-from .registration import MIN_DOCUMENT_TOKENS, RegistrationRequest
+from ..config import MiB, ServerConfig
+from ..errors import DocumentError
+from ..registration import MIN_DOCUMENT_TOKENS, RegistrationRequest
 
 # Slots a capture request needs beyond its document copies (instructions, prompts, one output token).
 CAPTURE_HEADROOM_SLOTS = 64

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.evaluate import evaluate
-from ..core.plan import pool_queries, with_questions
-from ..prefix import CompactedPrefix
+from ...core.evaluate import evaluate
+from ...core.plan import pool_queries, with_questions
+from ...prefix import CompactedPrefix
 from .solve import SolveInputs, SolvePlan, heldout_questions
 
 

@@ -25,9 +25,9 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import BinaryIO
 
-from ..prefix import TEMPORARY_PREFIX, CompactedPrefix, read_metadata, write_atomically
-from . import faults
-from .errors import DocumentError
+from ...prefix import TEMPORARY_PREFIX, CompactedPrefix, read_metadata, write_atomically
+from .. import faults
+from ..errors import DocumentError
 
 DOCUMENT_ID = re.compile(r"[0-9a-f]{64}")
 HANDOFF_NONCE = re.compile(r"[0-9a-f]{32}")

@@ -39,7 +39,7 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
-from .registry import RequestRecord
+from ..scheduler.registry import RequestRecord
 
 
 @dataclasses.dataclass

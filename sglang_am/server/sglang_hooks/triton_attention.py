@@ -15,8 +15,8 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from sglang_am.kernels.bias_table import am_bias_score_mod
 
+from ..config import server_config
 from .attention import DocumentBiasRows, is_window_layer
-from .config import server_config
 
 
 class AMTritonAttnBackend(DocumentBiasRows, TritonAttnBackend):

@@ -1,0 +1,1 @@
+"""Runs in each SGLang scheduler process: its documents, their registration, refits, solves, store and cache."""

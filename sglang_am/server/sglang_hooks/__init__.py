@@ -1,0 +1,1 @@
+"""Called by SGLang itself inside its scheduler process: the hook points and the attention backends."""
