@@ -432,7 +432,7 @@ def start(flags, env):
     deadline = time.monotonic() + 300
     while not healthy(url):
         assert process.poll() is None and time.monotonic() < deadline, "server did not start"
-        time.sleep(1)
+        time.sleep(0.25)
     return process, url
 
 
