@@ -18,10 +18,10 @@ from sglang_am.client import http_json
 from sglang_am.hf import forward_after_prefix
 from sglang_am.prefix import CompactedPrefix
 from sglang_am.recall_model import default_model_path, load_recall_model, recall_task
-from sglang_am.serve import serving
+from sglang_am.serve import server_process
 from sglang_am.server.cpu import cpu_environment, has_cuda
 
-from .live_server import STRICT_CHECKS
+from .live_server import STRICT_CHECKS, side_by_side
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"  # --api-key: ordinary requests
@@ -32,10 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(store_dir):
+def servers(store_dir):
+    """The extension, and SGLang itself (no plugin: SGLANG_AM unset; its own radix cache, torch_native), started
+    side by side."""
     flags = [*FLAGS, "--api-key", KEY, "--admin-api-key", ADMIN, "--am-store-dir", str(store_dir)]
-    with serving(flags, env=STRICT_CHECKS) as url:
-        yield url
+    with side_by_side(server_process(flags, env=STRICT_CHECKS),
+                      server_process(["--model-path", str(default_model_path()), *FLAGS], stock=True)) as urls:
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
 
 
 def call(server, method, path, payload=None, api_key=None):
@@ -110,10 +118,8 @@ def test_openai_requests_use_the_document_and_partial_prefixes_fall_back(server,
 
 
 @pytest.fixture(scope="module")
-def stock_server():
-    """SGLang itself: no plugin (SGLANG_AM unset), its own radix cache and torch_native backend."""
-    with serving(["--model-path", str(default_model_path()), *FLAGS], stock=True) as url:
-        yield url
+def stock_server(servers):
+    return servers[1]
 
 
 def test_identity_compaction_matches_the_stock_server(server, stock_server, tokenizer):

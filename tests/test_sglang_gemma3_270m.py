@@ -11,7 +11,9 @@ from sglang_am.hf import forward_after_prefix
 from sglang_am.hf.gemma import gemma3_270m_directory, load_gemma3_270m
 from sglang_am.prefix import CompactedPrefix
 from sglang_am.quality import needle_in_document
-from sglang_am.serve import serving
+from sglang_am.serve import server_process
+
+from .live_server import side_by_side
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--dtype", "float32", "--max-total-tokens", "16384"]
@@ -56,20 +58,27 @@ def generate(server, document, suffixes):
 
 
 @pytest.fixture(scope="module")
-def stock_outputs(prompts):
-    document, suffixes = prompts
-    with serving(["--model-path", str(gemma3_270m_directory()), *FLAGS], stock=True) as server:
-        return generate(server, document, suffixes)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def servers(tmp_path_factory):
+    """Stock SGLang and the extension (its store), started side by side."""
     store = tmp_path_factory.mktemp("store")
     template = tmp_path_factory.mktemp("template") / "gemma.jinja"
     template.write_text(GEMMA_CHAT)
-    with serving(["--model", "gemma3-270m", *FLAGS, "--admin-api-key", KEY, "--am-store-dir", str(store),
-                  "--chat-template", str(template)]) as url:
-        yield url, store
+    with side_by_side(server_process(["--model-path", str(gemma3_270m_directory()), *FLAGS], stock=True),
+                      server_process(["--model", "gemma3-270m", *FLAGS, "--admin-api-key", KEY, "--am-store-dir",
+                                      str(store), "--chat-template", str(template)])) as (stock, url):
+        yield stock, url, store
+
+
+@pytest.fixture(scope="module")
+def stock_outputs(servers, prompts):
+    document, suffixes = prompts
+    return generate(servers[0], document, suffixes)
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    _, url, store = servers
+    return url, store
 
 
 def register(server, document, ratio):

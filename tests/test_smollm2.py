@@ -10,7 +10,9 @@ import pytest
 from sglang_am.client import http_json
 from sglang_am.hf import smollm2
 from sglang_am.quality import real_text_qa
-from sglang_am.serve import serving
+from sglang_am.serve import server_process
+
+from .live_server import side_by_side
 
 FLAGS = ["--dtype", "float32", "--max-total-tokens", "16384"]
 STEPS = 8
@@ -72,9 +74,9 @@ def test_the_model_is_written_once_as_a_chat_model_with_its_template(directory):
 @pytest.mark.slow
 def test_the_extension_serves_what_stock_sglang_serves_and_a_chat_document_keeps_the_answers(directory, document):
     system = {"role": "system", "content": document.text}
-    with serving(["--model-path", str(directory), *FLAGS], stock=True) as url:
-        stock = chat_outputs(url, system, document.questions)
-    with serving(["--model", "smollm2-135m", *FLAGS]) as url:
+    with side_by_side(server_process(["--model-path", str(directory), *FLAGS], stock=True),
+                      server_process(["--model", "smollm2-135m", *FLAGS])) as (stock_url, url):
+        stock = chat_outputs(stock_url, system, document.questions)
         full = chat_outputs(url, system, document.questions)  # no document registered yet
         questions = [question.question for question in document.questions]
         status, registered = http_json("POST", url + "/am/documents", {"messages": [system], "questions": questions,
