@@ -15,6 +15,10 @@ ROOM = ServerRoom(pool_slots=8192, pinned_slots=0, max_prompt_tokens=4096, regis
 
 def test_admission_refuses_what_never_fits_with_400_and_what_does_not_fit_now_with_503():
     assert admit(request(), len(IDS), ROOM, CONFIG, 1000, 4) == 20
+    # A node is as wide as its widest verbatim window on every layer: that is what it pins and what is counted.
+    assert admit(request(), len(IDS), ROOM, CONFIG, 1000, 4, floor=64) == 64
+    with pytest.raises(DocumentError, match="64 slots exceed the automatic-compaction budget"):
+        admit(request(), len(IDS), dataclasses.replace(ROOM, auto_budget_slots=32), CONFIG, 1000, 4, floor=64)
     cases = [
         (request(), 10, ROOM, 400, "document has 10 tokens"),
         (request(), 4096, ROOM, 400, "this server takes 16 to 4095"),

@@ -148,8 +148,19 @@ def test_a_required_bound_refuses_after_solving_only_the_top_rung_and_else_walks
 def test_a_window_layer_keeps_its_window_and_is_judged_only_when_compacted():
     windows = (None, 64, None)
     kept = solve(inputs(), plan(), windows)
-    assert kept.layer_slots == [26, 64, 26] and set(kept.config["fidelity"]["layers"]) == {"0", "2"}
-    assert torch.equal(kept.beta[1], torch.zeros(HEADS, 64))
+    # The node is 64 slots wide on every layer anyway: the global layers are fitted to all of them.
+    assert kept.layer_slots == [64, 64, 64] and set(kept.config["fidelity"]["layers"]) == {"0", "2"}
+    assert torch.equal(kept.beta[1], torch.zeros(HEADS, 64)) and bool(torch.isfinite(kept.beta[0]).all())
+    narrow = solve(inputs(), plan(), (None, None, None)).config["fidelity"]
+    assert kept.config["fidelity"]["relative_l2"] < narrow["relative_l2"]
     compacted = solve(inputs(), SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.1, with_questions({"repeat-prefill": 1.0}),
                                                      max_queries_per_head=500, compact_windows=True)), windows)
     assert compacted.layer_slots == [26, 26, 26] and set(compacted.config["fidelity"]["layers"]) == {"0", "1", "2"}
+
+
+def test_rungs_below_the_window_width_give_the_same_node():
+    ladder = (0.05, 0.1, 0.5)
+    fidelity = solve(inputs(), plan(ladder=ladder, bound=1e-9), (None, 64, None)).config["fidelity"]
+    walked = fidelity["ladder"]
+    assert [rung["ratio"] for rung in walked] == [0.05, 0.1, 0.5] and fidelity["ratio"] == 0.5
+    assert walked[0]["relative_l2"] == walked[1]["relative_l2"] != walked[2]["relative_l2"]  # 0.05 and 0.1: 64 slots

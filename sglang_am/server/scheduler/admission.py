@@ -31,11 +31,12 @@ class ServerRoom:
     auto_budget_slots: int | None = None  # the automatic budget, for an automatic registration
 
 
-def compacted_slots(request: RegistrationRequest, length: int) -> int:
-    """The document's slots (kept tokens plus the compacted span's budget; per-head budgets may add padding)."""
+def compacted_slots(request: RegistrationRequest, length: int, floor: int = 0) -> int:
+    """The document's slots (kept tokens plus the compacted span's budget; per-head budgets may add padding),
+    at least the node's ``floor`` (its widest verbatim window, ``layout.node_floor``)."""
     span = length - request.keep_first
     budget = request.largest_ratio
-    return request.keep_first + (budget if isinstance(budget, int) else max(1, round(budget * span)))
+    return max(floor, request.keep_first + (budget if isinstance(budget, int) else max(1, round(budget * span))))
 
 
 def capture_slots(request: RegistrationRequest, length: int, self_study_prompts: int) -> int:
@@ -53,10 +54,10 @@ def capture_slots(request: RegistrationRequest, length: int, self_study_prompts:
 
 
 def admit(request: RegistrationRequest, length: int, room: ServerRoom, config: ServerConfig, capture_bytes: int,
-          self_study_prompts: int, captures: bool = True, candidate: bool = False) -> int:
-    """The slots the document will take; ``DocumentError`` when it cannot be registered now. A data-parallel
-    rank that installs another rank's compaction (``captures`` false) needs room for the document only; a
-    registration certified on held-out questions (``candidate``), room for its candidate too."""
+          self_study_prompts: int, captures: bool = True, candidate: bool = False, floor: int = 0) -> int:
+    """The slots the document will take (``compacted_slots``); ``DocumentError`` when it cannot be registered
+    now. A data-parallel rank that installs another rank's compaction (``captures`` false) needs room for the
+    document only; a registration certified on held-out questions (``candidate``), room for its candidate too."""
     longest = min(config.max_document_tokens, room.max_prompt_tokens - 1)
     if not MIN_DOCUMENT_TOKENS <= length <= longest:
         raise DocumentError(HTTPStatus.BAD_REQUEST,
@@ -72,7 +73,7 @@ def admit(request: RegistrationRequest, length: int, room: ServerRoom, config: S
         raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE,
                             f"{room.registrations_in_progress} registrations are in progress, the server's limit "
                             "(--am-max-registrations); retry when one finishes")
-    slots = compacted_slots(request, length)
+    slots = compacted_slots(request, length, floor)
     pinned = slots * (2 if candidate else 1)  # a candidate is pinned beside the node until certified
     if room.auto_budget_slots is not None and slots > room.auto_budget_slots:
         raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"{slots} slots exceed the automatic-compaction budget")

@@ -73,6 +73,14 @@ def window_slots(window: int | None, length: int) -> int | None:
     return None if window is None else min(length, window)
 
 
+def node_floor(windows: tuple[int | None, ...], length: int, compact_windows: bool) -> int:
+    """Slots a ``length``-token document's node has on every layer whatever its ratio: its widest verbatim
+    window (0 when no layer keeps a window verbatim)."""
+    if compact_windows:
+        return 0
+    return max((window_slots(window, length) for window in windows if window is not None), default=0)
+
+
 def compacts_windows(prefix: CompactedPrefix, windows: tuple[int | None, ...]) -> bool:
     """Does ``prefix`` hold some sliding-window layer's window in fewer slots than its tokens?"""
     return any(window is not None and slots < window_slots(window, prefix.logical_length)

@@ -42,6 +42,7 @@ from ..protocol import CertifyLearned, Description, Observe
 from ..registration import DEFAULT_ANSWER_TOKENS, RATIO_LADDER
 from .adapt import Adaptation, LearnedCertification, LiveQueries, Observation, host_layers, nbytes
 from .jobs import QueueFull, Worker
+from .layout import node_floor
 from .registrations import Registrations
 from .registry import DocState, Document, document_id
 from .solve import Solved, SolvePlan, pool_kv, solve, solve_document
@@ -208,7 +209,7 @@ class Refits:
         capacity = self.config.adapt_reservoir
         reservoir = nbytes(len(layers), capacity, q_heads, pool.head_dim, pool.store_dtype.itemsize)
         top = AUTO_LADDER_TOP if policy.ratio == "auto" else policy.ratio
-        slots = policy.keep_first + math.ceil(top * len(ids))
+        slots = max(node_floor(self.cache.windows, len(ids), False), policy.keep_first + math.ceil(top * len(ids)))
         # The reservoir twice: the queries the node is fitted to stay for its refits, beside new live ones.
         needed = self.registrations.admit_adaptation(pool, len(ids), q_heads, reservoir, False, slots) + reservoir
         config = {"budget": policy.ratio, "query_source": "live", "max_queries_per_head": LEARNED_MAX_QUERIES_PER_HEAD,

@@ -51,7 +51,7 @@ from .admission import ServerRoom, admit
 from .cache import AMRadixCache, SourceHold
 from .capture import QueryCapture
 from .jobs import Job, QueueFull, Worker
-from .layout import compacts_windows
+from .layout import compacts_windows, node_floor
 from .registry import IN_PROGRESS, DocState, Document, Installed, document_id
 from .solve import NonFiniteInput, Solved, SolvePlan, heldout_questions, pool_inputs, solve
 from .store import check_document_id
@@ -135,7 +135,8 @@ class Registrations:
         heldout = heldout_questions(len(questions)) if captures else frozenset()
         room = self._room(scheduler, self.registry.in_state(*IN_PROGRESS), auto)
         slots = admit(registration, len(input_ids), room, self.config, capture.nbytes if captures else 0,
-                      len(SELF_STUDY_PROMPTS), captures, candidate=bool(heldout))
+                      len(SELF_STUDY_PROMPTS), captures, candidate=bool(heldout),
+                      floor=node_floor(self.cache.windows, len(input_ids), registration.compact_windows))
         adapt_bytes = 0
         if captures and registration.adapt:
             adapt_bytes = self.admit_adaptation(pool, len(input_ids), q_heads, capture.nbytes, registration.compact_windows,

@@ -37,7 +37,7 @@ from ...core.plan import LayerPlan, assemble_layer, heldout_positions, pad_layer
 from ...prefix import CompactedPrefix
 from .. import faults
 from ..errors import DocumentError
-from .layout import window_slots
+from .layout import node_floor, window_slots
 
 HELDOUT_FRACTION = 0.1
 HELDOUT_MAX_QUERIES = 1000  # pooled held-out queries per KV head and source (the paper keeps 1,000)
@@ -140,15 +140,21 @@ def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: t
     held-out questions, also the candidate fitted without them (else None)."""
     started = time.perf_counter()
     clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
-    solutions = {}  # ratio -> (layers, fidelity, the second fit's layers), in the order solved
+    solutions = {}  # budget -> (layers, fidelity, the second fit's layers)
+    walked = []  # the rungs asked, in order
+    floor = node_floor(windows, len(token_ids), plan.layers.compact_windows)
 
     def meets(ratio: float, give_up: bool = False) -> bool:
-        """Solve at ``ratio`` (once); whether it meets the bound (a fixed ratio always does). With ``give_up``,
-        ``_OverBound`` as soon as it cannot."""
-        if ratio not in solutions:
-            solutions[ratio] = _solve(inputs, dataclasses.replace(plan.layers, budget=ratio), len(token_ids), windows,
-                                      clock, plan.heldout_questions, give_up_above=plan.bound if give_up else None)
-        figure = solutions[ratio][1]["relative_l2"]
+        """Solve at ``ratio`` (once per budget it gives); whether it meets the bound (a fixed ratio always
+        does). With ``give_up``, ``_OverBound`` as soon as it cannot."""
+        budget = node_budget(ratio, floor, len(token_ids), plan.layers)
+        if ratio not in walked:
+            walked.append(ratio)
+        if budget not in solutions:
+            solutions[budget] = _solve(inputs, dataclasses.replace(plan.layers, budget=budget), len(token_ids),
+                                       windows, clock, plan.heldout_questions,
+                                       give_up_above=plan.bound if give_up else None)
+        figure = solutions[budget][1]["relative_l2"]
         if give_up and (figure is None or figure > plan.bound):
             raise _OverBound(figure)
         return plan.ladder is None or (figure is not None and figure <= plan.bound)
@@ -162,9 +168,10 @@ def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: t
                                 f"attention error within the fidelity bound {plan.bound} (at {rungs[-1]}: "
                                 f"{over.figure}); the prefix stays uncompacted") from None
     chosen = next((ratio for ratio in rungs if meets(ratio)), rungs[-1])
-    solved, fidelity, second = solutions[chosen]
+    figures = lambda ratio: solutions[node_budget(ratio, floor, len(token_ids), plan.layers)]
+    solved, fidelity, second = figures(chosen)
     if plan.ladder is not None:
-        tried = [{"ratio": ratio, "relative_l2": solution[1]["relative_l2"]} for ratio, solution in solutions.items()]
+        tried = [{"ratio": ratio, "relative_l2": figures(ratio)[1]["relative_l2"]} for ratio in walked]
         fidelity = {**fidelity, "ladder": tried, "bound": plan.bound, "ratio": chosen}
     timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
     timings["solve_seconds"] = round(time.perf_counter() - started, 4)
@@ -179,6 +186,20 @@ def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: t
     if plan.heldout_questions:
         candidate = prefix(second, {**config, "candidate": sorted(plan.heldout_questions)})
     return prefix(solved, {**config, "fidelity": fidelity}), candidate
+
+
+def node_budget(ratio: int | float, floor: int, length: int, plan: LayerPlan) -> int | float:
+    """The compacted span's budget at ``ratio``: at least the node's ``floor`` (``layout.node_floor``) less the
+    kept tokens. A node is as wide on every layer as its widest verbatim window (Gemma-3: 511 slots), so
+    compacted layers narrower than that would leave slots that cost memory unused. Per-head budgets keep
+    ``ratio``: their widest head would outgrow the floor."""
+    span = length - plan.keep_first
+    spare = min(floor - plan.keep_first, span)
+    if plan.head_proportions is not None or spare <= 0:
+        return ratio
+    if isinstance(ratio, int):
+        return max(ratio, spare)
+    return max(ratio, spare / span)
 
 
 class _OverBound(Exception):
