@@ -84,6 +84,44 @@ def test_a_reused_prefix_is_learned_from_its_requests_certified_installed_and_re
         assert stats["gauges"]["compacted_slots"] == 0  # the reverted version went once no request held it
 
 
+def test_an_installed_node_whose_latest_answers_disagree_with_the_full_prefix_is_reverted_by_its_audit():
+    """With the attention bound lifted, only the answers guard a learned node: its held-out requests certify it, and
+    once the questions change, the audit of its latest greedy requests against the full prefix sends it back."""
+    (doc,) = recall_task(num_pairs=100, num_questions=40, seed=11)
+    asked, drifted = doc.questions[:2], doc.questions[10:40]
+    flags = [*FLAGS[: FLAGS.index("--am-auto-fidelity-bound")], "--am-auto-fidelity-bound", "10",
+             "--am-auto-audit-requests", "4"]
+    with serving(flags, env=STRICT_CHECKS) as url:
+        def generate(question):
+            return ok(url, "POST", "/generate", {"text": f"{doc.text}\n{question.question}",
+                                                 "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+
+        def learned():
+            return ok(url, "GET", "/am/documents")["documents"][0]
+
+        served = 0
+        for turn in range(80):
+            served += "am_document" in generate(asked[turn % 2])["meta_info"]
+            if served == 4:  # the first audit is due
+                break
+        deadline = time.monotonic() + 30
+        while (audit := learned()["adapt"]["answer_audit"])["last"] is None:
+            assert time.monotonic() < deadline, f"the node served {served} requests and was never audited: {audit}"
+            time.sleep(0.2)
+        # The questions it was fitted to: the full prefix answers them as the node did.
+        assert audit["last"]["agreement"] == 1.0 and audit["last"]["requests"] == 4, audit
+        for question in drifted:
+            generate(question)
+            if ok(url, "GET", "/am/stats")["counters"]["reverts"]:
+                break
+        else:
+            raise AssertionError(f"no revert after {len(drifted)} new questions: {learned()}")
+        reverted = learned()
+        assert reverted["state"] == "observing" and "agreed with the full prefix's answers" in reverted["observe"]["last_error"]
+        stats = ok(url, "GET", "/am/stats")
+        assert stats["counters"]["answer_audits"] >= 2 and stats["counters"]["reverts"] == 1
+
+
 def test_prefixes_whose_held_out_requests_miss_the_bound_stay_in_full_and_three_in_a_row_pause_observing():
     """Random-token questions on random-token prefixes never generalise: each learned document is refused twice
     on its held-out requests and given up, its prefix served in full throughout; after three, the next reused

@@ -72,6 +72,8 @@ class AutoPolicy:
                              "capture: repeat-prefill, context-prefill, self-study or a mixture")
     observe_requests: int = flag(8, metavar="N", help="distinct requests a live prefix observes before its first "
                                                       "solve; half of them are held out to certify it")
+    audit_requests: int = flag(32, metavar="N", help="greedy requests an installed learned node serves between two "
+                               "checks of its latest answers against the full prefix's (0: never)")
     save_evicted: bool = flag(True, metavar="BOOL", help="evicted automatic documents go to the store, and come "
                                                          "back from it on reuse")
     poll_seconds: float = flag(0.5, metavar="SECONDS", help="seconds between the HTTP process's polls for "
@@ -81,7 +83,7 @@ class AutoPolicy:
 
     def __post_init__(self):
         for name, low in (("min_tokens", 2), ("min_requests", 1), ("keep_first", 0), ("observe_requests", 2),
-                          ("keep_last", 1)):  # keep_last >= 1: a request must go on after the document
+                          ("keep_last", 1), ("audit_requests", 0)):  # keep_last >= 1: a request must go on after the document
             check_int(name, getattr(self, name), low)
         for name in ("window_seconds", "poll_seconds"):
             value = getattr(self, name)

@@ -175,9 +175,21 @@ class CertifyLearned(Operation):
     error: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class AuditLearned(Operation):
+    """An installed learned node's recent greedy answers against the full prefix's (``version``: the node's that
+    served them), or the full prefix could not be asked (``error``)."""
+
+    name = "audit_learned"
+    doc_id: str
+    version: int
+    figures: dict | None = None
+    error: str | None = None
+
+
 OPERATIONS: dict[str, type[Operation]] = {kind.name: kind for kind in (
     ListDocuments, GetDocument, Prepare, Advance, Certify, Abandon, NoteFidelity, Drop, Save, Load, Export, ReleaseHandoff,
-    ListStored, DeleteStored, PollJob, CollectStats, Observe, PollAutoCandidates, CertifyLearned)}
+    ListStored, DeleteStored, PollJob, CollectStats, Observe, PollAutoCandidates, CertifyLearned, AuditLearned)}
 
 
 def decode(name: str, fields: str) -> Operation:
@@ -245,6 +257,16 @@ class LearnedCandidate(TypedDict):
     heldout: list[dict]  # each request's ``prompt`` after the prefix and the ``answer`` it was served
 
 
+class LearnedAudit(TypedDict):
+    """An installed learned node's latest greedy requests, to ask the full prefix again (``refits.Refits.audits``)."""
+
+    doc_id: str
+    version: int  # the version that served them
+    input_ids: list[int]  # the prefix
+    served: list[dict]  # each request's ``prompt`` after the prefix and the ``answer`` the node served
+
+
 class AutoCandidates(TypedDict):
     candidates: list[AutoCandidate]
     certify: list[LearnedCandidate]
+    audit: list[LearnedAudit]

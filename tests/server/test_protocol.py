@@ -6,13 +6,13 @@ from http import HTTPStatus
 import pytest
 
 from sglang_am.server.errors import DocumentError
-from sglang_am.server.protocol import OPERATIONS, Advance, Prepare, decode
+from sglang_am.server.protocol import OPERATIONS, Advance, AuditLearned, Prepare, decode
 
 
 def test_every_operation_has_its_own_name_and_decodes_to_what_was_encoded():
-    assert len(OPERATIONS) == 19 and all(kind.name == name for name, kind in OPERATIONS.items())
+    assert len(OPERATIONS) == 20 and all(kind.name == name for name, kind in OPERATIONS.items())
     sent = [Prepare({"ratio": 0.1}, [5, 6, 7], auto=True, primary=1), Advance("a" * 64, {"prefill_seconds": 0.5}),
-            Advance("b" * 64, handoff="h")]
+            Advance("b" * 64, handoff="h"), AuditLearned("c" * 64, 3, figures={"agreement": 0.5, "requests": 8})]
     for operation in sent:
         assert decode(operation.name, operation.encode()) == operation
 

@@ -1,5 +1,6 @@
 """Learned documents' bookkeeping in the scheduler, without a server."""
 
+import collections
 import contextlib
 import dataclasses
 from http import HTTPStatus
@@ -11,10 +12,12 @@ import torch
 from sglang_am.prefix import CompactedPrefix
 from sglang_am.server.auto import GUARD_REFUSALS_BEFORE_PAUSE
 from sglang_am.server.errors import DocumentError
-from sglang_am.server.protocol import CertifyLearned
+from sglang_am.server.protocol import AuditLearned, CertifyLearned
 from sglang_am.server.scheduler.adapt import (
     ANSWERS_KEPT,
+    AUDIT_SAMPLE,
     MAX_PROMPT_KEPT,
+    AnswerAudit,
     LearnedCertification,
     LiveQueries,
     Observation,
@@ -125,6 +128,64 @@ def test_a_fixed_ratio_installs_a_learned_node_whatever_its_answers_and_a_failed
     refits, _, asked = learned_setup()
     refits.certify_learned(None, CertifyLearned("d", error="RuntimeError('probe failed')"))
     assert asked["discarded"] == ["d"] and refits.given_up_in_a_row == 0 and not asked["installed"]
+
+
+def audited_setup(mode="guard"):
+    """A ``Refits`` and an installed learned document (version 7) whose answers are audited every 4 greedy requests."""
+    refits, _, _ = learned_setup()
+    registry = refits.registry
+    registry.policy.observe_requests = 8
+    registry.update_gauges = lambda: None
+    refits.registrations.reap = lambda scheduler: None
+    audit = AnswerAudit(every=4, answer_steps=2)
+    adaptation = SimpleNamespace(audit=audit, mode=mode, live=LiveQueries([0], 4), stopped=[])
+    adaptation.stop = adaptation.stopped.append  # a running refit is cancelled with this reason
+    installed = SimpleNamespace(index=7)
+    doc = SimpleNamespace(doc_id="d", state=DocState.READY, adaptation=adaptation, installed=installed, retired=[],
+                          tokens=[5, 6], observation=None, describe=lambda: {"doc_id": "d"})
+    registry.get = {"d": doc}.get
+    registry.in_state = lambda *states: [doc] if DocState.READY in states and doc.state is DocState.READY else []
+    return refits, doc, audit
+
+
+def test_an_installed_learned_node_is_audited_on_its_latest_greedy_answers_and_reverted_when_they_disagree():
+    refits, doc, audit = audited_setup()
+    for request in range(AUDIT_SAMPLE + 2):  # the last AUDIT_SAMPLE are kept, answers cut to answer_steps
+        audit.note([request, 9], [1, 2, 3])
+    audit.note([1] * (MAX_PROMPT_KEPT + 1), [1])  # too long to keep, and not counted
+    (due,) = refits.audits()
+    assert due["version"] == 7 and due["input_ids"] == [5, 6] and len(due["served"]) == AUDIT_SAMPLE
+    assert due["served"][0] == {"prompt": [2, 9], "answer": [1, 2]} and refits.audits() == []  # handed out once
+    with pytest.raises(DocumentError) as stale:  # an answer for another version is refused
+        refits.audit_learned(None, AuditLearned("d", 6, figures={"agreement": 0.1, "requests": 8}))
+    assert stale.value.status == HTTPStatus.CONFLICT
+    refits.audit_learned(None, AuditLearned("d", 7, figures={"agreement": 0.9, "requests": 8}))
+    assert doc.state is DocState.READY and audit.last["agreement"] == 0.9 and audit.out_for is None
+    for request in range(4):
+        audit.note([request], [1])
+    (due,) = refits.audits()
+    adaptation = doc.adaptation
+    refits.audit_learned(None, AuditLearned("d", 7, figures={"agreement": 0.5, "requests": 4}))
+    assert adaptation.stopped == ["the document reverted to its full prefix"]
+    assert doc.state is DocState.OBSERVING and doc.installed is None and doc.adaptation is None
+    assert doc.retired[0].index == 7 and "agreed with the full prefix's answers on 0.5" in doc.observation.last_error
+    assert refits.registry.stats.counts == {"answer_audits": 2, "reverts": 1}
+
+
+def test_an_audit_that_failed_or_of_a_fixed_ratio_node_keeps_the_node():
+    refits, doc, audit = audited_setup(mode="watch")
+    for request in range(4):
+        audit.note([request], [1])
+    refits.audits()
+    refits.audit_learned(None, AuditLearned("d", 7, figures={"agreement": 0.1, "requests": 4}))
+    assert doc.state is DocState.READY and audit.last["agreement"] == 0.1  # capacity over fidelity: reported only
+    for request in range(4):
+        audit.note([request], [1])
+    refits.audits()
+    refits.audit_learned(None, AuditLearned("d", 7, error="RuntimeError('aborted')"))
+    assert doc.state is DocState.READY and audit.last == {"error": "RuntimeError('aborted')"} and audit.due() is False
+    audit.restart()  # a refit's new version: the answers kept were the old one's
+    assert audit.recent == collections.deque(maxlen=AUDIT_SAMPLE) and audit.since == 0
 
 
 def test_an_observation_keeps_a_bounded_number_of_greedy_answers_and_waits_while_certifying():

@@ -5,7 +5,8 @@ start-up load of ``--am-load-store``; both started with FastAPI's lifespan, afte
 prefixes its reuse tracker proposes (``auto``) and loads them from the store, or has the ranks observe them
 (query source ``live``), or registers them through the service's registration entry point, like a client's,
 two at a time. It also asks the learned documents' candidates their held-out requests' questions
-(``DocumentService.certify_learned``).
+(``DocumentService.certify_learned``), and the full prefix the prompts their installed nodes served last
+(``DocumentService.audit_learned``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class AutoCompactor:
             while True:
                 await asyncio.sleep(self.policy.poll_seconds)
                 try:
-                    candidates, learned = await self.service.auto_candidates()
+                    candidates, learned, audits = await self.service.auto_candidates()
                 except Exception:  # keep polling: a failed poll must not stop automatic compaction
                     logger.exception("sglang-am: polling for automatic compaction failed")
                     continue
@@ -50,6 +51,8 @@ class AutoCompactor:
                     self._start(self.compact(candidate["doc_id"], candidate["input_ids"]))
                 for rank, candidate in learned:
                     self._start(self.service.certify_learned(rank, candidate))
+                for rank, audit in audits:
+                    self._start(self.service.audit_learned(rank, audit))
         finally:
             for task in self.running:
                 task.cancel()

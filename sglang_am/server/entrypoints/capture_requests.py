@@ -118,6 +118,23 @@ class CaptureRequests:
 
         return list(await asyncio.gather(*(reference(request) for request in served)))
 
+    async def full_context_agreement(self, ids: list[int], served: list[dict], rank: int) -> dict:
+        """What requests served by a node (each ``prompt`` after the prefix ``ids`` and the ``answer`` the node gave)
+        would have been answered with the full prefix, greedily: the share of their answer tokens the node's answers
+        got right. Served in full (the radix cache's copy of the prefix, or one prefill that the rest share),
+        counted nowhere and observed by no document."""
+        async def agreed(request: dict) -> list[bool]:
+            answer = request["answer"]
+            output = await self._generate(ids + request["prompt"], {"max_new_tokens": len(answer), "temperature": 0.0,
+                                                                    "custom_params": {"am_op": "sample"}}, rank=rank)
+            return fidelity.agreement(output["output_ids"], answer)
+
+        start = time.perf_counter()
+        agreements = await self._first_then_rest(lambda index: agreed(served[index]), list(range(len(served))), False)
+        tokens = [token for index in range(len(served)) for token in agreements[index]]
+        return {"agreement": round(sum(tokens) / max(1, len(tokens)), 4), "requests": len(served),
+                "seconds": round(time.perf_counter() - start, 4)}
+
     async def answer_figures(self, doc_id: str, salt: str, ids: list[int], references: list[fidelity.AnswerReference],
                              rank: int, candidate: bool = False) -> dict:
         """``references``' questions asked of the installed document (or of its ``candidate``), by probes that

@@ -31,6 +31,7 @@ from ..errors import DocumentError
 from ..protocol import (
     Abandon,
     Advance,
+    AuditLearned,
     Certify,
     CertifyLearned,
     CollectStats,
@@ -347,16 +348,17 @@ class DocumentService:
         shared = {key: value for key, value in first.items() if key != "dp_rank"}
         return {**shared, **totals, "idle_check": check, "dp_size": len(ranks), "ranks": ranks}
 
-    async def auto_candidates(self) -> tuple[list[dict], list[tuple[int, dict]]]:
-        """Prefixes the ranks' reuse trackers propose, each once; and each rank's learned candidates waiting for
-        their held-out questions, with the rank."""
+    async def auto_candidates(self) -> tuple[list[dict], list[tuple[int, dict]], list[tuple[int, dict]]]:
+        """Prefixes the ranks' reuse trackers propose, each once; each rank's learned candidates waiting for their
+        held-out questions, and its installed learned nodes due an answer audit, with the rank."""
         candidates: dict[str, dict] = {}
-        certify = []
+        certify, audit = [], []
         for rank, answer in enumerate(await self.ranks.all(PollAutoCandidates())):
             for candidate in answer["candidates"]:
                 candidates.setdefault(candidate["doc_id"], candidate)
             certify.extend((rank, learned) for learned in answer["certify"])
-        return list(candidates.values()), certify
+            audit.extend((rank, learned) for learned in answer["audit"])
+        return list(candidates.values()), certify, audit
 
     async def certify_learned(self, rank: int, learned: dict) -> None:
         """Ask a learned document's candidate on ``rank`` its held-out requests' questions and tell the rank what
@@ -374,4 +376,20 @@ class DocumentService:
         try:
             await self.ranks.one(rank, outcome)  # the rank logs what it decided
         except DocumentError as error:  # dropped, or given up when its certification ran out of time
+            logger.warning("sglang-am: learned document %s: %s", doc_id, error.message)
+
+    async def audit_learned(self, rank: int, audit: dict) -> None:
+        """Ask the full prefix the prompts an installed learned node on ``rank`` served last, and tell the rank how
+        often its answers agree (``refits.Refits.audit_learned`` decides); a failure is told too, so that the next
+        audit is not held back."""
+        doc_id = audit["doc_id"]
+        try:
+            figures = await self.requests.full_context_agreement(audit["input_ids"], audit["served"], rank)
+            outcome = AuditLearned(doc_id, audit["version"], figures=figures)
+        except Exception as error:  # noqa: BLE001  (told to the rank, which keeps the node and audits it again)
+            logger.warning("sglang-am: auditing learned document %s failed: %r", doc_id, error)
+            outcome = AuditLearned(doc_id, audit["version"], error=repr(error))
+        try:
+            await self.ranks.one(rank, outcome)
+        except DocumentError as error:  # dropped, or reverted meanwhile
             logger.warning("sglang-am: learned document %s: %s", doc_id, error.message)

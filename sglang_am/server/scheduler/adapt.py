@@ -28,6 +28,7 @@ one watched document at a time within ``refits.WATCH_SHARE`` of the solver threa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 from collections.abc import Sequence
@@ -142,6 +143,7 @@ class Adaptation:
     last_error: str | None = None  # why the last failed refit failed
     seen_at_fit: int = 0  # live positions seen when the running or last refit started
     job: object = None  # jobs.Job of the running refit
+    audit: AnswerAudit | None = None  # a learned document's answers checked against the full prefix's
 
     @classmethod
     def start(cls, inputs: SolveInputs, plan: SolvePlan, layers: Sequence[int], windows: Sequence[int | None],
@@ -218,20 +220,23 @@ class Adaptation:
     def describe(self) -> dict:
         described = {"mode": self.mode, "queries_seen": self.live.seen, "reservoir": self.live.size,
                      "host_bytes": self.nbytes, "live_fidelity": self.live_fidelity}
+        if self.audit is not None:
+            described["answer_audit"] = self.audit.describe()
         if self.mode != "watch":  # refitting: solving, or solved and waiting for the scheduler to install it
             described.update(refits=self.refits, refit_failures=self.refit_failures, last_error=self.last_error,
                              queries_fitted=self.seen_at_fit, refitting=self.job is not None)
         return described
 
-    def stop(self) -> None:
-        """The document is dropped: cancel a running refit (its result is never installed)."""
+    def stop(self, why: str = "the document was dropped") -> None:
+        """The document is dropped or reverted (``why``): cancel a running refit (its result is never installed)."""
         if self.job is not None and not self.job.done():
-            self.job.cancel("the document was dropped")
+            self.job.cancel(why)
 
 
 # Observed greedy requests whose answers are kept for certification, and the longest prompt kept (tokens).
 ANSWERS_KEPT = 64
 MAX_PROMPT_KEPT = 4096
+AUDIT_SAMPLE = 8  # an installed learned node's latest greedy requests that an answer audit asks the full prefix again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +245,41 @@ class ServedAnswer:
 
     prompt: list[int]
     answer: list[int]
+
+
+class AnswerAudit:
+    """What an installed learned node's live attention figure does not see: whether its recent greedy requests
+    got the full prefix's answers. It keeps the last ``AUDIT_SAMPLE`` greedy requests the installed version served
+    (prompt after the prefix, first ``answer_steps`` answer tokens); every ``every`` such requests they are handed
+    to the HTTP process (``refits.Refits.audits``), which asks the full prefix the same prompts greedily, and the
+    agreement decides (``refits.Refits.audit_learned``)."""
+
+    def __init__(self, every: int, answer_steps: int):
+        self.every, self.answer_steps = every, answer_steps
+        self.recent: collections.deque[ServedAnswer] = collections.deque(maxlen=AUDIT_SAMPLE)
+        self.since = 0  # greedy requests served since the last audit was handed out
+        self.out_for: int | None = None  # the version whose audit the HTTP process holds
+        self.last: dict | None = None  # the last audit's figures (or its error)
+
+    def note(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
+        if answer and len(prompt) <= MAX_PROMPT_KEPT:
+            self.since += 1
+            self.recent.append(ServedAnswer(list(prompt), list(answer[: self.answer_steps])))
+
+    def due(self) -> bool:
+        return self.out_for is None and self.since >= self.every
+
+    def hand_out(self, version: int) -> list[ServedAnswer]:
+        self.out_for, self.since = version, 0
+        return list(self.recent)
+
+    def restart(self) -> None:
+        """A new version serves: the answers kept were another version's."""
+        self.recent.clear()
+        self.since = 0
+
+    def describe(self) -> dict:
+        return {"every": self.every, "since_last": self.since, "auditing": self.out_for is not None, "last": self.last}
 
 
 @dataclasses.dataclass

@@ -26,7 +26,9 @@ COUNTERS = {
     "refits": ("Adapting documents refitted from live queries and installed as a new version.", ()),
     "refit_failures": ("Refits that failed or found no room to install; the document kept serving its version.", ()),
     "observed_requests": ("Requests served in full while their prefix's automatic document learned from them.", ()),
-    "reverts": ("Learned documents whose live error stayed above the bound: back to their full prefix, observing.", ()),
+    "reverts": ("Learned documents whose live error stayed above the bound, or whose recent answers disagreed with the "
+                "full prefix's: back to their full prefix, observing.", ()),
+    "answer_audits": ("Installed learned nodes' recent greedy answers checked against the full prefix's.", ()),
     "answer_refusals": ("Learned nodes whose held-out requests' greedy answers through them missed the agreement "
                         "bound: not installed.", ()),
     "background_failures": ("Failed steps of the scheduler's document upkeep after a batch (an extension bug; "

@@ -18,6 +18,7 @@ from ..config import ServerConfig
 from ..protocol import (
     Abandon,
     Advance,
+    AuditLearned,
     AutoCandidates,
     Certify,
     CertifyLearned,
@@ -66,6 +67,7 @@ class DocumentOperations:
             NoteFidelity: registrations.note_fidelity, Drop: registrations.drop,
             PollAutoCandidates: self.poll_auto, Observe: self.refits.observe,
             CertifyLearned: self.refits.certify_learned,
+            AuditLearned: self.refits.audit_learned,
             Save: store.save, Load: store.load, Export: store.export, ReleaseHandoff: store.release_handoff,
             ListStored: store.list_stored, DeleteStored: store.delete_stored, PollJob: store.poll_job,
         }
@@ -87,8 +89,10 @@ class DocumentOperations:
         return self._handlers[type(operation)](scheduler, operation)
 
     def poll_auto(self, scheduler, operation: PollAutoCandidates) -> AutoCandidates:
-        """The reuse tracker's new candidates, and the learned candidates waiting for their held-out questions."""
-        return {"candidates": self.registrations.take_auto_candidates(), "certify": self.refits.certifications()}
+        """The reuse tracker's new candidates, the learned candidates waiting for their held-out questions, and the
+        installed learned nodes due an answer audit."""
+        return {"candidates": self.registrations.take_auto_candidates(), "certify": self.refits.certifications(),
+                "audit": self.refits.audits()}
 
     def list_documents(self, scheduler, operation: ListDocuments) -> dict:
         return {"documents": [doc.describe() for doc in self.registry.documents.values()]}

@@ -16,7 +16,9 @@ given up in a row pause observing for a window.
 Installed, it is measured on the new live queries whenever a refit would be due. With ratio auto it is refitted
 only when that live figure is above the bound, and goes back to observing (its versions retired) when the
 figure is above the bound twice in a row, or its refit's own figure is: no refit keeps up with what the
-traffic asks now. With a fixed ratio it is only measured.
+traffic asks now. With a fixed ratio it is only measured. Its answers are audited too (``adapt.AnswerAudit``):
+every so many greedy requests it served, the HTTP process asks the full prefix the latest ones' prompts, and with
+ratio auto a node whose answers disagree reverts the same way.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from ..auto import AUTO_LADDER_TOP, GUARD_REFUSALS_BEFORE_PAUSE
 from ..compat import check_model, single_rank
 from ..config import ServerConfig
 from ..errors import DocumentError
-from ..protocol import CertifyLearned, Description, Observe
+from ..protocol import AuditLearned, CertifyLearned, Description, Observe
 from ..registration import DEFAULT_ANSWER_TOKENS, RATIO_LADDER
-from .adapt import Adaptation, LearnedCertification, LiveQueries, Observation, host_layers, nbytes
+from .adapt import Adaptation, AnswerAudit, LearnedCertification, LiveQueries, Observation, host_layers, nbytes
 from .jobs import QueueFull, Worker
 from .layout import node_floor
 from .registrations import Registrations
@@ -164,7 +166,8 @@ class Refits:
                 return
             figure = (prefix.config.get("fidelity") or {}).get("relative_l2")
             if adaptation.mode == "guard" and (adaptation.over_bound >= 2 or (figure or 0.0) > adaptation.bound):
-                self._revert(scheduler, doc)
+                live = (adaptation.live_fidelity or {}).get("relative_l2")
+                self._revert(scheduler, doc, f"live error {live} above the bound {adaptation.bound}")
                 return
             if table is not None and prefix.num_slots > table.free_slots():
                 raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "no room in the bias table")
@@ -180,6 +183,8 @@ class Refits:
         doc.retired.append(doc.installed)
         doc.installed, doc.config = version, prefix.config
         adaptation.serving = host_layers(prefix, adaptation.live.layers)
+        if adaptation.audit is not None:
+            adaptation.audit.restart()
         adaptation.refits += 1
         doc.timings["refit_seconds"] = prefix.timings["solve_seconds"]
         self.registry.stats.add("refits")
@@ -256,6 +261,8 @@ class Refits:
             adaptation = Adaptation.start(inputs, watch, compacted, windows, len(tokens), self.config.adapt_reservoir,
                                           self.config.adapt_refit_every, adapt_bytes, observation.answer_steps, prefix,
                                           "guard" if plan.bound is not None else "watch", policy.fidelity_bound)
+            if policy.audit_requests:
+                adaptation.audit = AnswerAudit(policy.audit_requests, observation.answer_steps)
             return Solved(prefix, adaptation, candidate)
 
         try:
@@ -327,6 +334,38 @@ class Refits:
             solved, prefix=dataclasses.replace(prefix, config={**prefix.config, "fidelity": fidelity})))
         return doc.describe()
 
+    def audits(self) -> list[dict]:
+        """The installed learned nodes whose latest greedy requests are due an answer audit, each handed out once (the
+        HTTP process asks the full prefix their prompts and answers ``audit_learned``)."""
+        due = []
+        for doc in self.registry.in_state(DocState.READY):
+            audit = None if doc.adaptation is None else doc.adaptation.audit
+            if audit is not None and doc.installed is not None and audit.due():
+                served = audit.hand_out(doc.installed.index)
+                due.append({"doc_id": doc.doc_id, "version": doc.installed.index, "input_ids": list(doc.tokens),
+                            "served": [dataclasses.asdict(answer) for answer in served]})
+        return due
+
+    def audit_learned(self, scheduler, operation: AuditLearned) -> Description:
+        """A learned node's latest greedy answers against the full prefix's: with ratio auto, a version that agrees on
+        fewer than ``agreement_bound`` of their tokens goes (``_revert``); with a fixed ratio the figure is reported."""
+        doc = self.registry.get(operation.doc_id)
+        audit = None if doc is None or doc.adaptation is None else doc.adaptation.audit
+        if audit is None or audit.out_for != operation.version:
+            raise DocumentError(HTTPStatus.CONFLICT, f"document {operation.doc_id} has no answer audit out for version "
+                                f"{operation.version}")
+        audit.out_for = None
+        self.registry.stats.add("answer_audits")
+        audit.last = operation.figures if operation.figures is not None else {"error": operation.error}
+        if operation.figures is None:
+            return doc.describe()
+        agreement, bound = operation.figures["agreement"], self.registry.policy.agreement_bound
+        serving = doc.installed is not None and doc.installed.index == operation.version
+        if serving and doc.adaptation.mode == "guard" and agreement < bound:
+            self._revert(scheduler, doc, f"its latest {operation.figures['requests']} greedy requests agreed with the "
+                         f"full prefix's answers on {agreement} of their tokens, below the bound {bound}")
+        return doc.describe()
+
     def _end_certification(self, doc: Document) -> Solved | None:
         solved, doc.solved, doc.observation.certifying = doc.solved, None, None
         self.registrations.retire_candidate(doc)
@@ -375,15 +414,16 @@ class Refits:
                        "--am-auto-ratio 0.1", GUARD_REFUSALS_BEFORE_PAUSE, self.registry.policy.window_seconds,
                        len(stopped))
 
-    def _revert(self, scheduler, doc: Document) -> None:
-        """The traffic asks what the node no longer answers: new requests get the full prefix, and the document
-        learns again from them; its versions go once no request holds them."""
+    def _revert(self, scheduler, doc: Document, why: str) -> None:
+        """The traffic asks what the node no longer answers (``why``): new requests get the full prefix, and the
+        document learns again from them; its versions go once no request holds them."""
         adaptation = doc.adaptation
-        figure = (adaptation.live_fidelity or {}).get("relative_l2")
+        adaptation.stop("the document reverted to its full prefix")
         doc.retired.append(doc.installed)
         doc.installed, doc.adaptation, doc.state = None, None, DocState.OBSERVING
         doc.observation = self._new_observation(adaptation.live.layers)
-        doc.observation.last_error = f"reverted: live error {figure} above the bound {adaptation.bound}"
+        doc.observation.last_error = f"reverted: {why}"
+        logger.warning("sglang-am: learned document %s reverted to its full prefix: %s", doc.doc_id, why)
         self.registry.stats.add("reverts")
         self.registrations.reap(scheduler)
         self.registry.update_gauges()

@@ -9,7 +9,8 @@
   or an abort reported outside the stream); it releases its document.
 - ``after_process_batch_result``: a finished capture request's KV is locked in the tree until its
   document's solve has read it; a finished greedy request that an observing document learns from leaves it
-  its answer; then ``operations.background_step``.
+  its answer, and one that an audited learned node served leaves the audit its answer; then
+  ``operations.background_step``.
 - ``after_init_max_new_tokens``: SGLang clamped ``max_new_tokens`` with the rewritten (shorter)
   prompt; clamp again with the logical length so positions stay inside the model's context.
 - ``after_init_new`` (``ForwardBatch.init_new``): tokens after a document take RoPE positions from T
@@ -175,9 +176,19 @@ def after_process_batch_result(result, scheduler, batch, *args, **kwargs):
         elif record.observed is not None and req.sampling_params.top_k == 1:  # SGLang's greedy (temperature 0)
             observed = record.observed
             observed.observation.note_answer(observed.part, req.origin_input_ids, observed.start, req.output_ids)
+        elif record.served is not None and record.served.client and req.sampling_params.top_k == 1:
+            _note_served_answer(record.served, req)
     if scheduler.tp_size == 1:  # with TP, ranks release together, in an RPC (and documents do not adapt)
         operations.background_step(scheduler)
     return result
+
+
+def _note_served_answer(served, req) -> None:
+    """A greedy request that an audited learned node served ended: its prompt after the node's slots and its answer."""
+    doc = served.document
+    audit = None if doc.adaptation is None else doc.adaptation.audit
+    if audit is not None and served.version is doc.installed:
+        audit.note(req.origin_input_ids[served.version.num_slots :], req.output_ids)
 
 
 def after_on_idle(result, scheduler, *args, **kwargs):
