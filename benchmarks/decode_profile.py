@@ -26,6 +26,7 @@ import argparse
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -89,10 +90,16 @@ def scheduler_pid(server) -> int:
     raise RuntimeError("no SGLang scheduler process under the server")
 
 
+def py_spy() -> str | None:
+    """py-spy's executable: on the PATH, or beside this interpreter (a virtual environment used without activating it)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
+
+
 def profile(pid: int, seconds: float, rate: int) -> list[tuple[list[str], int]]:
     """py-spy's raw (collapsed) stacks of ``pid`` over ``seconds``: (frames outermost first, samples)."""
     with tempfile.NamedTemporaryFile(suffix=".txt") as output:
-        subprocess.run(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
+        subprocess.run([py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
                         "--format", "raw", "--full-filenames", "--nonblocking", "--output", output.name], check=True,
                        capture_output=True, text=True)
         stacks = []
@@ -137,7 +144,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/decode_profile_MODEL_LENGTH.json)")
     args = parser.parse_args()
-    if shutil.which("py-spy") is None:
+    if py_spy() is None:
         parser.error("py-spy is not installed: pip install py-spy")
     if not all(0 < ratio <= 1 for ratio in args.ratios) or args.concurrency < 1 or args.seconds < 1:
         parser.error("--ratios must be in (0, 1], --concurrency >= 1 and --seconds >= 1")
