@@ -96,30 +96,28 @@ def test_an_installed_node_whose_latest_answers_disagree_with_the_full_prefix_is
             return ok(url, "POST", "/generate", {"text": f"{doc.text}\n{question.question}",
                                                  "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
 
-        def learned():
-            return ok(url, "GET", "/am/documents")["documents"][0]
+        def documents():  # the reuse tracker may learn more than one prefix of the text
+            return ok(url, "GET", "/am/documents")["documents"]
 
-        served = 0
-        for turn in range(80):
-            served += "am_document" in generate(asked[turn % 2])["meta_info"]
-            if served == 4:  # the first audit is due
+        for turn in range(300):  # with the attention bound lifted, 0.05 is tried first and refused by the answers
+            generate(asked[turn % 2])
+            audited = [doc["adapt"]["answer_audit"]["last"] for doc in documents() if "adapt" in doc]
+            if any(audited):
                 break
-        deadline = time.monotonic() + 30
-        while (audit := learned()["adapt"]["answer_audit"])["last"] is None:
-            assert time.monotonic() < deadline, f"the node served {served} requests and was never audited: {audit}"
-            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no installed node was audited: {documents()}")
         # The questions it was fitted to: the full prefix answers them as the node did.
-        assert audit["last"]["agreement"] == 1.0 and audit["last"]["requests"] == 4, audit
+        (last,) = filter(None, audited)
+        assert last["agreement"] == 1.0 and last["requests"] >= 4, last
         for question in drifted:
             generate(question)
             if ok(url, "GET", "/am/stats")["counters"]["reverts"]:
                 break
         else:
-            raise AssertionError(f"no revert after {len(drifted)} new questions: {learned()}")
-        reverted = learned()
-        assert reverted["state"] == "observing" and "agreed with the full prefix's answers" in reverted["observe"]["last_error"]
-        stats = ok(url, "GET", "/am/stats")
-        assert stats["counters"]["answer_audits"] >= 2 and stats["counters"]["reverts"] == 1
+            raise AssertionError(f"no revert after {len(drifted)} new questions: {documents()}")
+        reverted = [doc for doc in documents() if doc["state"] == "observing" and doc["observe"]["last_error"]]
+        assert reverted and "agreed with the full prefix's answers" in reverted[0]["observe"]["last_error"], reverted
+        assert ok(url, "GET", "/am/stats")["counters"]["answer_audits"] >= 2
 
 
 def test_prefixes_whose_held_out_requests_miss_the_bound_stay_in_full_and_three_in_a_row_pause_observing():
