@@ -82,8 +82,9 @@ class AutoPolicy:
                                                    "(live ones always do)")
 
     def __post_init__(self):
+        # keep_last >= 1: a request must go on after the document
         for name, low in (("min_tokens", 2), ("min_requests", 1), ("keep_first", 0), ("observe_requests", 2),
-                          ("keep_last", 1), ("audit_requests", 0)):  # keep_last >= 1: a request must go on after the document
+                          ("keep_last", 1), ("audit_requests", 0)):
             check_int(name, getattr(self, name), low)
         for name in ("window_seconds", "poll_seconds"):
             value = getattr(self, name)
