@@ -22,10 +22,11 @@ def ok(server, method, path, payload=None, key=None):
 def side_by_side(*servers: ServerProcess) -> Iterator[list[str]]:
     """``servers`` started at once, their URLs for a ``with`` block, all killed at its end: a start here is
     mostly one process importing SGLang (about 27 s), so two starts overlap on two cores."""
-    for server in servers:
-        server.launch()
+    launched = []
     try:
+        for server in servers:
+            launched.append(server.launch())
         yield [server.wait_ready().url for server in servers]
     finally:
-        for server in servers:
+        for server in launched:
             server.kill()
