@@ -373,10 +373,7 @@ class DocumentService:
         except Exception as error:  # noqa: BLE001  (told to the rank, which gives the document up)
             logger.warning("sglang-am: asking learned document %s its held-out questions failed: %r", doc_id, error)
             outcome = CertifyLearned(doc_id, error=repr(error))
-        try:
-            await self.ranks.one(rank, outcome)  # the rank logs what it decided
-        except DocumentError as error:  # dropped, or given up when its certification ran out of time
-            logger.warning("sglang-am: learned document %s: %s", doc_id, error.message)
+        await self._tell_learned(rank, doc_id, outcome)
 
     async def audit_learned(self, rank: int, audit: dict) -> None:
         """Ask the full prefix the prompts an installed learned node on ``rank`` served last, and tell the rank how
@@ -389,7 +386,12 @@ class DocumentService:
         except Exception as error:  # noqa: BLE001  (told to the rank, which keeps the node and audits it again)
             logger.warning("sglang-am: auditing learned document %s failed: %r", doc_id, error)
             outcome = AuditLearned(doc_id, audit["version"], error=repr(error))
+        await self._tell_learned(rank, doc_id, outcome)
+
+    async def _tell_learned(self, rank: int, doc_id: str, outcome: CertifyLearned | AuditLearned) -> None:
+        """Hand ``outcome`` to the rank, which decides and logs; a refusal (the document was dropped, given up or
+        reverted meanwhile) is logged here."""
         try:
             await self.ranks.one(rank, outcome)
-        except DocumentError as error:  # dropped, or reverted meanwhile
+        except DocumentError as error:
             logger.warning("sglang-am: learned document %s: %s", doc_id, error.message)

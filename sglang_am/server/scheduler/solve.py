@@ -141,15 +141,13 @@ def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: t
     started = time.perf_counter()
     clock = {"selection": 0.0, "beta": 0.0, "values": 0.0}
     solutions = {}  # budget -> (layers, fidelity, the second fit's layers)
-    walked = []  # the rungs asked, in order
+    walked = {}  # the rungs asked, in order: ratio -> its budget
     floor = node_floor(windows, len(token_ids), plan.layers.compact_windows)
 
     def meets(ratio: float, give_up: bool = False) -> bool:
         """Solve at ``ratio`` (once per budget it gives); whether it meets the bound (a fixed ratio always
         does). With ``give_up``, ``_OverBound`` as soon as it cannot."""
-        budget = node_budget(ratio, floor, len(token_ids), plan.layers)
-        if ratio not in walked:
-            walked.append(ratio)
+        budget = walked.setdefault(ratio, node_budget(ratio, floor, len(token_ids), plan.layers))
         if budget not in solutions:
             solutions[budget] = _solve(inputs, dataclasses.replace(plan.layers, budget=budget), len(token_ids),
                                        windows, clock, plan.heldout_questions,
@@ -168,10 +166,9 @@ def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: t
                                 f"attention error within the fidelity bound {plan.bound} (at {rungs[-1]}: "
                                 f"{over.figure}); the prefix stays uncompacted") from None
     chosen = next((ratio for ratio in rungs if meets(ratio)), rungs[-1])
-    figures = lambda ratio: solutions[node_budget(ratio, floor, len(token_ids), plan.layers)]
-    solved, fidelity, second = figures(chosen)
+    solved, fidelity, second = solutions[walked[chosen]]
     if plan.ladder is not None:
-        tried = [{"ratio": ratio, "relative_l2": figures(ratio)[1]["relative_l2"]} for ratio in walked]
+        tried = [{"ratio": ratio, "relative_l2": solutions[budget][1]["relative_l2"]} for ratio, budget in walked.items()]
         fidelity = {**fidelity, "ladder": tried, "bound": plan.bound, "ratio": chosen}
     timings = {f"{stage}_seconds": round(seconds, 4) for stage, seconds in clock.items()}
     timings["solve_seconds"] = round(time.perf_counter() - started, 4)
