@@ -68,7 +68,7 @@ def learned_setup(ratio="auto"):
     """A ``Refits`` over stand-in registrations that record what they were asked, and a learned document whose
     candidate (at the ladder's lowest rung) waits for its held-out requests' answers."""
     asked = {"installed": [], "discarded": [], "retired": []}
-    policy = SimpleNamespace(ratio=ratio, agreement_bound=0.8, window_seconds=60.0)
+    policy = SimpleNamespace(ratio=ratio, agreement_bound=0.8, window_seconds=60.0, audit_requests=32)
     documents = {}
     registry = SimpleNamespace(policy=policy, stats=Stats(), get=documents.get, in_state=lambda *states: [])
     registrations = SimpleNamespace(
@@ -83,7 +83,8 @@ def learned_setup(ratio="auto"):
     one = torch.zeros(1, 1, 1)
     prefix = CompactedPrefix([one], [one], [one[0]], 1, [5], {}, "AM-HighestAttnKeys",
                              {"budget": ratio, "fidelity": {"relative_l2": 0.05, "ratio": rung}})
-    doc = SimpleNamespace(doc_id="d", state=DocState.OBSERVING, observation=observation, solved=Solved(prefix),
+    doc = SimpleNamespace(doc_id="d", state=DocState.OBSERVING, observation=observation,
+                          solved=Solved(prefix, adaptation=SimpleNamespace(audit=None)),
                           describe=lambda: {"doc_id": "d"})
     documents["d"] = doc
     return refits, doc, asked
@@ -170,6 +171,27 @@ def test_an_installed_learned_node_is_audited_on_its_latest_greedy_answers_and_r
     assert doc.state is DocState.OBSERVING and doc.installed is None and doc.adaptation is None
     assert doc.retired[0].index == 7 and "agreed with the full prefix's answers on 0.5" in doc.observation.last_error
     assert refits.registry.stats.counts == {"answer_audits": 2, "reverts": 1}
+
+
+def test_an_audit_comes_early_once_enough_requests_asked_questions_the_node_was_not_learned_from():
+    refits, doc, _ = learned_setup()
+    adaptation = doc.solved.adaptation
+    for question in range(3):  # the observed requests' prompts follow the prefix [5]
+        doc.observation.note_answer(question, [5, question], 1, [1])
+    refits.certify_learned(None, CertifyLearned("d", figures(0.9)))
+    audit = adaptation.audit
+    for request in range(31):  # only the questions it was learned from: audited every 32 requests
+        audit.note([request % 3], [1])
+    assert not audit.due() and audit.new_since == 0
+    audit.note([0], [1])
+    assert audit.due()
+    audit.hand_out(7)
+    audit.out_for = None
+    for question in range(AUDIT_SAMPLE):  # new questions, each asked twice: due at the AUDIT_SAMPLE-th new one
+        assert not audit.due()
+        audit.note([100 + question], [1])
+        audit.note([100 + question], [1])
+    assert audit.due() and audit.since == 2 * AUDIT_SAMPLE and audit.describe()["new_prompts_since_last"] == AUDIT_SAMPLE
 
 
 def test_an_audit_that_failed_or_of_a_fixed_ratio_node_keeps_the_node():

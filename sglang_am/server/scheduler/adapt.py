@@ -237,6 +237,7 @@ class Adaptation:
 ANSWERS_KEPT = 64
 MAX_PROMPT_KEPT = 4096
 AUDIT_SAMPLE = 8  # an installed learned node's latest greedy requests that an answer audit asks the full prefix again
+PROMPTS_REMEMBERED = 4096  # distinct prompts a learned document remembers, to tell a new question from a repeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,36 +251,59 @@ class ServedAnswer:
 class AnswerAudit:
     """What an installed learned node's live attention figure does not see: whether its recent greedy requests
     got the full prefix's answers. It keeps the last ``AUDIT_SAMPLE`` greedy requests the installed version served
-    (prompt after the prefix, first ``answer_steps`` answer tokens); every ``every`` such requests they are handed
-    to the HTTP process (``refits.Refits.audits``), which asks the full prefix the same prompts greedily, and the
-    agreement decides (``refits.Refits.audit_learned``)."""
+    (prompt after the prefix, first ``answer_steps`` answer tokens); they are handed to the HTTP process
+    (``refits.Refits.audits``), which asks the full prefix the same prompts greedily, and the agreement decides
+    (``refits.Refits.audit_learned``). An audit is due every ``every`` such requests, or as soon as
+    ``AUDIT_SAMPLE`` of them asked a prompt the document had never seen (``known``, seeded with the prompts it was
+    learned from): new questions are what a node may not answer, so a drift is caught while it begins."""
 
-    def __init__(self, every: int, answer_steps: int):
+    def __init__(self, every: int, answer_steps: int, known: PromptDigests | None = None):
         self.every, self.answer_steps = every, answer_steps
         self.recent: collections.deque[ServedAnswer] = collections.deque(maxlen=AUDIT_SAMPLE)
+        self.known = PromptDigests() if known is None else known
         self.since = 0  # greedy requests served since the last audit was handed out
+        self.new_since = 0  # of them, those whose prompt the document had never seen
         self.out_for: int | None = None  # the version whose audit the HTTP process holds
         self.last: dict | None = None  # the last audit's figures (or its error)
 
     def note(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
         if answer and len(prompt) <= MAX_PROMPT_KEPT:
             self.since += 1
+            self.new_since += self.known.add(prompt)
             self.recent.append(ServedAnswer(list(prompt), list(answer[: self.answer_steps])))
 
     def due(self) -> bool:
-        return self.out_for is None and self.since >= self.every
+        return self.out_for is None and (self.since >= self.every or self.new_since >= AUDIT_SAMPLE)
 
     def hand_out(self, version: int) -> list[ServedAnswer]:
-        self.out_for, self.since = version, 0
+        self.out_for, self.since, self.new_since = version, 0, 0
         return list(self.recent)
 
     def restart(self) -> None:
         """A new version serves: the answers kept were another version's."""
         self.recent.clear()
-        self.since = 0
+        self.since = self.new_since = 0
 
     def describe(self) -> dict:
-        return {"every": self.every, "since_last": self.since, "auditing": self.out_for is not None, "last": self.last}
+        return {"every": self.every, "since_last": self.since, "new_prompts_since_last": self.new_since,
+                "auditing": self.out_for is not None, "last": self.last}
+
+
+class PromptDigests:
+    """The digests of the distinct prompts a learned document has seen, at most ``PROMPTS_REMEMBERED`` (then new
+    prompts are still told apart from the ones remembered, but no longer remembered themselves)."""
+
+    def __init__(self):
+        self.digests: set[int] = set()
+
+    def add(self, prompt: Sequence[int]) -> bool:
+        """Remember ``prompt``: was it new?"""
+        digest = hash(tuple(prompt))
+        if digest in self.digests:
+            return False
+        if len(self.digests) < PROMPTS_REMEMBERED:
+            self.digests.add(digest)
+        return True
 
 
 @dataclasses.dataclass
@@ -311,6 +335,7 @@ class Observation:
     tries: int = 0  # solves the guard refused
     last_error: str | None = None
     answers: dict[int, ServedAnswer] = dataclasses.field(default_factory=dict)  # request number -> its greedy answer
+    prompts: PromptDigests = dataclasses.field(default_factory=PromptDigests)  # every greedy request's prompt
     heldout: frozenset[int] = frozenset()  # the requests held out of the last solve's second fit
     certifying: LearnedCertification | None = None  # a candidate being asked the held-out requests' questions
     lowest_ratio: float = 0.0  # the smallest rung the next solve may pick
@@ -324,6 +349,7 @@ class Observation:
         """A greedy observed request ended: its prompt after the prefix (``input_ids`` from ``start``) and the first
         ``answer_steps`` tokens it was served, for the first ``ANSWERS_KEPT`` such requests (the reservoir holds the
         early requests anyway); copied only when kept."""
+        self.prompts.add(input_ids[start:])
         if len(self.answers) < ANSWERS_KEPT and answer and len(input_ids) - start <= MAX_PROMPT_KEPT:
             self.answers[part] = ServedAnswer(list(input_ids[start:]), list(answer[: self.answer_steps]))
 

@@ -261,8 +261,6 @@ class Refits:
             adaptation = Adaptation.start(inputs, watch, compacted, windows, len(tokens), self.config.adapt_reservoir,
                                           self.config.adapt_refit_every, adapt_bytes, observation.answer_steps, prefix,
                                           "guard" if plan.bound is not None else "watch", policy.fidelity_bound)
-            if policy.audit_requests:
-                adaptation.audit = AnswerAudit(policy.audit_requests, observation.answer_steps)
             return Solved(prefix, adaptation, candidate)
 
         try:
@@ -373,6 +371,9 @@ class Refits:
 
     def _install_learned(self, scheduler, doc: Document, solved: Solved) -> None:
         self.given_up_in_a_row = 0
+        observation, every = doc.observation, self.registry.policy.audit_requests
+        if every:  # the prompts it was learned from are no news to its audit
+            solved.adaptation.audit = AnswerAudit(every, observation.answer_steps, observation.prompts)
         try:
             with self.registrations.discarding_on_failure(doc):
                 self.registrations.install_solved(scheduler, doc, solved)
