@@ -15,17 +15,21 @@ with ``--am-auto`` and no tuning flag. The stream goes in chunks of --chunk requ
 extension's ``/am/stats`` is read, so the report says when documents were observed, installed, given up and
 reverted. Reported per run: accuracy and agreement with stock's answers over each half, the share of the second
 half served from a compacted node, TTFT p50/p99, the learned documents' counters and what each ended as, and
-SGLang's idle check.
+SGLang's idle check. With --workers N, each configuration is N servers behind sglang-router (--policy), whose
+learned documents and counters are summed over the workers; --dp-size N gives one server N ranks.
 
     python benchmarks/auto_stream.py --model smollm2-135m --size 60 --set 20 --requests 100 --max-tokens 16
     python benchmarks/auto_stream.py --model recall --set 40 --max-tokens 1 --streams zipf drift
+    python benchmarks/auto_stream.py --model recall --set 40 --max-tokens 1 --streams zipf --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from adapt_stream import summary, zipf_draws
@@ -35,6 +39,7 @@ from transformers import AutoTokenizer
 
 from sglang_am.batch_qa import ask_all, documents_and_questions
 from sglang_am.client import DocumentsClient
+from sglang_am.cluster import POLICIES, cluster
 from sglang_am.serve import MODELS, model_path, serving
 
 STREAMS = ("zipf", "unique", "drift")
@@ -56,27 +61,44 @@ def make_stream(kind: str, questions: list, documents: int, args) -> tuple[list,
     return stream, (half * documents if kind == "drift" else None)
 
 
-def counters(url: str) -> dict:
-    stats = DocumentsClient(url).stats()
-    values, total = stats["counters"], lambda value: sum(value.values()) if isinstance(value, dict) else value
-    return {"hits": total(values.get("hits", 0)), "observed": values.get("observed_requests", 0),
-            "installed": values.get("compactions", {}).get("auto", 0),
-            "given_up": values.get("compaction_failures", {}).get("auto", 0),
-            "refits": values.get("refits", 0), "reverts": values.get("reverts", 0),
-            "answer_refusals": values.get("answer_refusals", 0),
-            "live_error_max": stats["gauges"].get("adapt_live_error_max"), "observing": stats["documents"]["observing"]}
+@contextlib.contextmanager
+def servers(flags: list[str], stock: bool, args) -> Iterator[tuple[str, list[DocumentsClient]]]:
+    """The URL the stream goes to, and a client for each server behind it (whose stats and documents are read)."""
+    if args.workers == 1:
+        with serving(flags, stock=stock) as url:
+            yield url, [DocumentsClient(url)]
+    else:
+        with cluster(args.workers, args.policy, flags, stock=stock) as running:
+            yield running.url, [DocumentsClient(url, running.admin_key) for url in running.worker_urls]
 
 
-def run_stream(url: str, stream: list, args, extension: bool, label: str) -> tuple[list, list, float]:
-    """The answers, the counters after each chunk (extension only) and the wall seconds."""
+def counters(clients: list[DocumentsClient]) -> dict:
+    """The learned documents' counters, summed over the servers (the largest live error of any)."""
+    summed, errors = {}, []
+    for stats in (client.stats() for client in clients):
+        values, total = stats["counters"], lambda value: sum(value.values()) if isinstance(value, dict) else value
+        for key, value in {"hits": total(values.get("hits", 0)), "observed": values.get("observed_requests", 0),
+                           "installed": values.get("compactions", {}).get("auto", 0),
+                           "given_up": values.get("compaction_failures", {}).get("auto", 0),
+                           "refits": values.get("refits", 0), "reverts": values.get("reverts", 0),
+                           "answer_refusals": values.get("answer_refusals", 0),
+                           "answer_audits": values.get("answer_audits", 0),
+                           "observing": stats["documents"]["observing"]}.items():
+            summed[key] = summed.get(key, 0) + value
+        errors.append(stats["gauges"].get("adapt_live_error_max") or 0.0)
+    return {**summed, "live_error_max": max(errors)}
+
+
+def run_stream(url: str, clients: list[DocumentsClient] | None, stream: list, args, label: str) -> tuple[list, list, float]:
+    """The answers, the counters after each chunk (with the extension's ``clients``) and the wall seconds."""
     answers, timeline, wall = [], [], 0.0
     for start in range(0, len(stream), args.chunk):
         chunk = stream[start : start + args.chunk]
         got, seconds = ask_all(url, chunk, args.concurrency, args.max_tokens)
         answers += got
         wall += seconds
-        if extension:
-            timeline.append({"requests": start + len(chunk), **counters(url)})
+        if clients:
+            timeline.append({"requests": start + len(chunk), **counters(clients)})
         print(f"\r{label}: {start + len(chunk)}/{len(stream)}", end="", flush=True)
     print(flush=True)
     return answers, timeline, wall
@@ -88,7 +110,8 @@ def learning(timeline: list, switch: int | None, total: int) -> dict:
     half = switch or total // 2
     before = next((point for point in reversed(timeline) if point["requests"] <= half), {"hits": 0})
     end = timeline[-1]
-    row = {**{key: end[key] for key in ("observed", "installed", "given_up", "answer_refusals", "refits", "reverts")},
+    row = {**{key: end[key] for key in ("observed", "installed", "given_up", "answer_refusals", "refits", "reverts",
+                                        "answer_audits")},
            "served_compacted_second_half": round((end["hits"] - before["hits"]) / (total - half), 4)}
     if switch is not None:
         reverted = next((point["requests"] for point in timeline
@@ -120,11 +143,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per answer")
     parser.add_argument("--size", type=int, help="sentences per real-text document (default 140) or recall pairs (300)")
     parser.add_argument("--max-total-tokens", type=int, default=32768)
+    parser.add_argument("--workers", type=int, default=1, help="servers behind sglang-router (1: no router)")
+    parser.add_argument("--policy", choices=POLICIES, default="cache_aware", help="the router's policy with --workers")
+    parser.add_argument("--dp-size", type=int, default=1, help="SGLang's data-parallel ranks per server")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    if args.set < 1 or args.requests < 2 or args.chunk < 1:
-        parser.error("--set must be >= 1, --requests >= 2 and --chunk >= 1")
+    if args.set < 1 or args.requests < 2 or args.chunk < 1 or args.workers < 1 or args.dp_size < 1:
+        parser.error("--set, --workers and --dp-size must be >= 1, --requests >= 2 and --chunk >= 1")
     args.output = args.output or RESULTS_DIR / f"auto_stream_{args.model}.json"
 
     path = model_path(args.model)
@@ -133,18 +159,21 @@ def main() -> None:
     _, document_ids, questions = documents_and_questions(tokenizer, args.documents, 2 * args.set, workload, args.size,
                                                          seed=args.seed)
     flags = ["--model-path", str(path), "--max-total-tokens", str(args.max_total_tokens),
-             *(["--dtype", "float32"] if args.model != "recall" else [])]
+             "--dp-size", str(args.dp_size), *(["--dtype", "float32"] if args.model != "recall" else [])]
     rows = []
     for kind in args.streams:
         stream, switch = make_stream(kind, questions, args.documents, args)
-        with serving([*flags, "--attention-backend", "torch_native"], stock=True) as url:
-            reference, _, wall = run_stream(url, stream, args, False, f"{kind}, stock")
+        with servers([*flags, "--attention-backend", "torch_native"], True, args) as (url, _):
+            reference, _, wall = run_stream(url, None, stream, args, f"{kind}, stock")
         rows.append({"stream": kind, "config": "stock", **summary(stream, reference, wall, half=switch)})
-        with serving([*flags, "--am-auto"]) as url:
-            answers, timeline, wall = run_stream(url, stream, args, True, f"{kind}, --am-auto")
+        with servers([*flags, "--am-auto"], False, args) as (url, clients):
+            answers, timeline, wall = run_stream(url, clients, stream, args, f"{kind}, --am-auto")
             time.sleep(1)
-            client = DocumentsClient(url)
-            idle, documents = client.stats()["idle_check"], [learned(doc) for doc in client.list()]
+            checks = [client.stats()["idle_check"] for client in clients]
+            leaks = [check["leak"] for check in checks]
+            idle = {"idle": all(check["idle"] for check in checks), "leak": None if None in leaks else any(leaks),
+                    "detail": [line for check in checks for line in check["detail"]]}
+            documents = [{**learned(doc), "server": index} for index, client in enumerate(clients) for doc in client.list()]
         rows.append({"stream": kind, "config": "--am-auto", **summary(stream, answers, wall, reference, switch),
                      **learning(timeline, switch, len(stream)), "idle_check": idle, "documents": documents,
                      "timeline": timeline})
