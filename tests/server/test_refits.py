@@ -185,8 +185,7 @@ def test_an_audit_comes_early_once_enough_requests_asked_questions_the_node_was_
     assert not audit.due() and audit.new_since == 0
     audit.note([0], [1])
     assert audit.due()
-    audit.hand_out(7)
-    audit.out_for = None
+    audit.hand_out(7, answer_by=0.0)  # an audit whose answer never came holds back no later one
     for question in range(AUDIT_SAMPLE):  # new questions, each asked twice: due at the AUDIT_SAMPLE-th new one
         assert not audit.due()
         audit.note([100 + question], [1])

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
+import time
 from collections.abc import Sequence
 
 import torch
@@ -264,6 +265,7 @@ class AnswerAudit:
         self.since = 0  # greedy requests served since the last audit was handed out
         self.new_since = 0  # of them, those whose prompt the document had never seen
         self.out_for: int | None = None  # the version whose audit the HTTP process holds
+        self.answer_by = 0.0  # when the HTTP process's answer is given up for (``time.monotonic``)
         self.last: dict | None = None  # the last audit's figures (or its error)
 
     def note(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
@@ -273,10 +275,12 @@ class AnswerAudit:
             self.recent.append(ServedAnswer(list(prompt), list(answer[: self.answer_steps])))
 
     def due(self) -> bool:
-        return self.out_for is None and (self.since >= self.every or self.new_since >= AUDIT_SAMPLE)
+        """An audit that was never answered holds back the next one only until its ``answer_by``."""
+        waiting = self.out_for is not None and time.monotonic() <= self.answer_by
+        return not waiting and (self.since >= self.every or self.new_since >= AUDIT_SAMPLE)
 
-    def hand_out(self, version: int) -> list[ServedAnswer]:
-        self.out_for, self.since, self.new_since = version, 0, 0
+    def hand_out(self, version: int, answer_by: float) -> list[ServedAnswer]:
+        self.out_for, self.answer_by, self.since, self.new_since = version, answer_by, 0, 0
         return list(self.recent)
 
     def restart(self) -> None:

@@ -339,7 +339,7 @@ class Refits:
         for doc in self.registry.in_state(DocState.READY):
             audit = None if doc.adaptation is None else doc.adaptation.audit
             if audit is not None and doc.installed is not None and audit.due():
-                served = audit.hand_out(doc.installed.index)
+                served = audit.hand_out(doc.installed.index, time.monotonic() + self.config.solve_timeout)
                 due.append({"doc_id": doc.doc_id, "version": doc.installed.index, "input_ids": list(doc.tokens),
                             "served": [dataclasses.asdict(answer) for answer in served]})
         return due
