@@ -94,7 +94,8 @@ def run_stream(url: str, clients: list[DocumentsClient] | None, stream: list, ar
     answers, timeline, wall = [], [], 0.0
     for start in range(0, len(stream), args.chunk):
         chunk = stream[start : start + args.chunk]
-        got, seconds = ask_all(url, chunk, args.concurrency, args.max_tokens)
+        # The router's completions route takes text prompts only: behind it, token ids go to SGLang's /generate.
+        got, seconds = ask_all(url, chunk, args.concurrency, args.max_tokens, api="native" if args.workers > 1 else "openai")
         answers += got
         wall += seconds
         if clients:
