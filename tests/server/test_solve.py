@@ -164,12 +164,3 @@ def test_rungs_below_the_window_width_give_the_same_node():
     walked = fidelity["ladder"]
     assert [rung["ratio"] for rung in walked] == [0.05, 0.1, 0.5] and fidelity["ratio"] == 0.5
     assert walked[0]["relative_l2"] == walked[1]["relative_l2"] != walked[2]["relative_l2"]  # 0.05 and 0.1: 64 slots
-
-
-def test_a_layer_is_widened_to_its_node_only_while_two_query_positions_remain_per_slot():
-    windows, base = (None, 64, None), inputs()
-    questions_only = dataclasses.replace(base, queries=lambda layer: {"questions": base.queries(layer)["questions"]})
-    few = solve(questions_only, SolvePlan(LayerPlan("AM-HighestAttnKeys", 0.1, {"questions": 1.0},
-                                                    max_queries_per_head=500)), windows)
-    assert few.layer_slots == [26, 64, 26]  # 32 positions allow 16 slots, fewer than the ratio's own 26
-    assert solve(base, plan(), windows).layer_slots == [64, 64, 64]  # 182 positions: the node's 64

@@ -40,9 +40,6 @@ from ..errors import DocumentError
 from .layout import node_floor, window_slots
 
 HELDOUT_FRACTION = 0.1
-# Reference query positions (summed over sources, before pooling heads) per slot that widening a compacted layer
-# to its node's floor keeps (``node_budget``).
-POSITIONS_PER_FILLED_SLOT = 2
 HELDOUT_MAX_QUERIES = 1000  # pooled held-out queries per KV head and source (the paper keeps 1,000)
 # A registration's questions held out of its candidate, to see how the node serves questions it was not fitted to:
 # half, so that their figure is an average over several questions (on SmolLM2, one held-out question's agreement
@@ -146,13 +143,11 @@ def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: t
     solutions = {}  # budget -> (layers, fidelity, the second fit's layers)
     walked = {}  # the rungs asked, in order: ratio -> its budget
     floor = node_floor(windows, len(token_ids), plan.layers.compact_windows)
-    compacted = next((layer for layer, window in enumerate(windows) if window is None), None)
-    positions = 0 if compacted is None else sum(rows.shape[1] for rows in inputs.queries(compacted).values())
 
     def meets(ratio: float, give_up: bool = False) -> bool:
         """Solve at ``ratio`` (once per budget it gives); whether it meets the bound (a fixed ratio always
         does). With ``give_up``, ``_OverBound`` as soon as it cannot."""
-        budget = walked.setdefault(ratio, node_budget(ratio, floor, len(token_ids), plan.layers, positions))
+        budget = walked.setdefault(ratio, node_budget(ratio, floor, len(token_ids), plan.layers))
         if budget not in solutions:
             solutions[budget] = _solve(inputs, dataclasses.replace(plan.layers, budget=budget), len(token_ids),
                                        windows, clock, plan.heldout_questions,
@@ -190,15 +185,13 @@ def solve(inputs: SolveInputs, plan: SolvePlan, token_ids: list[int], windows: t
     return prefix(solved, {**config, "fidelity": fidelity}), candidate
 
 
-def node_budget(ratio: int | float, floor: int, length: int, plan: LayerPlan, positions: int) -> int | float:
-    """The compacted span's budget at ``ratio``: raised towards the node's ``floor`` (``layout.node_floor``) less
-    the kept tokens. A node is as wide on every layer as its widest verbatim window (Gemma-3: 511 slots), so
-    compacted layers narrower than that would leave slots that cost memory unused. The raise stops at one slot
-    per ``POSITIONS_PER_FILLED_SLOT`` reference query ``positions``: a fit with nearly as many slots as
-    positions matches them almost exactly and serves the rest worse. Per-head budgets keep ``ratio``: their
-    widest head would outgrow the floor."""
+def node_budget(ratio: int | float, floor: int, length: int, plan: LayerPlan) -> int | float:
+    """The compacted span's budget at ``ratio``: at least the node's ``floor`` (``layout.node_floor``) less the
+    kept tokens. A node is as wide on every layer as its widest verbatim window (Gemma-3: 511 slots), so
+    compacted layers narrower than that would leave slots that cost memory unused. Per-head budgets keep
+    ``ratio``: their widest head would outgrow the floor."""
     span = length - plan.keep_first
-    spare = min(floor - plan.keep_first, span, positions // POSITIONS_PER_FILLED_SLOT)
+    spare = min(floor - plan.keep_first, span)
     if plan.head_proportions is not None or spare <= 0:
         return ratio
     if isinstance(ratio, int):
