@@ -155,5 +155,9 @@ def test_an_observation_solves_once_enough_distinct_requests_are_in_and_holds_ou
     assert len(heldout) == 2 and heldout < set(range(5))  # a seeded half of the requests, rows and all
     rows = inputs.queries(0)["questions"]
     assert rows.shape == (2, 14, 8) and torch.equal(rows[0, :, 0], parts.float())
+    for part in (1, 3, 4):  # greedy requests whose answers were kept: the held-out ones are drawn from them
+        observation.note_answer(part, [5, part], 1, [6])
+    _, heldout = observation.fit_inputs(lambda layer: kv[layer], num_layers=2, num_kv_heads=1)
+    assert len(heldout) == 2 and heldout < {1, 3, 4} and len(observation.heldout_answers()) == 2
     observation.tries = 1  # a refusal: twice as many requests before the next solve
     assert not observation.due() and observation.describe()["requests_needed"] == 8

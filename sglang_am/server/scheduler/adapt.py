@@ -366,10 +366,13 @@ class Observation:
 
     def fit_inputs(self, kv, num_layers: int, num_kv_heads: int) -> tuple[SolveInputs, frozenset[int]]:
         """The solve's inputs (``kv``: layer -> the prefix's keys and values, copied from the pool) and the requests
-        held out of the second fit."""
+        held out of the second fit: among those whose answers were kept, where two or more were (greedy traffic),
+        so that the candidate is certified by their answers and not by its attention figure alone."""
         rows, parts = self.live.snapshot(), self.live.snapshot_parts()
         present = torch.unique(parts).tolist()
-        heldout = self.heldout = frozenset(present[index] for index in heldout_questions(len(present)))
+        answered = [part for part in present if part in self.answers]
+        pool = answered if len(answered) >= 2 else present
+        heldout = self.heldout = frozenset(pool[index] for index in heldout_questions(len(pool)))
         return SolveInputs(kv, lambda layer: {"questions": rows[layer]}, dict(self.live.scales), num_layers, num_kv_heads,
                            {}, {"questions": parts}, "the prefix's KV copied from the pool"), heldout
 
