@@ -11,9 +11,9 @@ through ``/v1/chat/completions``), recall documents for the embedded model. Per 
   same documents.
 
 Each stream runs on stock SGLang (torch_native attention; its answers are the reference) and on this launcher
-with ``--am-auto`` and no tuning flag. The stream goes in chunks of --chunk requests; after each chunk the
-extension's ``/am/stats`` is read, so the report says when documents were observed, installed, given up and
-reverted. Reported per run: accuracy and agreement with stock's answers over each half, the share of the second
+with ``--am-auto`` and no tuning flag unless --extension-flags adds some. The stream goes in chunks of --chunk
+requests; after each chunk the extension's ``/am/stats`` is read, so the report says when documents were
+observed, installed, given up and reverted. Reported per run: accuracy and agreement with stock's answers over each half, the share of the second
 half served from a compacted node, TTFT p50/p99, the learned documents' counters and what each ended as, and
 SGLang's idle check. With --workers N, each configuration is N servers behind sglang-router (--policy), whose
 learned documents and counters are summed over the workers; --dp-size N gives one server N ranks.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="servers behind sglang-router (1: no router)")
     parser.add_argument("--policy", choices=POLICIES, default="cache_aware", help="the router's policy with --workers")
     parser.add_argument("--dp-size", type=int, default=1, help="SGLang's data-parallel ranks per server")
+    parser.add_argument("--extension-flags", default="", help="more flags for the --am-auto server, one string "
+                        "(--extension-flags='--am-auto-agreement-bound 0.9'); the defaults are what is measured without")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -167,7 +170,7 @@ def main() -> None:
         with servers([*flags, "--attention-backend", "torch_native"], True, args) as (url, _):
             reference, _, wall = run_stream(url, None, stream, args, f"{kind}, stock")
         rows.append({"stream": kind, "config": "stock", **summary(stream, reference, wall, half=switch)})
-        with servers([*flags, "--am-auto"], False, args) as (url, clients):
+        with servers([*flags, "--am-auto", *shlex.split(args.extension_flags)], False, args) as (url, clients):
             answers, timeline, wall = run_stream(url, clients, stream, args, f"{kind}, --am-auto")
             time.sleep(1)
             checks = [client.stats()["idle_check"] for client in clients]
