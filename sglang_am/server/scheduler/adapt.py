@@ -352,7 +352,8 @@ class Observation:
     def note_answer(self, part: int, input_ids: Sequence[int], start: int, answer: Sequence[int]) -> None:
         """A greedy observed request ended: its prompt after the prefix (``input_ids`` from ``start``) and the first
         ``answer_steps`` tokens it was served, for the first ``ANSWERS_KEPT`` such requests (the reservoir holds the
-        early requests anyway); copied only when kept."""
+        early requests anyway); copied only when kept. Every prompt is remembered (``prompts``): an installed node's
+        answer audit tells new questions by them."""
         self.prompts.add(input_ids[start:])
         if len(self.answers) < ANSWERS_KEPT and answer and len(input_ids) - start <= MAX_PROMPT_KEPT:
             self.answers[part] = ServedAnswer(list(input_ids[start:]), list(answer[: self.answer_steps]))
