@@ -273,14 +273,15 @@ def test_question_aware_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_adapt_stream_benchmark_smoke(tmp_path):
     output = tmp_path / "adapt_stream.json"
-    _run("benchmarks/adapt_stream.py", "--model", "recall", "--documents", "1", "--set", "4", "--requests", "80",
+    _run("benchmarks/adapt_stream.py", "--model", "recall", "--documents", "1", "--set", "4", "--requests", "160",
          "--refit-every", "8", "--max-tokens", "1", "--output", str(output))
     rows = {row["config"]: row for row in json.loads(output.read_text())["rows"]}
     assert list(rows) == ["full context", "compacted", "compacted, adapt", "compacted, questions up front"]
     assert all(row["errors"] == 0 for row in rows.values())
     adapt = rows["compacted, adapt"]
     assert adapt["documents"][0]["adapt"]["refits"] >= 1 and adapt["idle_check"]["leak"] is False
-    # 4 questions, 80 requests: refits learn them (measured 0.93 against 0.13 without refits).
+    # 4 questions, 160 requests: refits learn them (measured 1.00 against 0.09 without refits). With 80, a suite
+    # run once got 0.25: the refits landed late in a stream that short.
     assert adapt["accuracy_second_half"] >= rows["compacted"]["accuracy_second_half"] + 0.3
     assert rows["compacted, questions up front"]["agreement_second_half"] == 1.0
     assert "agreement_first_half" not in rows["full context"]
