@@ -43,6 +43,7 @@ from sglang_am.batch_qa import ask_all, documents_and_questions
 from sglang_am.client import DocumentsClient
 from sglang_am.cluster import POLICIES, cluster
 from sglang_am.serve import MODELS, model_path, serving
+from sglang_am.server.scheduler.metrics import merge_idle_checks
 
 STREAMS = ("zipf", "unique", "drift")
 
@@ -174,10 +175,7 @@ def main() -> None:
         with servers([*flags, "--am-auto", *shlex.split(args.extension_flags)], False, args) as (url, clients):
             answers, timeline, wall = run_stream(url, clients, stream, args, f"{kind}, --am-auto")
             time.sleep(1)
-            checks = [client.stats()["idle_check"] for client in clients]
-            leaks = [check["leak"] for check in checks]
-            idle = {"idle": all(check["idle"] for check in checks), "leak": None if None in leaks else any(leaks),
-                    "detail": [line for check in checks for line in check["detail"]]}
+            idle = merge_idle_checks([client.stats()["idle_check"] for client in clients])
             documents = [{**learned(doc), "server": index} for index, client in enumerate(clients) for doc in client.list()]
         rows.append({"stream": kind, "config": "--am-auto", **summary(stream, answers, wall, reference, switch),
                      **learning(timeline, switch, len(stream)), "idle_check": idle, "documents": documents,

@@ -50,6 +50,7 @@ from ..protocol import (
     Save,
 )
 from ..registration import MIN_DOCUMENT_TOKENS, RegistrationRequest, check_vocabulary
+from ..scheduler.metrics import merge_idle_checks
 from ..scheduler.registry import DocState, document_id
 from .capture_requests import CaptureRequests
 from .fanout import POLL_SECONDS, RankFanout, sum_figures
@@ -342,9 +343,7 @@ class DocumentService:
         first = ranks[0]
         totals = {key: sum_figures([rank[key] for rank in ranks])
                   for key in ("counters", "gauges", "kv_bytes", "documents", "pool")}
-        idle = [rank["idle_check"] for rank in ranks]
-        check = {"idle": all(c["idle"] for c in idle), "leak": None if any(c["leak"] is None for c in idle)
-                 else any(c["leak"] for c in idle), "detail": [line for c in idle for line in c["detail"]]}
+        check = merge_idle_checks([rank["idle_check"] for rank in ranks])
         shared = {key: value for key, value in first.items() if key != "dp_rank"}
         return {**shared, **totals, "idle_check": check, "dp_size": len(ranks), "ranks": ranks}
 

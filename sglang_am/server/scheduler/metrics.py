@@ -93,3 +93,11 @@ class Stats:
         for name, (_, labels) in COUNTERS.items():
             counters.setdefault(name, {} if labels else 0)
         return {"counters": counters, "gauges": dict(self.gauges)}
+
+
+def merge_idle_checks(checks: list[dict]) -> dict:
+    """SGLang's idle leak checks of several schedulers (ranks, or servers) as one: idle if all are, leaking if any
+    is, unknown (None) if any could not tell (it was busy)."""
+    leaks = [check["leak"] for check in checks]
+    return {"idle": all(check["idle"] for check in checks), "leak": None if None in leaks else any(leaks),
+            "detail": [line for check in checks for line in check["detail"]]}
