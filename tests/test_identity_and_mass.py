@@ -95,3 +95,22 @@ def test_nnls_box_respects_bounds_and_masks():
     assert residual(w[1]) <= residual(start[1]) + 1e-6
     masked = nnls_box(m, y, torch.tensor([[True, True, False, False]] * 2), lo=lo, hi=hi, iters=2)
     assert (masked[:, 2:] == 0).all() and (masked[:, :2] >= lo).all()
+
+
+def test_nnls_starts_from_unit_weights_where_the_clamped_least_squares_start_fits_worse():
+    # A near-singular fit: y is m @ 1 plus a little noise along m's weakest direction, so the least-squares
+    # weights are 1 + 100 v (far outside the box) and their clamp fits worse than w = 1, which the box holds.
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(40, 8, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    singular = torch.tensor([4.0, 3.0, 2.0, 1.5, 1.0, 0.8, 0.5, 1e-4])
+    m = (u * singular) @ v.T
+    y = m @ torch.ones(8) + 1e-2 * u[:, -1]
+    m, y, valid = m.unsqueeze(0), y.unsqueeze(0), torch.ones(1, 8, dtype=torch.bool)
+    lo, hi = math.exp(-3), math.exp(3)
+    residual = lambda w: float((m[0] @ w - y[0]).norm())
+    clamped = torch.linalg.lstsq(m[0], y[0].unsqueeze(-1)).solution.squeeze(-1).clamp(lo, hi)
+    assert residual(clamped) > 10 * residual(torch.ones(8))
+    for iters in (0, 2):
+        w = nnls_box(m, y, valid, lo=lo, hi=hi, iters=iters)[0]
+        assert residual(w) <= residual(torch.ones(8)) + 1e-6

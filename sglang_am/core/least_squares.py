@@ -137,13 +137,18 @@ def nnls_box(
     Least-squares start (``start`` if the caller already has it), clamp, then ``iters`` projected-gradient
     steps with step ``1/L``, ``L = sigma_max(m)^2``. ``m`` ``[H, n, t]``, ``y`` ``[H, n]``; invalid
     columns return 0.
+
+    A head whose clamped start fits worse than ``w = 1`` (beta = 0, inside every box the methods use) starts
+    from ``w = 1`` instead. With about as many slots as distinct query positions the least-squares weights
+    swing far outside the box, and clamping them gave a worse fit than no weights at all; two steps from
+    there did not recover it (Gemma-3-270M, 511 slots, 10 questions: one document's answers 0.62 -> 1.0).
     """
     mask = valid.to(m.dtype)
     if start is None:
         start = masked_lstsq(m, y.unsqueeze(-1), valid).squeeze(-1)
-    w = start.clamp(lo, hi)
+    m = m * mask.unsqueeze(1)
+    w = _better_start(m, y, start.clamp(lo, hi), torch.ones_like(start).clamp(lo, hi))
     if iters > 0:
-        m = m * mask.unsqueeze(1)
         step = 1.0 / spectral_norm_squared(m).clamp(min=torch.finfo(m.dtype).tiny).unsqueeze(-1)
         for _ in range(iters):
             checkpoint()
@@ -151,6 +156,13 @@ def nnls_box(
             grad = thin_matmul(m.transpose(1, 2), residual.unsqueeze(-1)).squeeze(-1)
             w = (w - step * grad).clamp(lo, hi)
     return w * mask
+
+
+def _better_start(m: torch.Tensor, y: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per head, whichever of two ``[H, t]`` weight vectors has the smaller residual ``||m w - y||``."""
+    def residual(w: torch.Tensor) -> torch.Tensor:
+        return (thin_matmul(m, w.unsqueeze(-1)).squeeze(-1) - y).norm(dim=1)
+    return torch.where((residual(second) < residual(first)).unsqueeze(-1), second, first)
 
 
 class IncrementalQR:
