@@ -116,8 +116,19 @@ class ClusterDocuments:
 
     def register(self, **arguments) -> dict:
         """Register on the first worker, then load its copy on the others; if one cannot take it, no worker
-        and not the store keeps it. The first worker's answer, with ``workers``: each worker's state."""
+        and not the store keeps it. The first worker's answer, with ``workers``: each worker's state. A document
+        registered with ``learn`` is registered on every worker, each learning from the requests it serves."""
         first, *others = self.workers()
+        if arguments.get("learn"):
+            states = {}
+            try:
+                for url in (first, *others):
+                    registered = states[url] = self.worker(url).register(**arguments)
+            except DocumentError:
+                if states:
+                    self.drop(next(iter(states.values()))["doc_id"])
+                raise
+            return {**states[first], "workers": {url: answer["state"] for url, answer in states.items()}}
         registered = self.worker(first).register(**arguments)
         doc_id = registered["doc_id"]
         try:

@@ -190,6 +190,7 @@ def test_bad_input_gets_a_4xx_with_the_reason(server, tokenizer):
         ({"input_ids": ids, "ratio": 0.1, "colour": "red"}, "colour"),
         ({"input_ids": ids, "ratio": 0.1, "options": {"scale": 2.0}}, "options.scale is set by the server"),
         ({"input_ids": ids, "ratio": 0.1, "options": {"nnls_iters": 100_000_000}}, "options.nnls_iters must be"),
+        ({"input_ids": ids, "learn": True}, "learn uses the automatic policy: start the server with --am-auto"),
     ]
     for payload, reason in cases:
         status, body = call(server, "POST", "/am/documents", payload)

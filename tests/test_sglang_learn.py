@@ -120,6 +120,47 @@ def test_an_installed_node_whose_latest_answers_disagree_with_the_full_prefix_is
         assert ok(url, "GET", "/am/stats")["counters"]["answer_audits"] >= 2
 
 
+def test_a_document_a_client_registers_with_learn_is_pinned_learns_from_its_questions_and_traffic_and_stays_its_own(
+        tokenizer):
+    """``"learn": true``: served in full, its prefix pinned, until the requests it serves (its questions first) certify
+    a node; then it is a client's document like any registered one, and dropping it frees everything."""
+    (doc,) = recall_task(num_pairs=100, num_questions=40, seed=12)
+    ids = tokenizer.encode(doc.text)
+    asked = [tokenizer.encode("\n" + q.question, add_special_tokens=False) for q in doc.questions[:2]]
+    flags = [*FLAGS[: FLAGS.index("--am-auto-min-requests")], "--am-auto-min-requests", "1000",  # no automatic one
+             *FLAGS[FLAGS.index("--am-auto-min-requests") + 2 :]]
+    with serving(flags, env=STRICT_CHECKS) as url:
+        def generate(question):
+            return ok(url, "POST", "/generate", {"input_ids": ids + question,
+                                                 "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+
+        registered = ok(url, "POST", "/am/documents", {"input_ids": ids, "learn": True, "questions": asked})
+        assert registered["state"] == "observing" and registered["origin"] == "explicit" and not registered["existing"]
+        assert registered["observe"]["requests_tagged"] == len(asked)  # its questions, asked as a client asks them
+        full = {tuple(question): generate(question)["output_ids"] for question in asked}
+        pinned, served = [], []
+        for turn in range(80):
+            question = asked[turn % len(asked)]
+            out = generate(question)
+            document = ok(url, "GET", f"/am/documents/{registered['doc_id']}")
+            pinned.append(document.get("observe", {}).get("prefix_pinned"))
+            if "am_document" in out["meta_info"]:
+                served.append(out["output_ids"] == full[tuple(question)])
+            if len(served) >= 4:
+                break
+        assert True in pinned, pinned  # pinned once a request computed it, until the node was installed
+        assert served == [True] * 4, (served, document)
+        assert document["state"] == "ready" and document["origin"] == "explicit" and "observe" not in document
+        assert document["fidelity"]["heldout_answers"]["agreement"] >= 0.8, document["fidelity"]
+        assert ok(url, "POST", "/am/documents", {"input_ids": ids, "learn": True})["existing"]
+
+        ok(url, "DELETE", f"/am/documents/{registered['doc_id']}")
+        deadline = time.monotonic() + 60
+        while not (stats := ok(url, "GET", "/am/stats"))["idle_check"]["idle"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stats["idle_check"]["leak"] is False and stats["gauges"]["compacted_slots"] == 0, stats
+
+
 def test_prefixes_whose_held_out_requests_miss_the_bound_stay_in_full_and_three_in_a_row_pause_observing():
     """Random-token questions on random-token prefixes never generalise: each learned document is refused twice
     on its held-out requests and given up, its prefix served in full throughout; after three, the next reused

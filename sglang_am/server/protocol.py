@@ -152,10 +152,12 @@ class CollectStats(Operation):
 
 @dataclasses.dataclass(frozen=True)
 class Observe(Operation):
-    """Start learning an automatic document from the requests that reuse it (``adapt.Observation``)."""
+    """Start learning a document from the requests that reuse it (``adapt.Observation``): an automatic one, or one a
+    client registered with ``learn`` (``explicit``: pinned in the tree meanwhile, never evicted or given up)."""
 
     name = "observe"
     input_ids: list[int]
+    explicit: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

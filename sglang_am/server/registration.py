@@ -143,6 +143,7 @@ class RegistrationRequest:
     agreement_bound: float | None = None  # with budget "auto" and held-out questions: their least answer agreement
     adapt: bool = False  # refit from the queries of the requests it serves (``adapt``)
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content), rendered by the chat API (``chat``)
+    learn: bool = False  # served in full until the requests it serves certify a node (``refits.Refits.observe``)
 
     @classmethod
     def from_client(cls, config: ServerConfig, text=None, input_ids=None, ratio=None, budget=None,
@@ -151,13 +152,28 @@ class RegistrationRequest:
                     keep_first: object = 0, options=None, compact_windows: object = False, questions=None,
                     answer_tokens: object = DEFAULT_ANSWER_TOKENS, answer_temperature: object = 0.0,
                     fidelity_bound=None, agreement_bound=None, adapt: object = False, messages=None,
-                    **unknown) -> RegistrationRequest:
+                    learn: object = False, **unknown) -> RegistrationRequest:
         """Validate a client's fields (``ValueError`` naming the bad or unknown one)."""
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)}; a registration takes text, input_ids or messages, ratio or "
                              "budget, method, query_source, head_budgets, max_queries_per_head, "
                              "self_study_max_new_tokens, keep_first, options, compact_windows, questions, answer_tokens, "
-                             "answer_temperature, fidelity_bound, agreement_bound, adapt")
+                             "answer_temperature, fidelity_bound, agreement_bound, adapt, learn")
+        if not isinstance(learn, bool):
+            raise ValueError(f"learn must be true or false, got {learn!r}")
+        if learn:  # the automatic policy (--am-auto-*) picks, fits and certifies the node from the traffic
+            given = {"ratio": ratio, "budget": budget, "method": method != DEFAULT_METHOD,
+                     "query_source": query_source != DEFAULT_QUERY_SOURCE, "head_budgets": head_budgets,
+                     "max_queries_per_head": max_queries_per_head != 5000,
+                     "self_study_max_new_tokens": self_study_max_new_tokens != 64, "keep_first": keep_first != 0,
+                     "options": options, "compact_windows": compact_windows is not False,
+                     "answer_tokens": answer_tokens != DEFAULT_ANSWER_TOKENS, "answer_temperature": answer_temperature != 0,
+                     "fidelity_bound": fidelity_bound, "agreement_bound": agreement_bound, "adapt": adapt is not False}
+            extra = sorted(name for name, value in given.items() if value is not None and value is not False)
+            if extra:
+                raise ValueError(f"learn takes the document and its questions only, not {extra}: the server's --am-auto-* "
+                                 "flags choose how the node is fitted and certified")
+            ratio = "auto"  # nominal: the learned node's rungs are the automatic policy's
         longest = config.max_document_tokens
         if sum(field is not None for field in (text, input_ids, messages)) != 1:
             raise ValueError("give exactly one of text, input_ids or messages (the document as it starts prompts, "
@@ -207,6 +223,10 @@ class RegistrationRequest:
         if not set(fractions) <= set(CAPTURED_SOURCES):
             raise ValueError(f"query_source for the server must use {CAPTURED_SOURCES}, got {query_source!r}")
         questions, answers = _checked_questions(config, questions)
+        given_answer = next((index for index, answer in enumerate(answers) if answer is not None), None)
+        if learn and given_answer is not None:
+            raise ValueError(f"questions[{given_answer}].answer: a learned document is fitted to the answers the server "
+                             "generates with the full prefix")
         if any(isinstance(question, tuple) and question and isinstance(question[0], tuple) for question in questions) and (
             messages is None
         ):
@@ -236,7 +256,7 @@ class RegistrationRequest:
         return cls(text, input_ids, budget, method, fractions, None if head_budgets is None else dict(head_budgets),
                    max_queries_per_head, self_study_max_new_tokens, keep_first, options, compact_windows, questions, answers,
                    answer_tokens, float(answer_temperature), None if fidelity_bound is None else float(fidelity_bound),
-                   None if agreement_bound is None else float(agreement_bound), adapt, messages)
+                   None if agreement_bound is None else float(agreement_bound), adapt, messages, learn)
 
     @property
     def ladder(self) -> tuple[float, ...] | None:

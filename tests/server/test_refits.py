@@ -12,7 +12,7 @@ import torch
 from sglang_am.prefix import CompactedPrefix
 from sglang_am.server.auto import GUARD_REFUSALS_BEFORE_PAUSE
 from sglang_am.server.errors import DocumentError
-from sglang_am.server.protocol import AuditLearned, CertifyLearned
+from sglang_am.server.protocol import AuditLearned, CertifyLearned, Observe
 from sglang_am.server.scheduler.adapt import (
     ANSWERS_KEPT,
     AUDIT_SAMPLE,
@@ -24,7 +24,7 @@ from sglang_am.server.scheduler.adapt import (
     ServedAnswer,
 )
 from sglang_am.server.scheduler.refits import OBSERVE_TRIES, Refits, _ladder
-from sglang_am.server.scheduler.registry import DocState
+from sglang_am.server.scheduler.registry import DocState, document_id
 from sglang_am.server.scheduler.solve import Solved
 
 from .samples import CONFIG
@@ -46,7 +46,7 @@ def test_only_guard_refusals_pause_observing_a_fault_does_not():
 
     def give_up(error: Exception) -> None:  # a learned document at its last try, whose solve ends with ``error``
         observation = Observation(LiveQueries([0], 4), requests_needed=2, answer_steps=1, tries=OBSERVE_TRIES - 1)
-        refits._finish_learning(None, SimpleNamespace(doc_id="d", job=FailedJob(error), observation=observation))
+        refits._finish_learning(None, SimpleNamespace(doc_id="d", auto=True, job=FailedJob(error), observation=observation))
 
     for _ in range(GUARD_REFUSALS_BEFORE_PAUSE):
         give_up(RuntimeError("injected solver failure"))
@@ -83,7 +83,7 @@ def learned_setup(ratio="auto"):
     one = torch.zeros(1, 1, 1)
     prefix = CompactedPrefix([one], [one], [one[0]], 1, [5], {}, "AM-HighestAttnKeys",
                              {"budget": ratio, "fidelity": {"relative_l2": 0.05, "ratio": rung}})
-    doc = SimpleNamespace(doc_id="d", state=DocState.OBSERVING, observation=observation,
+    doc = SimpleNamespace(doc_id="d", auto=True, state=DocState.OBSERVING, observation=observation,
                           solved=Solved(prefix, adaptation=SimpleNamespace(audit=None)),
                           describe=lambda: {"doc_id": "d"})
     documents["d"] = doc
@@ -224,3 +224,57 @@ def test_an_observation_keeps_a_bounded_number_of_greedy_answers_and_waits_while
     assert observation.due()
     observation.certifying = LearnedCertification([], deadline=0.0)
     assert not observation.due()
+
+
+def test_a_client_document_that_learns_is_never_given_up_or_paused_and_pins_its_prefix_once_computed():
+    discarded, holds = [], []
+    policy = SimpleNamespace(window_seconds=60.0, observe_requests=2)
+    observing = []
+    registry = SimpleNamespace(policy=policy, in_state=lambda *states: observing, stats=Stats())
+    cache = SimpleNamespace(hold_prefix=lambda tokens, salt: holds.append(tuple(tokens)) or (None if len(holds) == 1 else "held"))
+    registrations = SimpleNamespace(cache=cache, registry=registry, discard=lambda doc, failed=True: discarded.append(doc))
+    refits = Refits(registrations, CONFIG, solver=None)
+
+    def learning(auto: bool):
+        observation = Observation(LiveQueries([0], 4), requests_needed=2, answer_steps=1, tries=OBSERVE_TRIES - 1)
+        return SimpleNamespace(doc_id="auto" if auto else "client", auto=auto, job=None, source=None, tokens=[1, 2],
+                               observation=observation)
+
+    client = learning(auto=False)
+    refits._pin(client)  # not computed yet: looked for again only after PIN_RETRY_SECONDS
+    refits._pin(client)
+    assert client.source is None and len(holds) == 1
+    client.observation.pin_retry_at = 0.0
+    refits._pin(client)
+    assert client.source == "held" and len(holds) == 2
+    automatic = learning(auto=True)
+    refits._pin(automatic)  # an automatic document serves its prefix from the tree as traffic leaves it
+    assert automatic.source is None and len(holds) == 2
+
+    # Refused at its last try: an automatic document is given up; a client's observes afresh, its next solve after
+    # OBSERVE_TRIES doublings of the requests, and stays when a pause stops the automatic ones.
+    observing.extend([client, automatic])
+    refused = DocumentError(HTTPStatus.UNPROCESSABLE_ENTITY, "no rung within the bound")
+    for doc in (client, automatic):
+        doc.job = FailedJob(refused)
+        refits._finish_learning(None, doc)
+    assert discarded == [automatic]
+    assert client.observation.tries == OBSERVE_TRIES and client.observation.last_error == "no rung within the bound"
+    assert not client.observation.due() and client.source == "held"
+    for _ in range(GUARD_REFUSALS_BEFORE_PAUSE - 1):  # the automatic document's was the first in a row
+        refits._note_given_up()
+    assert refits.paused_until > 0 and discarded == [automatic, automatic]  # the pause stopped the automatic one only
+
+
+def test_learning_needs_the_automatic_policy_and_a_client_makes_an_automatic_document_its_own():
+    documents = {}
+    registry = SimpleNamespace(policy=None, get=documents.get, update_gauges=lambda: None)
+    refits = Refits(SimpleNamespace(cache=None, registry=registry), CONFIG, solver=None)
+    with pytest.raises(DocumentError, match="start the server with --am-auto") as raised:
+        refits.observe(None, Observe([1, 2, 3], explicit=True))
+    assert raised.value.status == HTTPStatus.BAD_REQUEST
+    registry.policy = SimpleNamespace()
+    doc = SimpleNamespace(auto=True, describe=lambda: {"state": "observing"})
+    documents[document_id([1, 2, 3])] = doc
+    assert refits.observe(None, Observe([1, 2, 3], explicit=True)) == {"state": "observing", "existing": True}
+    assert doc.auto is False

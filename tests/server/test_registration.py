@@ -96,6 +96,24 @@ def test_bad_registration_fields_are_refused_with_the_field_named(fields, reason
     assert reason in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize("fields, reason", [
+    ({"learn": "yes"}, "learn must be true or false"),
+    ({"learn": True}, "learn takes the document and its questions only, not ['ratio']"),
+    ({"learn": True, "ratio": None, "method": "AM-OMP", "adapt": True},
+     "learn takes the document and its questions only, not ['adapt', 'method']"),
+    ({"learn": True, "ratio": None, "questions": [[1], {"question": [2], "answer": [3]}]},
+     "questions[1].answer: a learned document is fitted to the answers the server generates"),
+])
+def test_a_learned_registration_takes_the_document_and_questions_only(fields, reason):
+    with pytest.raises(ValueError) as error:
+        request(**fields)
+    assert reason in str(error.value), str(error.value)
+    made = request(learn=True, ratio=None, questions=["What is K1?"])
+    assert made.learn and made.questions == ("What is K1?",)
+    tokenized = made.with_question_ids(CONFIG, lambda text: [ord(c) for c in text])
+    assert RegistrationRequest.from_payload(tokenized.to_payload()) == tokenized
+
+
 def test_unknown_fields_are_refused():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
         request(colour="red")

@@ -21,7 +21,7 @@ from http import HTTPStatus
 
 from ...prompts import SELF_STUDY_PROMPTS, instruction_ids, repeat_ids
 from ..errors import DocumentError
-from ..registration import RegistrationRequest
+from ..registration import DEFAULT_ANSWER_TOKENS, RegistrationRequest
 from ..scheduler.capture import capture_salt
 from . import fidelity
 
@@ -103,6 +103,13 @@ class CaptureRequests:
             done[indexes[0]] = await run(indexes[0])
             indexes = indexes[1:]
         return {**done, **dict(zip(indexes, await asyncio.gather(*(run(index) for index in indexes))))}
+
+    async def ask_as_traffic(self, ids: list[int], questions, rank: int) -> None:
+        """A learned document's ``questions`` after its prefix ``ids``, each asked on ``rank`` as a client's greedy
+        request (``DEFAULT_ANSWER_TOKENS`` of answer): served in full, the document observes them as it observes
+        any request that reuses it."""
+        params = {"max_new_tokens": DEFAULT_ANSWER_TOKENS, "temperature": 0.0}
+        await asyncio.gather(*(self._generate(ids + list(question), params, rank=rank) for question in questions))
 
     async def full_context_references(self, ids: list[int], served: list[dict], rank: int) -> list[fidelity.AnswerReference]:
         """References for requests that were served with the full prefix ``ids`` (each ``prompt`` after it and the

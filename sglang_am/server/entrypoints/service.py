@@ -86,6 +86,8 @@ class DocumentService:
         for index, (question, answer) in enumerate(zip(request.questions, request.answers)):
             check_vocabulary(f"questions[{index}]", question, vocab_size)
             check_vocabulary(f"questions[{index}].answer", answer or (), vocab_size)
+        if request.learn:
+            return await self._learn(ids, request.questions)
         doc_id = document_id(ids)
         while True:
             held = await self._held(doc_id)
@@ -118,6 +120,20 @@ class DocumentService:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {doc_id} was dropped while it was being registered") from None
         finally:
             self._registrations.pop(doc_id, None)
+
+    async def _learn(self, ids: list[int], questions) -> dict:
+        """A client's document that learns from the requests reusing it (``refits.Refits.observe``) on every rank,
+        or on none; its ``questions`` are then asked on each rank as a client asks them, so its first fit has them."""
+        doc_id = document_id(ids)
+        answers = await self.ranks.each(Observe(ids, explicit=True))
+        new = [rank for rank, answer in enumerate(answers) if isinstance(answer, dict) and not answer["existing"]]
+        failed = next(((rank, answer) for rank, answer in enumerate(answers) if isinstance(answer, DocumentError)), None)
+        if failed is not None:
+            await self._abandon(doc_id, answers, new)
+            raise self.ranks.failure(*failed)
+        for rank in range(self.ranks.num_ranks):
+            await self.requests.ask_as_traffic(ids, questions, rank)
+        return {**await self._described_after(doc_id, "registered"), "existing": not new}
 
     def _document_ids(self, request: RegistrationRequest) -> list[int]:
         if request.input_ids is not None:

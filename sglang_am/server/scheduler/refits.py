@@ -12,7 +12,8 @@ one document at a time: the ladder's smallest rung within the attention bound is
 requests its candidate is installed for probes and handed to the HTTP process (``certifications``), which asks
 it their questions and answers ``certify_learned``: the node is installed, with an adaptation that watches it,
 only if its answers agree with what those requests were served. A refusal keeps observing, and three documents
-given up in a row pause observing for a window.
+given up in a row pause observing for a window. A client's document registered with ``learn`` learns the same way,
+but its full prefix stays pinned in the tree while it observes, and it is never given up: it observes afresh.
 Installed, it is measured on the new live queries whenever a refit would be due. With ratio auto it is refitted
 only when that live figure is above the bound, and goes back to observing (its versions retired) when the
 figure is above the bound twice in a row, or its refit's own figure is: no refit keeps up with what the
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 # Guard refusals an observing document takes (each after twice the requests of the one before) before it is
 # given up; the reuse tracker proposes its prefix again after a window.
 OBSERVE_TRIES = 2
+# A learned explicit document whose prefix is not in the tree yet looks for it at most this often (a radix match).
+PIN_RETRY_SECONDS = 1.0
 # The share of the solver thread's time that measuring watched documents may take: each measure is followed by a
 # pause 1 / WATCH_SHARE - 1 times as long, one watched document at a time (measuring all of them as often as
 # adapting ones cut bench_serving's 32 registered prefixes from 2.21x to 1.61x the requests/s of no document).
@@ -97,6 +100,7 @@ class Refits:
                 self._start_measure(doc)
                 measuring = True
         for doc in self.registry.in_state(DocState.OBSERVING):
+            self._pin(doc)
             if doc.job is not None and doc.job.done():
                 self._finish_learning(scheduler, doc)
             elif doc.observation.certifying is not None and time.monotonic() > doc.observation.certifying.deadline:
@@ -195,14 +199,20 @@ class Refits:
     # ----- learned documents -----
 
     def observe(self, scheduler, operation: Observe) -> Description:
-        """Add an automatic document that learns from the requests reusing ``input_ids`` (503 without room for its
-        reservoir and the adaptation that will watch it, within ``--am-adapt-memory-bytes``)."""
-        ids, registry, policy = operation.input_ids, self.registry, self.registry.policy
+        """Add a document that learns from the requests reusing ``input_ids``: an automatic one, or a client's
+        (``explicit``, 503 without room in the pool for its pinned prefix beside its node). 503 without room for its
+        reservoir and the adaptation that will watch it, within ``--am-adapt-memory-bytes``."""
+        ids, registry, policy, explicit = operation.input_ids, self.registry, self.registry.policy, operation.explicit
+        if policy is None:
+            raise DocumentError(HTTPStatus.BAD_REQUEST, "learn uses the automatic policy: start the server with --am-auto")
         doc_id = document_id(ids)
         existing = registry.get(doc_id)
         if existing is not None:
+            if explicit and existing.auto:  # a client registered it: no longer evicted or given up
+                existing.auto = False
+                registry.update_gauges()
             return {**existing.describe(), "existing": True}
-        if time.monotonic() < self.paused_until:
+        if not explicit and time.monotonic() < self.paused_until:
             raise DocumentError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{GUARD_REFUSALS_BEFORE_PAUSE} learned prefixes in a "
                                 "row did not generalise to requests held out of their fit: no prefix is observed "
                                 "for a window")
@@ -215,6 +225,11 @@ class Refits:
         reservoir = nbytes(len(layers), capacity, q_heads, pool.head_dim, pool.store_dtype.itemsize)
         top = AUTO_LADDER_TOP if policy.ratio == "auto" else policy.ratio
         slots = max(node_floor(self.cache.windows, len(ids), False), policy.keep_first + math.ceil(top * len(ids)))
+        free = scheduler.max_total_num_tokens - self.registrations.pinned_slots()
+        if explicit and len(ids) + slots > free:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, f"the KV pool has {free} slots besides pinned documents; "
+                                f"learning this document pins its {len(ids)} tokens beside a node of up to {slots}: drop "
+                                "documents or raise --max-total-tokens")
         # The reservoir twice: the queries the node is fitted to stay for its refits, beside new live ones.
         needed = self.registrations.admit_adaptation(pool, len(ids), q_heads, reservoir, False, slots) + reservoir
         config = {"budget": policy.ratio, "query_source": "live", "max_queries_per_head": LEARNED_MAX_QUERIES_PER_HEAD,
@@ -222,16 +237,27 @@ class Refits:
                   "answer_tokens": DEFAULT_ANSWER_TOKENS, "adapt": True}
         observation = self._new_observation(layers)
         # The salt lets the HTTP process's probes, and no client's request, reach the candidate (``hooks``).
-        doc = Document(doc_id, registry.new_index(), array("q", ids), policy.method, config, True, DocState.OBSERVING,
-                       salt=secrets.token_hex(16), adapt_bytes=needed, observation=observation)
+        doc = Document(doc_id, registry.new_index(), array("q", ids), policy.method, config, not explicit,
+                       DocState.OBSERVING, salt=secrets.token_hex(16), adapt_bytes=needed, observation=observation)
         registry.add(doc)
+        self._pin(doc)
         registry.update_gauges()
-        logger.info("sglang-am: observing a reused %d-token prefix (document %s)", len(ids), doc_id)
-        return {**doc.describe(), "existing": False}
+        logger.info("sglang-am: observing a %s %d-token prefix (document %s)", doc.origin, len(ids), doc_id)
+        return {**doc.describe(), "existing": False, "registration": doc.index}
 
-    def _new_observation(self, layers) -> Observation:
+    def _pin(self, doc: Document) -> None:
+        """A learned explicit document keeps its full prefix in the tree while it observes, as a registered document
+        keeps its node, once a request has computed it; released when its node is installed or it is dropped."""
+        observation = doc.observation
+        if doc.auto or doc.source is not None or time.monotonic() < observation.pin_retry_at:
+            return
+        observation.pin_retry_at = time.monotonic() + PIN_RETRY_SECONDS
+        doc.source = self.cache.hold_prefix(doc.tokens, None)
+
+    def _new_observation(self, layers, tries: int = 0) -> Observation:
+        """``tries``: guard refusals already counted (each doubles the requests the next solve waits for)."""
         return Observation(LiveQueries(layers, self.config.adapt_reservoir), self.registry.policy.observe_requests,
-                           DEFAULT_ANSWER_TOKENS)
+                           DEFAULT_ANSWER_TOKENS, tries=tries)
 
     def _start_learning(self, scheduler, doc: Document) -> None:
         """Copy the prefix's KV to host memory (it stays there for the refits of the node) and solve its node from
@@ -394,6 +420,11 @@ class Refits:
             logger.info("sglang-am: learned document %s refused, observing on: %s", doc.doc_id, why)
 
     def _give_up(self, doc: Document, why: str, refused: bool) -> None:
+        if not doc.auto:  # a client's: served in full, it learns from the requests that come next
+            doc.observation = self._new_observation(doc.observation.live.layers, tries=OBSERVE_TRIES)
+            doc.observation.last_error = why
+            logger.warning("sglang-am: learned document %s observes afresh: %s", doc.doc_id, why)
+            return
         logger.warning("sglang-am: gave up learning document %s: %s", doc.doc_id, why)
         self.registrations.discard(doc)
         if refused:  # a fault or an evicted prefix says nothing about whether the traffic generalises
@@ -407,7 +438,7 @@ class Refits:
             return
         self.given_up_in_a_row = 0
         self.paused_until = time.monotonic() + self.registry.policy.window_seconds
-        stopped = [doc for doc in self.registry.in_state(DocState.OBSERVING) if doc.job is None]
+        stopped = [doc for doc in self.registry.in_state(DocState.OBSERVING) if doc.job is None and doc.auto]
         for doc in stopped:
             self.registrations.discard(doc, failed=False)
         logger.warning("sglang-am: %d learned prefixes in a row were refused on requests held out of their fit: no "

@@ -199,12 +199,16 @@ class Registrations:
                                 "adapting documents or register without adapt")
         return needed
 
+    def pinned_slots(self) -> int:
+        """Pool slots that do not come back when requests finish: the documents' and versions dropped but in use."""
+        return self.registry.pinned_slots() + sum(version.num_slots for version in self._orphans)
+
     def _room(self, scheduler, in_progress: list[Document], auto: bool) -> ServerRoom:
         table = getattr(scheduler.tp_worker.model_runner.attn_backend, "bias_table", None)
         policy = self.registry.policy
         return ServerRoom(
             pool_slots=scheduler.max_total_num_tokens,
-            pinned_slots=self.registry.pinned_slots() + sum(version.num_slots for version in self._orphans),
+            pinned_slots=self.pinned_slots(),
             max_prompt_tokens=scheduler.max_req_input_len,
             registrations_in_progress=len(in_progress),
             capture_bytes_in_use=sum(doc.capture.nbytes for doc in in_progress if doc.capture is not None),

@@ -131,7 +131,7 @@ class Document:
     timings: dict = dataclasses.field(default_factory=dict)
     # While registering or loading (released by whoever ends that state):
     capture: QueryCapture | None = None
-    source: SourceHold | None = None  # the captured KV, locked in the tree
+    source: SourceHold | None = None  # the captured KV, or a learned explicit document's full prefix, locked in the tree
     job: Job | None = None  # the solve or the store read in flight
     plan: SolvePlan | None = None  # a registration's
     salt: str = ""  # the capture requests' cache namespace
@@ -164,7 +164,9 @@ class Document:
     def pinned_slots(self) -> int:
         """Slots its versions hold in the pool (the current one, retired ones still in use, a candidate)."""
         candidate = 0 if self.candidate is None else self.candidate.num_slots
-        return self.num_slots + candidate + sum(version.num_slots for version in self.retired)
+        # A learned explicit document pins its full prefix while it observes (a registration's capture hold is brief).
+        prefix = self.length if self.observation is not None and self.source is not None else 0
+        return self.num_slots + candidate + prefix + sum(version.num_slots for version in self.retired)
 
     def is_proper_prefix_of(self, token_ids) -> bool:
         """Do ``token_ids`` start with this document and go on for at least one more token?"""
@@ -191,7 +193,8 @@ class Document:
             # An adapting or learned document's refits and live figure; a watched one's live figure ("watch").
             **({} if self.adaptation is None else
                {"adapt" if self.config.get("adapt") else "watch": self.adaptation.describe()}),
-            **({} if self.observation is None else {"observe": self.observation.describe()}),
+            **({} if self.observation is None else
+               {"observe": {**self.observation.describe(), "prefix_pinned": self.source is not None}}),
         }
 
 
