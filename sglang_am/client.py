@@ -123,7 +123,7 @@ class ClusterDocuments:
             states = {}
             try:
                 for url in (first, *others):
-                    registered = states[url] = self.worker(url).register(**arguments)
+                    states[url] = self.worker(url).register(**arguments)
             except DocumentError:
                 if states:
                     self.drop(next(iter(states.values()))["doc_id"])

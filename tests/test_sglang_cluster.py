@@ -19,7 +19,9 @@ GREEDY = {"max_new_tokens": 1, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def running():
-    with cluster(workers=2, policy="manual", flags=["--max-total-tokens", "8192", "--dtype", "float32"]) as running:
+    # --am-auto for documents that learn; with a reuse threshold no test reaches, nothing is compacted automatically.
+    flags = ["--max-total-tokens", "8192", "--dtype", "float32", "--am-auto", "--am-auto-min-requests", "100000"]
+    with cluster(workers=2, policy="manual", flags=flags) as running:
         yield running
 
 
@@ -49,6 +51,17 @@ def test_registered_once_served_by_both_workers_through_the_router(running, toke
     answers = [complete(running.url, prompt, 1, headers=route, api="native") for prompt in prompts]
     assert all(answer.error is None for answer in answers)
     documents.drop(registered["doc_id"])
+
+
+def test_a_learned_document_is_registered_on_every_worker_each_learning_from_the_requests_it_serves(running, tokenizer):
+    documents = ClusterDocuments(running.url, running.admin_key)
+    ids, prompts = document(tokenizer, seed=24)
+    registered = documents.register(input_ids=ids, learn=True, questions=[prompts[0][len(ids):]])
+    assert registered["workers"] == dict.fromkeys(running.worker_urls, "observing"), registered
+    for url in running.worker_urls:  # its question was asked on each worker as a client's request
+        observed = DocumentsClient(url, running.admin_key).get(registered["doc_id"])["observe"]
+        assert observed["requests_tagged"] == 1, observed
+    assert documents.drop(registered["doc_id"])["dropped"] == dict.fromkeys(running.worker_urls, True)
 
 
 def test_a_killed_worker_fails_only_its_requests_and_rejoins_without_dropped_documents(running, tokenizer):

@@ -459,4 +459,3 @@ class Refits:
         self.registry.stats.add("reverts")
         self.registrations.reap(scheduler)
         self.registry.update_gauges()
-        logger.warning("sglang-am: document %s reverted to its full prefix: %s", doc.doc_id, doc.observation.last_error)

@@ -162,9 +162,9 @@ class Document:
 
     @property
     def pinned_slots(self) -> int:
-        """Slots its versions hold in the pool (the current one, retired ones still in use, a candidate)."""
+        """Slots it holds in the pool: its versions (the current one, retired ones still in use, a candidate), and
+        the full prefix a client's learning document pins while it observes (a registration's capture holds briefly)."""
         candidate = 0 if self.candidate is None else self.candidate.num_slots
-        # A learned explicit document pins its full prefix while it observes (a registration's capture hold is brief).
         prefix = self.length if self.observation is not None and self.source is not None else 0
         return self.num_slots + candidate + prefix + sum(version.num_slots for version in self.retired)
 
