@@ -82,3 +82,23 @@ def test_certification_refuses_a_document_no_rung_certifies_and_says_how_far_it_
     with pytest.raises(DocumentError) as refused:
         certify([0.1, 0.2, 0.3], bound=0.8)
     assert refused.value.status == HTTPStatus.UNPROCESSABLE_ENTITY and refused.value.message.endswith("(at 0.2: 0.3 < 0.8)")
+
+
+def test_a_learned_registration_whose_questions_fail_leaves_nothing_on_the_ranks():
+    doc_id = "b" * 64
+    rank = ScriptedRank({"observe": {"doc_id": doc_id, "state": "observing", "existing": False, "registration": 7},
+                         "get": {"doc_id": doc_id, "state": "observing", "requests_served": 0, "requests_active": 0}})
+    service = DocumentService(None, rank, CONFIG)
+    asked = []
+
+    async def ask_as_traffic(ids, questions, rank_index):
+        asked.append((ids, questions, rank_index))
+        if questions == [[9]]:
+            raise DocumentError(HTTPStatus.SERVICE_UNAVAILABLE, "the question's request was aborted")
+
+    service.requests.ask_as_traffic = ask_as_traffic
+    assert asyncio.run(service._learn([1, 2, 3], [[8]]))["existing"] is False
+    assert asked == [([1, 2, 3], [[8]], 0)] and rank.calls == ["observe", "get"]
+    with pytest.raises(DocumentError, match="aborted"):
+        asyncio.run(service._learn([1, 2, 3], [[9]]))
+    assert rank.calls[2:] == ["observe", "abandon"]  # what this call added is abandoned

@@ -131,8 +131,12 @@ class DocumentService:
         if failed is not None:
             await self._abandon(doc_id, answers, new)
             raise self.ranks.failure(*failed)
-        for rank in range(self.ranks.num_ranks):
-            await self.requests.ask_as_traffic(ids, questions, rank)
+        try:
+            for rank in range(self.ranks.num_ranks):
+                await self.requests.ask_as_traffic(ids, questions, rank)
+        except BaseException:  # a failed question, or the client went away: no rank keeps what this call added
+            await self._abandon(doc_id, answers, new)
+            raise
         return {**await self._described_after(doc_id, "registered"), "existing": not new}
 
     def _document_ids(self, request: RegistrationRequest) -> list[int]:
