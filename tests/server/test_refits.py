@@ -241,10 +241,11 @@ def test_a_client_document_that_learns_is_never_given_up_or_paused_and_pins_its_
                                observation=observation)
 
     client = learning(auto=False)
-    refits._pin(client)  # not computed yet: looked for again only after PIN_RETRY_SECONDS
+    refits._pin(client)  # not computed yet: looked for again only once another request reuses it
     refits._pin(client)
     assert client.source is None and len(holds) == 1
-    client.observation.pin_retry_at = 0.0
+    client.observation.tag()
+    refits._pin(client)
     refits._pin(client)
     assert client.source == "held" and len(holds) == 2
     automatic = learning(auto=True)

@@ -343,7 +343,7 @@ class Observation:
     heldout: frozenset[int] = frozenset()  # the requests held out of the last solve's second fit
     certifying: LearnedCertification | None = None  # a candidate being asked the held-out requests' questions
     lowest_ratio: float = 0.0  # the smallest rung the next solve may pick
-    pin_retry_at: float = 0.0  # a learned explicit document looks for its prefix in the tree again then (``refits``)
+    pin_tried_at: int = -1  # requests tagged when a client's learning document last looked for its prefix (``refits``)
 
     def tag(self) -> int:
         """A new request reusing the prefix: its number."""

@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 # Guard refusals an observing document takes (each after twice the requests of the one before) before it is
 # given up; the reuse tracker proposes its prefix again after a window.
 OBSERVE_TRIES = 2
-# A learned explicit document whose prefix is not in the tree yet looks for it at most this often (a radix match).
-PIN_RETRY_SECONDS = 1.0
 # The share of the solver thread's time that measuring watched documents may take: each measure is followed by a
 # pause 1 / WATCH_SHARE - 1 times as long, one watched document at a time (measuring all of them as often as
 # adapting ones cut bench_serving's 32 registered prefixes from 2.21x to 1.61x the requests/s of no document).
@@ -247,11 +245,12 @@ class Refits:
 
     def _pin(self, doc: Document) -> None:
         """A learned explicit document keeps its full prefix in the tree while it observes, as a registered document
-        keeps its node, once a request has computed it; released when its node is installed or it is dropped."""
+        keeps its node, once a request has computed it; released when its node is installed or it is dropped. Not
+        held yet, it is looked for (a radix match) once per new request that reuses it."""
         observation = doc.observation
-        if doc.auto or doc.source is not None or time.monotonic() < observation.pin_retry_at:
+        if doc.auto or doc.source is not None or observation.tagged == observation.pin_tried_at:
             return
-        observation.pin_retry_at = time.monotonic() + PIN_RETRY_SECONDS
+        observation.pin_tried_at = observation.tagged
         doc.source = self.cache.hold_prefix(doc.tokens, None)
 
     def _new_observation(self, layers, tries: int = 0) -> Observation:
