@@ -9,7 +9,8 @@ backend or ``--disable-radix-cache`` is given), and disables overlap scheduling.
 The attention backend follows the device unless ``--attention-backend`` forces one (all three add a
 document's bias): ``triton`` on CUDA, ``torch_native`` on CPU; ``flashinfer`` on request. On a machine
 without CUDA it also turns on SGLang's CPU engine, puts the ``sgl_kernel`` stand-in on the import
-path, and adds ``--device cpu`` and a KV pool cap (``--max-total-tokens 65536``) unless given.
+path, adds ``--device cpu`` and a KV pool cap (``--max-total-tokens 65536``) unless given, and has SGLang
+fork its processes instead of spawning them (``FORK_VARIABLE``).
 
 Its own flags: ``--am-FIELD VALUE`` sets a field of ``ServerConfig`` (the document store and the bounds on
 client work: ``--am-store-dir /data/am``, ``--am-solve-timeout 300``, sizes as ``10GiB``); ``--am-auto``
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from .server.auto import POLICY_VARIABLE, AutoPolicy
 from .server.config import CONFIG_VARIABLE, ServerConfig
-from .server.cpu import bind_rank_threads, cpu_environment, cpu_server_flags, given_flags, has_cuda
+from .server.cpu import FORK_VARIABLE, bind_rank_threads, cpu_environment, cpu_server_flags, given_flags, has_cuda
 from .server.plugin import ENABLE_VARIABLE, RADIX_CACHE_BACKEND
 
 DEFAULT_GPU_ATTENTION_BACKEND = "triton"
@@ -135,6 +137,7 @@ def launch_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         env[POLICY_VARIABLE] = policy.to_json()
     if not has_cuda():
         args, env = cpu_server_flags(args), bind_rank_threads(args, cpu_environment(env))
+        env[FORK_VARIABLE] = "1"
     return [sys.executable, "-m", "sglang.launch_server", *args], env
 
 
@@ -167,10 +170,18 @@ def _take_model(argv: list[str]) -> tuple[list[str], str | None]:
     return argv, None
 
 
+# Ports this launcher picks: below the kernel's ephemeral range (32768 and up on Linux), from which any
+# outgoing connection, a starting server's own included, may take a free port before the server binds it.
+PORTS_FROM, PORTS_BELOW = 10000, 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port in [``PORTS_FROM``, ``PORTS_BELOW``) that is free now."""
+    while True:
+        port = random.randrange(PORTS_FROM, PORTS_BELOW)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
 
 
 def stock_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -179,6 +190,7 @@ def stock_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     args, env = list(argv), {k: v for k, v in os.environ.items() if k != ENABLE_VARIABLE}
     if not has_cuda():
         args, env = cpu_server_flags(args), bind_rank_threads(args, cpu_environment(env))
+        env[FORK_VARIABLE] = "1"
     return [sys.executable, "-m", "sglang.launch_server", *args], env
 
 

@@ -4,6 +4,8 @@ answering recall questions with the embedded model."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -69,6 +71,7 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
     if not torch.cuda.is_available():
         assert command[command.index("--device") + 1] == "cpu"
         assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(SHIM_DIR)
+        assert env["SGLANG_AM_FORK_SUBPROCESSES"] == "1"
     flags = cpu_server_flags(["--attention-backend=triton", "--mem-fraction-static", "0.1"])
     assert "torch_native" not in flags and "--max-total-tokens" not in flags and "--device" in flags
     assert flags.count("--sleep-on-idle") == 1 and None not in flags
@@ -114,6 +117,28 @@ def test_plugin_is_an_entry_point_and_registers_only_when_enabled(monkeypatch):
     register()
     register()  # idempotent: SGLang loads plugins in several processes and code paths
     assert registry.registered_radix_cache_backends() == ["am"]
+
+
+def test_with_the_launchers_fork_variable_sglangs_processes_are_forked_not_spawned():
+    """The hook runs after SGLang's ``_set_envs_and_config`` has chosen spawn; a fresh interpreter, so that
+    SGLang's hook registry holds only this registration."""
+    code = """if True:
+        import multiprocessing, sys
+        from sglang.srt.plugins.hook_registry import HookRegistry
+        from sglang_am.server.plugin import register
+        register()
+        hooks = HookRegistry._hooks.get("sglang.srt.entrypoints.engine._set_envs_and_config", [])
+        multiprocessing.set_start_method("spawn", force=True)
+        for _, hook, _ in hooks:
+            hook(None, "server_args")
+        print(len(hooks), multiprocessing.get_start_method())
+    """
+    env = {**os.environ, "SGLANG_AM": "1", "SGLANG_AM_FORK_SUBPROCESSES": "1"}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     check=True).stdout.split()
+    assert run(env) == ["1", "fork"]
+    del env["SGLANG_AM_FORK_SUBPROCESSES"]
+    assert run(env) == ["0", "spawn"]
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,8 @@ HOOKED_SIGNATURES = {
     ),
     # Prompt token ids are checked against the vocabulary before they reach a scheduler (``hooks``).
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": ("self", "obj", "input_ids"),
+    # Where there is no CUDA, SGLang's processes are forked (``cpu.fork_subprocesses``).
+    "sglang.srt.entrypoints.engine._set_envs_and_config": ("server_args",),
     "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
         "server_args", "tokenizer_manager", "template_manager", "port_args", "scheduler_infos",
         "subprocess_watchdog", "execute_warmup_func", "launch_callback",

@@ -1,7 +1,8 @@
 """SGLang plugin entry point (``sglang.srt.plugins``: ``am``), active only with ``SGLANG_AM=1``.
 
 SGLang runs plugins in each of its processes (spawned, so patches made by the launcher never reach
-the scheduler) and then applies the registered hooks. ``register`` only wires; nothing is created at
+the scheduler; forked from the HTTP server's process where there is no CUDA, and then already registered
+there) and then applies the registered hooks. ``register`` only wires; nothing is created at
 import or registration time:
 
 - the ``am`` radix-cache backend (``--radix-cache-backend am``): its factory builds, per scheduler, the
@@ -11,6 +12,8 @@ import or registration time:
 - the scheduler hooks of ``hooks``;
 - in the HTTP server's process, the ``/am/`` routes (``routes``) and, with ``SGLANG_AM_AUTO`` set, the
   automatic-compaction poller (``background.AutoCompactor``).
+  With ``SGLANG_AM_FORK_SUBPROCESSES=1`` (the launcher's, without CUDA) SGLang forks its processes
+  (``cpu.fork_subprocesses``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import multiprocessing
 import os
 
 from .compat import check_sglang
+from .cpu import FORK_VARIABLE, fork_subprocesses
 
 ENABLE_VARIABLE = "SGLANG_AM"
 RADIX_CACHE_BACKEND = "am"
@@ -146,6 +150,9 @@ def register() -> None:
                               HookType.BEFORE)
         HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
                               hooks.before_validate_request, HookType.BEFORE)
+        if os.environ.get(FORK_VARIABLE) == "1":
+            HookRegistry.register("sglang.srt.entrypoints.engine._set_envs_and_config", fork_subprocesses,
+                                  HookType.AFTER)
     _hooks_registered = True
     logger.info("sglang-am: registered radix-cache backend %r, the bias-aware attention backends and the document hooks",
                 RADIX_CACHE_BACKEND)
