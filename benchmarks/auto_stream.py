@@ -11,7 +11,9 @@ through ``/v1/chat/completions``), recall documents for the embedded model. Per 
   same documents.
 
 Each stream runs on stock SGLang (torch_native attention; its answers are the reference) and on this launcher
-with ``--am-auto`` and no tuning flag unless --extension-flags adds some. The stream goes in chunks of --chunk
+with ``--am-auto`` and no tuning flag unless --extension-flags adds some; with --learn, each document is
+registered on it with ``"learn": true`` before the stream (served in full, pinned, until its traffic certifies
+a node). The stream goes in chunks of --chunk
 requests; after each chunk the extension's ``/am/stats`` is read, so the report says when documents were
 observed, installed, given up and reverted. Reported per run: accuracy and agreement with stock's answers
 over each half, the share of the second half served from a compacted node, TTFT p50/p99, the learned
@@ -125,10 +127,10 @@ def learning(timeline: list, switch: int | None, total: int) -> dict:
 
 
 def learned(doc: dict) -> dict:
-    """What a learned document ended as: its state, ratio, certified figures (attention, held-out answers), live
+    """What a learned document ended as: its state, origin, ratio, certified figures (attention, held-out answers), live
     figure and observation."""
     fidelity = doc.get("fidelity") or {}
-    return {"state": doc["state"], "T": doc["T"], "t": doc["t"], "ratio": doc["ratio"],
+    return {"state": doc["state"], "origin": doc.get("origin"), "T": doc["T"], "t": doc["t"], "ratio": doc["ratio"],
             "certified_relative_l2": fidelity.get("relative_l2"), "heldout_answers": fidelity.get("heldout_answers"),
             "requests_served": doc["requests_served"],
             "live_fidelity": (doc.get("adapt") or {}).get("live_fidelity"), "observe": doc.get("observe")}
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--dp-size", type=int, default=1, help="SGLang's data-parallel ranks per server")
     parser.add_argument("--extension-flags", default="", help="more flags for the --am-auto server, one string "
                         "(--extension-flags='--am-auto-agreement-bound 0.9'); the defaults are what is measured without")
+    parser.add_argument("--learn", action="store_true", help="register each document with learn on the --am-auto server")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -172,12 +175,17 @@ def main() -> None:
         with servers([*flags, "--attention-backend", "torch_native"], True, args) as (url, _):
             reference, _, wall = run_stream(url, None, stream, args, f"{kind}, stock")
         rows.append({"stream": kind, "config": "stock", **summary(stream, reference, wall, half=switch)})
+        config = "--am-auto, learn" if args.learn else "--am-auto"
         with servers([*flags, "--am-auto", *shlex.split(args.extension_flags)], False, args) as (url, clients):
-            answers, timeline, wall = run_stream(url, clients, stream, args, f"{kind}, --am-auto")
+            if args.learn:
+                for client in clients:
+                    for ids in document_ids:
+                        client.register(input_ids=ids, learn=True)
+            answers, timeline, wall = run_stream(url, clients, stream, args, f"{kind}, {config}")
             time.sleep(1)
             idle = merge_idle_checks([client.stats()["idle_check"] for client in clients])
             documents = [{**learned(doc), "server": index} for index, client in enumerate(clients) for doc in client.list()]
-        rows.append({"stream": kind, "config": "--am-auto", **summary(stream, answers, wall, reference, switch),
+        rows.append({"stream": kind, "config": config, **summary(stream, answers, wall, reference, switch),
                      **learning(timeline, switch, len(stream)), "idle_check": idle, "documents": documents,
                      "timeline": timeline})
         print({key: value for key, value in rows[-1].items() if key != "timeline"}, flush=True)
@@ -187,7 +195,7 @@ def main() -> None:
 
 
 def plot(payload: dict) -> Figure:
-    learned = [row for row in payload["rows"] if row["config"] == "--am-auto"]
+    learned = [row for row in payload["rows"] if row["config"] != "stock"]
     fig = Figure(figsize=(6 * len(learned), 4.2))
     axes = fig.subplots(1, len(learned), squeeze=False)[0]
     for axis, row in zip(axes, learned):

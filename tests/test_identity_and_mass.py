@@ -97,7 +97,7 @@ def test_nnls_box_respects_bounds_and_masks():
     assert (masked[:, 2:] == 0).all() and (masked[:, :2] >= lo).all()
 
 
-def test_nnls_starts_from_unit_weights_where_the_clamped_least_squares_start_fits_worse():
+def test_nnls_or_unit_starts_from_unit_weights_where_the_clamped_least_squares_start_fits_worse():
     # A near-singular fit: y is m @ 1 plus a little noise along m's weakest direction, so the least-squares
     # weights are 1 + 100 v (far outside the box) and their clamp fits worse than w = 1, which the box holds.
     g = torch.Generator().manual_seed(0)
@@ -112,5 +112,6 @@ def test_nnls_starts_from_unit_weights_where_the_clamped_least_squares_start_fit
     clamped = torch.linalg.lstsq(m[0], y[0].unsqueeze(-1)).solution.squeeze(-1).clamp(lo, hi)
     assert residual(clamped) > 10 * residual(torch.ones(8))
     for iters in (0, 2):
-        w = nnls_box(m, y, valid, lo=lo, hi=hi, iters=iters)[0]
+        w = nnls_box(m, y, valid, lo=lo, hi=hi, iters=iters, or_unit=True)[0]
         assert residual(w) <= residual(torch.ones(8)) + 1e-6
+    assert residual(nnls_box(m, y, valid, lo=lo, hi=hi, iters=0)[0]) > residual(torch.ones(8))  # the paper's start

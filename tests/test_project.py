@@ -293,9 +293,11 @@ def test_auto_stream_benchmark_smoke(tmp_path):
     output = tmp_path / "auto_stream.json"
     # 48 one-token answers once ran in 0.3 s, before the 0.5 s poll proposed the prefix: 120 of 4 tokens take seconds.
     _run("benchmarks/auto_stream.py", "--model", "recall", "--documents", "1", "--set", "4", "--requests", "120",
-         "--max-tokens", "4", "--streams", "drift", "--chunk", "40", "--max-total-tokens", "4096", "--output", str(output))
+         "--max-tokens", "4", "--streams", "drift", "--chunk", "40", "--max-total-tokens", "4096", "--learn",
+         "--output", str(output))
     stock, auto = json.loads(output.read_text())["rows"]
-    assert (stock["config"], auto["config"]) == ("stock", "--am-auto") and stock["errors"] == auto["errors"] == 0
+    assert (stock["config"], auto["config"]) == ("stock", "--am-auto, learn") and stock["errors"] == auto["errors"] == 0
+    assert [doc["origin"] for doc in auto["documents"]].count("explicit") == 1  # the registered one
     assert stock["requests"] == auto["requests"] == 120 and "agreement" not in stock and 0 <= auto["agreement"] <= 1
     assert auto["observed"] > 0 and auto["idle_check"]["leak"] is False  # the reused prefix was observed
     assert [point["requests"] for point in auto["timeline"]] == [40, 80, 120] and "requests_after_switch_to_revert" in auto

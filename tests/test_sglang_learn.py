@@ -53,6 +53,7 @@ def test_a_reused_prefix_is_learned_from_its_requests_certified_installed_and_re
         document = learned()
         stats = ok(url, "GET", "/am/stats")
         assert document["origin"] == "auto" and document["config"]["query_source"] == "live"
+        assert document["config"]["options"] == {"nnls_start": "least-squares"}  # the paper's start (``refits``)
         # Certified on requests held out of its fit, at a rung within the bound (refits keep it there since); no
         # capture prefill ran.
         assert document["fidelity"]["relative_l2"] <= BOUND and document["t"] <= 4 + round(0.2 * (document["T"] - 4))

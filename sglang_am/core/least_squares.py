@@ -131,23 +131,22 @@ def nnls_box(
     hi: float,
     iters: int,
     start: torch.Tensor | None = None,
+    or_unit: bool = False,
 ) -> torch.Tensor:
     """Bounded NNLS ``min_{lo <= w <= hi} ||m w - y||`` per head (paper Algorithm 3).
 
     Least-squares start (``start`` if the caller already has it), clamp, then ``iters`` projected-gradient
     steps with step ``1/L``, ``L = sigma_max(m)^2``. ``m`` ``[H, n, t]``, ``y`` ``[H, n]``; invalid
-    columns return 0.
-
-    A head whose clamped start fits worse than ``w = 1`` (beta = 0, inside every box the methods use) starts
-    from ``w = 1`` instead. With about as many slots as distinct query positions the least-squares weights
-    swing far outside the box, and clamping them gave a worse fit than no weights at all; two steps from
-    there fitted better and still lost answers (Gemma-3-270M, 511 slots, 10 questions: one document 0.62 -> 1.0).
+    columns return 0. With ``or_unit``, a head whose clamped start fits worse than ``w = 1`` (beta = 0, inside
+    every box the methods use) starts from ``w = 1`` instead (``NNLS_STARTS``).
     """
     mask = valid.to(m.dtype)
     if start is None:
         start = masked_lstsq(m, y.unsqueeze(-1), valid).squeeze(-1)
     m = m * mask.unsqueeze(1)
-    w = _better_start(m, y, start.clamp(lo, hi), torch.ones_like(start).clamp(lo, hi))
+    w = start.clamp(lo, hi)
+    if or_unit:
+        w = _better_start(m, y, w, torch.ones_like(start).clamp(lo, hi))
     if iters > 0:
         step = 1.0 / spectral_norm_squared(m).clamp(min=torch.finfo(m.dtype).tiny).unsqueeze(-1)
         for _ in range(iters):

@@ -93,6 +93,7 @@ OPTION_BOUNDS = {
     "beta_min": Bound("float", -50.0, 50.0),
     "beta_max": Bound("float", -50.0, 50.0),
     "nnls_iters": Bound("int", 0, 1000),
+    "nnls_start": Bound("str"),
     "query_chunk": Bound("int", 1, 1 << 16, optional=True),
     "seed": Bound("int", 0, MAX_TOKEN_ID),
     "stats_backend": Bound("str"),

@@ -15,6 +15,8 @@ import torch
 
 from ..block import SCORE_DTYPES, STATS_BACKENDS, Block
 
+NNLS_STARTS = ("least-squares", "least-squares-or-unit")
+
 
 @dataclass
 class CompactionOptions:
@@ -26,6 +28,12 @@ class CompactionOptions:
         values" ablation; eviction baselines default to it).
     beta_min, beta_max: box on beta for the NNLS fit (``w = exp(beta)`` in ``[e^beta_min, e^beta_max]``).
     nnls_iters: projected-gradient steps after the least-squares start.
+    nnls_start: where those steps start (``NNLS_STARTS``): ``"least-squares"`` (the paper's: the clamped
+        least-squares weights) or ``"least-squares-or-unit"`` (per head, whichever of those and w = 1, beta = 0,
+        fits the mass better). With about as many slots as query positions the least-squares weights swing
+        far outside the box and their clamp can fit worse than no beta: question-aware documents on
+        Gemma-3-270M lost answers to that start (one document 0.62 against 1.00 at 511 slots), while nodes
+        learned from a few hundred live positions kept more with it (docs/benchmarks.md).
     scale: attention scale; ``None`` means ``1/sqrt(D)``.
     query_chunk: queries per chunk when streaming over the ``n x T`` scores; peak memory is about
         ``H x query_chunk x T`` floats. ``None`` sizes chunks to a 16 MiB score tile.
@@ -44,6 +52,7 @@ class CompactionOptions:
     beta_min: float = -3.0
     beta_max: float = 3.0
     nnls_iters: int = 2
+    nnls_start: str = "least-squares-or-unit"
     scale: float | None = None
     query_chunk: int | None = None
     seed: int = 0
@@ -59,6 +68,8 @@ class CompactionOptions:
             raise ValueError(f"beta_min ({self.beta_min}) must be below beta_max ({self.beta_max})")
         if self.nnls_iters < 0:
             raise ValueError(f"nnls_iters must be >= 0, got {self.nnls_iters}")
+        if self.nnls_start not in NNLS_STARTS:
+            raise ValueError(f"nnls_start must be one of {NNLS_STARTS}, got {self.nnls_start!r}")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"scale must be positive, got {self.scale}")
         if self.query_chunk is not None and self.query_chunk < 1:
