@@ -83,8 +83,8 @@ def counters(clients: list[DocumentsClient]) -> dict:
     for stats in (client.stats() for client in clients):
         values, total = stats["counters"], lambda value: sum(value.values()) if isinstance(value, dict) else value
         for key, value in {"hits": total(values.get("hits", 0)), "observed": values.get("observed_requests", 0),
-                           "installed": values.get("compactions", {}).get("auto", 0),
-                           "given_up": values.get("compaction_failures", {}).get("auto", 0),
+                           "installed": total(values.get("compactions", {})),  # auto, and explicit with --learn
+                           "given_up": total(values.get("compaction_failures", {})),
                            "refits": values.get("refits", 0), "reverts": values.get("reverts", 0),
                            "answer_refusals": values.get("answer_refusals", 0),
                            "answer_audits": values.get("answer_audits", 0),
