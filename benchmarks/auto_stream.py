@@ -17,7 +17,7 @@ a node). The stream goes in chunks of --chunk
 requests; after each chunk the extension's ``/am/stats`` is read, so the report says when documents were
 observed, installed, given up and reverted. Reported per run: accuracy and agreement with stock's answers
 over each half, the share of the second half served from a compacted node, TTFT p50/p99, the learned
-documents' counters and what each ended as, and SGLang's idle check. With --workers N, each configuration
+documents' counters and what each ended as, and SGLang's idle check once every server is idle. With --workers N, each configuration
 is N servers behind sglang-router (--policy), whose learned documents and counters are summed over the
 workers; --dp-size N gives one server N ranks.
 
@@ -126,6 +126,17 @@ def learning(timeline: list, switch: int | None, total: int) -> dict:
     return row
 
 
+def idle_check(clients: list[DocumentsClient], seconds: float = 60) -> dict:
+    """SGLang's idle leak check of every server, once all are idle (a solve, or a certification's probes, may
+    still run after the stream), or as they stand after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        check = merge_idle_checks([client.stats()["idle_check"] for client in clients])
+        if check["idle"] or time.monotonic() > deadline:
+            return check
+        time.sleep(0.5)
+
+
 def learned(doc: dict) -> dict:
     """What a learned document ended as: its state, origin, ratio, certified figures (attention, held-out answers), live
     figure and observation."""
@@ -182,8 +193,7 @@ def main() -> None:
                     for ids in document_ids:
                         client.register(input_ids=ids, learn=True)
             answers, timeline, wall = run_stream(url, clients, stream, args, f"{kind}, {config}")
-            time.sleep(1)
-            idle = merge_idle_checks([client.stats()["idle_check"] for client in clients])
+            idle = idle_check(clients)
             documents = [{**learned(doc), "server": index} for index, client in enumerate(clients) for doc in client.list()]
         rows.append({"stream": kind, "config": config, **summary(stream, answers, wall, reference, switch),
                      **learning(timeline, switch, len(stream)), "idle_check": idle, "documents": documents,
