@@ -17,9 +17,9 @@ a node). The stream goes in chunks of --chunk
 requests; after each chunk the extension's ``/am/stats`` is read, so the report says when documents were
 observed, installed, given up and reverted. Reported per run: accuracy and agreement with stock's answers
 over each half, the share of the second half served from a compacted node, TTFT p50/p99, the learned
-documents' counters and what each ended as, and SGLang's idle check once every server is idle. With --workers N, each configuration
-is N servers behind sglang-router (--policy), whose learned documents and counters are summed over the
-workers; --dp-size N gives one server N ranks.
+documents' counters and what each ended as, and SGLang's idle check once every server is idle. With
+--workers N, each configuration is N servers behind sglang-router (--policy), whose learned documents and
+counters are summed over the workers; --dp-size N gives one server N ranks.
 
     python benchmarks/auto_stream.py --model smollm2-135m --size 60 --set 20 --requests 100 --max-tokens 16
     python benchmarks/auto_stream.py --model recall --set 40 --max-tokens 1 --streams zipf drift

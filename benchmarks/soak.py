@@ -17,7 +17,7 @@ full pool or a solve past its deadline, 507 for a full store, and the failure an
 causes) are counted, not failures.
 
     python benchmarks/soak.py --minutes 10         # the closing-note run
-    python benchmarks/soak.py --minutes 2          # what CI runs (tests/test_project.py)
+    python benchmarks/soak.py --minutes 1 --quiet-every 15   # what CI runs (tests/test_project.py)
 
 Writes benchmarks/results/soak.json (counts, failures, quiet points, the server's /am/stats);
 exits 1 on any unexpected failure, leak or sentinel mismatch.

@@ -1,10 +1,11 @@
-"""The transformers adapter on the real pretrained Gemma-3-270M (slow: loading takes about a minute)."""
+"""The transformers adapter on the real pretrained Gemma-3-270M (slow: the first use writes its directory, about a
+minute)."""
 
 import pytest
 import torch
 
 from sglang_am.hf import compact_prefix, forward_after_prefix, full_prefix, next_token_kl
-from sglang_am.hf.gemma import load_gemma3_270m
+from sglang_am.hf.gemma import gemma3_270m_directory, load_gemma3_270m
 from sglang_am.quality import needle_in_document
 
 pytestmark = pytest.mark.slow
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gemma():
-    return load_gemma3_270m()
+    return load_gemma3_270m(gemma3_270m_directory())
 
 
 @pytest.fixture(scope="module")

@@ -94,8 +94,8 @@ def test_launcher_picks_the_attention_backend_by_device_unless_forced(monkeypatc
 
     backend = lambda command: command[command.index("--attention-backend") + 1]
     monkeypatch.setattr(serve, "has_cuda", lambda: True)
-    command, _ = serve.launch_command([])
-    assert backend(command) == "triton" and "--device" not in command
+    command, env = serve.launch_command([])
+    assert backend(command) == "triton" and "--device" not in command and "SGLANG_AM_FORK_SUBPROCESSES" not in env
     command, _ = serve.launch_command(["--attention-backend", "flashinfer"])
     assert command.count("--attention-backend") == 1 and backend(command) == "flashinfer"
     monkeypatch.setattr(serve, "has_cuda", lambda: False)
@@ -121,7 +121,8 @@ def test_plugin_is_an_entry_point_and_registers_only_when_enabled(monkeypatch):
 
 def test_with_the_launchers_fork_variable_sglangs_processes_are_forked_not_spawned():
     """The hook runs after SGLang's ``_set_envs_and_config`` has chosen spawn; a fresh interpreter, so that
-    SGLang's hook registry holds only this registration."""
+    SGLang's hook registry holds only this registration. With CUDA the launcher sets no variable
+    (``test_launcher_picks_the_attention_backend_by_device_unless_forced``)."""
     code = """if True:
         import multiprocessing, sys
         from sglang.srt.plugins.hook_registry import HookRegistry
@@ -134,11 +135,8 @@ def test_with_the_launchers_fork_variable_sglangs_processes_are_forked_not_spawn
         print(len(hooks), multiprocessing.get_start_method())
     """
     env = {**os.environ, "SGLANG_AM": "1", "SGLANG_AM_FORK_SUBPROCESSES": "1"}
-    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                     check=True).stdout.split()
-    assert run(env) == ["1", "fork"]
-    del env["SGLANG_AM_FORK_SUBPROCESSES"]
-    assert run(env) == ["0", "spawn"]
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["1", "fork"]
 
 
 @pytest.fixture(scope="module")
