@@ -13,13 +13,12 @@ through ``/v1/chat/completions``), recall documents for the embedded model. Per 
 Each stream runs on stock SGLang (torch_native attention; its answers are the reference) and on this launcher
 with ``--am-auto`` and no tuning flag unless --extension-flags adds some; with --learn, each document is
 registered on it with ``"learn": true`` before the stream (served in full, pinned, until its traffic certifies
-a node). The stream goes in chunks of --chunk
-requests; after each chunk the extension's ``/am/stats`` is read, so the report says when documents were
-observed, installed, given up and reverted. Reported per run: accuracy and agreement with stock's answers
-over each half, the share of the second half served from a compacted node, TTFT p50/p99, the learned
-documents' counters and what each ended as, and SGLang's idle check once every server is idle. With
---workers N, each configuration is N servers behind sglang-router (--policy), whose learned documents and
-counters are summed over the workers; --dp-size N gives one server N ranks.
+a node). The stream goes in chunks of --chunk requests; after each chunk the extension's ``/am/stats`` is
+read, so the report says when documents were observed, installed, given up and reverted. Reported per run:
+accuracy and agreement with stock's answers over each half, the share of the second half served from a
+compacted node, TTFT p50/p99, the learned documents' counters and what each ended as, and SGLang's idle check
+once every server is idle. With --workers N, each configuration is N servers behind sglang-router (--policy),
+whose learned documents and counters are summed over the workers; --dp-size N gives one server N ranks.
 
     python benchmarks/auto_stream.py --model smollm2-135m --size 60 --set 20 --requests 100 --max-tokens 16
     python benchmarks/auto_stream.py --model recall --set 40 --max-tokens 1 --streams zipf drift

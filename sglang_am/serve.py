@@ -190,7 +190,6 @@ def stock_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     args, env = list(argv), {k: v for k, v in os.environ.items() if k != ENABLE_VARIABLE}
     if not has_cuda():
         args, env = cpu_server_flags(args), bind_rank_threads(args, cpu_environment(env))
-        env[FORK_VARIABLE] = "1"
     return [sys.executable, "-m", "sglang.launch_server", *args], env
 
 

@@ -13,7 +13,7 @@ import torch
 
 from sglang_am.client import http_json
 from sglang_am.recall_model import default_model_path, recall_task
-from sglang_am.serve import launch_command, serving
+from sglang_am.serve import launch_command, serving, stock_command
 from sglang_am.server.cpu import SHIM_DIR, bind_rank_threads, cpu_environment, cpu_server_flags
 
 
@@ -72,6 +72,7 @@ def test_launcher_fills_in_model_plugin_and_cpu_settings():
         assert command[command.index("--device") + 1] == "cpu"
         assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(SHIM_DIR)
         assert env["SGLANG_AM_FORK_SUBPROCESSES"] == "1"
+        assert "SGLANG_AM_FORK_SUBPROCESSES" not in stock_command(["--model-path", "m"])[1]  # stock spawns, as shipped
     flags = cpu_server_flags(["--attention-backend=triton", "--mem-fraction-static", "0.1"])
     assert "torch_native" not in flags and "--max-total-tokens" not in flags and "--device" in flags
     assert flags.count("--sleep-on-idle") == 1 and None not in flags

@@ -33,7 +33,7 @@ class CompactionOptions:
         fits the mass better). With about as many slots as query positions the least-squares weights swing
         far outside the box and their clamp can fit worse than no beta: question-aware documents on
         Gemma-3-270M lost answers to that start (one document 0.62 against 1.00 at 511 slots), while nodes
-        learned from a few hundred live positions kept more with it (docs/benchmarks.md).
+        learned from a few hundred live positions kept more with it (docs/methods.md).
     scale: attention scale; ``None`` means ``1/sqrt(D)``.
     query_chunk: queries per chunk when streaming over the ``n x T`` scores; peak memory is about
         ``H x query_chunk x T`` floats. ``None`` sizes chunks to a 16 MiB score tile.

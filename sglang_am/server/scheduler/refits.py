@@ -60,7 +60,7 @@ OBSERVE_TRIES = 2
 WATCH_SHARE = 0.1
 LEARNED_MAX_QUERIES_PER_HEAD = 5000  # as a registration's default
 # The paper's NNLS start for nodes learned from live traffic: on Gemma-3-270M's Zipf stream they kept agreement
-# with stock 0.98 with it, 0.95 and 0.84 (two runs) with the default's unit fallback (docs/benchmarks.md).
+# with stock 0.98 with it, 0.95 and 0.84 (two runs) with the default's unit fallback (docs/automatic-compaction.md).
 LEARNED_OPTIONS = {"nnls_start": "least-squares"}
 
 
