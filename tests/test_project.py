@@ -212,18 +212,16 @@ def test_bench_serving_benchmark_smoke(tmp_path):
     output = tmp_path / "bench_serving.json"
     _run("benchmarks/bench_serving.py", "--groups", "2", "--prompts-per-group", "6", "--system-prompt-len", "300",
          "--question-len", "8", "--output-len", "2", "--concurrency", "2", "--output", str(output),
-         "--configs", "baseline", "auto", "explicit", "--auto-flags", "--am-auto-min-requests", "2")
+         "--configs", "baseline", "explicit")  # --am-auto's path: tests/test_sglang_auto.py and test_sglang_learn.py
     payload = json.loads(output.read_text())
     rows = {row["config"]: row for row in payload["rows"]}
-    assert list(rows) == ["baseline", "auto", "explicit"]  # control registers as explicit does, at 1.0
+    assert list(rows) == ["baseline", "explicit"]  # control registers as explicit does, at 1.0
     assert all(row["failed"] == 0 and row["completed"] == 12 and row["healthy_after"] for row in rows.values())
     assert all(row["itl_mean_ms"] > 0 and row["itl_p99_ms"] > 0 for row in rows.values())
     assert rows["baseline"]["hits"] == 0 and rows["baseline"]["documents_resident"] == 0
     # Both prefixes registered before the run, compacted: every request served from them.
     explicit = rows["explicit"]
     assert 0 < explicit["registered_slots"] < 2 * 300 and explicit["hits"] >= 12 and explicit["documents_resident"] == 2
-    assert rows["auto"]["auto_triggers"] >= 1  # its compactions run in the background: maybe after this short run
-    assert payload["inputs"]["auto_flags"] == ["--am-auto-min-requests", "2"]
     assert output.with_suffix(".png").stat().st_size > 0
 
 
