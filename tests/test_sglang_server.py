@@ -125,7 +125,7 @@ def test_with_the_launchers_fork_variable_sglangs_processes_are_forked_not_spawn
     SGLang's hook registry holds only this registration. With CUDA the launcher sets no variable
     (``test_launcher_picks_the_attention_backend_by_device_unless_forced``)."""
     code = """if True:
-        import multiprocessing, sys
+        import multiprocessing
         from sglang.srt.plugins.hook_registry import HookRegistry
         from sglang_am.server.plugin import register
         register()

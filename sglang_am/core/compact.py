@@ -128,7 +128,7 @@ def _fit_beta(block: Block, selection: Selection, opts: CompactionOptions) -> to
                 math.exp(opts.beta_min),
                 math.exp(opts.beta_max),
                 opts.nnls_iters,
-                or_unit=opts.nnls_start == "least-squares-or-unit",
+                or_unit=opts.nnls_or_unit,
             )
             for heads in fit_head_groups(block, valid.shape[1], opts.memory_bytes)
         ])

@@ -81,6 +81,11 @@ class CompactionOptions:
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype must be one of {sorted(SCORE_DTYPES)}, got {self.score_dtype!r}")
 
+    @property
+    def nnls_or_unit(self) -> bool:
+        """Does the bounded NNLS fall back to w = 1 where the clamped least-squares start fits worse?"""
+        return self.nnls_start == "least-squares-or-unit"
+
 
 @dataclass
 class EvictionOptions(CompactionOptions):

@@ -124,7 +124,7 @@ class _GreedyState:
                 self.hi,
                 self.options.nnls_iters,
                 start=None if start is None else start.solve(rows)[:, :width],
-                or_unit=self.options.nnls_start == "least-squares-or-unit",
+                or_unit=self.options.nnls_or_unit,
             )
             self.weights[rows, :width] = weights
         residual = self.mass - thin_matmul(columns, self.weights[:, :width].unsqueeze(-1)).squeeze(-1)
