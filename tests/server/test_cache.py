@@ -7,14 +7,17 @@ from array import array
 
 import pytest
 import torch
+from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 from sglang_am.prefix import CompactedPrefix
+from sglang_am.server.auto import AutoPolicy
 from sglang_am.server.errors import DocumentError
 from sglang_am.server.scheduler.cache import AMRadixCache
-from sglang_am.server.scheduler.registry import DocumentRegistry
+from sglang_am.server.scheduler.registry import DocState, Document, DocumentRegistry, document_id
 
 
 def radix_cache(windows, dtype=torch.float32):
@@ -173,3 +176,29 @@ def test_a_solved_registrations_captures_leave_the_tree_and_nothing_else_does(tr
     cache.unlock(held.lock)
     assert cache.remove_namespace("reg-b") == 15
     assert cache.evictable_size() == 25 and allocator.available_size() == 256 - 25  # a client's prefix stays
+
+
+@pytest.mark.parametrize("state", [DocState.OBSERVING, DocState.SOLVING, DocState.CERTIFYING])
+def test_only_requests_extending_no_document_count_as_reuse(state):
+    """Requests reusing a document that learns or registers are that document's: counted as reuse, they would
+    propose a second, slightly shorter prefix of the same text beside it (seen with ``learn``)."""
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    cache, _, _ = radix_cache((None, None))
+    cache.registry = DocumentRegistry(AutoPolicy(min_tokens=16, min_requests=3, keep_first=0, keep_last=2))
+    learning = array("q", range(100, 140))
+    cache.registry.add(Document(document_id(learning), 1, learning, "AM-HighestAttnKeys", {}, False, state))
+
+    def reuse(prefix, rid):
+        ids = array("q", [*prefix, 7, rid])
+        req = Req(f"r{rid}", "", ids, SamplingParams())
+        cache.match_prefix(MatchPrefixParams(key=RadixKey(ids), req=req))
+
+    for rid in range(4):
+        reuse(learning, rid)
+    assert cache.registry.tracker.take_candidates() == []
+    other = range(200, 240)
+    for rid in range(3):
+        reuse(other, rid)
+    assert cache.registry.tracker.take_candidates() == [list(other)[:-1]]  # minus keep_last of the shared 41
