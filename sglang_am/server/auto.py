@@ -190,6 +190,11 @@ class ReuseTracker:
             self.groups.popitem(last=False)
         self.cooldown = {k: until for k, until in self.cooldown.items() if until > now}
 
+    def hold_off(self, token_ids, now: float | None = None) -> None:
+        """The document starting with ``token_ids`` was given up: its prefix stays quiet for a window."""
+        now = time.monotonic() if now is None else now
+        self.cooldown[array("q", token_ids[: self.policy.min_tokens]).tobytes()] = now + self.policy.window_seconds
+
     def release(self, token_ids) -> None:
         """A document starting with ``token_ids`` is installed: once it is dropped, reuse counts again."""
         start = array("q", token_ids[: self.policy.min_tokens]).tobytes()

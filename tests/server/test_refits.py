@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import dataclasses
+from array import array
 from http import HTTPStatus
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from sglang_am.prefix import CompactedPrefix
-from sglang_am.server.auto import GUARD_REFUSALS_BEFORE_PAUSE
+from sglang_am.server.auto import GUARD_REFUSALS_BEFORE_PAUSE, ReuseTracker
 from sglang_am.server.errors import DocumentError
 from sglang_am.server.protocol import AuditLearned, CertifyLearned, Observe
 from sglang_am.server.scheduler.adapt import (
@@ -23,7 +24,7 @@ from sglang_am.server.scheduler.adapt import (
     Observation,
     ServedAnswer,
 )
-from sglang_am.server.scheduler.refits import OBSERVE_TRIES, Refits, _ladder
+from sglang_am.server.scheduler.refits import OBSERVE_TRIES, Refits, _ladder, reentry_bound
 from sglang_am.server.scheduler.registry import DocState, document_id
 from sglang_am.server.scheduler.solve import Solved
 
@@ -40,7 +41,7 @@ class FailedJob:
 
 def test_only_guard_refusals_pause_observing_a_fault_does_not():
     discarded = []
-    registry = SimpleNamespace(policy=SimpleNamespace(window_seconds=60.0), in_state=lambda *states: [])
+    registry = SimpleNamespace(policy=SimpleNamespace(window_seconds=60.0), in_state=lambda *states: [], tracker=None)
     registrations = SimpleNamespace(cache=None, registry=registry, discard=lambda doc, failed=True: discarded.append(doc))
     refits = Refits(registrations, CONFIG, solver=None)
 
@@ -68,9 +69,11 @@ def learned_setup(ratio="auto"):
     """A ``Refits`` over stand-in registrations that record what they were asked, and a learned document whose
     candidate (at the ladder's lowest rung) waits for its held-out requests' answers."""
     asked = {"installed": [], "discarded": [], "retired": []}
-    policy = SimpleNamespace(ratio=ratio, agreement_bound=0.8, window_seconds=60.0, audit_requests=32)
+    policy = SimpleNamespace(ratio=ratio, agreement_bound=0.8, window_seconds=60.0, audit_requests=32, min_tokens=2,
+                             keep_last=1, min_requests=3)
     documents = {}
-    registry = SimpleNamespace(policy=policy, stats=Stats(), get=documents.get, in_state=lambda *states: [])
+    registry = SimpleNamespace(policy=policy, stats=Stats(), get=documents.get, in_state=lambda *states: [],
+                               tracker=ReuseTracker(policy))
     registrations = SimpleNamespace(
         cache=None, registry=registry, retire_candidate=lambda doc: asked["retired"].append(doc.doc_id),
         discard=lambda doc, failed=True: asked["discarded"].append(doc.doc_id),
@@ -83,7 +86,7 @@ def learned_setup(ratio="auto"):
     one = torch.zeros(1, 1, 1)
     prefix = CompactedPrefix([one], [one], [one[0]], 1, [5], {}, "AM-HighestAttnKeys",
                              {"budget": ratio, "fidelity": {"relative_l2": 0.05, "ratio": rung}})
-    doc = SimpleNamespace(doc_id="d", auto=True, state=DocState.OBSERVING, observation=observation,
+    doc = SimpleNamespace(doc_id="d", auto=True, state=DocState.OBSERVING, observation=observation, tokens=[5, 6],
                           solved=Solved(prefix, adaptation=SimpleNamespace(audit=None)),
                           describe=lambda: {"doc_id": "d"})
     documents["d"] = doc
@@ -173,6 +176,32 @@ def test_an_installed_learned_node_is_audited_on_its_latest_greedy_answers_and_r
     assert refits.registry.stats.counts == {"answer_audits": 2, "reverts": 1}
 
 
+def test_a_reverted_document_needs_held_out_answers_past_the_reentry_bound_and_once_given_up_is_not_proposed_at_once():
+    """Hysteresis: a node reverted at the bound (0.8) comes back only at 0.9; given up, its prefix stays quiet."""
+    refits, doc, audit = audited_setup()
+    for request in range(4):
+        audit.note([request], [1])
+    refits.audits()
+    refits.audit_learned(None, AuditLearned("d", 7, figures={"agreement": 0.7, "requests": 4}))
+    observation = doc.observation
+    assert observation.agreement_bound == reentry_bound(0.8) == 0.9 and observation.describe()["agreement_bound"] == 0.9
+    one = torch.zeros(1, 1, 1)
+    doc.auto = True
+    for rung in _ladder(0.0)[:OBSERVE_TRIES]:
+        prefix = CompactedPrefix([one], [one], [one[0]], 1, [5], {}, "AM-HighestAttnKeys",
+                                 {"budget": "auto", "fidelity": {"ratio": rung}})
+        doc.solved = Solved(prefix, adaptation=SimpleNamespace(audit=None))
+        observation.certifying = LearnedCertification([ServedAnswer([1], [2])], deadline=float("inf"))
+        refits.certify_learned(None, CertifyLearned("d", figures(0.85)))  # enough before the revert, not after
+        assert "below the bound 0.9" in observation.last_error
+    assert refits.registry.stats.counts["answer_refusals"] == OBSERVE_TRIES
+    tracker = refits.registry.tracker
+    assert tracker.cooldown.keys() == {array("q", doc.tokens).tobytes()}  # its first min_tokens ids
+    for rid in range(3):
+        tracker.observe([*doc.tokens, rid, 9, 9], f"r{rid}")
+    assert tracker.take_candidates() == []
+
+
 def test_an_audit_comes_early_once_enough_requests_asked_questions_the_node_was_not_learned_from():
     refits, doc, _ = learned_setup()
     adaptation = doc.solved.adaptation
@@ -230,7 +259,7 @@ def test_a_client_document_that_learns_is_never_given_up_or_paused_and_pins_its_
     discarded, holds = [], []
     policy = SimpleNamespace(window_seconds=60.0, observe_requests=2)
     observing = []
-    registry = SimpleNamespace(policy=policy, in_state=lambda *states: observing, stats=Stats())
+    registry = SimpleNamespace(policy=policy, in_state=lambda *states: observing, stats=Stats(), tracker=None)
     cache = SimpleNamespace(hold_prefix=lambda tokens, salt: holds.append(tuple(tokens)) or (None if len(holds) == 1 else "held"))
     registrations = SimpleNamespace(cache=cache, registry=registry, discard=lambda doc, failed=True: discarded.append(doc))
     refits = Refits(registrations, CONFIG, solver=None)

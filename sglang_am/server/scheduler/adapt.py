@@ -330,7 +330,8 @@ class Observation:
     fitted to. Greedy requests also leave what they were served (``note_answer``): the held-out ones' questions
     are then asked of a candidate fitted without them (``certifying``), and the node is installed only if its
     greedy answers agree with theirs. A refused solve waits for twice as many requests, ``tries`` times at most;
-    after a refusal by the answers, the next solve starts from the rung above (``lowest_ratio``)."""
+    after a refusal by the answers, the next solve starts from the rung above (``lowest_ratio``). After a revert the
+    answers must agree more (``agreement_bound``, set by ``refits``)."""
 
     live: LiveQueries
     requests_needed: int
@@ -343,6 +344,7 @@ class Observation:
     heldout: frozenset[int] = frozenset()  # the requests held out of the last solve's second fit
     certifying: LearnedCertification | None = None  # a candidate being asked the held-out requests' questions
     lowest_ratio: float = 0.0  # the smallest rung the next solve may pick
+    agreement_bound: float | None = None  # the held-out answers' bound where stricter than the policy's
     pin_tried_at: int = -1  # requests tagged when a client's learning document last looked for its prefix (``refits``)
 
     def tag(self) -> int:
@@ -382,4 +384,5 @@ class Observation:
         return {"requests_tagged": self.tagged, "requests_observed": len(self.live.requests),
                 "requests_needed": self.requests_needed << self.tries, "reservoir": self.live.size, "tries": self.tries,
                 "answers_kept": len(self.answers), "certifying": self.certifying is not None,
-                "lowest_ratio": self.lowest_ratio or None, "last_error": self.last_error}
+                "lowest_ratio": self.lowest_ratio or None, "agreement_bound": self.agreement_bound,
+                "last_error": self.last_error}

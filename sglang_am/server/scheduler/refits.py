@@ -69,6 +69,14 @@ def _picked_ratio(prefix: CompactedPrefix) -> float:
     return prefix.config["fidelity"].get("ratio", prefix.config["budget"])
 
 
+def reentry_bound(bound: float) -> float:
+    """What a reverted document's next node must reproduce of its held-out answers: half the disagreement ``bound``
+    allows (0.9 for 0.8). Hysteresis: the traffic moved once, and a node certified at the bound itself serves
+    answers at the bound's loss until an audit sends it back again (Gemma's drift stream: certified at 0.80 after
+    its revert, it lost 10 to 25 points of accuracy in the last fifth)."""
+    return 1 - (1 - bound) / 2
+
+
 def _ladder(lowest: float) -> tuple[float, ...]:
     """The rungs a learned document with ratio auto may pick, from ``lowest`` up."""
     return tuple(ratio for ratio in RATIO_LADDER if lowest <= ratio <= AUTO_LADDER_TOP)
@@ -256,10 +264,11 @@ class Refits:
         observation.pin_tried_at = observation.tagged
         doc.source = self.cache.hold_prefix(doc.tokens, None)
 
-    def _new_observation(self, layers, tries: int = 0) -> Observation:
-        """``tries``: guard refusals already counted (each doubles the requests the next solve waits for)."""
+    def _new_observation(self, layers, tries: int = 0, agreement_bound: float | None = None) -> Observation:
+        """``tries``: guard refusals already counted (each doubles the requests the next solve waits for);
+        ``agreement_bound``: stricter than the policy's (after a revert)."""
         return Observation(LiveQueries(layers, self.config.adapt_reservoir), self.registry.policy.observe_requests,
-                           DEFAULT_ANSWER_TOKENS, tries=tries)
+                           DEFAULT_ANSWER_TOKENS, tries=tries, agreement_bound=agreement_bound)
 
     def _start_learning(self, scheduler, doc: Document) -> None:
         """Copy the prefix's KV to host memory (it stays there for the refits of the node) and solve its node from
@@ -335,24 +344,26 @@ class Refits:
     def certify_learned(self, scheduler, operation: CertifyLearned) -> Description:
         """The candidate's greedy answers to the held-out requests, against what those were served: with ratio auto
         the node is installed if they agree on at least ``agreement_bound`` of the tokens (a fixed ratio installs
-        it and reports them); else the document observes on, its next solve from the rung above."""
+        it and reports them (after a revert, ``reentry_bound`` of it); else the document observes on, its next solve
+        from the rung above."""
         doc = self.registry.get(operation.doc_id)
         if doc is None or doc.observation is None or doc.observation.certifying is None:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {operation.doc_id} is not certifying a learned node")
         observation, policy = doc.observation, self.registry.policy
+        bound = observation.agreement_bound or policy.agreement_bound
         solved = self._end_certification(doc)
         if operation.figures is None:
             self._give_up(doc, f"asking its candidate the held-out requests' questions failed: {operation.error}",
                           refused=False)
             return doc.describe()
         agreement, ratio = operation.figures["agreement"], _picked_ratio(solved.prefix)
-        if policy.ratio == "auto" and agreement < policy.agreement_bound:
+        if policy.ratio == "auto" and agreement < bound:
             self.registry.stats.add("answer_refusals")
             higher = _ladder(ratio)[1:]
             if higher:
                 observation.lowest_ratio = higher[0]
             self._refused(doc, f"held-out requests' answers through the node at {ratio} agree on {agreement} of their "
-                          f"tokens, below the bound {policy.agreement_bound}", refused=True, last_chance=not higher)
+                          f"tokens, below the bound {bound}", refused=True, last_chance=not higher)
             return doc.describe()
         prefix = solved.prefix
         fidelity = {**prefix.config["fidelity"], "heldout_answers": operation.figures}
@@ -423,12 +434,15 @@ class Refits:
 
     def _give_up(self, doc: Document, why: str, refused: bool) -> None:
         if not doc.auto:  # a client's: served in full, it learns from the requests that come next
-            doc.observation = self._new_observation(doc.observation.live.layers, tries=OBSERVE_TRIES)
+            doc.observation = self._new_observation(doc.observation.live.layers, tries=OBSERVE_TRIES,
+                                                    agreement_bound=doc.observation.agreement_bound)
             doc.observation.last_error = why
             logger.warning("sglang-am: learned document %s observes afresh: %s", doc.doc_id, why)
             return
         logger.warning("sglang-am: gave up learning document %s: %s", doc.doc_id, why)
         self.registrations.discard(doc)
+        if self.registry.tracker is not None:  # its prefix is not proposed again at once, with the policy's bound
+            self.registry.tracker.hold_off(doc.tokens)
         if refused:  # a fault or an evicted prefix says nothing about whether the traffic generalises
             self._note_given_up()
 
@@ -455,7 +469,8 @@ class Refits:
         adaptation.stop("the document reverted to its full prefix")
         doc.retired.append(doc.installed)
         doc.installed, doc.adaptation, doc.state = None, None, DocState.OBSERVING
-        doc.observation = self._new_observation(adaptation.live.layers)
+        doc.observation = self._new_observation(adaptation.live.layers,
+                                                agreement_bound=reentry_bound(self.registry.policy.agreement_bound))
         doc.observation.last_error = f"reverted: {why}"
         logger.warning("sglang-am: learned document %s reverted to its full prefix: %s", doc.doc_id, why)
         self.registry.stats.add("reverts")
