@@ -73,7 +73,7 @@ class AutoPolicy:
     observe_requests: int = flag(8, metavar="N", help="distinct requests a live prefix observes before its first "
                                                       "solve; half of them are held out to certify it")
     audit_requests: int = flag(32, metavar="N", help="greedy requests an installed learned node serves between two "
-                               "checks of its latest answers against the full prefix's, sooner after 8 questions it "
+                               "checks of its latest answers against the full prefix's, sooner after 4 questions it "
                                "never saw (0: never)")
     save_evicted: bool = flag(True, metavar="BOOL", help="evicted automatic documents go to the store, and come "
                                                          "back from it on reuse")

@@ -1,6 +1,5 @@
 """Learned documents' bookkeeping in the scheduler, without a server."""
 
-import collections
 import contextlib
 import dataclasses
 from array import array
@@ -18,6 +17,7 @@ from sglang_am.server.scheduler.adapt import (
     ANSWERS_KEPT,
     AUDIT_SAMPLE,
     MAX_PROMPT_KEPT,
+    NEW_PROMPTS_BEFORE_AUDIT,
     AnswerAudit,
     LearnedCertification,
     LiveQueries,
@@ -215,11 +215,17 @@ def test_an_audit_comes_early_once_enough_requests_asked_questions_the_node_was_
     audit.note([0], [1])
     assert audit.due()
     audit.hand_out(7, answer_by=0.0)  # an audit whose answer never came holds back no later one
-    for question in range(AUDIT_SAMPLE):  # new questions, each asked twice: due at the AUDIT_SAMPLE-th new one
+    for question in range(NEW_PROMPTS_BEFORE_AUDIT):  # new questions, each asked twice: due at the 4th new one
         assert not audit.due()
         audit.note([100 + question], [1])
         audit.note([100 + question], [1])
-    assert audit.due() and audit.since == 2 * AUDIT_SAMPLE and audit.describe()["new_prompts_since_last"] == AUDIT_SAMPLE
+    assert audit.due() and audit.since == 2 * NEW_PROMPTS_BEFORE_AUDIT
+    assert audit.describe()["new_prompts_since_last"] == NEW_PROMPTS_BEFORE_AUDIT
+    # The audit asks the requests that asked new prompts, not the latest ones (half of them repeats).
+    assert [served.prompt for served in audit.hand_out(7, answer_by=0.0)] == [[100 + q] for q in range(NEW_PROMPTS_BEFORE_AUDIT)]
+    for request in range(32):  # a periodic audit asks the latest requests
+        audit.note([request % 3], [1])
+    assert [served.prompt for served in audit.hand_out(7, answer_by=0.0)] == [[request % 3] for request in range(24, 32)]
 
 
 def test_an_audit_that_failed_or_of_a_fixed_ratio_node_keeps_the_node():
@@ -235,7 +241,7 @@ def test_an_audit_that_failed_or_of_a_fixed_ratio_node_keeps_the_node():
     refits.audit_learned(None, AuditLearned("d", 7, error="RuntimeError('aborted')"))
     assert doc.state is DocState.READY and audit.last == {"error": "RuntimeError('aborted')"} and audit.due() is False
     audit.restart()  # a refit's new version: the answers kept were the old one's
-    assert audit.recent == collections.deque(maxlen=AUDIT_SAMPLE) and audit.since == 0
+    assert not audit.recent and not audit.recent_new and audit.since == 0
 
 
 def test_an_observation_keeps_a_bounded_number_of_greedy_answers_and_waits_while_certifying():

@@ -238,6 +238,10 @@ class Adaptation:
 ANSWERS_KEPT = 64
 MAX_PROMPT_KEPT = 4096
 AUDIT_SAMPLE = 8  # an installed learned node's latest greedy requests that an answer audit asks the full prefix again
+# Requests asking prompts a learned document never saw that make its audit due: each of them is a request the node
+# was not fitted to, so a few tell a drift (on Gemma's drift stream, 8 let the old node serve 20 requests of the new
+# questions before its revert, at 0.83 agreement).
+NEW_PROMPTS_BEFORE_AUDIT = 4
 PROMPTS_REMEMBERED = 4096  # distinct prompts a learned document remembers, to tell a new question from a repeat
 
 
@@ -255,12 +259,14 @@ class AnswerAudit:
     (prompt after the prefix, first ``answer_steps`` answer tokens); they are handed to the HTTP process
     (``refits.Refits.audits``), which asks the full prefix the same prompts greedily, and the agreement decides
     (``refits.Refits.audit_learned``). An audit is due every ``every`` such requests, or as soon as
-    ``AUDIT_SAMPLE`` of them asked a prompt the document had never seen (``known``, seeded with the prompts it was
-    learned from): new questions are what a node may not answer, so a drift is caught while it begins."""
+    ``NEW_PROMPTS_BEFORE_AUDIT`` of them asked a prompt the document had never seen (``known``, seeded with the
+    prompts it was learned from), and then asks the latest ``AUDIT_SAMPLE`` requests that did: new questions are
+    what a node may not answer, so a drift is caught while it begins."""
 
     def __init__(self, every: int, answer_steps: int, known: PromptDigests | None = None):
         self.every, self.answer_steps = every, answer_steps
         self.recent: collections.deque[ServedAnswer] = collections.deque(maxlen=AUDIT_SAMPLE)
+        self.recent_new: collections.deque[ServedAnswer] = collections.deque(maxlen=AUDIT_SAMPLE)  # new prompts'
         self.known = PromptDigests() if known is None else known
         self.since = 0  # greedy requests served since the last audit was handed out
         self.new_since = 0  # of them, those whose prompt the document had never seen
@@ -270,22 +276,27 @@ class AnswerAudit:
 
     def note(self, prompt: Sequence[int], answer: Sequence[int]) -> None:
         if answer and len(prompt) <= MAX_PROMPT_KEPT:
+            served, new = ServedAnswer(list(prompt), list(answer[: self.answer_steps])), self.known.add(prompt)
             self.since += 1
-            self.new_since += self.known.add(prompt)
-            self.recent.append(ServedAnswer(list(prompt), list(answer[: self.answer_steps])))
+            self.new_since += new
+            self.recent.append(served)
+            if new:
+                self.recent_new.append(served)
 
     def due(self) -> bool:
         """An audit that was never answered holds back the next one only until its ``answer_by``."""
         waiting = self.out_for is not None and time.monotonic() <= self.answer_by
-        return not waiting and (self.since >= self.every or self.new_since >= AUDIT_SAMPLE)
+        return not waiting and (self.since >= self.every or self.new_since >= NEW_PROMPTS_BEFORE_AUDIT)
 
     def hand_out(self, version: int, answer_by: float) -> list[ServedAnswer]:
+        sample = self.recent_new if self.new_since >= NEW_PROMPTS_BEFORE_AUDIT else self.recent
         self.out_for, self.answer_by, self.since, self.new_since = version, answer_by, 0, 0
-        return list(self.recent)
+        return list(sample)
 
     def restart(self) -> None:
         """A new version serves: the answers kept were another version's."""
         self.recent.clear()
+        self.recent_new.clear()
         self.since = self.new_since = 0
 
     def describe(self) -> dict:
