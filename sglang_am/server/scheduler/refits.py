@@ -343,9 +343,9 @@ class Refits:
 
     def certify_learned(self, scheduler, operation: CertifyLearned) -> Description:
         """The candidate's greedy answers to the held-out requests, against what those were served: with ratio auto
-        the node is installed if they agree on at least ``agreement_bound`` of the tokens (a fixed ratio installs
-        it and reports them (after a revert, ``reentry_bound`` of it); else the document observes on, its next solve
-        from the rung above."""
+        the node is installed if they agree on at least ``agreement_bound`` of the tokens (after a revert,
+        ``reentry_bound`` of it; a fixed ratio installs it and reports them); else the document observes on, its
+        next solve from the rung above."""
         doc = self.registry.get(operation.doc_id)
         if doc is None or doc.observation is None or doc.observation.certifying is None:
             raise DocumentError(HTTPStatus.CONFLICT, f"document {operation.doc_id} is not certifying a learned node")
