@@ -169,7 +169,7 @@ class ReuseTracker:
         if len(token_ids) < policy.min_tokens + policy.keep_last:
             return
         now = time.monotonic() if now is None else now
-        key = array("q", token_ids[: policy.min_tokens]).tobytes()
+        key = self._group_key(token_ids)
         if now < self.cooldown.get(key, 0.0):
             return
         group = self.groups.pop(key, None)
@@ -193,12 +193,16 @@ class ReuseTracker:
     def hold_off(self, token_ids, now: float | None = None) -> None:
         """The document starting with ``token_ids`` was given up: its prefix stays quiet for a window."""
         now = time.monotonic() if now is None else now
-        self.cooldown[array("q", token_ids[: self.policy.min_tokens]).tobytes()] = now + self.policy.window_seconds
+        self.cooldown[self._group_key(token_ids)] = now + self.policy.window_seconds
 
     def release(self, token_ids) -> None:
         """A document starting with ``token_ids`` is installed: once it is dropped, reuse counts again."""
-        start = array("q", token_ids[: self.policy.min_tokens]).tobytes()
+        start = self._group_key(token_ids)
         self.cooldown = {k: until for k, until in self.cooldown.items() if not k.startswith(start)}
+
+    def _group_key(self, token_ids) -> bytes:
+        """Prompts sharing their first ``min_tokens`` ids are one group."""
+        return array("q", token_ids[: self.policy.min_tokens]).tobytes()
 
     def take_candidates(self) -> list[list[int]]:
         taken = list(self.candidates)

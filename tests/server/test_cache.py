@@ -181,18 +181,27 @@ def test_a_solved_registrations_captures_leave_the_tree_and_nothing_else_does(tr
 @pytest.mark.parametrize("state", [DocState.OBSERVING, DocState.SOLVING, DocState.CERTIFYING])
 def test_only_requests_extending_no_document_count_as_reuse(state):
     """Requests reusing a document that learns or registers are that document's: counted as reuse, they would
-    propose a second, slightly shorter prefix of the same text beside it (seen with ``learn``)."""
+    propose a second, slightly shorter prefix of the same text beside it (seen with ``learn``). Each request goes
+    through the request hook, as SGLang creates it, then the radix match."""
+    from types import SimpleNamespace
+
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sglang_am.server.scheduler.adapt import LiveQueries, Observation
+    from sglang_am.server.sglang_hooks.hooks import after_create_req
 
     cache, _, _ = radix_cache((None, None))
     cache.registry = DocumentRegistry(AutoPolicy(min_tokens=16, min_requests=3, keep_first=0, keep_last=2))
     learning = array("q", range(100, 140))
-    cache.registry.add(Document(document_id(learning), 1, learning, "AM-HighestAttnKeys", {}, False, state))
+    cache.registry.add(Document(document_id(learning), 1, learning, "AM-HighestAttnKeys", {}, False, state,
+                                observation=Observation(LiveQueries([0], 4), requests_needed=2, answer_steps=1)))
+    scheduler = SimpleNamespace(tree_cache=cache)
+    plain = SimpleNamespace(input_embeds=None, mm_inputs=None, logprob_start_len=None)
 
     def reuse(prefix, rid):
         ids = array("q", [*prefix, 7, rid])
-        req = Req(f"r{rid}", "", ids, SamplingParams())
+        req = after_create_req(Req(f"r{rid}", "", ids, SamplingParams()), scheduler, plain)
         cache.match_prefix(MatchPrefixParams(key=RadixKey(ids), req=req))
 
     for rid in range(4):

@@ -54,12 +54,12 @@ class AMRadixCache(RadixCache):
             params = dataclasses.replace(params, key=RadixKey(key.token_ids, extra_key=key.extra_key, is_bigram=key.is_bigram,
                                                               limit=limit, cache_salt=key.cache_salt))
         result = super().match_prefix(params)
-        # Only clients' plain requests in the default namespace that extend no document count as reuse: a
-        # document's requests (served, observed or falling back while it registers) would propose a second
-        # prefix of the same text beside it; nor registrations' internal ones, nor LoRA and other namespaces
-        # (they never share a compacted node).
+        # Only clients' plain requests in the default namespace that extend no document count as reuse (the hook
+        # looked for one when the request arrived): a document's requests (served, observed or falling back while
+        # it registers) would propose a second prefix of the same text beside it; nor registrations' internal
+        # ones, nor LoRA and other namespaces (they never share a compacted node).
         if tracker is not None and req is not None and req.extra_key is None and req.cache_salt is None and (
-            record.served is None and not record.internal and self.registry.longest_prefix(req.origin_input_ids) is None
+            record.served is None and not record.internal and not record.extends_document
         ):
             tracker.observe(req.origin_input_ids, req.rid)
         return result

@@ -231,6 +231,7 @@ class RequestRecord:
     capture: CaptureTag | None = None  # a registration's capture request: the rows it records
     served: Served | None = None  # the document the request was rewritten to
     observed: Observed | None = None  # served in full while its document learns from it
+    extends_document: bool = False  # its prompt goes on after a document, in any state: no reuse of a new prefix
 
     @staticmethod
     def attach(req) -> RequestRecord:

@@ -90,6 +90,7 @@ def after_create_req(req, scheduler, recv_req, *args, **kwargs):
             if registry.boundary_miss(ids) is not None:
                 registry.stats.add("fallbacks", reason="boundary_miss")
             return req
+        RequestRecord.attach(req).extends_document = True
         if doc.state is DocState.OBSERVING:  # served in full, as stock serves it; its queries teach the document
             if _default_namespace(req, recv_req):
                 observation = doc.observation
